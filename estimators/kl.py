@@ -1,0 +1,141 @@
+"""``KL``: the KL-Shampoo estimator of Lin et al. (2025), for weights of any order.
+
+With ``P_j = Q_j diag(λ_j)^{-1} Q_jᵀ ≈ S_j^{-1}`` (identity for modes without a factor), every step and for
+every factored mode ``k`` (all reads before writes: Jacobi order, as Eq. 4):
+
+- ``Δ_k = G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ / D_{-k}``                    (Eq. 4/5; the N-mode extension of Claim 2)
+- ``S_k ← ρ S_k + (1−ρ) Δ_k``                                       (Eq. 4, EMA weight ρ on the old value)
+- ``λ_k ← ρ λ_k + (1−ρ) diag(Q_kᵀ Δ_k Q_k)``, in the possibly stale ``Q_k``  (Claim 3 / Eq. 6, Fig. 3 right)
+
+Both come from one rotation ``R = G ×_j Q_j``: by the orthogonal invariance of ``Gram_k`` in the other modes,
+``Q_kᵀ Δ_k Q_k = Gram_k(R ⊙ ⊗_{j≠k} λ_j^{-1/2}) / D_{-k}``, so ``λ_k`` is its diagonal and needs no extra
+``d³`` work. A *diagonal* mode (``Q_k = I``, no ``S_k``) keeps only ``λ_k`` by the same rule: Claim 3 with
+``Q = I``, the KL choice for a mode too large for a dense factor.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping, Optional
+
+import attrs
+import torch
+
+from bases import Refresh, rayleigh_quotients
+from estimators._common import (
+    FloorSpec,
+    Tensors,
+    beta_field,
+    floor_validator,
+    fold,
+    nonnegative,
+    nonzero_gradient,
+    permute_columns,
+    spectrum_floor,
+    sum_of_squares_except,
+)
+from precond.contractions import gram, rotate, scale
+from precond.layout import Layout
+
+
+def _init_lambda(instance, attribute, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"{attribute.name} (λ_k at step 0) must be a number > 0 or None (first eigenvalues), got {value!r}")
+
+
+@attrs.frozen
+class KL:
+    """KL-Shampoo's factor and eigenvalue estimator (Eq. 4–6, Fig. 3 right, Claim 3).
+
+    Fields (symbol, where in the paper):
+
+    - ``beta`` — ρ, the EMA weight on the old ``S_k`` and ``λ_k`` (the paper's ``1−β₂`` in Eq. 4 and ``β₂``
+      in Fig. 3's λ line; the prototype uses one ρ for both).
+    - ``init_lambda`` — ``λ_k`` at step 0. ``0.1`` is the authors' prototype (it discards the first ``eigh``
+      eigenvalues); ``None`` takes the eigenvalues of the first ``S_k``.
+    - ``damping`` — κ of Eq. 2: ``E[ggᵀ] + κI`` projected on mode ``k`` adds ``κ ∏_{j≠k} mean(1/λ_j)`` to
+      ``Δ_k``'s diagonal and to ``S_k`` (``S_k`` gets ``κ∏… I``, which leaves its eigenvectors alone).
+    - ``floor`` — lower bound on ``λ_k``, kept in the state: ``"dimension"`` is the prototype's clamp
+      ``λ_k ≥ max(10, min(d_k, 4000))^{-2}``; a number is an absolute floor. It also keeps zero directions
+      from being dropped.
+    - ``refresh_spectrum`` — at a basis refresh ``"keep"`` continues the EMA column-wise in the new basis
+      (the paper); ``"reset"`` replaces ``λ_k`` by the refresher's eigenvalues (or ``diag(Q_kᵀ S_k Q_k)``),
+      which with ``Eigh(every=1)`` is the idealized KL-Shampoo of Fig. 3 left (``P_j = S_j^{-1}`` exactly).
+
+    The initial fill (first gradient, all ``S_j = I``) gives ``S_k = (1−ρ) Gram_k(G) / D_{-k}``, as the prototype.
+    """
+
+    beta: float = beta_field
+    init_lambda: Optional[float] = attrs.field(default=0.1, validator=_init_lambda)
+    damping: float = attrs.field(default=0.0, validator=nonnegative)
+    floor: FloorSpec = attrs.field(default="dimension", validator=floor_validator)
+    refresh_spectrum: Literal["keep", "reset"] = attrs.field(
+        default="keep", validator=attrs.validators.in_(("keep", "reset"))
+    )
+
+    def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
+               first: bool = False) -> None:
+        """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi)."""
+        active = nonzero_gradient(grad)
+        rotated = rotate(grad, bases)
+        if first:  # the fill: every S_j = I
+            inv_sqrt: Tensors = [None] * layout.order
+        else:
+            inv_sqrt = [None if lam is None else lam.rsqrt() for lam in spectra]
+        updates = {}
+        for k, lam in enumerate(spectra):
+            if lam is None:
+                continue
+            whitened = scale(rotated, [v if j != k else None for j, v in enumerate(inv_sqrt)])
+            complement = layout.complement(k)
+            shift = self._damping_shift(inv_sqrt, k, lam)
+            if factors[k] is not None:
+                m = gram(whitened, k)  # Q_kᵀ G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ Q_k
+                diag = torch.diagonal(m, dim1=-2, dim2=-1) / complement
+                q = bases[k]
+                delta = (q @ m @ q.transpose(-2, -1) if q is not None else m) / complement
+                if shift is not None:
+                    delta = delta + torch.diag_embed(shift.expand_as(diag))
+            else:
+                diag, delta = sum_of_squares_except(whitened, k) / complement, None
+            if shift is not None:
+                diag = diag + shift
+            updates[k] = (delta, diag)
+        for k, (delta, diag) in updates.items():  # writes only after every read (Jacobi)
+            if delta is not None:
+                fold(factors[k], delta, self.beta, active)
+            fold(spectra[k], diag, self.beta, active)
+            if not first:
+                spectra[k].clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+
+    def _damping_shift(self, inv_sqrt: Tensors, k: int, reference: torch.Tensor) -> Optional[torch.Tensor]:
+        """``κ ∏_{j≠k} mean(1/λ_j)`` as a ``(B, 1)`` tensor (``None`` without damping); modes without λ count 1."""
+        if self.damping == 0.0:
+            return None
+        shift = torch.full_like(reference[:, :1], self.damping)
+        for j, r in enumerate(inv_sqrt):
+            if j != k and r is not None:
+                shift = shift * (r * r).mean(dim=-1, keepdim=True)
+        return shift
+
+    def finish_init(self, spectra: Tensors, factors: Tensors, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
+        """Set ``λ_k`` at step 0, after the first basis was computed from the filled ``S_k``."""
+        for k, lam in enumerate(spectra):
+            if lam is None:
+                continue
+            if self.init_lambda is not None:
+                lam.fill_(self.init_lambda)
+            elif k in refreshes and refreshes[k].eigenvalues is not None:
+                lam.copy_(refreshes[k].eigenvalues)
+            lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+
+    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout) -> None:
+        """Carry ``λ_k`` into the new basis: column-wise (permuted with the basis), or reset."""
+        lam = spectra[k]
+        if self.refresh_spectrum == "reset":
+            values = refresh.eigenvalues
+            if values is None:
+                values = rayleigh_quotients(factors[k], refresh.basis)
+            lam.copy_(values)
+        else:
+            lam.copy_(permute_columns(lam, refresh.permutation))
+        lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))

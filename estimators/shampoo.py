@@ -1,0 +1,57 @@
+"""``Shampoo``: the classical Kronecker factor statistics ``S_k ← ρ S_k + (1−ρ) Gram_k(G)``."""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping
+
+import attrs
+import torch
+
+from bases import Refresh, rayleigh_quotients
+from estimators._common import Tensors, beta_field, fold, nonzero_gradient, sum_of_squares_except
+from precond.contractions import gram
+from precond.layout import Layout
+
+
+@attrs.frozen
+class Shampoo:
+    """Shampoo's estimator (Gupta et al. 2018; Eq. 1 of the seed paper).
+
+    - ``Δ_k = G_(k) G_(k)ᵀ`` and ``S_k ← ρ S_k + (1−ρ) Δ_k`` (``beta`` = ρ; ``beta = 1`` sums, as the
+      original AdaGrad-style Shampoo with ``H_k ← H_k + Δ_k``). A diagonal mode keeps ``diag(Δ_k)`` only.
+    - Spectrum ``λ_k``: ``spectrum="refresh"`` takes it at each basis refresh, the eigenvalues from ``Eigh``
+      or the Rayleigh quotients ``diag(Q_kᵀ S_k Q_k)`` from a QR step, and keeps it until the next one (the
+      stale roots of Shampoo); ``"every_step"`` recomputes ``diag(Q_kᵀ S_k Q_k)`` after every update, the
+      per-factor Frobenius correction of Eschenhagen et al. (2025).
+    - Initial fill ``S_k = (1−ρ) Gram_k(G)`` (SOAP's), then ``λ_k`` from the first ``eigh``.
+    Negative eigenvalue estimates (round-off) are clipped at 0; the applier's ``eps`` is the damping.
+    """
+
+    beta: float = beta_field
+    spectrum: Literal["refresh", "every_step"] = attrs.field(
+        default="refresh", validator=attrs.validators.in_(("refresh", "every_step"))
+    )
+
+    def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
+               first: bool = False) -> None:
+        """Fold ``grad`` (``(B, *view)``) into the factors (dense modes) or spectra (diagonal modes), in place."""
+        active = nonzero_gradient(grad)
+        for k, lam in enumerate(spectra):
+            if lam is None:
+                continue
+            if factors[k] is not None:
+                fold(factors[k], gram(grad, k), self.beta, active)
+                if self.spectrum == "every_step" and bases[k] is not None and not first:
+                    lam.copy_(rayleigh_quotients(factors[k], bases[k]).clamp_min(0))
+            else:
+                fold(lam, sum_of_squares_except(grad, k), self.beta, active)
+
+    def finish_init(self, spectra: Tensors, factors: Tensors, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
+        for k, refresh in refreshes.items():
+            self.on_refresh(k, refresh, spectra, factors, layout)
+
+    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout) -> None:
+        values = refresh.eigenvalues
+        if values is None:
+            values = rayleigh_quotients(factors[k], refresh.basis)
+        spectra[k].copy_(values.clamp_min(0))

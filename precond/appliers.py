@@ -1,0 +1,64 @@
+"""Appliers: how a spectrum and a direction become the update."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence, Union
+
+import attrs
+import torch
+
+from precond.contractions import outer, rotate, scale, unrotate
+from precond.layout import Layout
+
+Exponent = Union[float, Literal["1/(2N)"]]
+
+
+def _exponent(instance, attribute, value) -> None:
+    if value == "1/(2N)":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"p (the root applied per factor) must lie in [0, 1] or be '1/(2N)', got {value!r}")
+
+
+def _eps(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"eps must be a number ≥ 0, got {value!r}")
+
+
+@attrs.frozen
+class Power:
+    """``U = (R ⊙ ⊗_k (λ_k + ε)^{-p}) ×_k Q_kᵀ`` with ``R = M ×_k Q_k``: the dense matrix
+    ``⊗_k Q_k diag(λ_k + ε)^{-p} Q_kᵀ`` applied to ``vec(M)`` (DESIGN "Appliers").
+
+    - ``p``: root per factor. ``1/2`` is Shampoo² / KL-Shampoo / SOAP; ``"1/(2N)"`` is the original Shampoo
+      (``1/4`` for a matrix, ``N`` = number of modes with a spectrum); ``0`` returns ``M`` (momentum SGD).
+    - ``eps_placement``: ``"factor"`` adds ε to each ``λ_k`` (the formula above); ``"outside"`` divides by
+      ``(∏_k λ_k)^p + ε`` instead, ε outside the root as in the KL-Shampoo prototype.
+    Modes without a spectrum are identity (``λ = 1``, no ε).
+    """
+
+    p: Exponent = attrs.field(default=0.5, validator=_exponent)
+    eps: float = attrs.field(default=1e-8, validator=_eps)
+    eps_placement: Literal["factor", "outside"] = attrs.field(
+        default="factor", validator=attrs.validators.in_(("factor", "outside"))
+    )
+
+    def exponent(self, layout: Layout) -> float:
+        if self.p == "1/(2N)":
+            return 1.0 / (2 * max(1, len(layout.spectral_modes)))
+        return float(self.p)
+
+    def direction(self, direction: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
+                  spectra: Sequence[Optional[torch.Tensor]], layout: Layout) -> torch.Tensor:
+        """Precondition ``direction`` (``(B, *view)``) with the bases and spectra of the pre-step state."""
+        p = self.exponent(layout)
+        if p == 0.0:
+            return direction
+        rotated = rotate(direction, bases)
+        if self.eps_placement == "factor":
+            rotated = scale(rotated, [None if lam is None else (lam + self.eps).pow(-p) for lam in spectra])
+        elif any(lam is not None for lam in spectra):
+            rotated = rotated / (outer([None if lam is None else lam.pow(p) for lam in spectra], rotated.shape) + self.eps)
+        else:
+            rotated = rotated / (1.0 + self.eps)
+        return unrotate(rotated, bases)

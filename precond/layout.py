@@ -1,0 +1,94 @@
+"""The plan a structure makes for one parameter: how it is viewed and what each mode gets."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import attrs
+import einops
+import torch
+
+__all__ = ["Layout", "ModeKind"]
+
+ModeKind = Literal["dense", "diagonal", "none"]
+"""What a mode of the viewed gradient gets:
+
+- ``dense``: a factor ``S_k`` (``d_k × d_k``), an eigenbasis ``Q_k`` and a spectrum ``λ_k``;
+- ``diagonal``: only a spectrum ``λ_k`` in the fixed basis ``Q_k = I`` (Claim 3 with ``Q = I``);
+- ``none``: identity, nothing is stored (``S_k = I``, ``λ_k = 1``).
+"""
+
+
+@attrs.frozen
+class Layout:
+    """How one parameter is preconditioned; built by a structure, read by everything else.
+
+    ``view_shape`` is the shape of the gradient after the structure's reshape (size-1 modes dropped,
+    modes merged); ``kinds[k]`` says what mode ``k`` of that view gets.
+    """
+
+    shape: tuple[int, ...]
+    view_shape: tuple[int, ...]
+    kinds: tuple[ModeKind, ...]
+    pattern: str = attrs.field(kw_only=True)
+    """``einops`` pattern from the parameter's axes ``d0 d1 …`` (unit axes written ``1``) to the view."""
+
+    def __attrs_post_init__(self) -> None:
+        if math.prod(self.shape) != math.prod(self.view_shape):
+            raise ValueError(f"view {self.view_shape} does not hold the {math.prod(self.shape)} entries of {self.shape}")
+        if len(self.kinds) != len(self.view_shape):
+            raise ValueError("one kind per viewed mode is needed")
+
+    @property
+    def order(self) -> int:
+        return len(self.view_shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.view_shape)
+
+    @property
+    def dense_modes(self) -> tuple[int, ...]:
+        return tuple(k for k, kind in enumerate(self.kinds) if kind == "dense")
+
+    @property
+    def spectral_modes(self) -> tuple[int, ...]:
+        """Modes that carry a spectrum ``λ_k`` (dense or diagonal)."""
+        return tuple(k for k, kind in enumerate(self.kinds) if kind != "none")
+
+    def complement(self, k: int) -> int:
+        """``D_{-k} = ∏_{j≠k} d_j`` of the viewed tensor."""
+        return self.numel // self.view_shape[k]
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Parameter-shaped tensor → viewed tensor (``einops.rearrange`` with the structure's pattern)."""
+        return einops.rearrange(tensor, self.pattern, **self.axis_lengths)
+
+    def unview(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Viewed tensor → parameter shape (the pattern read backwards)."""
+        left, right = self.pattern.split("->")
+        return einops.rearrange(tensor, f"{right.strip()} -> {left.strip()}", **self.axis_lengths)
+
+    @property
+    def axis_lengths(self) -> dict[str, int]:
+        return {f"d{i}": s for i, s in enumerate(self.shape) if s != 1}
+
+    def with_kinds(self, kinds: tuple[ModeKind, ...]) -> "Layout":
+        return attrs.evolve(self, kinds=kinds)
+
+    def describe(self) -> str:
+        parts = []
+        for d, kind in zip(self.view_shape, self.kinds):
+            parts.append({"dense": f"{d}:dense", "diagonal": f"{d}:diag", "none": f"{d}:-"}[kind])
+        return f"{tuple(self.shape)} -> [{' x '.join(parts)}]"
+
+    def state_numel(self) -> int:
+        """Entries of the factor state this layout needs (``S_k`` and ``Q_k`` for dense modes, ``λ_k``)."""
+        total = 0
+        for d, kind in zip(self.view_shape, self.kinds):
+            if kind == "dense":
+                total += 2 * d * d + d
+            elif kind == "diagonal":
+                total += d
+        return total

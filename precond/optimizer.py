@@ -1,0 +1,255 @@
+"""``precond.Optimizer``: a ``torch.optim.Optimizer`` that runs a :class:`Preconditioner` per parameter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import attrs
+import torch
+
+from precond.layout import Layout
+from precond.preconditioner import Preconditioner
+from precond.stats import FallbackCounter
+
+_CONFIG_KEY = "preconditioner"
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    lr_value = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.detach().reshape(()).item())
+    if not math.isfinite(lr_value) or lr_value < 0:
+        raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"momentum (β₁ of the EMA m ← β₁m + (1−β₁)g) must lie in [0, 1), got {group['momentum']!r}")
+    if group["nesterov"] and group["momentum"] == 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0):
+        raise ValueError(f"weight_decay must be a number ≥ 0, got {group['weight_decay']!r}")
+    if group["decay_order"] not in ("before", "after"):
+        raise ValueError(f"decay_order must be 'before' (AdamW) or 'after' (SOAP, KL prototype), got {group['decay_order']!r}")
+    if not isinstance(group[_CONFIG_KEY], Preconditioner):
+        raise TypeError(f"preconditioner must be a precond.Preconditioner, got {type(group[_CONFIG_KEY]).__name__}")
+
+
+def _split_names(params: Any) -> tuple[Any, dict[int, str]]:
+    """Accept ``model.named_parameters()`` as well as parameters or param-group dicts."""
+    params = list(params) if not isinstance(params, torch.Tensor) else [params]
+    names: dict[int, str] = {}
+
+    def strip(items):
+        out = []
+        for item in items:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                names[id(item[1])] = item[0]
+                out.append(item[1])
+            else:
+                out.append(item)
+        return out
+
+    if params and isinstance(params[0], dict):
+        groups = []
+        for group in params:
+            group = dict(group)
+            group["params"] = strip(list(group["params"]) if not isinstance(group["params"], torch.Tensor) else [group["params"]])
+            groups.append(group)
+        return groups, names
+    return strip(params), names
+
+
+def _describe_config(obj: Any) -> Any:
+    """Plain-data description of a frozen attrs configuration (kept in ``state_dict`` instead of objects)."""
+    if attrs.has(type(obj)):
+        return {"class": type(obj).__qualname__, **{f.name: _describe_config(getattr(obj, f.name)) for f in attrs.fields(type(obj))}}
+    return obj
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+class Optimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` running ``preconditioner`` on every parameter (per-group overrides allowed).
+
+    The optimizer owns only what is not a preconditioner part (DESIGN):
+
+    - ``lr`` η (float or tensor, schedulable);
+    - ``momentum`` β₁: ``m ← β₁ m + (1−β₁) g`` in the original space (0 = none); ``nesterov`` uses
+      ``(1−β₁) g + β₁ m`` as the direction;
+    - ``weight_decay``: decoupled, ``W ← W − η·wd·W``, applied ``decay_order="before"`` the update (AdamW)
+      or ``"after"`` it (SOAP, the KL-Shampoo prototype);
+    - the step count ``state[p]["step"]`` (number of parameter updates).
+
+    Factor state lives in ``state_dtype`` (float32 by default, whatever the parameter dtype: bfloat16 loses the
+    ``1−ρ`` increments and the orthogonality of ``Q``). ``on_nonfinite="raise"`` checks every gradient for
+    NaN/Inf before anything is touched (one host synchronisation per step) and raises, leaving all state
+    as it was; ``"ignore"`` skips the check.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        preconditioner: Preconditioner,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        decay_order: str = "before",
+        state_dtype: torch.dtype = torch.float32,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        if on_nonfinite not in ("raise", "ignore"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'ignore', got {on_nonfinite!r}")
+        if state_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
+        params, self._names = _split_names(params)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        decay_order=decay_order, preconditioner=preconditioner)
+        super().__init__(params, defaults)
+        self.state_dtype = state_dtype
+        self.on_nonfinite = on_nonfinite
+        self._fallbacks = FallbackCounter()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(f"parameter {self._name(p)} is complex; precond supports real parameters only")
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(id(p), f"of shape {tuple(p.shape)}")
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        """The plan of parameter ``p`` (its group's structure applied to its shape)."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group[_CONFIG_KEY].plan(p.shape)
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def part_state(self, p: torch.Tensor, part: str) -> dict[str, Any]:
+        """One part's state of parameter ``p``: ``part`` is ``"estimator"``, ``"basis"`` or ``"applier"``."""
+        return self.state[p].get(part, {})
+
+    def stats(self) -> dict[str, int]:
+        """Counts of numerical fallbacks taken so far (``eigh_float64``, ``eigh_kept_old_basis``)."""
+        return self._fallbacks.as_dict()
+
+    def describe(self) -> str:
+        """One line per parameter: shape → view with each mode's kind, and the factor memory it needs."""
+        lines, total = [], 0
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                layout = group[_CONFIG_KEY].plan(p.shape)
+                numel = layout.state_numel()
+                total += numel
+                lines.append(f"group {i} {self._name(p)}: {layout.describe()}  factors {numel * 4 / 2**20:.2f} MiB")
+        lines.append(f"total factor state: {total * 4 / 2**20:.2f} MiB (float32)")
+        return "\n".join(lines)
+
+    # --- the step --------------------------------------------------------------------------------
+    def _gather(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"parameter {self._name(p)} has a sparse gradient; precond needs dense gradients "
+                                       "(use nn.Embedding(sparse=False))")
+                if grad.is_complex():
+                    raise RuntimeError(f"parameter {self._name(p)} has a complex gradient; precond supports real tensors only")
+                work.append((group, p, grad))
+        if self.on_nonfinite == "raise" and work:
+            maxima = torch._foreach_norm([g for _, _, g in work], float("inf"))
+            if not bool(torch.isfinite(torch.stack([m.float().to(maxima[0].device) for m in maxima])).all()):
+                bad = [self._name(p) for (_, p, g), m in zip(work, maxima) if not torch.isfinite(m)]
+                raise FloatingPointError(
+                    f"non-finite gradient (NaN or Inf) in parameter(s) {', '.join(bad)}; the step was refused and no "
+                    "optimizer state was changed. Lower the learning rate, clip gradients, or skip this batch.")
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One optimisation step; ``closure`` re-evaluates the loss (with gradients) and its value is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, grad in self._gather():
+            self._update(group, p, grad)
+        return loss
+
+    def _update(self, group: dict[str, Any], p: torch.Tensor, raw_grad: torch.Tensor) -> None:
+        preconditioner: Preconditioner = group[_CONFIG_KEY]
+        layout = preconditioner.plan(p.shape)
+        state = self.state[p]
+        grad = raw_grad.to(self.state_dtype)
+        batched_grad = layout.view(grad).unsqueeze(0)
+        first = not state
+        if first:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state.update(preconditioner.init_state(batched_grad, layout, self._fallbacks))
+            if group["momentum"] > 0:
+                state["momentum"] = torch.zeros_like(grad)
+            if preconditioner.first_step == "fill":
+                return
+        state["step"] += 1
+        step = int(state["step"].item())
+
+        beta1 = group["momentum"]
+        source = grad
+        if beta1 > 0:
+            m = state["momentum"]
+            m.lerp_(grad, 1.0 - beta1)
+            source = grad.lerp(m, beta1) if group["nesterov"] else m
+        update = preconditioner.direction(layout.view(source).unsqueeze(0), state, layout)
+        update = layout.unview(update[0])
+        if not first:
+            preconditioner.update(batched_grad, state, layout, step, self._fallbacks)
+
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd and group["decay_order"] == "before":
+            p.mul_(1 - lr * wd)
+        if isinstance(lr, torch.Tensor):
+            p.sub_((update * lr).to(p.dtype))
+        else:
+            p.add_(update.to(p.dtype), alpha=-lr)
+        if wd and group["decay_order"] == "after":
+            p.mul_(1 - lr * wd)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim``; each group's preconditioner is stored as a plain description, never an object."""
+        result = super().state_dict()
+        for group in result["param_groups"]:
+            group[_CONFIG_KEY] = _describe_config(group[_CONFIG_KEY])
+        return result
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim``, but the factor state keeps its saved dtype (float32 for bfloat16 parameters),
+        and the preconditioners stay this optimizer's own (a different saved configuration is refused)."""
+        current = [group[_CONFIG_KEY] for group in self.param_groups]
+        for group, saved in zip(current, state_dict["param_groups"]):
+            if _describe_config(group) != saved.get(_CONFIG_KEY):
+                raise ValueError(
+                    "the checkpoint was made with another preconditioner configuration:\n"
+                    f"  saved:   {saved.get(_CONFIG_KEY)}\n  current: {_describe_config(group)}\n"
+                    "build the optimizer with the saved configuration before loading")
+        super().load_state_dict(state_dict)
+        for group, preconditioner in zip(self.param_groups, current):
+            group[_CONFIG_KEY] = preconditioner
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id in state_dict["state"]:
+                self.state[p] = _map_tensors(state_dict["state"][saved_id], lambda t: t.to(device=p.device if t.ndim else t.device, copy=True))

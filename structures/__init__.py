@@ -1,0 +1,11 @@
+"""Structures: which modes of a weight get a dense Kronecker factor, and how the weight is viewed.
+
+Each structure is a frozen attrs class with one method, ``plan(shape) -> precond.Layout``.
+"""
+
+from structures.diagonal import Diagonal
+from structures.kronecker import Kronecker
+from structures.n_mode import NMode
+from structures.one_sided import OneSided
+
+__all__ = ["Diagonal", "Kronecker", "NMode", "OneSided"]

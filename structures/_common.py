@@ -1,0 +1,48 @@
+"""Helpers shared by the structures: axis names for einops patterns and the max-dim rule."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import attrs
+
+from precond.layout import ModeKind
+
+LargeModePolicy = Literal["none", "diagonal"]
+
+
+def axis_names(shape: Sequence[int]) -> tuple[str, list[tuple[str, int]]]:
+    """The left side of an einops pattern for ``shape`` (size-1 axes written ``1``) and the kept axes."""
+    tokens, kept = [], []
+    for i, size in enumerate(shape):
+        if size == 1:
+            tokens.append("1")
+        else:
+            tokens.append(f"d{i}")
+            kept.append((f"d{i}", size))
+    return " ".join(tokens), kept
+
+
+def group(names: Sequence[str]) -> str:
+    """einops token merging ``names`` into one axis (``1`` when empty)."""
+    if not names:
+        return "1"
+    return names[0] if len(names) == 1 else "(" + " ".join(names) + ")"
+
+
+def kind_for(size: int, max_dim: Optional[int], large: LargeModePolicy) -> ModeKind:
+    """Dense if the mode fits ``max_dim``; otherwise the structure's large-mode policy."""
+    if size <= 1:
+        return "none"
+    if max_dim is None or size <= max_dim:
+        return "dense"
+    return large
+
+
+def positive_or_none(instance, attribute, value) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name} must be a positive integer or None (no limit), got {value!r}")
+
+
+max_dim_field = attrs.field(default=None, validator=positive_or_none)
+large_field = attrs.field(default="none", validator=attrs.validators.in_(("none", "diagonal")))
