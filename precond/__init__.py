@@ -5,13 +5,37 @@
 ...     preconditioner=precond.Preconditioner(
 ...         structure=structures.NMode(max_dim=4096), estimator=estimators.KL(beta=0.95),
 ...         basis=bases.QRPowerStep(every=10), applier=precond.Power(p=0.5, eps=1e-8)))
+
+The public names are resolved on first use (PEP 562), so the part packages can import ``precond.layout``,
+``precond.contractions`` and ``precond.stats`` without an import cycle.
 """
 
-from precond.appliers import Power
-from precond.layout import Layout
-from precond.optimizer import Optimizer
-from precond.preconditioner import Preconditioner
-from precond.presets import kl_shampoo, shampoo
+from __future__ import annotations
 
-__all__ = ["Layout", "Optimizer", "Power", "Preconditioner", "kl_shampoo", "shampoo"]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Layout": "precond.layout",
+    "Optimizer": "precond.optimizer",
+    "Power": "precond.appliers",
+    "Preconditioner": "precond.preconditioner",
+    "kl_shampoo": "precond.presets",
+    "shampoo": "precond.presets",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'precond' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

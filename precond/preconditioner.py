@@ -24,7 +24,7 @@ def _plan(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Layout:
 
 
 def _keyed(tensors: Sequence[Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {str(k): t[0] for k, t in enumerate(tensors) if t is not None}
+    return {str(k): t[0].contiguous() for k, t in enumerate(tensors) if t is not None}
 
 
 def _unkeyed(keyed: dict[str, torch.Tensor], order: int) -> list[Optional[torch.Tensor]]:
