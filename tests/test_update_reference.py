@@ -16,7 +16,8 @@ from strategies import seeds, shapes, structure_strategy
 def _reference_update(direction, layout, state, applier):
     """Dense ``(⊗_k A_k) vec(M)`` from the state's ``Q_k``, ``λ_k`` (independent of the library's math)."""
     qs, lams = state["basis"]["Q"], state["estimator"]["lambda"]
-    p = applier.exponent(layout)
+    spectral = sum(kind != "none" for kind in layout.kinds)
+    p = 1.0 / (2 * max(1, spectral)) if applier.p == "1/(2N)" else float(applier.p)
     if p == 0.0:  # documented: p = 0 is the identity applier (momentum SGD), ε plays no role
         return direction.to(F64)
     mats_q, lam_vectors = [], []
