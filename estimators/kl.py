@@ -34,6 +34,7 @@ from estimators._common import (
     sum_of_squares_except,
 )
 from precond.contractions import gram, rotate, scale
+from estimators.base import Estimator
 from precond.layout import Layout
 
 
@@ -43,7 +44,7 @@ def _init_lambda(instance, attribute, value) -> None:
 
 
 @attrs.frozen
-class KL:
+class KL(Estimator):
     """KL-Shampoo's factor and eigenvalue estimator (Eq. 4–6, Fig. 3 right, Claim 3).
 
     Fields (symbol, where in the paper):
@@ -128,7 +129,8 @@ class KL:
                 lam.copy_(refreshes[k].eigenvalues)
             lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
 
-    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout) -> None:
+    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout,
+                   extras: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Carry ``λ_k`` into the new basis: column-wise (permuted with the basis), or reset."""
         lam = spectra[k]
         if self.refresh_spectrum == "reset":

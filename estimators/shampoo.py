@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Optional
 
 import attrs
 import torch
@@ -10,11 +10,12 @@ import torch
 from bases import Refresh, rayleigh_quotients
 from estimators._common import Tensors, beta_field, fold, nonzero_gradient, sum_of_squares_except
 from precond.contractions import gram
+from estimators.base import Estimator
 from precond.layout import Layout
 
 
 @attrs.frozen
-class Shampoo:
+class Shampoo(Estimator):
     """Shampoo's estimator (Gupta et al. 2018; Eq. 1 of the seed paper).
 
     - ``Δ_k = G_(k) G_(k)ᵀ`` and ``S_k ← ρ S_k + (1−ρ) Δ_k`` (``beta`` = ρ; ``beta = 1`` sums, as the
@@ -50,7 +51,8 @@ class Shampoo:
         for k, refresh in refreshes.items():
             self.on_refresh(k, refresh, spectra, factors, layout)
 
-    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout) -> None:
+    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout,
+                   extras: Optional[dict[str, torch.Tensor]] = None) -> None:
         values = refresh.eigenvalues
         if values is None:
             values = rayleigh_quotients(factors[k], refresh.basis)

@@ -17,6 +17,9 @@ _CONFIG_KEY = "preconditioner"
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
     lr = group["lr"]
+    for name in ("lr", "momentum", "weight_decay"):
+        if isinstance(group[name], bool):
+            raise ValueError(f"{name} must be a number, got {group[name]!r}")
     lr_value = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.detach().reshape(()).item())
     if not math.isfinite(lr_value) or lr_value < 0:
         raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
@@ -117,12 +120,13 @@ class Optimizer(torch.optim.Optimizer):
         self._fallbacks = FallbackCounter()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(group)
-        for p in group["params"]:
-            if p.is_complex():
+        """As ``torch.optim``; the group is checked first, so a refused group leaves the optimizer unchanged."""
+        _check_hyperparameters({**self.defaults, **param_group})
+        params = param_group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else list(params):
+            if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError(f"parameter {self._name(p)} is complex; precond supports real parameters only")
+        super().add_param_group(param_group)
 
     # --- helpers ---------------------------------------------------------------------------------
     def _name(self, p: torch.Tensor) -> str:
@@ -160,7 +164,7 @@ class Optimizer(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:
                     continue
                 grad = p.grad
                 if grad.is_sparse:

@@ -23,14 +23,14 @@ def kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: tuple[float, floa
     statistics only, decoupled weight decay after the update; T = 10.
     """
     return Optimizer(
-        params, lr=lr, momentum=betas[0], weight_decay=weight_decay, decay_order="after",
+        params, lr=lr, momentum=betas[0], weight_decay=weight_decay,
         preconditioner=Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.KL(beta=betas[1]),
             basis=bases.QRPowerStep(every=every),
             applier=Power(p=0.5, eps=eps, eps_placement="outside"),
         ),
-        **optimizer_options,
+        **{"decay_order": "after", **optimizer_options},
     )
 
 

@@ -40,7 +40,7 @@ def kind_for(size: int, max_dim: Optional[int], large: LargeModePolicy) -> ModeK
 
 
 def positive_or_none(instance, attribute, value) -> None:
-    if value is not None and (not isinstance(value, int) or value < 1):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{attribute.name} must be a positive integer or None (no limit), got {value!r}")
 
 

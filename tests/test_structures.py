@@ -186,6 +186,20 @@ def test_max_dim_turns_large_modes_into_the_large_policy(shape, large):
             assert kind == "dense"
 
 
+ALL_STRUCTURES = [structures.NMode(), structures.Kronecker(), structures.OneSided(), structures.Diagonal(),
+                  structures.NMode(max_dim=2, large="diagonal"), structures.OneSided(side="last")]
+
+
+@pytest.mark.parametrize("structure", ALL_STRUCTURES, ids=repr)
+@pytest.mark.parametrize("shape", [(), (1,), (5,), (2, 3), (3, 2), (3, 1, 4), (1, 4, 1), (2, 3, 4), (4, 3, 2, 2), (1, 1, 1, 1)])
+def test_view_of_fixed_shapes_is_row_major(structure, shape):
+    layout = structure.plan(shape)
+    x = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    viewed = layout.view(x)
+    assert torch.equal(viewed, torch.arange(math.prod(shape), dtype=torch.float32).reshape(layout.view_shape))
+    assert torch.equal(layout.unview(viewed), x)
+
+
 def test_explicit_examples():
     conv = (8, 1, 3, 3)
     assert structures.NMode().plan(conv).view_shape == (8, 3, 3)
