@@ -34,7 +34,7 @@ class Power:
       (``1/4`` for a matrix, ``N`` = number of modes with a spectrum); ``0`` returns ``M`` (momentum SGD).
     - ``eps_placement``: ``"factor"`` adds ε to each ``λ_k`` (the formula above); ``"outside"`` divides by
       ``(∏_k λ_k)^p + ε`` instead, ε outside the root as in the KL-Shampoo prototype.
-    Modes without a spectrum are identity (``λ = 1``, no ε).
+    Modes without a spectrum are identity (``λ = 1``, no ε). With a dense spectrum, ``"1/(2N)"`` means ``1/2``.
     """
 
     p: Exponent = attrs.field(default=0.5, validator=_exponent)
@@ -48,14 +48,25 @@ class Power:
             return 1.0 / (2 * max(1, len(layout.spectral_modes)))
         return float(self.p)
 
+    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        return {}
+
     def direction(self, direction: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
-                  spectra: Sequence[Optional[torch.Tensor]], layout: Layout) -> torch.Tensor:
-        """Precondition ``direction`` (``(B, *view)``) with the bases and spectra of the pre-step state."""
+                  spectra: Sequence[Optional[torch.Tensor]], layout: Layout, *, dense: Optional[torch.Tensor] = None,
+                  grad: Optional[torch.Tensor] = None, state: Optional[dict[str, torch.Tensor]] = None,
+                  step: int = 0) -> torch.Tensor:
+        """Precondition ``direction`` (``(B, *view)``) with the bases and spectra of the pre-step state.
+
+        ``dense``: a full-size spectrum ``V̂`` in the rotated basis (SOAP's); when given it replaces ``⊗_k λ_k``:
+        ``R ⊙ (V̂ + ε)^{-p}`` or ``R / (V̂^p + ε)`` (Adam's form, ``eps_placement="outside"``).
+        """
         p = self.exponent(layout)
         if p == 0.0:
             return direction
         rotated = rotate(direction, bases)
-        if self.eps_placement == "factor":
+        if dense is not None:
+            rotated = rotated * (dense + self.eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + self.eps)
+        elif self.eps_placement == "factor":
             rotated = scale(rotated, [None if lam is None else (lam + self.eps).pow(-p) for lam in spectra])
         elif any(lam is not None for lam in spectra):
             rotated = rotated / (outer([None if lam is None else lam.pow(p) for lam in spectra], rotated.shape) + self.eps)

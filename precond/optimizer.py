@@ -87,7 +87,8 @@ class Optimizer(torch.optim.Optimizer):
       ``(1−β₁) g + β₁ m`` as the direction;
     - ``weight_decay``: decoupled, ``W ← W − η·wd·W``, applied ``decay_order="before"`` the update (AdamW)
       or ``"after"`` it (SOAP, the KL-Shampoo prototype);
-    - the step count ``state[p]["step"]`` (number of parameter updates).
+    - ``bias_correction``: use ``m̂ = m / (1−β₁ᵗ)`` (Adam, SOAP) instead of ``m``;
+    - the step count ``state[p]["step"]`` (number of parameter updates, ``t = 1`` at the first one).
 
     Factor state lives in ``state_dtype`` (float32 by default, whatever the parameter dtype: bfloat16 loses the
     ``1−ρ`` increments and the orthogonality of ``Q``). ``on_nonfinite="raise"`` checks every gradient for
@@ -104,6 +105,7 @@ class Optimizer(torch.optim.Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         decay_order: str = "before",
+        bias_correction: bool = False,
         state_dtype: torch.dtype = torch.float32,
         on_nonfinite: str = "raise",
     ) -> None:
@@ -113,7 +115,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         params, self._names = _split_names(params)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        decay_order=decay_order, preconditioner=preconditioner)
+                        decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
         self.on_nonfinite = on_nonfinite
@@ -216,10 +218,11 @@ class Optimizer(torch.optim.Optimizer):
             m = state["momentum"]
             m.lerp_(grad, 1.0 - beta1)
             source = grad.lerp(m, beta1) if group["nesterov"] else m
-        update = preconditioner.direction(layout.view(source).unsqueeze(0), state, layout)
+        if group["bias_correction"] and beta1 > 0:
+            source = source / (1.0 - beta1**step)
+        update = preconditioner.precondition(batched_grad, layout.view(source).unsqueeze(0), state, layout, step,
+                                             self._fallbacks, fold=not first)
         update = layout.unview(update[0])
-        if not first:
-            preconditioner.update(batched_grad, state, layout, step, self._fallbacks)
 
         lr, wd = group["lr"], group["weight_decay"]
         if wd and group["decay_order"] == "before":

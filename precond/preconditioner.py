@@ -72,9 +72,11 @@ class Preconditioner:
                 refreshes[k] = self.basis.initialize(factor, counter)
                 bases[k] = refreshes[k].basis
         self.estimator.finish_init(spectra, factors, refreshes, layout)
+        extras = self.estimator.init_extras(grad, layout)
         return {
-            "estimator": {"S": _keyed(factors), "lambda": _keyed(spectra)},
+            "estimator": {"S": _keyed(factors), "lambda": _keyed(spectra), **{k: v[0].contiguous() for k, v in extras.items()}},
             "basis": {"Q": _keyed(bases)},
+            "applier": {k: v[0].contiguous() for k, v in self.applier.init_state(grad, layout).items()},
         }
 
     @staticmethod
@@ -86,9 +88,30 @@ class Preconditioner:
             _unkeyed(state["estimator"]["S"], layout.order),
         )
 
+    @staticmethod
+    def extras(state: State, part: str = "estimator") -> dict[str, torch.Tensor]:
+        """Batched views of a part's tensors beyond ``S``/``lambda`` (e.g. the dense ``V``, a graft's ``v``)."""
+        return {k: v.unsqueeze(0) for k, v in state.get(part, {}).items() if isinstance(v, torch.Tensor)}
+
     # --- one step -----------------------------------------------------------------------------
+    def precondition(self, grad: torch.Tensor, direction: torch.Tensor, state: State, layout: Layout, step: int,
+                     counter: Optional[FallbackCounter] = None, fold: bool = True) -> torch.Tensor:
+        """One step for one (batched) parameter: the update for ``direction`` from the pre-step bases and spectra,
+        then ``grad`` folded into the statistics (unless ``fold`` is False: the first step of
+        ``first_step="update"``, whose gradient the initial fill already holds) and the refresh if due."""
+        bases, spectra, _ = self.parts(state, layout)
+        extras = self.extras(state)
+        self.estimator.prepare(grad, bases, extras, layout, step)
+        update = self.applier.direction(
+            direction, bases, spectra, layout, dense=self.estimator.dense_spectrum(extras, step),
+            grad=grad, state=self.extras(state, "applier"), step=step)
+        if fold:
+            self.update(grad, state, layout, step, counter)
+        return update
+
     def direction(self, direction: torch.Tensor, state: State, layout: Layout) -> torch.Tensor:
-        """The preconditioned update for ``direction`` (``(B, *view)``), from the pre-step state."""
+        """The preconditioned ``direction`` (``(B, *view)``) from the current bases and ``λ_k`` (no state change;
+        appliers with state of their own, such as grafting, need :meth:`precondition`)."""
         bases, spectra, _ = self.parts(state, layout)
         return self.applier.direction(direction, bases, spectra, layout)
 
@@ -101,11 +124,12 @@ class Preconditioner:
             self.refresh(state, layout, counter)
 
     def refresh(self, state: State, layout: Layout, counter: Optional[FallbackCounter] = None) -> None:
-        """Refresh every dense basis from its factor and let the estimator carry ``λ_k`` across."""
+        """Refresh every dense basis from its factor and let the estimator carry its state across."""
         bases, spectra, factors = self.parts(state, layout)
+        extras = self.extras(state)
         for k, factor in enumerate(factors):
             if factor is None:
                 continue
             result = self.basis.refresh(factor, bases[k], counter)
-            self.estimator.on_refresh(k, result, spectra, factors, layout)
+            self.estimator.on_refresh(k, result, spectra, factors, layout, extras)
             bases[k].copy_(result.basis)

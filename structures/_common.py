@@ -46,3 +46,15 @@ def positive_or_none(instance, attribute, value) -> None:
 
 max_dim_field = attrs.field(default=None, validator=positive_or_none)
 large_field = attrs.field(default="none", validator=attrs.validators.in_(("none", "diagonal")))
+
+
+VectorPolicy = Literal["diagonal", "dense"]
+vectors_field = attrs.field(default="diagonal", validator=attrs.validators.in_(("diagonal", "dense")))
+
+
+def vector_kinds(kinds: tuple[ModeKind, ...], vectors: VectorPolicy) -> tuple[ModeKind, ...]:
+    """A weight that is a vector after dropping unit modes (bias, norm scale) gets a diagonal spectrum, not a
+    dense ``d × d`` factor, unless ``vectors="dense"`` (SOAP's ``precondition_1d``)."""
+    if len(kinds) == 1 and kinds[0] == "dense" and vectors == "diagonal":
+        return ("diagonal",)
+    return kinds

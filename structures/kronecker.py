@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import attrs
 
 from precond.layout import Layout
-from structures._common import LargeModePolicy, axis_names, group, kind_for, large_field, max_dim_field
+from structures._common import LargeModePolicy, axis_names, group, kind_for, large_field, max_dim_field, vector_kinds, vectors_field, VectorPolicy
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[str, tuple[int, ...]]:
@@ -34,8 +34,9 @@ class Kronecker:
 
     max_dim: Optional[int] = max_dim_field
     large: LargeModePolicy = large_field
+    vectors: VectorPolicy = vectors_field
 
     def plan(self, shape: Sequence[int]) -> Layout:
         pattern, view = matrix_view(shape)
         kinds = tuple(kind_for(d, self.max_dim, self.large) for d in view)
-        return Layout(tuple(shape), view, kinds, pattern=pattern)
+        return Layout(tuple(shape), view, vector_kinds(kinds, self.vectors), pattern=pattern)

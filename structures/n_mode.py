@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import attrs
 
 from precond.layout import Layout
-from structures._common import LargeModePolicy, axis_names, kind_for, large_field, max_dim_field
+from structures._common import LargeModePolicy, axis_names, kind_for, large_field, max_dim_field, vector_kinds, vectors_field, VectorPolicy
 
 
 @attrs.frozen
@@ -20,6 +20,7 @@ class NMode:
 
     max_dim: Optional[int] = max_dim_field
     large: LargeModePolicy = large_field
+    vectors: VectorPolicy = vectors_field
 
     def plan(self, shape: Sequence[int]) -> Layout:
         left, kept = axis_names(shape)
@@ -28,4 +29,4 @@ class NMode:
         right = " ".join(name for name, _ in kept)
         view = tuple(size for _, size in kept)
         kinds = tuple(kind_for(d, self.max_dim, self.large) for d in view)
-        return Layout(tuple(shape), view, kinds, pattern=f"{left} -> {right}")
+        return Layout(tuple(shape), view, vector_kinds(kinds, self.vectors), pattern=f"{left} -> {right}")

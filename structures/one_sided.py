@@ -7,7 +7,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 
 from precond.layout import Layout
-from structures._common import LargeModePolicy, kind_for, large_field, max_dim_field
+from structures._common import LargeModePolicy, VectorPolicy, kind_for, large_field, max_dim_field, vector_kinds, vectors_field
 from structures.kronecker import matrix_view
 
 
@@ -24,6 +24,7 @@ class OneSided:
         default="smaller", validator=attrs.validators.in_(("smaller", "first", "last"))
     )
     large: LargeModePolicy = large_field
+    vectors: VectorPolicy = vectors_field
 
     def plan(self, shape: Sequence[int]) -> Layout:
         pattern, view = matrix_view(shape)
@@ -43,4 +44,4 @@ class OneSided:
                 break
         else:
             kinds[order[0]] = kind_for(view[order[0]], self.max_dim, self.large)
-        return Layout(tuple(shape), view, tuple(kinds), pattern=pattern)
+        return Layout(tuple(shape), view, vector_kinds(tuple(kinds), self.vectors), pattern=pattern)

@@ -109,7 +109,7 @@ def test_view_drops_unit_dims(shape, structure):
 @SETTINGS
 @given(shape=shapes, max_dim=max_dims, large=larges)
 def test_nmode_keeps_every_nonunit_mode(shape, max_dim, large):
-    layout = structures.NMode(max_dim=max_dim, large=large).plan(shape)
+    layout = structures.NMode(max_dim=max_dim, large=large, vectors="dense").plan(shape)
     kept = kept_dims(shape)
     if not kept:
         assert tuple(layout.view_shape) == (1,) and tuple(layout.kinds) == ("none",)
@@ -121,7 +121,7 @@ def test_nmode_keeps_every_nonunit_mode(shape, max_dim, large):
 @SETTINGS
 @given(shape=shapes, max_dim=max_dims, large=larges)
 def test_kronecker_views_first_dim_by_the_rest(shape, max_dim, large):
-    layout = structures.Kronecker(max_dim=max_dim, large=large).plan(shape)
+    layout = structures.Kronecker(max_dim=max_dim, large=large, vectors="dense").plan(shape)
     view = expected_matrix_view(shape)
     assert tuple(layout.view_shape) == view
     if view == (1,):
@@ -133,7 +133,7 @@ def test_kronecker_views_first_dim_by_the_rest(shape, max_dim, large):
 @SETTINGS
 @given(shape=shapes, max_dim=max_dims, side=sides, large=larges)
 def test_one_sided_has_at_most_one_dense_mode(shape, max_dim, side, large):
-    layout = structures.OneSided(max_dim=max_dim, side=side, large=large).plan(shape)
+    layout = structures.OneSided(max_dim=max_dim, side=side, large=large, vectors="dense").plan(shape)
     view = expected_matrix_view(shape)
     assert tuple(layout.view_shape) == view
     assert sum(kind == "dense" for kind in layout.kinds) <= 1
@@ -178,7 +178,7 @@ def test_layout_derived_quantities(shape, structure):
 @SETTINGS
 @given(shape=shapes.filter(lambda s: any(d > 3 for d in s)), large=larges)
 def test_max_dim_turns_large_modes_into_the_large_policy(shape, large):
-    layout = structures.NMode(max_dim=3, large=large).plan(shape)
+    layout = structures.NMode(max_dim=3, large=large, vectors="dense").plan(shape)
     for d, kind in zip(layout.view_shape, layout.kinds):
         if d > 3:
             assert kind == large
@@ -238,3 +238,14 @@ def test_layout_rejects_inconsistent_plans():
         precond.Layout((2, 3), (5,), ("none",), pattern="d0 d1 -> (d0 d1)")
     with pytest.raises(ValueError):
         precond.Layout((2, 3), (2, 3), ("dense",), pattern="d0 d1 -> d0 d1")
+
+
+@pytest.mark.parametrize("cls", [structures.NMode, structures.Kronecker, structures.OneSided])
+def test_vectors_get_a_diagonal_spectrum_unless_asked_for_dense(cls):
+    for shape in [(7,), (1, 7), (7, 1, 1)]:
+        assert cls().plan(shape).kinds == ("diagonal",)
+        assert cls(vectors="dense").plan(shape).kinds == ("dense",)
+        assert cls(max_dim=3, vectors="dense").plan(shape).kinds == ("none",)
+    assert cls().plan((3, 4)).kinds.count("diagonal") == 0
+    with pytest.raises(ValueError):
+        cls(vectors="sometimes")
