@@ -17,13 +17,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
+
 _PUBLIC = {
+    "Graft": "precond.grafting",
     "Layout": "precond.layout",
+    "Normalize": "precond.grafting",
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",
-    "kl_shampoo": "precond.presets",
-    "shampoo": "precond.presets",
+    **{name: "precond.presets" for name in PRESETS},
 }
 
 __all__ = sorted(_PUBLIC)

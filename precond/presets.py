@@ -1,55 +1,142 @@
-"""Named optimizers, each a few lines of composition of the four parts."""
+"""Named optimizers, each a few lines of composition of the four parts.
+
+Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim`` and passes any other
+keyword (``nesterov``, ``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``) to
+:class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's EMA weight ρ.
+All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
+above ``max_dim`` is left without a dense factor (embeddings and LM heads work: only their small side is
+preconditioned), and a vector parameter (bias, norm scale) gets a diagonal spectrum.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Literal, Optional
 
 import bases
 import estimators
 import structures
 from precond.appliers import Exponent, Power
+from precond.grafting import Graft, Normalize
 from precond.optimizer import Optimizer
 from precond.preconditioner import Preconditioner
 
+Betas = tuple[float, float]
 
-def kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
-               weight_decay: float = 0.0, eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096,
-               **optimizer_options: Any) -> Optimizer:
+
+def _optimizer(params: Iterable[Any], lr: float, betas: Betas, weight_decay: float, preconditioner: Preconditioner,
+               defaults: dict[str, Any], options: dict[str, Any]) -> Optimizer:
+    """The optimizer around a preset's preconditioner; ``options`` (the caller's) override the preset's ``defaults``."""
+    return Optimizer(params, preconditioner=preconditioner, lr=lr, momentum=betas[0], weight_decay=weight_decay,
+                     **{**defaults, **options})
+
+
+def kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
+               eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> Optimizer:
     """KL-Shampoo (Lin et al. 2025, Fig. 3 right), without grafting, for weights of any order.
 
-    ``NMode`` factors (modes above ``max_dim`` stay identity) · ``KL(β₂)`` factors and λ-EMA in the stale basis ·
-    ``eigh`` once, then ``QRPowerStep`` every ``every`` = T steps (no sort) · ``Power(½)`` with ε outside the root.
-    Defaults of the authors' prototype: λ₀ = 0.1, the λ clamp ``max(10, min(d_k, 4000))``, first step fills the
-    statistics only, decoupled weight decay after the update; T = 10.
+    ``KL(β₂)`` factors and λ-EMA in the stale basis · ``eigh`` once, then ``QRPowerStep`` every T = 10 steps (no
+    sort) · ``Power(½)`` with ε outside the root. Defaults of the authors' prototype (yorkerlin/KL-Methods
+    ``KLOpt``): λ₀ = 0.1, the clamp ``λ ≥ max(10, min(d_k, 4000))^{-2}``, a first step that only fills the
+    statistics, no bias correction, decoupled weight decay after the update.
     """
-    return Optimizer(
-        params, lr=lr, momentum=betas[0], weight_decay=weight_decay,
-        preconditioner=Preconditioner(
-            structure=structures.NMode(max_dim=max_dim),
-            estimator=estimators.KL(beta=betas[1]),
-            basis=bases.QRPowerStep(every=every),
-            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-        ),
-        **{"decay_order": "after", **optimizer_options},
-    )
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.NMode(max_dim=max_dim),
+        estimator=estimators.KL(beta=betas[1]),
+        basis=bases.QRPowerStep(every=every),
+        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+    ), {"decay_order": "after"}, options)
 
 
-def shampoo(params: Iterable[Any], lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
-            weight_decay: float = 0.0, eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096,
-            p: Exponent = 0.5, **optimizer_options: Any) -> Optimizer:
-    """Shampoo (Gupta et al. 2018; Shi et al. 2023's EMA form), ungrafted.
+def idealized_kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95),
+                         weight_decay: float = 0.0, eps: float = 1e-8, every: int = 1, max_dim: Optional[int] = 4096,
+                         **options: Any) -> Optimizer:
+    """Idealized KL-Shampoo (Lin et al. 2025, Eq. 4 and Fig. 3 left): ``Q_k, λ_k = eigh(S_k)`` after every update,
+    so ``P_j = S_j^{-1}`` exactly; with ``1/D_{-k}`` and the ½ root at any order (no published code has both)."""
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.NMode(max_dim=max_dim),
+        estimator=estimators.KL(beta=betas[1], init_lambda=None, refresh_spectrum="reset"),
+        basis=bases.Eigh(every=every),
+        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+    ), {"decay_order": "after"}, options)
 
-    ``NMode`` factors · ``Shampoo(β₂)`` grams · ``Eigh`` every ``every`` = T steps (stale roots in between) ·
-    ``Power(p)`` with ε added to each eigenvalue. ``p = 1/2`` (default) is Shampoo²; ``p = "1/(2N)"`` (1/4 for
-    a matrix) is the original Shampoo.
+
+def kl_soap(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
+            eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> Optimizer:
+    """KL-SOAP (KL-Methods ``KLOpt(using_klsoap=True)``): KL factors (their λ only feed ``Δ_k``) and Adam in the
+    eigenbasis, ``V`` neither bias-corrected nor permuted, QR every T = 10 steps without sorting."""
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.NMode(max_dim=max_dim),
+        estimator=estimators.DenseSpectrum(estimators.KL(beta=betas[1]), beta=betas[1], bias_correction=False,
+                                           transport="keep"),
+        basis=bases.QRPowerStep(every=every),
+        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+    ), {"decay_order": "after"}, options)
+
+
+def shampoo(params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
+            eps: float = 1e-12, every: int = 10, max_dim: Optional[int] = 4096, p: Exponent = 0.5,
+            graft: Optional[Literal["adam", "rmsprop", "sgd"]] = "adam", **options: Any) -> Optimizer:
+    """Shampoo as in the widely used implementation (Shi et al. 2023, Meta's Distributed Shampoo).
+
+    ``Shampoo(β₂)`` grams · ``Eigh`` every T = 10 steps (the seed paper's setting; stale roots in between) ·
+    ``Power(p)`` with ε (1e-12) added to each eigenvalue · grafted onto Adam (β 0.999, ε 1e-10) per parameter ·
+    bias-corrected momentum, decoupled weight decay before the update. ``p = 1/2`` is Shampoo² (default);
+    ``p = "1/(2N)"`` (1/4 for a matrix) the original; ``graft=None`` the ungrafted method of Fig. 1.
+    Not reproduced: Meta's bias correction of the factors themselves.
     """
-    return Optimizer(
-        params, lr=lr, momentum=betas[0], weight_decay=weight_decay,
-        preconditioner=Preconditioner(
-            structure=structures.NMode(max_dim=max_dim),
-            estimator=estimators.Shampoo(beta=betas[1]),
-            basis=bases.Eigh(every=every),
-            applier=Power(p=p, eps=eps),
-        ),
-        **optimizer_options,
-    )
+    applier = Power(p=p, eps=eps)
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.NMode(max_dim=max_dim),
+        estimator=estimators.Shampoo(beta=betas[1]),
+        basis=bases.Eigh(every=every),
+        applier=Graft(applier, onto=graft) if graft else applier,
+    ), {"bias_correction": True}, options)
+
+
+def soap(params: Iterable[Any], lr: float = 3e-3, betas: Betas = (0.95, 0.95), weight_decay: float = 0.01,
+         eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 10000, **options: Any) -> Optimizer:
+    """SOAP (Vyas et al. 2025; nikhilvyas/SOAP defaults): Adam run in Shampoo's eigenbasis.
+
+    ``Frobenius(dense)``: grams with ρ = β₂ and a bias-corrected ``V`` in the rotated basis · ``eigh`` once, then
+    ``QRPowerStep(sort=True)`` every T = 10 steps, ``V`` permuted with the sort · ``R/(√V̂ + ε)`` · bias-corrected
+    momentum (SOAP's ``correct_bias``, with ε on ``√V̂`` as torch's Adam), weight decay after the update,
+    first step fills only. Modes above ``max_dim`` (10000) are identity; vectors are plain Adam.
+    """
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.NMode(max_dim=max_dim),
+        estimator=estimators.Frobenius(beta=betas[1], spectrum="dense"),
+        basis=bases.QRPowerStep(every=every, sort=True),
+        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+    ), {"bias_correction": True, "decay_order": "after"}, options)
+
+
+def eshampoo(params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
+             eps: float = 1e-12, every: int = 100, max_dim: Optional[int] = 4096, **options: Any) -> Optimizer:
+    """Eigenvalue-corrected Shampoo (Eschenhagen et al. 2025; Meta's ``EigenvalueCorrectedShampooPreconditionerList``).
+
+    Grams and a bias-corrected ``V`` in the eigenbasis (ρ = β₂ = 0.999), ``V`` not carried across refreshes ·
+    exact ``eigh`` every T = 100 steps (Meta's README) · ``R/(√V̂ + ε)``, ε = 1e-12 · the first gradient is used at
+    once (no fill-only step), bias-corrected momentum, decoupled weight decay before the update.
+    """
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.NMode(max_dim=max_dim),
+        estimator=estimators.Frobenius(beta=betas[1], spectrum="dense", transport="keep"),
+        basis=bases.Eigh(every=every),
+        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+        first_step="update",
+    ), {"bias_correction": True}, options)
+
+
+def one_sided_shampoo(params: Iterable[Any], lr: float = 1e-2, betas: Betas = (0.9, 0.8), weight_decay: float = 0.1,
+                      eps: float = 1e-10, every: int = 1, max_dim: Optional[int] = 8192, **options: Any) -> Optimizer:
+    """One-sided Shampoo, ASGO-style (An et al. 2025; infinity-stars/ASGO defaults): only the smaller side of the
+    matrix view gets a factor, ``V ← 0.8 V + 0.2 Gram`` (β₂ = 0.8), its exact inverse root every step (``eigh``
+    in place of ASGO's Polar-Express iteration), momentum 0.9, the update rescaled to RMS 0.2, lr 0.01, weight
+    decay 0.1 before the update. Vectors get an RMSprop-like diagonal spectrum instead of ASGO's Adam.
+    Claim 1: this is the KL fit with the other factor fixed at ``I`` (up to the scalar ``1/D_{-k}``)."""
+    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
+        structure=structures.OneSided(max_dim=max_dim),
+        estimator=estimators.Shampoo(beta=betas[1]),
+        basis=bases.Eigh(every=every),
+        applier=Normalize(Power(p=0.5, eps=eps), rms=0.2),
+    ), {}, options)
