@@ -13,6 +13,7 @@ from precond.preconditioner import Preconditioner
 from precond.stats import FallbackCounter
 
 _CONFIG_KEY = "preconditioner"
+_PART_KEYS = ("structure", "estimator", "basis", "applier", "first_step")
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -122,7 +123,17 @@ class Optimizer(torch.optim.Optimizer):
         self._fallbacks = FallbackCounter()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As ``torch.optim``; the group is checked first, so a refused group leaves the optimizer unchanged."""
+        """As ``torch.optim``; the group is checked first, so a refused group leaves the optimizer unchanged.
+
+        Besides a whole ``preconditioner``, a group may override single parts: ``structure``, ``estimator``,
+        ``basis``, ``applier`` or ``first_step`` replace that part of the default preconditioner, e.g.
+        ``{"params": embeddings, "structure": structures.OneSided()}``.
+        """
+        param_group = dict(param_group)
+        overrides = {name: param_group.pop(name) for name in _PART_KEYS if name in param_group}
+        if overrides:
+            base = param_group.get(_CONFIG_KEY, self.defaults[_CONFIG_KEY])
+            param_group[_CONFIG_KEY] = attrs.evolve(base, **overrides)
         _check_hyperparameters({**self.defaults, **param_group})
         params = param_group["params"]
         for p in [params] if isinstance(params, torch.Tensor) else list(params):

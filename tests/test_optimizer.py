@@ -92,10 +92,19 @@ def test_ungrafted_shampoo_trains_with_a_small_step(options):
     assert end < 0.6 * start
 
 
+def _soap(params, **kw):
+    return precond.soap(params, every=3, **kw)
+
+
+def _grafted_shampoo(params, **kw):
+    return precond.shampoo(params, every=3, **kw)
+
+
+@pytest.mark.parametrize("make", [_composed_kl, _soap, _grafted_shampoo])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip_resumes_bit_for_bit_across_refreshes(dtype):
+def test_state_dict_round_trip_resumes_bit_for_bit_across_refreshes(dtype, make):
     model = _model(dtype)
-    opt = _composed_kl(model.parameters())
+    opt = make(model.parameters())
     _train(model, opt, 4, dtype=dtype)  # refreshes at steps 3, 6, ...
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -106,7 +115,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit_across_refreshes(dtype):
     checkpoint = torch.load(buffer, weights_only=False)
     resumed = _model(dtype, seed=123)
     resumed.load_state_dict(checkpoint["model"])
-    opt2 = _composed_kl(resumed.parameters())
+    opt2 = make(resumed.parameters())
     opt2.load_state_dict(checkpoint["opt"])
     for p in resumed.parameters():  # factor state stays float32 for bfloat16 parameters
         state = opt2.state[p]
@@ -188,6 +197,22 @@ def test_per_group_preconditioner_override_and_describe():
     assert "dense" in text and "total factor state" in text
     named = _composed_kl(model.named_parameters())
     assert "0.weight" in named.describe()
+
+
+def test_per_group_override_of_single_parts():
+    model = _model()
+    conv, *rest = list(model.parameters())
+    opt = _composed_kl([{"params": [conv], "structure": structures.OneSided(), "basis": bases.Eigh(every=2)},
+                        {"params": rest}])
+    first, second = opt.param_groups
+    assert isinstance(first["preconditioner"].structure, structures.OneSided)
+    assert isinstance(first["preconditioner"].basis, bases.Eigh)
+    assert first["preconditioner"].estimator == second["preconditioner"].estimator  # the rest is inherited
+    assert "structure" not in first
+    _train(model, opt, 3)
+    restored = _composed_kl([{"params": [conv], "structure": structures.OneSided(), "basis": bases.Eigh(every=2)},
+                             {"params": rest}])
+    restored.load_state_dict(opt.state_dict())
 
 
 def test_momentum_zero_and_nesterov_paths():
