@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import attrs
 import torch
 
+from precond.buckets import Bucket, assign_views, map_leaves, stack_states
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
 from precond.stats import FallbackCounter
@@ -94,7 +95,8 @@ class Optimizer(torch.optim.Optimizer):
     Factor state lives in ``state_dtype`` (float32 by default, whatever the parameter dtype: bfloat16 loses the
     ``1−ρ`` increments and the orthogonality of ``Q``). ``on_nonfinite="raise"`` checks every gradient for
     NaN/Inf before anything is touched (one host synchronisation per step) and raises, leaving all state
-    as it was; ``"ignore"`` skips the check.
+    as it was; ``"ignore"`` skips the check. ``stack=False`` updates every parameter on its own (the simple
+    reference path; ``stack=True`` batches parameters of equal layout and gives the same updates).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Optimizer(torch.optim.Optimizer):
         bias_correction: bool = False,
         state_dtype: torch.dtype = torch.float32,
         on_nonfinite: str = "raise",
+        stack: bool = True,
     ) -> None:
         if on_nonfinite not in ("raise", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'ignore', got {on_nonfinite!r}")
@@ -120,6 +123,8 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
         self.on_nonfinite = on_nonfinite
+        self.stack = stack
+        self._buckets: Optional[list[Bucket]] = None
         self._fallbacks = FallbackCounter()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -197,53 +202,117 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One optimisation step; ``closure`` re-evaluates the loss (with gradients) and its value is returned."""
+        """One optimisation step; ``closure`` re-evaluates the loss (with gradients) and its value is returned.
+
+        Parameters of one group, shape, dtype and device are stacked (``stack=True``) and updated together: one
+        batched contraction per bucket instead of one per tensor. A bucket whose members do not all have a
+        gradient this step falls back to per-parameter updates on views of its state.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, grad in self._gather():
-            self._update(group, p, grad)
+        work = self._gather()
+        fresh = [(group, p, grad) for group, p, grad in work if not self.state[p]]
+        if fresh:
+            self._initialize(fresh)
+        if self._buckets is None:
+            self._rebuild_buckets()
+        just_initialized = {id(p) for _, p, _ in fresh}
+        grads = {id(p): grad for _, p, grad in work if id(p) not in just_initialized}
+        for bucket in self._buckets:
+            present = [p for p in bucket.params if id(p) in grads]
+            if len(present) == len(bucket.params):
+                self._run(bucket.group, bucket.params, [grads[id(p)] for p in bucket.params], bucket.state,
+                          bucket.layout, bucket.step + 1, first=False)
+                bucket.step += 1
+                for p in bucket.params:
+                    self.state[p]["step"] += 1
+            elif present:  # partial: per-parameter updates on views; step counts now differ, so re-bucket later
+                for p in present:
+                    state = self.state[p]
+                    view = {k: v for k, v in map_leaves(state, lambda t: t.unsqueeze(0)).items() if k != "step"}
+                    self._run(bucket.group, [p], [grads[id(p)]], view, bucket.layout, int(state["step"].item()) + 1,
+                              first=False)
+                    state["step"] += 1
+                self._buckets = None
         return loss
 
-    def _update(self, group: dict[str, Any], p: torch.Tensor, raw_grad: torch.Tensor) -> None:
-        preconditioner: Preconditioner = group[_CONFIG_KEY]
-        layout = preconditioner.plan(p.shape)
-        state = self.state[p]
-        grad = raw_grad.to(self.state_dtype)
-        batched_grad = layout.view(grad).unsqueeze(0)
-        first = not state
-        if first:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state.update(preconditioner.init_state(batched_grad, layout, self._fallbacks))
+    def _bucket_key(self, group_index: int, p: torch.Tensor, step: int) -> tuple:
+        return (group_index, tuple(p.shape), p.dtype, p.device, step, None if self.stack else id(p))
+
+    def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        """First gradient of new parameters: stacked initial fill; ``first_step="update"`` also updates at once."""
+        index = {id(group): i for i, group in enumerate(self.param_groups)}
+        batches: dict[tuple, list] = {}
+        for group, p, grad in fresh:
+            batches.setdefault(self._bucket_key(index[id(group)], p, 0), []).append((group, p, grad))
+        for key, items in batches.items():
+            group = items[0][0]
+            params = [p for _, p, _ in items]
+            preconditioner: Preconditioner = group[_CONFIG_KEY]
+            layout = preconditioner.plan(params[0].shape)
+            grad = torch.stack([layout.view(g) for _, _, g in items]).to(self.state_dtype)
+            state = preconditioner.init_state(grad, layout, self._fallbacks)
             if group["momentum"] > 0:
                 state["momentum"] = torch.zeros_like(grad)
-            if preconditioner.first_step == "fill":
-                return
-        state["step"] += 1
-        step = int(state["step"].item())
+            for p in params:
+                self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+            assign_views(state, [self.state[p] for p in params])
+            bucket = Bucket(key, params, layout, state, 0, group)
+            if preconditioner.first_step == "update":
+                self._run(group, params, [g for _, _, g in items], state, layout, 1, first=True)
+                bucket.step = 1
+                for p in params:
+                    self.state[p]["step"] += 1
+            if self._buckets is not None:
+                self._buckets.append(bucket)
 
+    def _rebuild_buckets(self) -> None:
+        """Stack the per-parameter states again (after ``load_state_dict`` or when step counts drifted apart)."""
+        batches: dict[tuple, list[torch.Tensor]] = {}
+        groups = {}
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    key = self._bucket_key(i, p, int(state["step"].item()))
+                    batches.setdefault(key, []).append(p)
+                    groups[key] = group
+        self._buckets = []
+        for key, params in batches.items():
+            group = groups[key]
+            states = [self.state[p] for p in params]
+            stacked = stack_states(states)
+            assign_views(stacked, states)
+            layout = group[_CONFIG_KEY].plan(params[0].shape)
+            self._buckets.append(Bucket(key, params, layout, stacked, key[4], group))
+
+    def _run(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+             state: dict[str, Any], layout: Layout, step: int, first: bool) -> None:
+        """One update of a stack of parameters sharing ``layout`` (``state``: batched tensors, leading axis B)."""
+        preconditioner: Preconditioner = group[_CONFIG_KEY]
+        grad = torch.stack([layout.view(g) for g in grads]).to(self.state_dtype)
         beta1 = group["momentum"]
         source = grad
         if beta1 > 0:
             m = state["momentum"]
             m.lerp_(grad, 1.0 - beta1)
             source = grad.lerp(m, beta1) if group["nesterov"] else m
-        if group["bias_correction"] and beta1 > 0:
-            source = source / (1.0 - beta1**step)
-        update = preconditioner.precondition(batched_grad, layout.view(source).unsqueeze(0), state, layout, step,
-                                             self._fallbacks, fold=not first)
-        update = layout.unview(update[0])
+            if group["bias_correction"]:
+                source = source / (1.0 - beta1**step)
+        update = preconditioner.precondition(grad, source, state, layout, step, self._fallbacks, fold=not first)
+        updates = [layout.unview(u) for u in update.to(params[0].dtype).unbind(0)]
 
         lr, wd = group["lr"], group["weight_decay"]
         if wd and group["decay_order"] == "before":
-            p.mul_(1 - lr * wd)
+            torch._foreach_mul_(params, 1 - lr * wd)
         if isinstance(lr, torch.Tensor):
-            p.sub_((update * lr).to(p.dtype))
+            torch._foreach_sub_(params, torch._foreach_mul(updates, lr.to(params[0].dtype)))
         else:
-            p.add_(update.to(p.dtype), alpha=-lr)
+            torch._foreach_add_(params, updates, alpha=-lr)
         if wd and group["decay_order"] == "after":
-            p.mul_(1 - lr * wd)
+            torch._foreach_mul_(params, 1 - lr * wd)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -264,6 +333,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"  saved:   {saved.get(_CONFIG_KEY)}\n  current: {_describe_config(group)}\n"
                     "build the optimizer with the saved configuration before loading")
         super().load_state_dict(state_dict)
+        self._buckets = None
         for group, preconditioner in zip(self.param_groups, current):
             group[_CONFIG_KEY] = preconditioner
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]

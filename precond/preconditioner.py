@@ -24,11 +24,15 @@ def _plan(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Layout:
 
 
 def _keyed(tensors: Sequence[Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {str(k): t[0].contiguous() for k, t in enumerate(tensors) if t is not None}
+    return {str(k): t.contiguous() for k, t in enumerate(tensors) if t is not None}
 
 
 def _unkeyed(keyed: dict[str, torch.Tensor], order: int) -> list[Optional[torch.Tensor]]:
-    return [keyed[str(k)].unsqueeze(0) if str(k) in keyed else None for k in range(order)]
+    return [keyed.get(str(k)) for k in range(order)]
+
+
+def _keyed_extras(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.contiguous() for name, t in extras.items()}
 
 
 @attrs.frozen
@@ -46,7 +50,9 @@ class Preconditioner:
     Per step (DESIGN): the update is computed with the pre-step ``(Q_k, λ_k)``; then the estimator folds the
     gradient in; then, at refresh steps, the bases are refreshed from the new ``S_k`` and the estimator
     carries ``λ_k`` across. State is keyed by role: ``state["estimator"]["S"|"lambda"][k]``,
-    ``state["basis"]["Q"][k]`` (``k`` the viewed mode, as a string).
+    ``state["basis"]["Q"][k]`` (``k`` the viewed mode, as a string). Every tensor here has a leading batch axis
+    ``B``: parameters of one layout are stacked and processed together (the optimizer hands each parameter a
+    view of its slice).
     """
 
     structure: Any
@@ -74,14 +80,14 @@ class Preconditioner:
         self.estimator.finish_init(spectra, factors, refreshes, layout)
         extras = self.estimator.init_extras(grad, layout)
         return {
-            "estimator": {"S": _keyed(factors), "lambda": _keyed(spectra), **{k: v[0].contiguous() for k, v in extras.items()}},
+            "estimator": {"S": _keyed(factors), "lambda": _keyed(spectra), **_keyed_extras(extras)},
             "basis": {"Q": _keyed(bases)},
-            "applier": {k: v[0].contiguous() for k, v in self.applier.init_state(grad, layout).items()},
+            "applier": _keyed_extras(self.applier.init_state(grad, layout)),
         }
 
     @staticmethod
     def parts(state: State, layout: Layout) -> tuple[list, list, list]:
-        """Batched views ``(bases, spectra, factors)`` of one parameter's state (writes go to the state)."""
+        """``(bases, spectra, factors)`` lists of a (batched) state, one entry per viewed mode (``None`` if absent)."""
         return (
             _unkeyed(state["basis"]["Q"], layout.order),
             _unkeyed(state["estimator"]["lambda"], layout.order),
@@ -90,8 +96,8 @@ class Preconditioner:
 
     @staticmethod
     def extras(state: State, part: str = "estimator") -> dict[str, torch.Tensor]:
-        """Batched views of a part's tensors beyond ``S``/``lambda`` (e.g. the dense ``V``, a graft's ``v``)."""
-        return {k: v.unsqueeze(0) for k, v in state.get(part, {}).items() if isinstance(v, torch.Tensor)}
+        """A part's tensors beyond ``S``/``lambda`` (e.g. the dense ``V``, a graft's ``v``)."""
+        return {k: v for k, v in state.get(part, {}).items() if isinstance(v, torch.Tensor)}
 
     # --- one step -----------------------------------------------------------------------------
     def precondition(self, grad: torch.Tensor, direction: torch.Tensor, state: State, layout: Layout, step: int,

@@ -42,7 +42,7 @@ def test_claim1_one_sided_kl_optimum_is_the_second_moment(d_a, d_b, seed):
     state = pc.init_state(grad, layout)
     for step in range(1, 80):
         pc.update(grad, state, layout, step)
-    s_a = state["estimator"]["S"]["1"]
+    s_a = state["estimator"]["S"]["1"][0]
     expected = sum(g @ g.T for g in samples) / n  # E[GGᵀ]
     torch.testing.assert_close(s_a * d_b, expected, rtol=1e-9, atol=1e-12)
     # and it is the minimiser of Eq. 2 over one-sided S: random SPD perturbations only increase the objective
@@ -68,7 +68,7 @@ def test_claim1_one_sided_kl_factor_is_shampoos_over_d_minus_k():
         for step, g in enumerate(stream[1:], start=1):
             pc.update(layout.view(g).unsqueeze(0), state, layout, step)
         states.append(state)
-    torch.testing.assert_close(states[0]["estimator"]["S"]["0"] * 12, states[1]["estimator"]["S"]["0"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(states[0]["estimator"]["S"]["0"][0] * 12, states[1]["estimator"]["S"]["0"][0], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("dims", [(3, 4), (4, 2), (2, 3, 3)])
@@ -85,7 +85,7 @@ def test_claim2_fixed_point_and_kl_no_worse_than_shampoo(dims):
         bases.Eigh(every=1), precond.Power())
     layout, state = _iterate(pc, samples, 400)
     assert layout.kinds == ("none",) + ("dense",) * len(dims)
-    factors = [state["estimator"]["S"][str(k + 1)] for k in range(len(dims))]
+    factors = [state["estimator"]["S"][str(k + 1)][0] for k in range(len(dims))]
     for k in range(len(dims)):
         others = [torch.linalg.inv(factors[j]) for j in range(len(dims)) if j != k]
         kron = others[0] if len(others) == 1 else torch.kron(*others)

@@ -15,7 +15,8 @@ from strategies import seeds, shapes, structure_strategy
 
 def _reference_update(direction, layout, state, applier):
     """Dense ``(⊗_k A_k) vec(M)`` from the state's ``Q_k``, ``λ_k`` (independent of the library's math)."""
-    qs, lams = state["basis"]["Q"], state["estimator"]["lambda"]
+    qs = {k: v[0] for k, v in state["basis"]["Q"].items()}  # batch of one
+    lams = {k: v[0] for k, v in state["estimator"]["lambda"].items()}
     spectral = sum(kind != "none" for kind in layout.kinds)
     p = 1.0 / (2 * max(1, spectral)) if applier.p == "1/(2N)" else float(applier.p)
     if p == 0.0:  # documented: p = 0 is the identity applier (momentum SGD), ε plays no role
@@ -73,8 +74,8 @@ def test_optimizer_step_applies_the_dense_update(shape, seed):
         weight.grad = torch.randn(shape, generator=gen, dtype=F64)
         before = weight.detach().clone()
         first = not opt.state[weight]
-        state_before = {"basis": {"Q": {k: v.clone() for k, v in opt.state[weight].get("basis", {"Q": {}})["Q"].items()}},
-                        "estimator": {"lambda": {k: v.clone() for k, v in opt.state[weight].get("estimator", {"lambda": {}})["lambda"].items()}}}
+        state_before = {"basis": {"Q": {k: v[None].clone() for k, v in opt.state[weight].get("basis", {"Q": {}})["Q"].items()}},
+                        "estimator": {"lambda": {k: v[None].clone() for k, v in opt.state[weight].get("estimator", {"lambda": {}})["lambda"].items()}}}
         opt.step()
         if first:
             torch.testing.assert_close(weight.detach(), before)  # first step only fills the statistics
