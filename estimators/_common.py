@@ -50,10 +50,15 @@ def nonzero_gradient(grad: torch.Tensor) -> torch.Tensor:
     return grad.reshape(grad.shape[0], -1).abs().amax(dim=1) > 0
 
 
+def sum_except(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries summed over every mode but ``k`` → ``(B, d_k)``."""
+    dims = tuple(j + 1 for j in range(x.ndim - 1) if j != k)
+    return x.sum(dim=dims) if dims else x
+
+
 def sum_of_squares_except(x: torch.Tensor, k: int) -> torch.Tensor:
     """``diag(Gram_k(X))``: squares summed over every mode but ``k`` → ``(B, d_k)``."""
-    dims = tuple(j + 1 for j in range(x.ndim - 1) if j != k)
-    return (x * x).sum(dim=dims) if dims else x * x
+    return sum_except(x * x, k)
 
 
 FloorSpec = Union[str, float]

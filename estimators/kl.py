@@ -31,9 +31,9 @@ from estimators._common import (
     nonzero_gradient,
     permute_columns,
     spectrum_floor,
-    sum_of_squares_except,
+    sum_except,
 )
-from precond.contractions import gram, rotate, scale
+from precond.contractions import gram, mode_product, rotate, scale
 from estimators.base import Estimator
 from precond.layout import Layout
 
@@ -75,29 +75,42 @@ class KL(Estimator):
 
     def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
                first: bool = False) -> None:
-        """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi)."""
+        """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi).
+
+        ``Δ_k = Gram_k(Y_k) / D_{-k}`` with ``Y_k = (G ×_{j≠k} Q_j) ⊙ ⊗_{j≠k} λ_j^{-1/2}``, the gradient rotated
+        and whitened on every mode but ``k`` (so no ``d_k³`` rotation back is needed), and
+        ``diag(Q_kᵀ Δ_k Q_k) = Σ_{j≠k} R² ⊙ ⊗_{j≠k} λ_j^{-1} / D_{-k}`` from the full rotation
+        ``R = Y_k ×_k Q_k``, which is formed once from the cheapest partial rotation.
+        """
         active = nonzero_gradient(grad)
-        rotated = rotate(grad, bases)
         if first:  # the fill: every S_j = I
+            inverse: Tensors = [None] * layout.order
             inv_sqrt: Tensors = [None] * layout.order
         else:
+            inverse = [None if lam is None else lam.reciprocal() for lam in spectra]
             inv_sqrt = [None if lam is None else lam.rsqrt() for lam in spectra]
+        with_factor = [k for k, f in enumerate(factors) if f is not None and spectra[k] is not None]
+        partial = {k: rotate(grad, [q if j != k else None for j, q in enumerate(bases)]) for k in with_factor}
+        if with_factor:
+            cheapest = min(with_factor, key=lambda k: layout.view_shape[k])
+            q = bases[cheapest]
+            rotated = partial[cheapest] if q is None else mode_product(partial[cheapest], q, cheapest)
+        else:
+            rotated = rotate(grad, bases)
+        squared = rotated * rotated
         updates = {}
         for k, lam in enumerate(spectra):
             if lam is None:
                 continue
-            whitened = scale(rotated, [v if j != k else None for j, v in enumerate(inv_sqrt)])
             complement = layout.complement(k)
             shift = self._damping_shift(inv_sqrt, k, lam)
-            if factors[k] is not None:
-                m = gram(whitened, k)  # Q_kᵀ G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ Q_k
-                diag = torch.diagonal(m, dim1=-2, dim2=-1) / complement
-                q = bases[k]
-                delta = (q @ m @ q.transpose(-2, -1) if q is not None else m) / complement
+            diag = sum_except(scale(squared, [v if j != k else None for j, v in enumerate(inverse)]), k) / complement
+            delta = None
+            if k in partial:
+                whitened = scale(partial[k], [v if j != k else None for j, v in enumerate(inv_sqrt)])
+                delta = gram(whitened, k) / complement  # G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ / D_{-k}
                 if shift is not None:
                     delta = delta + torch.diag_embed(shift.expand_as(diag))
-            else:
-                diag, delta = sum_of_squares_except(whitened, k) / complement, None
             if shift is not None:
                 diag = diag + shift
             updates[k] = (delta, diag)
