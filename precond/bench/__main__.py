@@ -1,0 +1,61 @@
+"""Command line: ``python -m precond.bench --shapes gpt2-small --every 10 --max-dim 2048``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from precond.bench.contenders import available, factory
+from precond.bench.report import table
+from precond.bench.shapes import PRESETS
+from precond.bench.timing import time_steps
+
+DEFAULT = "adamw,kl_shampoo,soap,shampoo,hb_kl_shampoo,hb_soap,po_soap"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m precond.bench", description=__doc__)
+    parser.add_argument("--shapes", choices=sorted(PRESETS), default=None,
+                        help="parameter shapes (default: gpt2-small on CUDA, small on CPU)")
+    parser.add_argument("--optimizers", default=DEFAULT, help=f"comma-separated (default {DEFAULT})")
+    parser.add_argument("--every", type=int, default=10, help="refresh period T for every contender")
+    parser.add_argument("--max-dim", type=int, default=2048, help="largest preconditioned mode for every contender")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3T)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2T + 2)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls for every contender")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    shapes_name = args.shapes or ("gpt2-small" if device.type == "cuda" else "small")
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    steps = args.steps or 3 * args.every
+    warmup = args.warmup if args.warmup is not None else 2 * args.every + 2
+    results = {}
+    for name in args.optimizers.split(","):
+        if not available(name):
+            print(f"skip {name}: its library is not installed (pip install 'precond[bench]')", flush=True)
+            continue
+        try:
+            results[name] = time_steps(factory(name, args.every, args.max_dim), PRESETS[shapes_name], device,
+                                       warmup, steps)
+        except Exception as error:  # a peer failing must not hide the others' numbers
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        print(f"{name}: {results[name]}", flush=True)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "shapes": shapes_name, "every": args.every, "max_dim": args.max_dim,
+            "steps": steps, "warmup": warmup, "tf32": args.tf32}
+    print(table(results, meta))
+    with open(args.json, "w") as handle:
+        json.dump({"meta": meta, "results": results}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

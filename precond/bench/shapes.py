@@ -1,0 +1,18 @@
+"""Parameter shape presets: GPT-2 small (as ``nn.Linear`` weights, out × in) and a small one for CPUs."""
+
+from __future__ import annotations
+
+
+def gpt2(layers: int, width: int, vocab: int, context: int) -> list[tuple[int, ...]]:
+    """Shapes of a GPT-2 style model (tied LM head): embeddings, then per block two norms, attention and MLP."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
+                   (width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+PRESETS = {
+    "gpt2-small": gpt2(layers=12, width=768, vocab=50257, context=1024),
+    "small": gpt2(layers=4, width=128, vocab=2048, context=256),
+}

@@ -1,0 +1,74 @@
+"""Time ``optimizer.step()`` on fresh random gradients; measure the optimizer's extra peak memory."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+
+from precond.bench.contenders import Factory
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of distinct tensor storages held in ``optimizer.state`` (views of one stack counted once)."""
+    seen: dict[int, int] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(list(optimizer.state.values()))
+    return sum(seen.values())
+
+
+def time_steps(make: Factory, shapes: Sequence[tuple[int, ...]], device: torch.device, warmup: int, steps: int,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Any]:
+    """Median, max and mean milliseconds of ``steps`` timed steps after ``warmup`` steps, and memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    _sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = make(params)
+    times = []
+    for i in range(warmup + steps):
+        for p in params:  # fresh gradients every step, drawn outside the timed region
+            p.grad.normal_(generator=gen).mul_(1e-3)
+        _sync(device)
+        start = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    result = {
+        "median_ms": statistics.median(times),
+        "max_ms": max(times),
+        "mean_ms": statistics.fmean(times),
+        "state_gb": state_bytes(optimizer) / 1e9,
+        "finite": bool(all(torch.isfinite(p).all() for p in params)),
+    }
+    if device.type == "cuda":
+        result["extra_peak_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
+    del optimizer, params
+    return result

@@ -1,0 +1,66 @@
+"""``CharLM``: a byte-level transformer language model on the standard library's sources (or ``data=FILE``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar, Optional
+
+import attrs
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from precond.tasks.base import Batch, TokenWindows, fraction, positive_int
+from precond.tasks.corpus import fingerprint, read_corpus, split_tokens
+from precond.tasks.gpt import TinyGPT
+
+VOCAB = 256
+"""Byte-level vocabulary: every byte value is a token, so any text file works."""
+
+
+@functools.lru_cache(maxsize=4)
+def _load(task: "CharLM", device: str) -> TokenWindows:
+    train, val = split_tokens(read_corpus(task.data, task.max_bytes), task.val_fraction)
+    return TokenWindows(train.to(device), val.to(device), task.context, task.batch_size)
+
+
+@attrs.frozen
+class CharLM:
+    """Next-byte prediction with :class:`precond.tasks.gpt.TinyGPT`; loss is cross entropy in nats per byte.
+
+    - ``data``: a text file, or ``None`` for Python's standard library sources (no download);
+    - ``max_bytes``: how much of the text to read; the last ``val_fraction`` of it is the validation split;
+    - ``layers``, ``width``, ``heads``, ``context``: the model (tiny by default, for a fast CPU run);
+    - ``batch_size``: sequences of ``context`` tokens per step.
+    """
+
+    name: ClassVar[str] = "char_lm"
+
+    data: Optional[str] = None
+    max_bytes: int = attrs.field(default=2_000_000, validator=positive_int)
+    val_fraction: float = attrs.field(default=0.1, validator=fraction)
+    layers: int = attrs.field(default=2, validator=positive_int)
+    width: int = attrs.field(default=64, validator=positive_int)
+    heads: int = attrs.field(default=4, validator=positive_int)
+    context: int = attrs.field(default=64, validator=positive_int)
+    batch_size: int = attrs.field(default=16, validator=positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+
+    def settings(self) -> dict[str, Any]:
+        return {"task": self.name, **attrs.asdict(self),
+                "text": fingerprint(read_corpus(self.data, self.max_bytes))}
+
+    def build_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return TinyGPT(VOCAB, self.context, self.layers, self.width, self.heads)
+
+    def load(self, device: torch.device) -> TokenWindows:
+        return _load(self, str(device))
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        logits = model(inputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
