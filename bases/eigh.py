@@ -54,5 +54,6 @@ class Eigh:
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
         return descending_eigh(factor, counter)
 
-    def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
+    def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None,
+                index: int = 0) -> Refresh:
         return descending_eigh(factor, counter, previous=basis)

@@ -9,6 +9,7 @@ import torch
 
 from bases._common import Refresh, every_field, nonzero_factor
 from bases.eigh import descending_eigh
+from precond.precision import full_precision
 from precond.stats import FallbackCounter
 
 
@@ -41,12 +42,15 @@ class QRPowerStep:
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
         return descending_eigh(factor, counter)
 
-    def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
+    def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None,
+                index: int = 0) -> Refresh:
         permutation = None
         if self.sort:
             permutation = torch.argsort(rayleigh_quotients(factor, basis), dim=-1, descending=True)
             basis = torch.gather(basis, -1, permutation.unsqueeze(-2).expand_as(basis))
         work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
-        new = sign_fixed_qr((factor.to(work_dtype) @ basis.to(work_dtype))).to(basis.dtype)
+        with full_precision():
+            product = factor.to(work_dtype) @ basis.to(work_dtype)
+        new = sign_fixed_qr(product).to(basis.dtype)
         new = torch.where(nonzero_factor(factor), new, basis)
         return Refresh(basis=new, permutation=permutation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -9,6 +10,8 @@ import attrs
 import torch
 
 from precond.buckets import Bucket, assign_views, map_leaves, stack_states
+from precond.precision import tf32_matmuls
+from precond.refresh_schedule import RefreshSchedule
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
 from precond.stats import FallbackCounter
@@ -95,8 +98,14 @@ class Optimizer(torch.optim.Optimizer):
     Factor state lives in ``state_dtype`` (float32 by default, whatever the parameter dtype: bfloat16 loses the
     ``1−ρ`` increments and the orthogonality of ``Q``). ``on_nonfinite="raise"`` checks every gradient for
     NaN/Inf before anything is touched (one host synchronisation per step) and raises, leaving all state
-    as it was; ``"ignore"`` skips the check. ``stack=False`` updates every parameter on its own (the simple
-    reference path; ``stack=True`` batches parameters of equal layout and gives the same updates).
+    as it was; ``"ignore"`` skips the check (then ``step()`` never synchronises with the device).
+
+    Speed (see ``docs/benchmarks.md``): ``stack`` batches parameters of equal layout (``False`` is the simple
+    reference path, with the same updates); ``stagger`` spreads the basis refreshes over the ``T`` steps so no
+    step spikes (each factor still refreshes every ``T`` steps, at its own phase); ``async_refresh`` runs them on
+    side CUDA streams, overlapped with the next forward/backward, installing each one step later; ``tf32``
+    True/False forces TF32 on/off for the per-step products (refresh products always run in full float32),
+    ``None`` leaves torch's global setting alone.
     """
 
     def __init__(
@@ -112,6 +121,9 @@ class Optimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype = torch.float32,
         on_nonfinite: str = "raise",
         stack: bool = True,
+        stagger: bool = False,
+        async_refresh: bool = False,
+        tf32: Optional[bool] = None,
     ) -> None:
         if on_nonfinite not in ("raise", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'ignore', got {on_nonfinite!r}")
@@ -124,6 +136,8 @@ class Optimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.on_nonfinite = on_nonfinite
         self.stack = stack
+        self.tf32 = tf32
+        self._schedule = RefreshSchedule(stagger=stagger, asynchronous=async_refresh)
         self._buckets: Optional[list[Bucket]] = None
         self._fallbacks = FallbackCounter()
 
@@ -212,6 +226,14 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with contextlib.ExitStack() as stack:
+            if self.tf32 is not None:
+                stack.enter_context(tf32_matmuls(self.tf32))
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        self._schedule.flush()
         work = self._gather()
         fresh = [(group, p, grad) for group, p, grad in work if not self.state[p]]
         if fresh:
@@ -236,7 +258,6 @@ class Optimizer(torch.optim.Optimizer):
                               first=False)
                     state["step"] += 1
                 self._buckets = None
-        return loss
 
     def _bucket_key(self, group_index: int, p: torch.Tensor, step: int) -> tuple:
         return (group_index, tuple(p.shape), p.dtype, p.device, step, None if self.stack else id(p))
@@ -301,7 +322,10 @@ class Optimizer(torch.optim.Optimizer):
             source = grad.lerp(m, beta1) if group["nesterov"] else m
             if group["bias_correction"]:
                 source = source / (1.0 - beta1**step)
-        update = preconditioner.precondition(grad, source, state, layout, step, self._fallbacks, fold=not first)
+        update = preconditioner.precondition(grad, source, state, layout, step, self._fallbacks, fold=not first,
+                                             refresh=False)
+        if not first:
+            self._schedule.after_update(preconditioner, params, state, layout, step, self._fallbacks, self.param_groups)
         updates = [layout.unview(u) for u in update.to(params[0].dtype).unbind(0)]
 
         lr, wd = group["lr"], group["weight_decay"]
@@ -317,6 +341,7 @@ class Optimizer(torch.optim.Optimizer):
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim``; each group's preconditioner is stored as a plain description, never an object."""
+        self._schedule.flush()
         result = super().state_dict()
         for group in result["param_groups"]:
             group[_CONFIG_KEY] = _describe_config(group[_CONFIG_KEY])
@@ -333,6 +358,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"  saved:   {saved.get(_CONFIG_KEY)}\n  current: {_describe_config(group)}\n"
                     "build the optimizer with the saved configuration before loading")
         super().load_state_dict(state_dict)
+        self._schedule.discard()
         self._buckets = None
         for group, preconditioner in zip(self.param_groups, current):
             group[_CONFIG_KEY] = preconditioner

@@ -101,10 +101,12 @@ class Preconditioner:
 
     # --- one step -----------------------------------------------------------------------------
     def precondition(self, grad: torch.Tensor, direction: torch.Tensor, state: State, layout: Layout, step: int,
-                     counter: Optional[FallbackCounter] = None, fold: bool = True) -> torch.Tensor:
+                     counter: Optional[FallbackCounter] = None, fold: bool = True,
+                     refresh: bool = True) -> torch.Tensor:
         """One step for one (batched) parameter: the update for ``direction`` from the pre-step bases and spectra,
         then ``grad`` folded into the statistics (unless ``fold`` is False: the first step of
-        ``first_step="update"``, whose gradient the initial fill already holds) and the refresh if due."""
+        ``first_step="update"``, whose gradient the initial fill already holds) and the refresh if due
+        (``refresh=False`` leaves refreshing to the caller, e.g. the optimizer's staggered schedule)."""
         bases, spectra, _ = self.parts(state, layout)
         extras = self.extras(state)
         self.estimator.prepare(grad, bases, extras, layout, step)
@@ -112,7 +114,7 @@ class Preconditioner:
             direction, bases, spectra, layout, dense=self.estimator.dense_spectrum(extras, step),
             grad=grad, state=self.extras(state, "applier"), step=step)
         if fold:
-            self.update(grad, state, layout, step, counter)
+            self.update(grad, state, layout, step, counter, refresh=refresh)
         return update
 
     def direction(self, direction: torch.Tensor, state: State, layout: Layout) -> torch.Tensor:
@@ -122,20 +124,29 @@ class Preconditioner:
         return self.applier.direction(direction, bases, spectra, layout)
 
     def update(self, grad: torch.Tensor, state: State, layout: Layout, step: int,
-               counter: Optional[FallbackCounter] = None) -> None:
+               counter: Optional[FallbackCounter] = None, refresh: bool = True) -> None:
         """Fold ``grad`` into the statistics; refresh the bases when ``step`` is a multiple of ``T``."""
         bases, spectra, factors = self.parts(state, layout)
         self.estimator.update(grad, bases, spectra, factors, layout)
-        if step % self.basis.every == 0:
-            self.refresh(state, layout, counter)
+        if refresh and step % self.basis.every == 0:
+            self.refresh(state, layout, counter, index=step // self.basis.every - 1)
 
-    def refresh(self, state: State, layout: Layout, counter: Optional[FallbackCounter] = None) -> None:
-        """Refresh every dense basis from its factor and let the estimator carry its state across."""
+    def refreshable_modes(self, layout: Layout) -> list[int]:
+        """Modes whose basis a refresher updates (dense, with a stored factor)."""
+        return list(layout.dense_modes) if self.basis.needs_factors else []
+
+    def compute_refresh(self, state: State, layout: Layout, k: int, counter: Optional[FallbackCounter] = None,
+                        index: int = 0):
+        """The ``index``-th (0-based) new basis of mode ``k`` from its factor (no state is written)."""
+        return self.basis.refresh(state["estimator"]["S"][str(k)], state["basis"]["Q"][str(k)], counter, index=index)
+
+    def apply_refresh(self, state: State, layout: Layout, k: int, result) -> None:
+        """Install a refresh of mode ``k``: the estimator carries its per-column state across, then ``Q_k`` moves."""
         bases, spectra, factors = self.parts(state, layout)
-        extras = self.extras(state)
-        for k, factor in enumerate(factors):
-            if factor is None:
-                continue
-            result = self.basis.refresh(factor, bases[k], counter)
-            self.estimator.on_refresh(k, result, spectra, factors, layout, extras)
-            bases[k].copy_(result.basis)
+        self.estimator.on_refresh(k, result, spectra, factors, layout, self.extras(state))
+        bases[k].copy_(result.basis)
+
+    def refresh(self, state: State, layout: Layout, counter: Optional[FallbackCounter] = None, index: int = 0) -> None:
+        """Refresh every dense basis from its factor and let the estimator carry its state across."""
+        for k in self.refreshable_modes(layout):
+            self.apply_refresh(state, layout, k, self.compute_refresh(state, layout, k, counter, index))

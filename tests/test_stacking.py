@@ -14,14 +14,15 @@ from strategies import seeds, shapes
 @settings(max_examples=15)
 @given(shape=shapes(min_order=1, max_order=3, max_numel=60), copies=st.integers(1, 4), seed=seeds,
        preset=st.sampled_from(["kl_shampoo", "soap", "shampoo", "eshampoo", "kl_soap"]),
-       skip=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), max_size=3))
-def test_stacked_updates_equal_per_parameter_updates(shape, copies, seed, preset, skip):
+       skip=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), max_size=3),
+       schedule=st.sampled_from([{}, {"stagger": True}, {"stagger": True, "async_refresh": True}]))
+def test_stacked_updates_equal_per_parameter_updates(shape, copies, seed, preset, skip, schedule):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(shape, generator=gen, dtype=F64) for _ in range(copies)] + [torch.randn(3, dtype=F64)]
     runs = []
     for stack in (True, False):
         params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = getattr(precond, preset)(params, lr=1e-2, every=2, stack=stack, state_dtype=F64)
+        opt = getattr(precond, preset)(params, lr=1e-2, every=3, stack=stack, state_dtype=F64, **schedule)
         runs.append((params, opt))
     for step in range(7):
         grads = [torch.randn(t.shape, generator=gen, dtype=F64) for t in init]
@@ -31,7 +32,7 @@ def test_stacked_updates_equal_per_parameter_updates(shape, copies, seed, preset
             opt.step()
         if step == 3:  # checkpoint round trip in the middle: buckets are rebuilt from per-parameter tensors
             params, opt = runs[0]
-            fresh = getattr(precond, preset)(params, lr=1e-2, every=2, stack=True, state_dtype=F64)
+            fresh = getattr(precond, preset)(params, lr=1e-2, every=3, stack=True, state_dtype=F64, **schedule)
             fresh.load_state_dict(opt.state_dict())
             runs[0] = (params, fresh)
     for a, b in zip(runs[0][0], runs[1][0]):

@@ -1,0 +1,87 @@
+"""``CholeskyQR``: a matmul-only refresh ``Q ← orth(S Q)`` through Cholesky-QR2, at GEMM speed and batched."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+from bases._common import Refresh, every_field, nonzero_factor
+from bases.eigh import descending_eigh
+from bases.qr_power_step import sign_fixed_qr
+from precond.precision import full_precision
+from precond.stats import FallbackCounter
+
+
+def _positive_float(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
+
+
+def _nonnegative_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer ≥ 0, got {value!r}")
+
+
+def cholesky_orthonormalize(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q`` of ``Y = Q R`` (``diag(R) > 0``) by two passes of Cholesky-QR on column-normalised ``Y``.
+
+    Scaling columns does not change the ``Q`` factor, but once ``Y ≈ Q Λ`` it makes the Gram matrix ``YᵀY ≈ I``
+    well conditioned. Returns ``Q`` and a ``(B,)`` mask of the batch entries where both Cholesky factorisations
+    succeeded, the first pass was already orthogonal to 0.1 (so ``Y`` was well enough conditioned for the result
+    to be ``Y``'s Q factor, not just some orthogonal matrix) and the second to 1e-3; elsewhere it must not be used.
+    """
+    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    ok = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    for tolerance in (0.1, 1e-3):  # pass 1 must be roughly orthogonal already (cond(Y) small enough), pass 2 exact
+        chol, info = torch.linalg.cholesky_ex(y.transpose(-2, -1) @ y)
+        ok &= info == 0
+        chol = torch.where((info == 0).view(-1, 1, 1), chol, eye)
+        y = torch.linalg.solve_triangular(chol, y.transpose(-2, -1), upper=False).transpose(-2, -1)  # Y L^{-T}
+        error = (y.transpose(-2, -1) @ y - eye).abs().amax(dim=(-2, -1))
+        ok &= torch.isfinite(error) & (error < tolerance)
+    return y, ok
+
+
+@attrs.frozen
+class CholeskyQR:
+    """``Q_k ← orth((S_k + δI) Q_k)`` every ``every`` = T steps by Cholesky-QR2: the same ``Q`` as
+    :class:`QRPowerStep` (both give the unique ``Q`` with ``diag(R) > 0``) from matrix products and a
+    ``d × d`` Cholesky, batched over stacked factors, instead of Householder QR.
+
+    - ``shift`` δ = ``shift · tr(S_k)/d_k`` keeps columns of a rank-deficient ``S_k`` from vanishing (``δI`` does
+      not change eigenvectors).
+    - ``warmup``: the first refreshes use Householder QR, while the basis is still far from ``S_k``'s eigenbasis
+      and ``S_k Q_k`` is ill-conditioned.
+    - A batch entry whose Gram matrix is too ill-conditioned for Cholesky keeps its previous basis this time;
+      the count is in ``optimizer.stats()['cholesky_qr_kept_old_basis']`` (read without synchronising the step).
+    """
+
+    every: int = every_field
+    warmup: int = attrs.field(default=2, validator=_nonnegative_int)
+    shift: float = attrs.field(default=1e-5, validator=_positive_float)
+    needs_factors = True
+
+    def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
+        return descending_eigh(factor, counter)
+
+    def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None,
+                index: int = 0) -> Refresh:
+        work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+        s = factor.to(work_dtype)
+        if index < self.warmup:
+            with full_precision():
+                product = s @ basis.to(work_dtype)
+            new = sign_fixed_qr(product).to(basis.dtype)
+            return Refresh(basis=torch.where(nonzero_factor(factor), new, basis))
+        d = s.shape[-1]
+        trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1)
+        with full_precision():
+            product = s @ basis.to(work_dtype) + (self.shift * trace / d) * basis.to(work_dtype)
+            new, ok = cholesky_orthonormalize(product)
+        if counter is not None:
+            counter.count_on_device("cholesky_qr_kept_old_basis", ~ok)
+        keep = ~ok.view(-1, 1, 1) | ~nonzero_factor(factor)
+        return Refresh(basis=torch.where(keep, basis, new.to(basis.dtype)))

@@ -1,0 +1,128 @@
+"""``python -m precond.ablate``: the command line of the ablation workbench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional, Sequence
+
+import attrs
+
+from precond.ablate import keys
+from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
+from precond.ablate.runner import RUNS_FILE, run_ablation, run_key
+from precond.ablate.store import RunStore
+from precond.tasks import TASKS, task_options
+
+EPILOG = f"""\
+variants: a name ({', '.join(keys.NAMED)}) or a composition of key=value items, e.g.
+  --variant kl_shampoo --variant "shampoo,graft=none,name=shampoo (no graft)"
+  --variant estimator=shampoo,basis=eigh,every=10,applier=power:1/(2N),graft=adam,lr=1e-3/3e-3
+keys: {', '.join(keys.READERS)}, name, lr (see precond/ablate/variants.py or --list)
+
+examples:
+  python -m precond.ablate --config ablations/demo.toml
+  python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
+  python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
+"""
+
+
+def _csv(kind: type) -> Any:
+    def read(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return read
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m precond.ablate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Train a grid of optimizer variants × learning rates × seeds on a task; resumable; writes "
+                    "runs.csv, summary.md and plots into the output directory.")
+    p.add_argument("--config", help="TOML file with the settings (command-line options override it)")
+    p.add_argument("--variant", action="append", metavar="SPEC", help="a variant (repeat; replaces the config's)")
+    p.add_argument("--task", choices=sorted(TASKS), help="the training task (default char_lm)")
+    p.add_argument("-o", "--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. -o layers=4 -o width=128 (see --list)")
+    p.add_argument("--data", metavar="FILE", help="char_lm: train on this text file instead of the standard library")
+    p.add_argument("--lrs", type=_csv(float), metavar="LR,LR", help="learning rates for every variant")
+    p.add_argument("--seeds", type=_csv(int), metavar="S,S", help="seeds, e.g. 0,1")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--eval-every", type=int, metavar="N")
+    p.add_argument("--eval-batches", type=int, metavar="N")
+    p.add_argument("--schedule", choices=("cosine", "constant"))
+    p.add_argument("--warmup", type=float, metavar="FRACTION")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, metavar="NORM")
+    p.add_argument("--target-loss", metavar="LOSS|auto", help="validation loss for 'steps/time to target' (default auto)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", metavar="DIR", help="output directory (default results)")
+    p.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock budget; unfinished runs are left for next time")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, train nothing")
+    p.add_argument("--list", action="store_true", help="list named variants, composition keys and task options")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration mapping: the TOML file, then every option given on the command line."""
+    data: dict[str, Any] = load_toml(args.config) if args.config else {}
+    same_task = args.task is None or args.task == data.get("task", "char_lm")
+    options = dict(data.get("task_options") or {}) if same_task else {}  # the config's options are its task's
+    for item in args.task_option:
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"--task-option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    if args.data:
+        options["data"] = args.data
+    data["task_options"] = options
+    direct = {"variants": args.variant, "task": args.task, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps,
+              "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
+              "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
+              "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes}
+    data.update({key: value for key, value in direct.items() if value is not None})
+    if args.no_progress:
+        data["progress"] = False
+    return data
+
+
+def describe_choices() -> str:
+    lines = ["named variants: " + ", ".join(keys.NAMED), "composition keys:"]
+    lines += [f"  {key}" for key in keys.READERS]
+    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3)")
+    for name in sorted(TASKS):
+        lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))
+    lines.append("configuration keys: " + ", ".join(ALLOWED_KEYS))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    args = parser().parse_args(argv)
+    if args.list:
+        print(describe_choices())
+        return 0
+    try:
+        config = AblationConfig.from_mapping(settings_from_args(args))
+        if args.lrs:  # a grid on the command line is for every variant
+            config = attrs.evolve(config, variants=tuple(attrs.evolve(v, lrs=None) for v in config.variants))
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        device = resolve_device(config.device)
+        store = RunStore(config.out / RUNS_FILE)
+        for variant, lr, seed in config.grid():
+            done = "done" if run_key(config, variant, lr, seed, device) in store else "todo"
+            print(f"{done}  {variant.name:32s} lr={lr:<8g} seed={seed}  {variant.spec()}")
+        return 0
+    result = run_ablation(config)
+    print()
+    print(result.table)
+    print()
+    print("files: " + ", ".join(str(path) for path in result.files.values()))
+    return 0

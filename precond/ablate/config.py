@@ -1,0 +1,140 @@
+"""The configuration of an ablation: task, variants, learning-rate grid, seeds, training protocol, output.
+
+It is read from a flat mapping (a TOML file, then command-line overrides); every key is checked and an unknown
+one is refused with the list of known keys. Example (``ablations/demo.toml``)::
+
+    task = "char_lm"
+    steps = 400
+    lrs = [1e-3, 3e-3]          # the grid of every variant that does not give its own
+    seeds = [0]
+
+    [task_options]
+    layers = 2
+
+    [[variants]]
+    spec = "kl_shampoo"         # any variant text (see precond.ablate.variants) ...
+    lrs = [3e-3, 1e-2]
+
+    [[variants]]                # ... or its keys written out
+    preset = "shampoo"
+    graft = "none"
+    name = "shampoo (no graft)"
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import attrs
+import torch
+
+from precond.ablate.keys import learning_rates
+from precond.ablate.train import Training
+from precond.ablate.variants import Variant, normalize_key, parse_variant, split_variant, variant_from_mapping
+from precond.tasks import Task, make_task
+
+DEFAULT_LRS = (1e-3, 3e-3)
+DEFAULT_SEEDS = (0,)
+DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (no graft)", "soap", "adamw")
+
+_TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
+_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes", "progress")
+ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
+        raise ValueError(f"seeds must be a list of integers ≥ 0, got {value!r}")
+    return tuple(items)
+
+
+@attrs.frozen
+class AblationConfig:
+    """Everything an ablation needs; ``target_loss`` ``None`` means *auto* (the weakest variant's best final
+    validation loss, so every variant reaches it), ``max_minutes`` ``None`` no time limit."""
+
+    task: Task
+    variants: tuple[Variant, ...]
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    training: Training = Training()
+    target_loss: Optional[float] = None
+    device: str = "auto"
+    out: Path = Path("results")
+    max_minutes: Optional[float] = None
+    progress: bool = True
+
+    def grid(self) -> list[tuple[Variant, float, int]]:
+        """Every run, in order: each variant × its learning rates × the seeds."""
+        return [(variant, lr, seed) for variant in self.variants for lr in (variant.lrs or self.lrs)
+                for seed in self.seeds]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "AblationConfig":
+        """Build and check a configuration from plain data (a parsed TOML file with overrides applied)."""
+        unknown = [key for key in data if key not in ALLOWED_KEYS]
+        if unknown:
+            raise ValueError(f"unknown configuration key(s) {', '.join(map(repr, unknown))}; "
+                             f"known keys: {', '.join(ALLOWED_KEYS)}")
+        training = Training(**{key: data[key] for key in _TRAINING_KEYS if key in data})
+        task = make_task(data.get("task", "char_lm"), data.get("task_options") or {})
+        variants = tuple(_variant(item) for item in data.get("variants") or DEFAULT_VARIANTS)
+        names = [variant.name for variant in variants]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)} (add name=...)")
+        target = data.get("target_loss", "auto")
+        return cls(
+            task=task, variants=variants, lrs=learning_rates(data.get("lrs", DEFAULT_LRS)),
+            seeds=_seeds(data.get("seeds", DEFAULT_SEEDS)), training=training,
+            target_loss=None if target in (None, "auto") else _float("target_loss", target),
+            device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
+            max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
+            progress=bool(data.get("progress", True)))
+
+
+def _float(key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def _variant(item: Union[str, Mapping[str, Any]]) -> Variant:
+    """A variant from its text, or from a TOML table of keys (``spec`` = a text the other keys amend)."""
+    if isinstance(item, str):
+        return parse_variant(item)
+    if not isinstance(item, Mapping):
+        raise ValueError(f"a variant is a string or a table of keys, got {item!r}")
+    table = {normalize_key(key): value for key, value in item.items()}
+    spec = table.pop("spec", None)
+    if spec is None:
+        return variant_from_mapping(table)
+    return variant_from_mapping({**split_variant(str(spec)), **table}, source=f"{spec} with {table}" if table else spec)
+
+
+def load_toml(path: Union[str, Path]) -> dict[str, Any]:
+    """A TOML file as a dict (``tomllib`` on Python ≥ 3.11, the ``tomli`` package before)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ImportError("reading a TOML configuration on Python 3.10 needs tomli: pip install tomli "
+                              "(or pip install -e '.[demo]')") from None
+    with open(path, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else the CPU; anything else as ``torch.device`` reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False (use --device auto or cpu)")
+    return device

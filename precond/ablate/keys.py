@@ -1,0 +1,157 @@
+"""The keys of a variant description and how each value is read (from a command-line string or a TOML value).
+
+Every reader takes the raw value and returns the canonical one, or raises ``ValueError`` saying what was
+expected; the variant parser adds which key was wrong.
+"""
+
+from __future__ import annotations
+
+import fractions
+from typing import Any, Callable, Optional, Union
+
+import precond
+
+STRUCTURES = ("nmode", "kronecker", "one_sided", "diagonal")
+ESTIMATORS = ("kl", "shampoo", "frobenius", "frobenius_factored", "kl_soap")
+BASES = ("eigh", "qr", "identity")
+GRAFTS = ("adam", "rmsprop", "sgd", "none")
+EPS_PLACEMENTS = ("factor", "outside")
+DECAY_ORDERS = ("before", "after")
+NAMED = tuple(precond.PRESETS) + ("adamw",)
+"""Variants given by name alone: the library's presets and ``torch.optim.AdamW``."""
+
+APPLIER_FORMS = "power (= power:0.5), power:0.5, power:0.25, power:1/(2N), or power:<p> with p in [0, 1]"
+
+Exponent = Union[float, str]
+
+
+def choice(allowed: tuple[str, ...]) -> Callable[[Any], str]:
+    """A reader accepting one of ``allowed`` (case-insensitive, ``-`` read as ``_``)."""
+    def read(value: Any) -> str:
+        text = str(value).strip().lower().replace("-", "_")
+        if text not in allowed:
+            raise ValueError(f"got {value!r}; allowed: {', '.join(allowed)}")
+        return text
+    return read
+
+
+def number(value: Any) -> float:
+    """A finite float from a number or a string such as ``3e-4`` or ``1/4``."""
+    if isinstance(value, bool):
+        raise ValueError(f"got {value!r}; expected a number")
+    try:
+        result = float(fractions.Fraction(value.strip())) if isinstance(value, str) and "/" in value else float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ValueError(f"got {value!r}; expected a number such as 0.9, 3e-4 or 1/4") from None
+    if result != result or result in (float("inf"), float("-inf")):
+        raise ValueError(f"got {value!r}; expected a finite number")
+    return result
+
+
+def unit_interval(value: Any) -> float:
+    """A number in ``[0, 1)`` (an EMA weight)."""
+    result = number(value)
+    if not 0.0 <= result < 1.0:
+        raise ValueError(f"got {value!r}; expected a number in [0, 1)")
+    return result
+
+
+def nonnegative(value: Any) -> float:
+    result = number(value)
+    if result < 0:
+        raise ValueError(f"got {value!r}; expected a number ≥ 0")
+    return result
+
+
+def positive_int(value: Any) -> int:
+    result = number(value)
+    if not result.is_integer() or result < 1:
+        raise ValueError(f"got {value!r}; expected a positive integer")
+    return int(result)
+
+
+def max_dim(value: Any) -> Optional[int]:
+    """A positive integer, or ``none`` for no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        return positive_int(value)
+    except ValueError:
+        raise ValueError(f"got {value!r}; expected a positive integer or none (no limit)") from None
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"got {value!r}; expected true or false")
+
+
+def applier(value: Any) -> Exponent:
+    """``power`` / ``power:<p>`` → the exponent ``p`` (a float in [0, 1] or the string ``"1/(2N)"``)."""
+    text = str(value).strip().lower().replace(" ", "")
+    kind, _, exponent = text.partition(":")
+    if kind != "power":
+        raise ValueError(f"got {value!r}; allowed: {APPLIER_FORMS}")
+    if not exponent:
+        return 0.5
+    if exponent in ("1/(2n)", "1/2n"):
+        return "1/(2N)"
+    try:
+        p = number(exponent)
+    except ValueError:
+        raise ValueError(f"got {value!r}; allowed: {APPLIER_FORMS}") from None
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"got {value!r}: p must lie in [0, 1]; allowed: {APPLIER_FORMS}")
+    return p
+
+
+def format_applier(p: Exponent) -> str:
+    return f"power:{p}" if isinstance(p, str) else f"power:{p:g}"
+
+
+def learning_rates(value: Any) -> tuple[float, ...]:
+    """One or more positive learning rates: a list, a number, or a string ``1e-3/3e-3`` (``/``-separated)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split("/") if isinstance(value, str) else [value]
+    if not items:
+        raise ValueError("got an empty list; expected one or more learning rates")
+    rates = tuple(number(item) for item in items)
+    if any(rate <= 0 for rate in rates):
+        raise ValueError(f"got {value!r}; learning rates must be > 0")
+    return rates
+
+
+def name(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("got an empty name")
+    return text
+
+
+READERS: dict[str, Callable[[Any], Any]] = {
+    "structure": choice(STRUCTURES),
+    "max_dim": max_dim,
+    "estimator": choice(ESTIMATORS),
+    "basis": choice(BASES),
+    "every": positive_int,
+    "applier": applier,
+    "graft": choice(GRAFTS),
+    "beta1": unit_interval,
+    "beta2": unit_interval,
+    "eps": nonnegative,
+    "weight_decay": nonnegative,
+    "eps_placement": choice(EPS_PLACEMENTS),
+    "bias_correction": boolean,
+    "decay_order": choice(DECAY_ORDERS),
+}
+"""Keys that describe the optimizer (the identity of a variant), in canonical order."""
+
+LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED)}
+"""Keys that name a variant, choose its learning rates or its preset (not part of a composition)."""
+
+ALIASES = {"lrs": "lr", "wd": "weight_decay"}
+"""Alternative spellings of keys."""

@@ -1,0 +1,108 @@
+"""Run an ablation grid: skip finished runs, train the rest within the time budget, then write the reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+
+from precond.ablate import progress
+from precond.ablate.config import AblationConfig, resolve_device
+from precond.ablate.report import write_reports
+from precond.ablate.store import RunStore
+from precond.ablate.train import OutOfTime, train_run
+from precond.ablate.variants import Variant
+
+RUNS_FILE = "runs.jsonl"
+
+
+@attrs.frozen
+class AblationResult:
+    """What :func:`run_ablation` did: runs trained now, found finished, left undone (time budget), and the files."""
+
+    executed: int
+    skipped: int
+    remaining: int
+    records: tuple[dict[str, Any], ...]
+    files: dict[str, Path]
+    table: str
+
+
+def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, device: torch.device) -> str:
+    """The identity of one run: the optimizer (not its label), lr, seed, the task's data and model settings,
+    the training protocol and the device type. Changing any of them makes the run a new one."""
+    identity = {"variant": variant.spec(), "lr": lr, "seed": seed, "task": config.task.settings(),
+                "training": attrs.asdict(config.training), "device": device.type}
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Optional[float]:
+    """A guess of one run's duration: the longest finished run of the same variant, else of any variant so far."""
+    same = [r["wall_seconds"] for r in store if r.get("spec") == spec and r.get("wall_seconds")]
+    if same:
+        return max(same)
+    return max(durations) if durations else None
+
+
+def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.log) -> AblationResult:
+    """Train every run of ``config.grid()`` not already in ``<out>/runs.jsonl``, then write the CSV, the Markdown
+    table and the plots from all runs of the grid that are finished. With ``max_minutes``, a run that is not
+    expected to finish in the time left is not started, and one still going when the time is up is dropped."""
+    started = time.monotonic()
+    deadline = started + 60.0 * config.max_minutes if config.max_minutes is not None else None
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    store = RunStore(out / RUNS_FILE)
+    grid = [(variant, lr, seed, run_key(config, variant, lr, seed, device)) for variant, lr, seed in config.grid()]
+    todo = [run for run in grid if run[3] not in store]
+    log(f"ablation: {len(grid)} runs ({len(config.variants)} variants) on task {config.task.name} on {device}; "
+        f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run")
+
+    executed, durations = 0, []
+    if todo:
+        data = config.task.load(device)
+        outer = progress.bar(len(todo), "runs", config.progress, position=0)
+        for index, (variant, lr, seed, key) in enumerate(todo, 1):
+            label = f"[{index}/{len(todo)}] {variant.name} lr={lr:g} seed={seed}"
+            expected = _expected_seconds(store, variant.spec(), durations)
+            if deadline is not None and expected is not None and time.monotonic() + expected > deadline:
+                log(f"{label}: not started, about {expected:.0f} s needed and "
+                    f"{max(0.0, deadline - time.monotonic()):.0f} s left of --max-minutes {config.max_minutes:g}")
+                break
+            inner = progress.bar(config.training.steps, label, config.progress, leave=False, position=1)
+
+            def on_eval(step: int, train: Optional[float], val: float, seconds: float, label: str = label) -> None:
+                train_text = "" if train is None else f" train {train:.4f}"
+                log(f"{label} step {step}/{config.training.steps}{train_text} val {val:.4f} ({seconds:.1f} s)")
+
+            try:
+                record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
+                                   on_eval=on_eval, on_step=inner.update)
+            except OutOfTime as stop:
+                inner.close()
+                log(f"{label}: stopped, {stop}; this run is not recorded and will run again next time")
+                break
+            finally:
+                inner.close()
+            record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
+                          training=attrs.asdict(config.training), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            store.append(record)
+            executed += 1
+            durations.append(record["wall_seconds"])
+            outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]
+                       else f"final val {record['final_val']:.4f}")
+            log(f"{label}: {outcome} in {record['wall_seconds']:.1f} s")
+            outer.update()
+        outer.close()
+
+    records = tuple(store.get(key) for *_, key in grid if key in store)
+    files, table = write_reports(records, config, device, out)
+    remaining = len(grid) - len(records)
+    log(f"ablation: {executed} run(s) trained now, {len(grid) - len(todo)} reused, {remaining} left; "
+        f"{time.monotonic() - started:.0f} s; reports in {out}/")
+    return AblationResult(executed, len(grid) - len(todo), remaining, records, files, table)

@@ -1,0 +1,101 @@
+"""Aggregate finished runs per variant: the best learning rate, its final loss over seeds, and the speed to a target."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Iterable, Optional, Sequence
+
+import attrs
+
+Record = dict[str, Any]
+
+
+def final_loss(record: Record) -> float:
+    """The run's final validation loss, ``inf`` if it diverged."""
+    value = record.get("final_val")
+    return math.inf if record.get("diverged") or value is None else float(value)
+
+
+def time_to(record: Record, target: float) -> Optional[tuple[int, float]]:
+    """``(step, train seconds)`` of the first evaluation at or below ``target``; ``None`` if never reached."""
+    curve = record["curve"]
+    for step, val, seconds in zip(curve["step"], curve["val"], curve["seconds"]):
+        if val is not None and val <= target:
+            return step, seconds
+    return None
+
+
+@attrs.frozen
+class VariantSummary:
+    """One row of the table: a variant at its best learning rate (lowest mean final loss over seeds)."""
+
+    name: str
+    best_lr: Optional[float]
+    final_mean: float
+    final_std: Optional[float]
+    best_runs: tuple[Record, ...]
+    all_runs: tuple[Record, ...]
+    diverged: int
+    lr_curve: tuple[tuple[float, float, Optional[float], int], ...]
+    """``(lr, mean final loss, std, diverged count)`` for every learning rate tried, sorted by lr."""
+
+    def best_run(self) -> Optional[Record]:
+        """The single best run (lowest final loss) at the best learning rate."""
+        return min(self.best_runs, key=final_loss) if self.best_runs else None
+
+    def to_target(self, target: float) -> tuple[Optional[float], Optional[float], int]:
+        """Mean steps and seconds to ``target`` over the best-lr runs that reach it, and how many do."""
+        reached = [hit for hit in (time_to(r, target) for r in self.best_runs) if hit is not None]
+        if not reached:
+            return None, None, 0
+        return (statistics.mean(step for step, _ in reached), statistics.mean(s for _, s in reached), len(reached))
+
+    @property
+    def runs(self) -> int:
+        return len(self.all_runs)
+
+    def largest(self, field: str) -> Optional[float]:
+        """The largest value of ``field`` over all the variant's runs (memory does not depend on the lr)."""
+        values = [r[field] for r in self.all_runs if r.get(field) is not None]
+        return max(values) if values else None
+
+    def mean_of(self, field: str) -> Optional[float]:
+        values = [r[field] for r in self.best_runs if r.get(field) is not None]
+        return statistics.mean(values) if values else None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    if any(math.isinf(v) for v in values):
+        return math.inf, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(records: Iterable[Record], names: Sequence[str]) -> list[VariantSummary]:
+    """One summary per variant name in ``names`` that has finished runs, in that order."""
+    by_name: dict[str, dict[float, list[Record]]] = {}
+    for record in records:
+        by_name.setdefault(record["variant"], {}).setdefault(record["lr"], []).append(record)
+    summaries = []
+    for name in names:
+        by_lr = by_name.get(name)
+        if not by_lr:
+            continue
+        lr_curve = []
+        for lr in sorted(by_lr):
+            mean, std = _mean_std([final_loss(r) for r in by_lr[lr]])
+            lr_curve.append((lr, mean, std, sum(bool(r.get("diverged")) for r in by_lr[lr])))
+        best_lr, best_mean, best_std, _ = min(lr_curve, key=lambda row: row[1])
+        finite = math.isfinite(best_mean)
+        all_runs = [r for runs in by_lr.values() for r in runs]
+        summaries.append(VariantSummary(
+            name=name, best_lr=best_lr if finite else None, final_mean=best_mean, final_std=best_std,
+            best_runs=tuple(by_lr[best_lr]) if finite else (), all_runs=tuple(all_runs),
+            diverged=sum(bool(r.get("diverged")) for r in all_runs), lr_curve=tuple(lr_curve)))
+    return summaries
+
+
+def auto_target(summaries: Sequence[VariantSummary]) -> Optional[float]:
+    """The weakest variant's best final loss: a level every (non-diverged) variant reaches at its best lr."""
+    finals = [s.final_mean for s in summaries if math.isfinite(s.final_mean)]
+    return max(finals) if finals else None

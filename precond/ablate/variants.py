@@ -1,0 +1,193 @@
+"""Variants: a named preset, ``adamw``, or a composition of the four parts written ``key=value,...``.
+
+Grammar (``parse_variant``): comma-separated items; the first may be a bare name (a preset such as
+``kl_shampoo``, or ``adamw``), every other item is ``key=value``:
+
+====================  ==========================================================  =====================
+key                   values                                                      composition default
+====================  ==========================================================  =====================
+``structure``         ``nmode`` ``kronecker`` ``one_sided`` ``diagonal``          ``nmode``
+``max_dim``           a positive integer or ``none``                              4096
+``estimator``         ``kl`` ``shampoo`` ``frobenius`` ``frobenius_factored``     ``kl``
+                      ``kl_soap``
+``basis``             ``eigh`` ``qr`` ``identity``                                ``qr``
+``every``             T, the refresh period                                       10
+``applier``           ``power:<p>``, p = 0.5, 0.25, ``1/(2N)`` or any p in [0, 1]  ``power:0.5``
+``graft``             ``adam`` ``rmsprop`` ``sgd`` ``none``                       ``none``
+``beta1``, ``beta2``  momentum β₁ and the estimator's EMA weight β₂               0.9, 0.95
+``eps``               the applier's ε                                             1e-8
+``weight_decay``      decoupled weight decay                                      the run's setting
+``eps_placement``     ``factor`` (λ+ε)^-p or ``outside`` 1/(λ^p+ε)                ``outside``
+``bias_correction``   bias-corrected momentum (``true``/``false``)                true for ``frobenius``
+``decay_order``       weight decay ``before`` or ``after`` the update             ``after``
+``name``              the label in tables and plots                               made from the parts
+``lr``                this variant's learning rates, ``/``-separated: 1e-3/3e-3    the run's grid
+====================  ==========================================================  =====================
+
+A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
+``max_dim``, ``bias_correction``, ``decay_order``, and ``graft``/``applier`` where the preset has them, as
+``shampoo``); ``adamw`` accepts ``beta1``, ``beta2``, ``eps``, ``weight_decay``. A composition with every key at
+its default is KL-Shampoo as in ``precond.kl_shampoo``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Mapping, Optional
+
+import attrs
+import torch
+
+import precond
+from precond.ablate import keys
+from precond.ablate.keys import format_applier
+
+COMPOSITION_DEFAULTS: dict[str, Any] = {
+    "structure": "nmode", "max_dim": 4096, "estimator": "kl", "basis": "qr", "every": 10, "applier": 0.5,
+    "graft": "none", "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "eps_placement": "outside", "decay_order": "after",
+}
+"""Defaults of a composition; ``bias_correction`` defaults to true for ``estimator=frobenius`` (SOAP's V is
+bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
+
+ADAMW_KEYS = ("beta1", "beta2", "eps", "weight_decay")
+PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "bias_correction", "decay_order")
+
+
+def preset_keys(preset: str) -> tuple[str, ...]:
+    """The keys a named variant accepts (``graft`` and ``applier`` only where the preset takes them)."""
+    if preset == "adamw":
+        return ADAMW_KEYS
+    parameters = inspect.signature(getattr(precond, preset)).parameters
+    extra = tuple(key for key, parameter in (("graft", "graft"), ("applier", "p")) if parameter in parameters)
+    return PRESET_KEYS + extra
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _item(key: str, value: Any) -> str:
+    return f"{key}={format_applier(value) if key == 'applier' else _format(value)}"
+
+
+@attrs.frozen
+class Variant:
+    """One optimizer of an ablation: ``preset`` (a name in ``keys.NAMED``) with overrides, or a composition
+    (``preset is None``) with every key resolved. ``settings`` is the canonical ``(key, value)`` tuple that
+    identifies it; ``name`` labels it in reports and ``lrs`` (when given) replaces the run's learning-rate grid.
+    """
+
+    name: str
+    preset: Optional[str]
+    settings: tuple[tuple[str, Any], ...]
+    lrs: Optional[tuple[float, ...]] = attrs.field(default=None, eq=False)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def spec(self) -> str:
+        """Canonical text (without ``name`` and ``lr``): ``parse_variant(v.spec())`` builds the same optimizer."""
+        items = [self.preset] if self.preset else []
+        items += [_item(key, value) for key, value in self.settings]
+        return ",".join(items)
+
+    def build(self, params: Iterable[Any], lr: float, weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
+        """The optimizer over ``params``; ``weight_decay`` is used unless the variant sets its own (``None``:
+        the preset's default, 0 for a composition)."""
+        from precond.ablate.build import build_optimizer
+
+        return build_optimizer(self, params, lr, weight_decay)
+
+
+def parse_variant(text: str) -> Variant:
+    """Read a variant from ``kl_shampoo``, ``shampoo,graft=none,name=shampoo (no graft)`` or
+    ``estimator=kl,basis=eigh,every=10,applier=power:0.5``; raises ``ValueError`` naming the bad part."""
+    return variant_from_mapping(split_variant(text), source=text)
+
+
+def split_variant(text: str) -> dict[str, str]:
+    """The raw ``{key: value}`` items of a variant text (keys normalised, values unchecked); a leading bare
+    name becomes ``preset``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty variant; give a name ({', '.join(keys.NAMED)}) or key=value items "
+                         f"with keys {', '.join(keys.READERS)}")
+    raw: dict[str, str] = {}
+    for position, item in enumerate(part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, equals, value = item.partition("=")
+        if not equals:
+            if position != 0:
+                raise ValueError(f"variant {text!r}: item {item!r} is not key=value (only the first item may be a bare "
+                                 f"name: {', '.join(keys.NAMED)})")
+            key, value = "preset", item
+        key = normalize_key(key)
+        if key in raw:
+            raise ValueError(f"variant {text!r}: key {key!r} is given twice")
+        raw[key] = value.strip()
+    return raw
+
+
+def normalize_key(key: str) -> str:
+    """Lower case, ``-`` read as ``_``, aliases (``lrs``, ``wd``) resolved."""
+    key = str(key).strip().lower().replace("-", "_")
+    return keys.ALIASES.get(key, key)
+
+
+def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -> Variant:
+    """A variant from a mapping of keys to values (strings or TOML values); ``source`` names it in errors."""
+    where = f"variant {source!r}" if source is not None else f"variant {dict(raw)!r}"
+    values: dict[str, Any] = {}
+    for raw_key, raw_value in raw.items():
+        key = normalize_key(raw_key)
+        reader = keys.READERS.get(key) or keys.LABEL_KEYS.get(key)
+        if reader is None:
+            raise ValueError(f"{where}: unknown key {raw_key!r}; allowed keys: "
+                             f"{', '.join([*keys.READERS, *keys.LABEL_KEYS])}")
+        if key in values:
+            raise ValueError(f"{where}: key {key!r} is given twice")
+        try:
+            values[key] = reader(raw_value)
+        except ValueError as error:
+            if key == "preset":
+                raise ValueError(f"{where}: unknown variant name {raw_value!r}; the named variants are "
+                                 f"{', '.join(keys.NAMED)}, and a composition is written key=value,... with keys "
+                                 f"{', '.join(keys.READERS)}") from None
+            raise ValueError(f"{where}: bad {key}: {error}") from None
+    label, lrs, preset = values.pop("name", None), values.pop("lr", None), values.pop("preset", None)
+    if preset is not None:
+        allowed = preset_keys(preset)
+        refused = [key for key in values if key not in allowed]
+        if refused:
+            raise ValueError(f"{where}: {', '.join(refused)} cannot be changed on the named variant {preset!r}; it "
+                             f"accepts {', '.join(allowed)}. Write a composition (estimator=...,basis=...) to change its parts")
+        settings = tuple((key, values[key]) for key in keys.READERS if key in values)
+        return Variant(label or _preset_label(preset, settings), preset, settings, lrs)
+    resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
+    settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
+    return Variant(label or _composition_label(resolved, values), None, settings, lrs)
+
+
+def _preset_label(preset: str, settings: tuple[tuple[str, Any], ...]) -> str:
+    if not settings:
+        return preset
+    return f"{preset}({', '.join(_item(key, value) for key, value in settings)})"
+
+
+def _composition_label(resolved: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    """A short label: ``kl qr10 p=0.5`` plus every other key that was given and differs from its default."""
+    basis = resolved["basis"] if resolved["basis"] == "identity" else f"{resolved['basis']}{resolved['every']}"
+    p = resolved["applier"]
+    words = [resolved["estimator"], basis, f"p={p if isinstance(p, str) else format(p, 'g')}"]
+    if resolved["structure"] != "nmode":
+        words.insert(0, resolved["structure"])
+    defaults = {**COMPOSITION_DEFAULTS, "bias_correction": resolved["estimator"] == "frobenius"}
+    shown = {"structure", "estimator", "basis", "every", "applier"}
+    words += [f"{key}={_format(value)}" for key, value in given.items()
+              if key not in shown and (key not in defaults or value != defaults[key])]
+    return " ".join(words)

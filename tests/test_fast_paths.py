@@ -1,0 +1,159 @@
+"""The speed levers keep the math: Cholesky-QR gives QR's basis, staggering refreshes every unit every T steps
+at its own phase, the asynchronous schedule installs the same refresh one step later, on any device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import bases
+import precond
+from bases.qr_power_step import sign_fixed_qr
+from precond.stats import FallbackCounter
+from reference import F64, random_orthogonal
+from strategies import seeds
+
+
+def _spd_with_basis(d, gen, dtype=F64):
+    u = random_orthogonal(d, gen)
+    values = torch.logspace(0, -3, d, dtype=F64)
+    return (u @ torch.diag(values) @ u.T).to(dtype), u
+
+
+@given(d=st.integers(1, 30), batch=st.integers(1, 3), seed=seeds, noise=st.sampled_from([0.0, 1e-3, 0.05]))
+def test_cholesky_qr_gives_the_qr_basis(d, batch, seed, noise):
+    """Near the eigenbasis (the regime after warm-up) Cholesky-QR2 returns the same ``Q`` as Householder QR
+    with ``diag(R) ≥ 0``: the Q factor is unique, only the algorithm differs."""
+    gen = torch.Generator().manual_seed(seed)
+    factors, current = [], []
+    for _ in range(batch):
+        s, u = _spd_with_basis(d, gen)
+        perturbed, _ = torch.linalg.qr(u + noise * torch.randn(d, d, generator=gen, dtype=F64))
+        factors.append(s)
+        current.append(perturbed)
+    s, q = torch.stack(factors), torch.stack(current)
+    refresher = bases.CholeskyQR(warmup=0, shift=1e-9)
+    got = refresher.refresh(s, q, index=5).basis
+    shift = 1e-9 * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) / d
+    want = sign_fixed_qr(s @ q + shift * q)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-8)
+    eye = torch.eye(d, dtype=F64).expand(batch, d, d)
+    torch.testing.assert_close(got.transpose(-2, -1) @ got, eye, rtol=0, atol=1e-12)
+
+
+def test_cholesky_qr_converges_like_qr_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    s, u = _spd_with_basis(24, gen, torch.float32)
+    q_chol = q_qr = random_orthogonal(24, gen, torch.float32)[None]
+    refresher, qr = bases.CholeskyQR(), bases.QRPowerStep()
+    for i in range(400):
+        q_chol = refresher.refresh(s[None], q_chol, index=i).basis
+        q_qr = qr.refresh(s[None], q_qr).basis
+    eye = torch.eye(24)
+    for q in (q_chol[0], q_qr[0]):
+        torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=2e-5)
+        alignment = (u.float().T @ q).abs().diagonal()  # descending eigenvectors, up to sign
+        assert alignment.min() > 0.999
+
+
+def test_cholesky_qr_keeps_the_old_basis_when_ill_conditioned_and_counts_it():
+    s = torch.diag(torch.tensor([1.0, 1e-30, 1e-30], dtype=F64))[None]
+    q = torch.eye(3, dtype=F64)[None]
+    q[0, :, 2] = q[0, :, 1] + 1e-12  # two nearly parallel columns: S Q is numerically rank one
+    counter = FallbackCounter()
+    refresher = bases.CholeskyQR(warmup=0, shift=1e-30)
+    result = refresher.refresh(s, q, counter, index=3).basis
+    assert torch.equal(result, q)
+    assert counter.as_dict()["cholesky_qr_kept_old_basis"] == 1
+    # during warm-up the Householder QR is used and succeeds
+    warm = bases.CholeskyQR(warmup=1, shift=1e-30).refresh(s, q, counter, index=0).basis
+    torch.testing.assert_close(warm[0].T @ warm[0], torch.eye(3, dtype=F64), rtol=0, atol=1e-12)
+
+
+def _shapes_model():
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(*shape, dtype=F64)) for shape in
+            [(6, 5), (6, 5), (4, 3, 2), (7,), (8, 8), (3, 9)]]
+
+
+@pytest.mark.parametrize("every", [1, 3, 4])
+def test_stagger_refreshes_every_unit_every_T_steps_at_its_own_phase(every):
+    params = _shapes_model()
+    opt = precond.kl_shampoo(params, lr=1e-3, every=every, stagger=True, state_dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    history: dict[tuple[int, str], list[int]] = {}
+    previous = {}
+    for step in range(1, 3 * every + 3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=F64)
+        opt.step()
+        if step == 1:  # first step: statistics only
+            previous = {(i, k): q.clone() for i, p in enumerate(params) for k, q in opt.state[p]["basis"]["Q"].items()}
+            continue
+        t = step - 1  # update count
+        for i, p in enumerate(params):
+            for k, q in opt.state[p]["basis"]["Q"].items():
+                if not torch.equal(q, previous[(i, k)]):
+                    history.setdefault((i, k), []).append(t)
+                previous[(i, k)] = q.clone()
+    offsets = opt._schedule._offsets
+    loads = [0] * every
+    for i, p in enumerate(params):
+        for k in opt.state[p]["basis"]["Q"]:
+            o = offsets[(id(p), int(k))]
+            assert 0 <= o < every
+            loads[o] += opt.layout(p).view_shape[int(k)] ** 3
+            due = [t for t in range(1, 3 * every + 2) if (t + o) % every == 0]
+            assert history.get((i, k), []) == due
+    assert max(loads) - min(loads) <= 8**3  # greedy balance: within the largest unit
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_async_schedule_installs_each_refresh_one_step_later(every):
+    """Reference written with the preconditioner's own parts: at a due step the refresh is computed from the
+    folded ``S`` and the current ``Q``, and installed only before the next update."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(5, 4, generator=gen, dtype=F64) for _ in range(7)]
+    p = torch.nn.Parameter(torch.zeros(5, 4, dtype=F64))
+    opt = precond.kl_shampoo([p], lr=1.0, betas=(0.0, 0.9), every=every, async_refresh=True, state_dtype=F64)
+    pc = opt.param_groups[0]["preconditioner"]
+    layout = pc.plan((5, 4))
+    weight = torch.zeros(5, 4, dtype=F64)
+    state, pending = None, []
+    for t, g in enumerate(grads):
+        p.grad = g.clone()
+        opt.step()
+        batch = g[None]
+        if state is None:
+            state = pc.init_state(batch, layout)
+            continue
+        for k, result in pending:
+            pc.apply_refresh(state, layout, k, result)
+        pending = []
+        weight = weight - pc.direction(batch, state, layout)[0]
+        pc.update(batch, state, layout, t, refresh=False)
+        if t % every == 0:
+            pending = [(k, pc.compute_refresh(state, layout, k, index=t // every - 1)) for k in (0, 1)]
+        torch.testing.assert_close(p.detach(), weight, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"async_refresh": True, "stagger": True}, {"tf32": True}])
+def test_fast_paths_on_cuda_match_cpu(options):
+    torch.manual_seed(0)
+    shapes = [(64, 48), (64, 48), (48,), (16, 8, 3, 3)]
+    init = [torch.randn(s) * 0.1 for s in shapes]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+        opt = precond.kl_shampoo(params, lr=1e-2, every=3, **options)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+        runs[device] = [p.detach().cpu() for p in params]
+    tolerance = 5e-3 if options.get("tf32") else 1e-4
+    for a, b in zip(runs["cpu"], runs["cuda"]):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
