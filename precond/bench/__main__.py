@@ -9,9 +9,10 @@ import sys
 import torch
 
 from precond.bench.contenders import available, factory
-from precond.bench.report import table
+from precond.bench.report import table, training_table
 from precond.bench.shapes import PRESETS
 from precond.bench.timing import time_steps
+from precond.bench.training import GPT2_SMALL, GPT_TINY, time_training
 
 DEFAULT = "adamw,kl_shampoo,soap,shampoo,hb_kl_shampoo,hb_soap,po_soap"
 
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls for every contender")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
+    parser.add_argument("--train", action="store_true",
+                        help="time forward+backward+step of a GPT (GPT-2 small on CUDA, tiny on CPU) instead of step()")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=1024)
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     steps = args.steps or 3 * args.every
     warmup = args.warmup if args.warmup is not None else 2 * args.every + 2
+    if args.train:
+        return _train(args, device, steps, warmup)
     results = {}
     for name in args.optimizers.split(","):
         if not available(name):
@@ -52,6 +59,31 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "shapes": shapes_name, "every": args.every, "max_dim": args.max_dim,
             "steps": steps, "warmup": warmup, "tf32": args.tf32}
     print(table(results, meta))
+    with open(args.json, "w") as handle:
+        json.dump({"meta": meta, "results": results}, handle, indent=2)
+    return 0
+
+
+
+
+def _train(args: argparse.Namespace, device: torch.device, steps: int, warmup: int) -> int:
+    size = GPT2_SMALL if device.type == "cuda" else GPT_TINY
+    length = min(args.length, size["context"])
+    results = {}
+    for name in args.optimizers.split(","):
+        if not available(name):
+            print(f"skip {name}: its library is not installed", flush=True)
+            continue
+        try:
+            results[name] = time_training(factory(name, args.every, args.max_dim), device, size, args.batch, length,
+                                          warmup, steps)
+        except Exception as error:
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        print(f"{name}: {results[name]}", flush=True)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "model": size, "batch": args.batch, "length": length, "every": args.every,
+            "max_dim": args.max_dim, "steps": steps, "warmup": warmup}
+    print(training_table(results, meta))
     with open(args.json, "w") as handle:
         json.dump({"meta": meta, "results": results}, handle, indent=2)
     return 0

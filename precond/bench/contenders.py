@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 
+import bases
 import precond
 
 Factory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -17,13 +18,39 @@ def available(name: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
+LEVERS = {
+    # each adds one lever to the previous line, so the table shows what each is worth
+    "kl_shampoo_unstacked": {"stack": False},
+    "kl_shampoo": {},
+    "kl_shampoo_stagger": {"stagger": True},
+    "kl_shampoo_cholqr": {"stagger": True, "basis": "cholesky"},
+    "kl_shampoo_tf32": {"stagger": True, "basis": "cholesky", "tf32": True},
+    "kl_shampoo_fast": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True},
+    "kl_shampoo_fast_sync": {"stagger": True, "basis": "cholesky", "tf32": True},
+}
+
+
+def _kl_with_levers(name: str, every: int, max_dim: int, lr: float, base: dict) -> Factory:
+    options = dict(LEVERS[name])
+    groups_basis = bases.CholeskyQR(every=every) if options.pop("basis", None) == "cholesky" else None
+
+    def make(params):
+        params = list(params)
+        if groups_basis is not None:
+            params = [{"params": params, "basis": groups_basis}]
+        return precond.kl_shampoo(params, lr=lr, every=every, max_dim=max_dim, **base, **options)
+
+    return make
+
+
 def factory(name: str, every: int, max_dim: int, lr: float = 1e-3, fast: bool = True) -> Factory:
     """The optimizer called ``name``. ``fast`` gives our presets the sync-free step (no NaN check)."""
     ours = {"on_nonfinite": "ignore"} if fast else {}
+    if name in LEVERS:
+        return _kl_with_levers(name, every, max_dim, lr, ours)
     table: dict[str, Factory] = {
         "adamw": lambda p: torch.optim.AdamW(p, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                              **({"fused": True} if torch.cuda.is_available() else {"foreach": True})),
-        "kl_shampoo": lambda p: precond.kl_shampoo(p, lr=lr, every=every, max_dim=max_dim, **ours),
         "soap": lambda p: precond.soap(p, lr=lr, every=every, max_dim=max_dim, **ours),
         "shampoo": lambda p: precond.shampoo(p, lr=lr, every=every, max_dim=max_dim, **ours),
         "hb_kl_shampoo": lambda p: _heavyball("KLShampoo")(p, lr=lr, betas=(0.9, 0.95), precondition_frequency=every,
@@ -34,7 +61,7 @@ def factory(name: str, every: int, max_dim: int, lr: float = 1e-3, fast: bool = 
                                                        max_precondition_dim=max_dim),
     }
     if name not in table:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(sorted(table))}")
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(sorted([*table, *LEVERS]))}")
     return table[name]
 
 

@@ -27,3 +27,22 @@ def table(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{r['median_ms'] / base['median_ms']:.2f} | {r['mean_ms'] / base['mean_ms']:.2f} | "
             f"{r['max_ms'] / r['median_ms']:.2f} | {r.get('extra_peak_gb', float('nan')):.2f} | {r['state_gb']:.2f} |")
     return "\n".join(lines)
+
+
+def training_table(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    ok = {name: r for name, r in results.items() if "error" not in r}
+    base = ok.get("adamw")
+    lines = [f"device {meta['device']}, torch {meta['torch']}, GPT {meta['model']}, batch {meta['batch']}x"
+             f"{meta['length']}, bf16 autocast, T = {meta['every']}, max dim {meta['max_dim']}, "
+             f"{meta['steps']} timed steps after {meta['warmup']}",
+             "",
+             "| optimizer | tokens/s | vs adamw | median ms | max ms | max / median | peak GB | loss at end |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {ratio:.2f} | {r['median_ms']:.1f} | {r['max_ms']:.1f} | "
+                     f"{r['max_ms'] / r['median_ms']:.2f} | {r.get('peak_gb', float('nan')):.2f} | {r['final_loss']:.3f} |")
+    return "\n".join(lines)

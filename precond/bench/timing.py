@@ -54,6 +54,8 @@ def time_steps(make: Factory, shapes: Sequence[tuple[int, ...]], device: torch.d
     times = []
     for i in range(warmup + steps):
         for p in params:  # fresh gradients every step, drawn outside the timed region
+            if p.grad is None:  # some peers set p.grad to None after their step
+                p.grad = torch.empty_like(p)
             p.grad.normal_(generator=gen).mul_(1e-3)
         _sync(device)
         start = time.perf_counter()
