@@ -68,9 +68,13 @@ class AblationConfig:
     progress: bool = True
 
     def grid(self) -> list[tuple[Variant, float, int]]:
-        """Every run, in order: each variant × its learning rates × the seeds."""
-        return [(variant, lr, seed) for variant in self.variants for lr in (variant.lrs or self.lrs)
-                for seed in self.seeds]
+        """Every run (each variant × its learning rates × the seeds), ordered seed by seed, then by position in
+        the variants' lr grids, then by variant: a time-limited ablation stopped anywhere leaves a comparable
+        subset (every variant at its first learning rates) rather than some variants finished and others absent."""
+        grids = [(variant, variant.lrs or self.lrs) for variant in self.variants]
+        depth = max(len(lrs) for _, lrs in grids)
+        return [(variant, lrs[index], seed) for seed in self.seeds for index in range(depth)
+                for variant, lrs in grids if index < len(lrs)]
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "AblationConfig":
