@@ -58,7 +58,8 @@ def _curves(plt, summaries: Sequence[VariantSummary], path: Path, title: str) ->
     by_step.set_xlabel("step")
     by_time.set_xlabel("training time (s)")
     by_step.set_ylabel("validation loss")
-    by_step.legend(fontsize=8)
+    if by_step.get_legend_handles_labels()[0]:
+        by_step.legend(fontsize=8)
     for axes in (by_step, by_time):
         axes.grid(alpha=0.3)
     figure.suptitle(f"best run per variant · {title}")
@@ -86,7 +87,8 @@ def _sweep(plt, summaries: Sequence[VariantSummary], path: Path, title: str) -> 
     axes.set_ylabel("final validation loss")
     axes.set_title(f"learning-rate sweep · {title}", fontsize=10)
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from precond.bench import contenders
 from precond.bench.contenders import available, factory
 from precond.bench.report import table, training_table
 from precond.bench.shapes import PRESETS
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls for every contender")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
+    parser.add_argument("--heavyball-compile-mode", default="default",
+                        help="torch.compile mode for HeavyBall (its own default: max-autotune-no-cudagraphs)")
     parser.add_argument("--train", action="store_true",
                         help="time forward+backward+step of a GPT (GPT-2 small on CUDA, tiny on CPU) instead of step()")
     parser.add_argument("--batch", type=int, default=8)
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     steps = args.steps or 3 * args.every
     warmup = args.warmup if args.warmup is not None else 2 * args.every + 2
+    contenders.HEAVYBALL_COMPILE_MODE = None if args.heavyball_compile_mode == "none" else args.heavyball_compile_mode
     if args.train:
         return _train(args, device, steps, warmup)
     results = {}
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {results[name]}", flush=True)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "shapes": shapes_name, "every": args.every, "max_dim": args.max_dim,
-            "steps": steps, "warmup": warmup, "tf32": args.tf32}
+            "steps": steps, "warmup": warmup, "tf32": args.tf32, "heavyball_compile_mode": args.heavyball_compile_mode}
     print(table(results, meta))
     with open(args.json, "w") as handle:
         json.dump({"meta": meta, "results": results}, handle, indent=2)

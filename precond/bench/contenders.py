@@ -65,9 +65,18 @@ def factory(name: str, every: int, max_dim: int, lr: float = 1e-3, fast: bool = 
     return table[name]
 
 
+HEAVYBALL_COMPILE_MODE = "default"
+"""HeavyBall compiles its step with ``torch.compile``; its own default mode is "max-autotune-no-cudagraphs", whose
+autotuning took over five minutes per optimizer on an H100 (and then chose cuBLAS for the large products).
+The benchmark compiles it in torch's "default" mode to fit a 10-minute device slot; ``--heavyball-compile-mode``
+restores any other mode."""
+
+
 def _heavyball(cls: str):
     import heavyball
+    import heavyball.utils
 
+    heavyball.utils.compile_mode = HEAVYBALL_COMPILE_MODE
     return getattr(heavyball, cls)
 
 
