@@ -141,10 +141,13 @@ def test_async_schedule_installs_each_refresh_one_step_later(every):
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [{}, {"async_refresh": True, "stagger": True}, {"tf32": True}])
 def test_fast_paths_on_cuda_match_cpu(options):
-    """Float64 on both devices (TF32 only touches float32, so that case runs in float32 with a loose bound)."""
+    """Float64 on both devices (TF32 only touches float32, so that case runs in float32 with a loose bound).
+
+    Every factor is full rank from the first gradient on (``d_k ≤ D_{-k}``): a rank-deficient first factor has a
+    degenerate null space whose basis ``eigh`` picks differently on each device, a legitimate difference."""
     torch.manual_seed(0)
     dtype = torch.float32 if options.get("tf32") else F64
-    shapes = [(64, 48), (64, 48), (48,), (16, 8, 3, 3)]
+    shapes = [(48, 40), (48, 40), (48,), (16, 8, 3, 3)]
     init = [torch.randn(s, dtype=dtype) * 0.1 for s in shapes]
     runs = {}
     for device in ("cpu", "cuda"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -11,6 +12,7 @@ from typing import Any, Callable, Optional
 import attrs
 import torch
 
+import precond
 from precond.ablate import progress
 from precond.ablate.config import AblationConfig, resolve_device
 from precond.ablate.report import write_reports
@@ -33,11 +35,24 @@ class AblationResult:
     table: str
 
 
+@functools.lru_cache(maxsize=1)
+def library_fingerprint() -> str:
+    """A hash of the optimizer library's source (``precond/*.py`` and the part packages, not the workbench):
+    a run made before a library change is not reused after it."""
+    root = Path(precond.__file__).parent.parent
+    files = sorted([*(path for path in root.joinpath("precond").glob("*.py") if path.name != "bench.py"),
+                    *(path for package in ("structures", "estimators", "bases") for path in root.joinpath(package).glob("*.py"))])
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, device: torch.device) -> str:
     """The identity of one run: the optimizer (not its label), lr, seed, the task's data and model settings,
-    the training protocol and the device type. Changing any of them makes the run a new one."""
+    the training protocol, the device type and the library's source. Changing any of them makes it a new run."""
     identity = {"variant": variant.spec(), "lr": lr, "seed": seed, "task": config.task.settings(),
-                "training": attrs.asdict(config.training), "device": device.type}
+                "training": attrs.asdict(config.training), "device": device.type, "library": library_fingerprint()}
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,7 +105,7 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
             finally:
                 inner.close()
             record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
-                          training=attrs.asdict(config.training), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                          training=attrs.asdict(config.training), library=library_fingerprint(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
             store.append(record)
             executed += 1
             durations.append(record["wall_seconds"])
