@@ -11,28 +11,46 @@ from bases._common import Refresh, every_field, nonzero_factor
 from precond.stats import FallbackCounter
 
 
+def _eigh_or_none(matrix: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``eigh`` that reports failure (an exception, or NaN/Inf in its output) as ``None``."""
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except RuntimeError:
+        return None
+    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+        return None
+    return values, vectors
+
+
 def descending_eigh(factor: torch.Tensor, counter: Optional[FallbackCounter] = None,
                     previous: Optional[torch.Tensor] = None) -> Refresh:
     """``Q, λ = eigh(S)`` with columns in descending eigenvalue order.
 
-    Ladder on failure (each rung counted): the working precision, then float64, then keep ``previous``
-    (with its Rayleigh quotients as eigenvalues), so a training run never crashes on a bad factor.
+    A counted ladder on failure (an exception, or a non-finite result, which LAPACK returns for some
+    rank-deficient factors): the working precision; then with a jitter ``1e-6·mean(diag S)·I``, which leaves the
+    eigenvectors alone; then in float64; then keep ``previous`` (or the identity at initialisation), with the
+    Rayleigh quotients as eigenvalues. A training run never crashes on, nor is poisoned by, a bad factor.
     """
     work = factor if factor.dtype in (torch.float32, torch.float64) else factor.float()
-    try:
-        values, vectors = torch.linalg.eigh(work)
-    except RuntimeError:
+    eye = torch.eye(work.shape[-1], dtype=work.dtype, device=work.device)
+    jitter = 1e-6 * torch.diagonal(work, dim1=-2, dim2=-1).mean(-1).abs().clamp_min(1e-30).view(-1, 1, 1) * eye
+    result = _eigh_or_none(work)
+    for rung, matrix, message in (
+        ("eigh_jitter", work + jitter, "eigh failed in working precision; retried with a jitter"),
+        ("eigh_float64", (work + jitter).double(), "eigh failed with a jitter too; retried in float64"),
+    ):
+        if result is not None:
+            break
         if counter is not None:
-            counter.count("eigh_float64", "eigh failed in working precision; retried in float64")
-        try:
-            values, vectors = torch.linalg.eigh(work.double())
-        except RuntimeError:
-            if previous is None:
-                raise
-            if counter is not None:
-                counter.count("eigh_kept_old_basis", "eigh failed in float64 too; kept the previous basis")
-            rayleigh = torch.einsum("bij,bik,bkj->bj", previous, work.to(previous.dtype), previous)
-            return Refresh(basis=previous, eigenvalues=rayleigh)
+            counter.count(rung, message)
+        result = _eigh_or_none(matrix)
+    if result is None:
+        if counter is not None:
+            counter.count("eigh_kept_old_basis", "eigh failed in float64 too; kept the previous basis")
+        kept = previous if previous is not None else eye.expand_as(work).to(factor.dtype)
+        rayleigh = torch.einsum("bij,bik,bkj->bj", kept, work.to(kept.dtype), kept)
+        return Refresh(basis=kept, eigenvalues=rayleigh)
+    values, vectors = result
     values = values.flip(-1).to(factor.dtype)
     vectors = vectors.flip(-1).to(factor.dtype)
     if previous is not None:

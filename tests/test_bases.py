@@ -275,3 +275,37 @@ def test_every_must_be_a_positive_integer(cls, every):
 def test_every_accepts_positive_integers(cls):
     assert cls(every=1).every == 1
     assert cls(every=7).every == 7
+
+
+def test_eigh_ladder_treats_nan_output_as_failure(monkeypatch):
+    """Named bug: LAPACK's eigh returned NaN eigenvectors (no exception) for a rank-deficient embedding factor
+    with one thread; the basis must never become NaN. Rungs: jitter, float64, keep the old basis."""
+    from bases.eigh import descending_eigh
+    from precond.stats import FallbackCounter
+
+    real = torch.linalg.eigh
+    s = torch.diag(torch.tensor([3.0, 2.0, 0.0, 0.0]))[None]
+
+    def nan_in_float32(matrix):
+        values, vectors = real(matrix)
+        return (values, vectors * float("nan")) if matrix.dtype == torch.float32 else (values, vectors)
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_in_float32)
+    counter = FallbackCounter()
+    with pytest.warns(RuntimeWarning):
+        result = descending_eigh(s, counter)
+    assert torch.isfinite(result.basis).all() and result.basis.dtype == torch.float32
+    torch.testing.assert_close(result.eigenvalues[0, :2], torch.tensor([3.0, 2.0]), rtol=1e-5, atol=1e-5)
+    assert counter.as_dict() == {"eigh_jitter": 1, "eigh_float64": 1}
+
+    def always_fails(matrix):
+        raise torch.linalg.LinAlgError("no convergence")
+
+    monkeypatch.setattr(torch.linalg, "eigh", always_fails)
+    previous = torch.eye(4)[None].flip(-1)
+    with pytest.warns(RuntimeWarning):
+        kept = descending_eigh(s, counter, previous=previous)
+    assert torch.equal(kept.basis, previous)
+    with pytest.warns(RuntimeWarning):
+        initial = descending_eigh(s, FallbackCounter())
+    assert torch.equal(initial.basis[0], torch.eye(4))
