@@ -46,51 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or 3 * args.every
     warmup = args.warmup if args.warmup is not None else 2 * args.every + 2
     contenders.HEAVYBALL_COMPILE_MODE = None if args.heavyball_compile_mode == "none" else args.heavyball_compile_mode
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "every": args.every, "max_dim": args.max_dim, "steps": steps, "warmup": warmup,
+            "tf32": args.tf32, "heavyball_compile_mode": args.heavyball_compile_mode}
     if args.train:
-        return _train(args, device, steps, warmup)
+        size = GPT2_SMALL if device.type == "cuda" else GPT_TINY
+        length = min(args.length, size["context"])
+        meta.update(model=size, batch=args.batch, length=length)
+        results = _each(args, lambda make: time_training(make, device, size, args.batch, length, warmup, steps))
+        print(training_table(results, meta))
+    else:
+        meta.update(shapes=shapes_name)
+        results = _each(args, lambda make: time_steps(make, PRESETS[shapes_name], device, warmup, steps))
+        print(table(results, meta))
+    with open(args.json, "w") as handle:
+        json.dump({"meta": meta, "results": results}, handle, indent=2)
+    return 0
+
+
+def _each(args: argparse.Namespace, measure) -> dict[str, dict]:
+    """``measure(factory)`` for every optimizer named on the command line; a failing peer is reported, not fatal."""
     results = {}
     for name in args.optimizers.split(","):
         if not available(name):
             print(f"skip {name}: its library is not installed (pip install 'precond[bench]')", flush=True)
             continue
         try:
-            results[name] = time_steps(factory(name, args.every, args.max_dim), PRESETS[shapes_name], device,
-                                       warmup, steps)
+            results[name] = measure(factory(name, args.every, args.max_dim))
         except Exception as error:  # a peer failing must not hide the others' numbers
             results[name] = {"error": f"{type(error).__name__}: {error}"}
         print(f"{name}: {results[name]}", flush=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "shapes": shapes_name, "every": args.every, "max_dim": args.max_dim,
-            "steps": steps, "warmup": warmup, "tf32": args.tf32, "heavyball_compile_mode": args.heavyball_compile_mode}
-    print(table(results, meta))
-    with open(args.json, "w") as handle:
-        json.dump({"meta": meta, "results": results}, handle, indent=2)
-    return 0
-
-
-
-
-def _train(args: argparse.Namespace, device: torch.device, steps: int, warmup: int) -> int:
-    size = GPT2_SMALL if device.type == "cuda" else GPT_TINY
-    length = min(args.length, size["context"])
-    results = {}
-    for name in args.optimizers.split(","):
-        if not available(name):
-            print(f"skip {name}: its library is not installed", flush=True)
-            continue
-        try:
-            results[name] = time_training(factory(name, args.every, args.max_dim), device, size, args.batch, length,
-                                          warmup, steps)
-        except Exception as error:
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
-        print(f"{name}: {results[name]}", flush=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "model": size, "batch": args.batch, "length": length, "every": args.every,
-            "max_dim": args.max_dim, "steps": steps, "warmup": warmup}
-    print(training_table(results, meta))
-    with open(args.json, "w") as handle:
-        json.dump({"meta": meta, "results": results}, handle, indent=2)
-    return 0
+    return results
 
 
 if __name__ == "__main__":
