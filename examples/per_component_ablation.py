@@ -3,6 +3,8 @@
 Each variant is a composition string of the ablation workbench (``python -m precond.ablate`` takes the same
 strings); the baseline ``estimator=kl,basis=qr,...`` is ``precond.kl_shampoo`` written out. Every variant trains
 the same model from the same initial weights on the same batches; the table gives its final validation loss.
+Swapping in the Shampoo estimator without grafting is expected to diverge (its step no longer has a natural
+size: the point of KL-Shampoo); the table says so instead of stopping.
 
 Run: python examples/per_component_ablation.py [--steps 150] [--lr 0.01]
 """
