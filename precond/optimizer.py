@@ -72,16 +72,6 @@ def _describe_config(obj: Any) -> Any:
     return obj
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
-
-
 class Optimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` running ``preconditioner`` on every parameter (per-group overrides allowed).
 
@@ -176,7 +166,8 @@ class Optimizer(torch.optim.Optimizer):
         return self.state[p].get(part, {})
 
     def stats(self) -> dict[str, int]:
-        """Counts of numerical fallbacks taken so far (``eigh_float64``, ``eigh_kept_old_basis``)."""
+        """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
+        ``cholesky_qr_kept_old_basis`` (reading the last one synchronises with the device)."""
         return self._fallbacks.as_dict()
 
     def describe(self) -> str:
@@ -233,8 +224,8 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step(self) -> None:
+        work = self._gather()  # may refuse the step: nothing is touched before it
         self._schedule.flush()
-        work = self._gather()
         fresh = [(group, p, grad) for group, p, grad in work if not self.state[p]]
         if fresh:
             self._initialize(fresh)
@@ -366,4 +357,5 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id in state_dict["state"]:
-                self.state[p] = _map_tensors(state_dict["state"][saved_id], lambda t: t.to(device=p.device if t.ndim else t.device, copy=True))
+                self.state[p] = map_leaves(state_dict["state"][saved_id],
+                                           lambda t: t.to(device=p.device if t.ndim else t.device, copy=True))

@@ -164,3 +164,23 @@ def test_fast_paths_on_cuda_match_cpu(options):
     for a, b in zip(runs["cpu"], runs["cuda"]):
         difference = (a - b).abs().max().item()
         assert difference <= tolerance * max(1.0, a.abs().max().item()), f"CPU and CUDA differ by {difference:.3g}"
+
+
+def test_refused_step_leaves_pending_refreshes_and_state_alone():
+    """A NaN gradient refuses the step before anything moves, also a refresh waiting to be installed."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
+    opt = precond.kl_shampoo([p], every=1, async_refresh=True)
+    for _ in range(3):
+        p.grad = torch.randn(6, 5, generator=gen)
+        opt.step()
+    assert opt._schedule.pending
+    before = {k: v.clone() for k, v in opt.state[p]["basis"]["Q"].items()}
+    p.grad = torch.full((6, 5), float("nan"))
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert opt._schedule.pending
+    assert all(torch.equal(before[k], v) for k, v in opt.state[p]["basis"]["Q"].items())
+    p.grad = torch.randn(6, 5, generator=gen)
+    opt.step()
+    assert torch.isfinite(p).all()
