@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
 import bases
 import estimators

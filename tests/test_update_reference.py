@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import bases
 import estimators
 import precond
-from reference import F64, kron_all, mode_matrix
+from reference import F64, kron_all
 from strategies import seeds, shapes, structure_strategy
 
 
