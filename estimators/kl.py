@@ -62,6 +62,10 @@ class KL(Estimator):
       (the paper); ``"reset"`` replaces ``λ_k`` by the refresher's eigenvalues (or ``diag(Q_kᵀ S_k Q_k)``),
       which with ``Eigh(every=1)`` is the idealized KL-Shampoo of Fig. 3 left (``P_j = S_j^{-1}`` exactly).
 
+    - ``rebalance`` — fix the scale gauge: ``(c S_a, S_b / c)`` is an equally good fixed point, and only the
+      product is pinned; rebalancing after each update gives every mode the same mean eigenvalue without changing
+      the preconditioner (off by default, as the prototype).
+
     The initial fill (first gradient, all ``S_j = I``) gives ``S_k = (1−ρ) Gram_k(G) / D_{-k}``, as the prototype.
     """
 
@@ -72,6 +76,7 @@ class KL(Estimator):
     refresh_spectrum: Literal["keep", "reset"] = attrs.field(
         default="keep", validator=attrs.validators.in_(("keep", "reset"))
     )
+    rebalance: bool = False
 
     def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
                first: bool = False) -> None:
@@ -118,8 +123,25 @@ class KL(Estimator):
             if delta is not None:
                 fold(factors[k], delta, self.beta, active)
             fold(spectra[k], diag, self.beta, active)
+        if self.rebalance and not first:
+            self._rebalance(spectra, factors)
+        for k in updates:
             if not first:
                 spectra[k].clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+
+    @staticmethod
+    def _rebalance(spectra: Tensors, factors: Tensors) -> None:
+        """Fix the KL scale gauge: ``(c_k S_k, c_k λ_k)`` with ``∏_k c_k = 1`` leaves ``⊗_k S_k`` — so the update
+        and every ``Δ_k`` — unchanged; ``c_k`` makes every mode's mean eigenvalue the geometric mean of them all."""
+        modes = [k for k, lam in enumerate(spectra) if lam is not None]
+        if len(modes) < 2:
+            return
+        logs = torch.stack([spectra[k].mean(dim=-1).clamp_min(1e-38).log() for k in modes])  # (modes, B)
+        scales = (logs.mean(dim=0, keepdim=True) - logs).exp()
+        for k, c in zip(modes, scales):
+            spectra[k].mul_(c.unsqueeze(-1))
+            if factors[k] is not None:
+                factors[k].mul_(c.view(-1, 1, 1))
 
     def _damping_shift(self, inv_sqrt: Tensors, k: int, reference: torch.Tensor) -> Optional[torch.Tensor]:
         """``κ ∏_{j≠k} mean(1/λ_j)`` as a ``(B, 1)`` tensor (``None`` without damping); modes without λ count 1."""

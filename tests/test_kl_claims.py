@@ -145,3 +145,28 @@ def test_claim3_eigenvalues_in_a_fixed_basis(d_a, d_b, seed):
         ea = torch.exp(0.1 * torch.randn(d_a, generator=gen, dtype=F64))
         eb = torch.exp(0.1 * torch.randn(d_b, generator=gen, dtype=F64))
         assert objective(lam_a * ea, lam_b * eb) >= best - 1e-10
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (2, 5, 4)])
+def test_rebalancing_the_scale_gauge_leaves_every_update_unchanged(shape):
+    """``(c S_a, S_b/c)`` is the same preconditioner: with ``rebalance`` the updates are those without it, while
+    the modes' mean eigenvalues are equalised."""
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(shape, generator=gen, dtype=F64) * torch.linspace(0.1, 3, shape[-1], dtype=F64)
+             for _ in range(12)]
+    runs = []
+    for rebalance in (False, True):
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=F64))
+        opt = precond.Optimizer([p], lr=0.1, momentum=0.5, state_dtype=F64, preconditioner=precond.Preconditioner(
+            structures.NMode(), estimators.KL(beta=0.8, floor=0.0, rebalance=rebalance), bases.QRPowerStep(every=3),
+            precond.Power(p=0.5, eps=0.0)))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["estimator"]["lambda"]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
+    means = [lam.mean().item() for lam in runs[1][1].values()]
+    assert max(means) / min(means) == pytest.approx(1.0, rel=1e-9)
+    if len(shape) == 2:  # the 6x3 weight's two modes do drift apart without rebalancing
+        unbalanced = [lam.mean().item() for lam in runs[0][1].values()]
+        assert max(unbalanced) / min(unbalanced) > 1.01
