@@ -32,17 +32,25 @@ nonnegative = _nonnegative
 positive = _positive
 
 
-def fold(old: torch.Tensor, new: torch.Tensor, beta: float, active: torch.Tensor) -> None:
-    """In place: ``old ← β old + (1−β) new`` where ``active`` (batch mask), unchanged elsewhere.
+def fold_weights(beta: float, active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B,)`` weights of the new term for :func:`fold`: ``1−β`` (or 1 for a sum) where ``active``, else 0.
 
-    ``β = 1`` accumulates the plain sum ``old ← old + new`` (original Shampoo/AdaGrad). ``active`` is False
-    for an all-zero gradient, whose statistics are skipped (DESIGN: zero gradients must not decay λ).
+    ``active`` is False for an all-zero gradient, whose statistics are skipped (DESIGN: zero gradients must not
+    decay λ). Computed once per update and shared by every fold of it.
     """
-    mask = active.reshape(active.shape[0], *([1] * (old.ndim - 1))).to(old.dtype)
+    return active.to(dtype) * (1.0 if beta == 1.0 else 1.0 - beta)
+
+
+def fold(old: torch.Tensor, new: torch.Tensor, beta: float, weights: torch.Tensor) -> None:
+    """In place: ``old ← β old + (1−β) new`` per batch entry, with ``weights`` from :func:`fold_weights`.
+
+    ``β = 1`` accumulates the plain sum ``old ← old + new`` (original Shampoo/AdaGrad).
+    """
+    weight = weights.view(weights.shape[0], *([1] * (old.ndim - 1)))
     if beta == 1.0:
-        old.add_(new * mask)
+        old.addcmul_(new, weight)
     else:
-        old.lerp_(new, (1.0 - beta) * mask)
+        old.lerp_(new, weight)
 
 
 def nonzero_gradient(grad: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from bases import Refresh
-from estimators._common import Tensors, fold, nonzero_gradient
+from estimators._common import Tensors, fold, fold_weights, nonzero_gradient
 from estimators.base import Estimator
 from estimators.shampoo import Shampoo
 from precond.contractions import rotate
@@ -50,7 +50,7 @@ class DenseSpectrum(Estimator):
     def prepare(self, grad: torch.Tensor, bases: Tensors, extras: dict[str, torch.Tensor], layout: Layout,
                 step: int) -> None:
         rotated = rotate(grad, bases)
-        fold(extras["V"], rotated * rotated, self.beta, nonzero_gradient(grad))
+        fold(extras["V"], rotated * rotated, self.beta, fold_weights(self.beta, nonzero_gradient(grad), grad.dtype))
 
     def dense_spectrum(self, extras: dict[str, torch.Tensor], step: int) -> Optional[torch.Tensor]:
         v = extras["V"]

@@ -27,6 +27,7 @@ from estimators._common import (
     beta_field,
     floor_validator,
     fold,
+    fold_weights,
     nonnegative,
     nonzero_gradient,
     permute_columns,
@@ -87,7 +88,7 @@ class KL(Estimator):
         ``diag(Q_kᵀ Δ_k Q_k) = Σ_{j≠k} R² ⊙ ⊗_{j≠k} λ_j^{-1} / D_{-k}`` from the full rotation
         ``R = Y_k ×_k Q_k``, which is formed once from the cheapest partial rotation.
         """
-        active = nonzero_gradient(grad)
+        active = fold_weights(self.beta, nonzero_gradient(grad), grad.dtype)
         if first:  # the fill: every S_j = I
             inverse: Tensors = [None] * layout.order
             inv_sqrt: Tensors = [None] * layout.order

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from bases import Refresh, rayleigh_quotients
-from estimators._common import Tensors, beta_field, fold, nonzero_gradient, sum_of_squares_except
+from estimators._common import Tensors, beta_field, fold, fold_weights, nonzero_gradient, sum_of_squares_except
 from precond.contractions import gram
 from estimators.base import Estimator
 from precond.layout import Layout
@@ -36,7 +36,7 @@ class Shampoo(Estimator):
     def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
                first: bool = False) -> None:
         """Fold ``grad`` (``(B, *view)``) into the factors (dense modes) or spectra (diagonal modes), in place."""
-        active = nonzero_gradient(grad)
+        active = fold_weights(self.beta, nonzero_gradient(grad), grad.dtype)
         for k, lam in enumerate(spectra):
             if lam is None:
                 continue

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Sequence
 import attrs
 import torch
 
-from estimators._common import fold, nonzero_gradient
+from estimators._common import fold, fold_weights, nonzero_gradient
 from precond.layout import Layout
 
 
@@ -62,7 +62,7 @@ class Graft:
             if grad is None or state is None:
                 raise ValueError("Graft(onto='adam'|'rmsprop') needs the gradient and its state: use Preconditioner.precondition")
             v = state["v"]
-            fold(v, grad * grad, self.beta, nonzero_gradient(grad))
+            fold(v, grad * grad, self.beta, fold_weights(self.beta, nonzero_gradient(grad), grad.dtype))
             v_hat = v / (1.0 - self.beta ** max(step, 1)) if self.onto == "adam" else v
             graft = direction / (v_hat.sqrt() + self.eps)
         return inner * (_batch_norm(graft) / (_batch_norm(inner) + 1e-16))

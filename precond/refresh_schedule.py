@@ -19,16 +19,24 @@ from typing import Any, Iterable, Optional
 import attrs
 import torch
 
-from precond.buckets import map_leaves
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
 from precond.stats import FallbackCounter
 
-_PARTS = ("estimator", "basis")
-
-
-def _gather(state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    return {part: map_leaves(state[part], lambda t: t.index_select(0, index)) for part in _PARTS if part in state}
+def _gather(state: dict[str, Any], index: torch.Tensor, k: int) -> dict[str, Any]:
+    """Copies of the batch entries ``index`` of what a refresh of mode ``k`` reads or writes: ``S_k``, ``λ_k``,
+    ``Q_k`` and the estimator's per-entry extras (a dense ``V``); nothing of the other modes."""
+    mode = str(k)
+    estimator = state["estimator"]
+    sub = {"estimator": {name: {mode: estimator[name][mode].index_select(0, index)}
+                         for name in ("S", "lambda") if mode in estimator[name]},
+           "basis": {"Q": {mode: state["basis"]["Q"][mode].index_select(0, index)}}}
+    for name, value in estimator.items():
+        if isinstance(value, torch.Tensor):
+            sub["estimator"][name] = value.index_select(0, index)
+    sub["estimator"].setdefault("S", {})
+    sub["estimator"].setdefault("lambda", {})
+    return sub
 
 
 def _scatter(state: dict[str, Any], sub: dict[str, Any], index: torch.Tensor) -> None:
@@ -103,12 +111,12 @@ class RefreshSchedule:
             refresh_index = (step + offsets[due[0]]) // every - 1
             device = state["basis"]["Q"][str(k)].device
             index = None if len(due) == len(params) else torch.tensor(due, device=device)
-            sub = state if index is None else _gather(state, index)
+            sub = state if index is None else _gather(state, index, k)
             if self.asynchronous:
                 self._launch(preconditioner, state, layout, k, index, sub, counter, refresh_index)
             else:
                 result = preconditioner.compute_refresh(sub, layout, k, counter, refresh_index)
-                self._install(preconditioner, state, layout, k, index, result)
+                self._install(preconditioner, state, layout, k, index, result, sub=None if index is None else sub)
 
     def _launch(self, preconditioner, state, layout, k, index, sub, counter, refresh_index) -> None:
         """Start the refresh now, install it at the next step: on a side stream on CUDA, at once elsewhere
@@ -151,10 +159,13 @@ class RefreshSchedule:
         self.pending = []
 
     @staticmethod
-    def _install(preconditioner, state, layout, k, index, result) -> None:
+    def _install(preconditioner, state, layout, k, index, result, sub=None) -> None:
+        """Install ``result`` for the batch entries ``index`` (all when None). ``sub``: their current state, if the
+        caller just gathered it; the asynchronous case gathers afresh (the statistics moved on since the launch)."""
         if index is None:
             preconditioner.apply_refresh(state, layout, k, result)
             return
-        sub = _gather(state, index)  # read now: in the asynchronous case the statistics moved on since the launch
+        if sub is None:
+            sub = _gather(state, index, k)
         preconditioner.apply_refresh(sub, layout, k, result)
         _scatter(state, sub, index)

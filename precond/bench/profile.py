@@ -10,6 +10,12 @@ from precond.bench.contenders import factory
 from precond.bench.shapes import PRESETS
 
 
+def top_level_ops(prof) -> int:
+    """Number of ``aten::`` calls not nested in another ``aten::`` call: what the optimizer itself issued."""
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m precond.bench.profile")
     parser.add_argument("--optimizer", default="kl_shampoo")
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    print(f"{args.optimizer}: {top_level_ops(prof) / args.steps:.0f} top-level aten ops per step "
+          f"(each launches at most a kernel or two on CUDA; views included)")
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
