@@ -22,6 +22,15 @@ class Refresh:
     eigenvalues: Optional[torch.Tensor] = None
     permutation: Optional[torch.Tensor] = None
 
+    def spectrum(self, factor: torch.Tensor) -> torch.Tensor:
+        """Eigenvalue estimates in the new basis: the exact ones when computed, else ``diag(Q_newᵀ S Q_new)``."""
+        return self.eigenvalues if self.eigenvalues is not None else rayleigh_quotients(factor, self.basis)
+
+
+def rayleigh_quotients(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``diag(Qᵀ S Q)``, batched: ``(B, d)``."""
+    return torch.einsum("bij,bik,bkj->bj", basis, factor, basis)
+
 
 def _positive_int(instance, attribute, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

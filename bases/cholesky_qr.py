@@ -9,7 +9,7 @@ import torch
 
 from bases._common import Refresh, every_field, nonzero_factor
 from bases.eigh import descending_eigh
-from bases.qr_power_step import sign_fixed_qr
+from bases.qr_power_step import power_step
 from precond.precision import full_precision
 from precond.stats import FallbackCounter
 
@@ -69,13 +69,10 @@ class CholeskyQR:
 
     def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None,
                 index: int = 0) -> Refresh:
+        if index < self.warmup:
+            return Refresh(basis=power_step(factor, basis))
         work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
         s = factor.to(work_dtype)
-        if index < self.warmup:
-            with full_precision():
-                product = s @ basis.to(work_dtype)
-            new = sign_fixed_qr(product).to(basis.dtype)
-            return Refresh(basis=torch.where(nonzero_factor(factor), new, basis))
         d = s.shape[-1]
         trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1)
         with full_precision():

@@ -7,7 +7,7 @@ from typing import Optional
 import attrs
 import torch
 
-from bases._common import Refresh, every_field, nonzero_factor
+from bases._common import Refresh, every_field, nonzero_factor, rayleigh_quotients
 from precond.stats import FallbackCounter
 
 
@@ -48,8 +48,7 @@ def descending_eigh(factor: torch.Tensor, counter: Optional[FallbackCounter] = N
         if counter is not None:
             counter.count("eigh_kept_old_basis", "eigh failed in float64 too; kept the previous basis")
         kept = previous if previous is not None else eye.expand_as(work).to(factor.dtype)
-        rayleigh = torch.einsum("bij,bik,bkj->bj", kept, work.to(kept.dtype), kept)
-        return Refresh(basis=kept, eigenvalues=rayleigh)
+        return Refresh(basis=kept, eigenvalues=rayleigh_quotients(work.to(kept.dtype), kept))
     values, vectors = result
     values = values.flip(-1).to(factor.dtype)
     vectors = vectors.flip(-1).to(factor.dtype)

@@ -7,15 +7,10 @@ from typing import Optional
 import attrs
 import torch
 
-from bases._common import Refresh, every_field, nonzero_factor
+from bases._common import Refresh, every_field, nonzero_factor, rayleigh_quotients
 from bases.eigh import descending_eigh
 from precond.precision import full_precision
 from precond.stats import FallbackCounter
-
-
-def rayleigh_quotients(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``diag(Qᵀ S Q)``, batched: ``(B, d)``."""
-    return torch.einsum("bij,bik,bkj->bj", basis, factor, basis)
 
 
 def sign_fixed_qr(matrix: torch.Tensor) -> torch.Tensor:
@@ -24,6 +19,15 @@ def sign_fixed_qr(matrix: torch.Tensor) -> torch.Tensor:
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return q * signs.unsqueeze(-2)
+
+
+def power_step(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``qr(S Q).Q`` with ``S Q`` in full float32 (or float64) precision; an all-zero ``S`` keeps ``Q``."""
+    work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+    with full_precision():
+        product = factor.to(work_dtype) @ basis.to(work_dtype)
+    new = sign_fixed_qr(product).to(basis.dtype)
+    return torch.where(nonzero_factor(factor), new, basis)
 
 
 @attrs.frozen
@@ -48,9 +52,4 @@ class QRPowerStep:
         if self.sort:
             permutation = torch.argsort(rayleigh_quotients(factor, basis), dim=-1, descending=True)
             basis = torch.gather(basis, -1, permutation.unsqueeze(-2).expand_as(basis))
-        work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
-        with full_precision():
-            product = factor.to(work_dtype) @ basis.to(work_dtype)
-        new = sign_fixed_qr(product).to(basis.dtype)
-        new = torch.where(nonzero_factor(factor), new, basis)
-        return Refresh(basis=new, permutation=permutation)
+        return Refresh(basis=power_step(factor, basis), permutation=permutation)

@@ -20,7 +20,7 @@ from typing import Literal, Mapping, Optional
 import attrs
 import torch
 
-from bases import Refresh, rayleigh_quotients
+from bases import Refresh
 from estimators._common import (
     FloorSpec,
     Tensors,
@@ -170,10 +170,7 @@ class KL(Estimator):
         """Carry ``λ_k`` into the new basis: column-wise (permuted with the basis), or reset."""
         lam = spectra[k]
         if self.refresh_spectrum == "reset":
-            values = refresh.eigenvalues
-            if values is None:
-                values = rayleigh_quotients(factors[k], refresh.basis)
-            lam.copy_(values)
+            lam.copy_(refresh.spectrum(factors[k]))
         else:
             lam.copy_(permute_columns(lam, refresh.permutation))
         lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))

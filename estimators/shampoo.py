@@ -53,7 +53,4 @@ class Shampoo(Estimator):
 
     def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout,
                    extras: Optional[dict[str, torch.Tensor]] = None) -> None:
-        values = refresh.eigenvalues
-        if values is None:
-            values = rayleigh_quotients(factors[k], refresh.basis)
-        spectra[k].copy_(values.clamp_min(0))
+        spectra[k].copy_(refresh.spectrum(factors[k]).clamp_min(0))
