@@ -12,11 +12,7 @@ from bases.eigh import descending_eigh
 from bases.qr_power_step import power_step
 from precond.precision import full_precision
 from precond.stats import FallbackCounter
-
-
-def _positive_float(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
+from precond.validators import positive
 
 
 def _nonnegative_int(instance, attribute, value) -> None:
@@ -61,7 +57,7 @@ class CholeskyQR:
 
     every: int = every_field
     warmup: int = attrs.field(default=2, validator=_nonnegative_int)
-    shift: float = attrs.field(default=1e-5, validator=_positive_float)
+    shift: float = attrs.field(default=1e-5, validator=positive)
     needs_factors = True
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:

@@ -17,19 +17,7 @@ def _beta(instance, attribute, value) -> None:
         raise ValueError(f"{attribute.name} (EMA weight ρ on the old statistic) must lie in [0, 1], got {value!r}")
 
 
-def _nonnegative(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{attribute.name} must be a number ≥ 0, got {value!r}")
-
-
-def _positive(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
-
-
 beta_field = attrs.field(default=0.95, validator=_beta)
-nonnegative = _nonnegative
-positive = _positive
 
 
 def fold_weights(beta: float, active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,6 @@ from estimators._common import (
     floor_validator,
     fold,
     fold_weights,
-    nonnegative,
     nonzero_gradient,
     permute_columns,
     spectrum_floor,
@@ -37,6 +36,7 @@ from estimators._common import (
 from precond.contractions import gram, mode_product, rotate, scale
 from estimators.base import Estimator
 from precond.layout import Layout
+from precond.validators import nonnegative
 
 
 def _init_lambda(instance, attribute, value) -> None:

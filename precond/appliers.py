@@ -9,6 +9,7 @@ import torch
 
 from precond.contractions import outer, rotate, scale, unrotate
 from precond.layout import Layout
+from precond.validators import nonnegative
 
 Exponent = Union[float, Literal["1/(2N)"]]
 
@@ -18,11 +19,6 @@ def _exponent(instance, attribute, value) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"p (the root applied per factor) must lie in [0, 1] or be '1/(2N)', got {value!r}")
-
-
-def _eps(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"eps must be a number ≥ 0, got {value!r}")
 
 
 @attrs.frozen
@@ -38,7 +34,7 @@ class Power:
     """
 
     p: Exponent = attrs.field(default=0.5, validator=_exponent)
-    eps: float = attrs.field(default=1e-8, validator=_eps)
+    eps: float = attrs.field(default=1e-8, validator=nonnegative)
     eps_placement: Literal["factor", "outside"] = attrs.field(
         default="factor", validator=attrs.validators.in_(("factor", "outside"))
     )

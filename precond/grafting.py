@@ -9,6 +9,7 @@ import torch
 
 from estimators._common import fold, fold_weights, nonzero_gradient
 from precond.layout import Layout
+from precond.validators import positive
 
 
 def _batch_norm(x: torch.Tensor) -> torch.Tensor:
@@ -19,11 +20,6 @@ def _batch_norm(x: torch.Tensor) -> torch.Tensor:
 def _unit_interval(instance, attribute, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{attribute.name} must lie in [0, 1), got {value!r}")
-
-
-def _positive(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
 
 
 @attrs.frozen
@@ -40,7 +36,7 @@ class Graft:
     inner: Any
     onto: Literal["adam", "rmsprop", "sgd"] = attrs.field(default="adam", validator=attrs.validators.in_(("adam", "rmsprop", "sgd")))
     beta: float = attrs.field(default=0.999, validator=_unit_interval)
-    eps: float = attrs.field(default=1e-10, validator=_positive)
+    eps: float = attrs.field(default=1e-10, validator=positive)
 
     def exponent(self, layout: Layout) -> float:
         return self.inner.exponent(layout)
@@ -74,7 +70,7 @@ class Normalize:
     (ASGO's update normalisation, RMS 0.2; a parameter without one keeps the inner direction)."""
 
     inner: Any
-    rms: float = attrs.field(default=0.2, validator=_positive)
+    rms: float = attrs.field(default=0.2, validator=positive)
 
     def exponent(self, layout: Layout) -> float:
         return self.inner.exponent(layout)
