@@ -152,6 +152,11 @@ def test_tiny_ablation_writes_every_output_and_resumes(tmp_path):
     assert (again.executed, again.skipped) == (0, 2)  # nothing retrained
     assert [r["final_val"] for r in again.records] == [r["final_val"] for r in result.records]
 
+    (tmp_path / "summary.md").unlink()
+    reported = run_ablation(tiny_config(tmp_path, lrs=(3e-3, 1e-3)), log=quiet, train=False)
+    assert (reported.executed, reported.skipped, reported.remaining) == (0, 2, 2)  # reports only, trains nothing
+    assert "| kl_shampoo |" in (tmp_path / "summary.md").read_text()
+
     wider = run_ablation(tiny_config(tmp_path, lrs=(3e-3, 1e-3)), log=quiet)
     assert (wider.executed, wider.skipped) == (2, 2)  # only the new learning rate runs
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
@@ -173,6 +178,21 @@ def test_time_budget_leaves_runs_for_next_time(tmp_path):
     assert run_ablation(tiny_config(tmp_path), log=quiet).executed == 2
 
 
+def test_runs_in_worker_processes_match_the_serial_runs(tmp_path):
+    serial = run_ablation(tiny_config(tmp_path / "serial", lrs=(3e-3, 1e-3)), log=quiet)
+    parallel = run_ablation(tiny_config(tmp_path / "parallel", lrs=(3e-3, 1e-3), workers=2), log=quiet)
+    assert (parallel.executed, parallel.remaining) == (4, 0)
+    assert [r["curve"]["val"] for r in parallel.records] == [r["curve"]["val"] for r in serial.records]
+    assert {r["concurrent_runs"] for r in parallel.records} == {2} and {r["concurrent_runs"] for r in serial.records} == {1}
+    stored = (tmp_path / "parallel" / "runs.jsonl").read_text().splitlines()
+    assert len(stored) == 4  # one writer: whole lines, no interleaving
+    assert run_ablation(tiny_config(tmp_path / "parallel", lrs=(3e-3, 1e-3), workers=2), log=quiet).executed == 0
+    budget = run_ablation(tiny_config(tmp_path / "budget", workers=2, max_minutes=1e-9), log=quiet)
+    assert (budget.executed, budget.remaining) == (0, 2)
+    with pytest.raises(ValueError, match="workers"):
+        tiny_config(tmp_path, workers=0)
+
+
 def test_command_line(tmp_path, capsys):
     args = ["--task", "char_lm", "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--lrs", "1e-3",
             "--variant", "estimator=kl,basis=eigh,name=kl-eigh", "--out", str(tmp_path), "--no-progress"]
@@ -181,6 +201,9 @@ def test_command_line(tmp_path, capsys):
     assert "| kl-eigh |" in capsys.readouterr().out
     assert cli_main(args + ["--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("done")
+    assert cli_main(["--out", str(tmp_path / "elsewhere"), "--device", "cuda", "--report-only", "--steps", "4",
+                     "--variant", "adamw", "--no-progress"]) == 0  # a GPU grid's report needs no GPU
+    capsys.readouterr()
     assert cli_main(["--variant", "estimator=bogus"]) == 2
     assert "allowed: kl, shampoo" in capsys.readouterr().err
 

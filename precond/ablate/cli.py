@@ -23,6 +23,7 @@ keys: {', '.join(keys.READERS)}, name, lr (see precond/ablate/variants.py or --l
 examples:
   python -m precond.ablate --config ablations/demo.toml
   python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
+  python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once on one GPU
   python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
 """
 
@@ -60,8 +61,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", metavar="DIR", help="output directory (default results)")
     p.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock budget; unfinished runs are left for next time")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="train N runs at once, each in its own process on the same device (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the reports of the finished runs, train nothing (runs made on a GPU elsewhere: "
+                        "add --device cuda)")
     p.add_argument("--list", action="store_true", help="list named variants, composition keys and task options")
     return p
 
@@ -82,7 +88,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     direct = {"variants": args.variant, "task": args.task, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps,
               "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
               "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
-              "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes}
+              "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes,
+              "workers": args.workers}
     data.update({key: value for key, value in direct.items() if value is not None})
     if args.no_progress:
         data["progress"] = False
@@ -114,13 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.dry_run:
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, usable=False)
         store = RunStore(config.out / RUNS_FILE)
         for variant, lr, seed in config.grid():
             done = "done" if run_key(config, variant, lr, seed, device) in store else "todo"
             print(f"{done}  {variant.name:32s} lr={lr:<8g} seed={seed}  {variant.spec()}")
         return 0
-    result = run_ablation(config)
+    result = run_ablation(config, train=not args.report_only)
     print()
     print(result.table)
     print()

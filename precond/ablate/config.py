@@ -40,7 +40,8 @@ DEFAULT_SEEDS = (0,)
 DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (no graft)", "soap", "adamw")
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
-_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes", "progress")
+_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes", "progress",
+             "workers")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -66,6 +67,7 @@ class AblationConfig:
     out: Path = Path("results")
     max_minutes: Optional[float] = None
     progress: bool = True
+    workers: int = 1
 
     def grid(self) -> list[tuple[Variant, float, int]]:
         """Every run (each variant × its learning rates × the seeds), ordered seed by seed, then by position in
@@ -97,7 +99,14 @@ class AblationConfig:
             target_loss=None if target in (None, "auto") else _float("target_loss", target),
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
-            progress=bool(data.get("progress", True)))
+            progress=bool(data.get("progress", True)), workers=_workers(data.get("workers", 1)))
+
+
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"workers (runs trained at once, each in its own process) must be an integer ≥ 1, "
+                         f"got {value!r}")
+    return value
 
 
 def _float(key: str, value: Any) -> float:
@@ -134,11 +143,12 @@ def load_toml(path: Union[str, Path]) -> dict[str, Any]:
         return tomllib.load(handle)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else the CPU; anything else as ``torch.device`` reads it."""
+def resolve_device(name: str, usable: bool = True) -> torch.device:
+    """``auto`` → CUDA when available, else the CPU; anything else as ``torch.device`` reads it. ``usable=False``
+    names a device without checking that this machine has it (to read or report runs made elsewhere)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if usable and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False (use --device auto or cpu)")
     return device

@@ -58,66 +58,91 @@ def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, devi
 
 def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Optional[float]:
     """A guess of one run's duration: the longest finished run of the same variant, else of any variant so far."""
-    same = [r["wall_seconds"] for r in store if r.get("spec") == spec and r.get("wall_seconds")]
-    if same:
-        return max(same)
+    same = store.longest(spec)
+    if same is not None:
+        return same
     return max(durations) if durations else None
 
 
-def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.log) -> AblationResult:
+def attempt_run(config: AblationConfig, data: Any, run: tuple[Variant, float, int, str], label: str,
+                expected: Optional[float], deadline: Optional[float], device: torch.device,
+                log: Callable[[str], None], bars: bool = True, concurrent_runs: int = 1) -> Optional[dict[str, Any]]:
+    """Train one run of the grid and return its finished record, or ``None`` when the time budget does not allow
+    it (not started because ``expected`` seconds do not fit before ``deadline``, or cut off by the deadline)."""
+    variant, lr, seed, key = run
+    if deadline is not None and expected is not None and time.monotonic() + expected > deadline:
+        log(f"{label}: not started, about {expected:.0f} s needed and "
+            f"{max(0.0, deadline - time.monotonic()):.0f} s left of --max-minutes {config.max_minutes:g}")
+        return None
+    inner = progress.bar(config.training.steps, label, config.progress and bars, leave=False, position=1)
+
+    def on_eval(step: int, train: Optional[float], val: float, seconds: float) -> None:
+        train_text = "" if train is None else f" train {train:.4f}"
+        log(f"{label} step {step}/{config.training.steps}{train_text} val {val:.4f} ({seconds:.1f} s)")
+
+    try:
+        record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
+                           on_eval=on_eval, on_step=inner.update)
+    except OutOfTime as stop:
+        log(f"{label}: stopped, {stop}; this run is not recorded and will run again next time")
+        return None
+    finally:
+        inner.close()
+    record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
+                  training=attrs.asdict(config.training), library=library_fingerprint(),
+                  concurrent_runs=concurrent_runs, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]
+               else f"final val {record['final_val']:.4f}")
+    log(f"{label}: {outcome} in {record['wall_seconds']:.1f} s")
+    return record
+
+
+def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.log, train: bool = True) -> AblationResult:
     """Train every run of ``config.grid()`` not already in ``<out>/runs.jsonl``, then write the CSV, the Markdown
     table and the plots from all runs of the grid that are finished. With ``max_minutes``, a run that is not
-    expected to finish in the time left is not started, and one still going when the time is up is dropped."""
+    expected to finish in the time left is not started, and one still going when the time is up is dropped.
+    With ``workers`` > 1 the runs train in that many processes at once on the same device (see
+    :mod:`precond.ablate.parallel`); their records say so in ``concurrent_runs``, because their times then
+    include waiting for each other. ``train=False`` only writes the reports of the runs already finished (the
+    device need not be present, so a GPU grid can be reported on a laptop)."""
     started = time.monotonic()
     deadline = started + 60.0 * config.max_minutes if config.max_minutes is not None else None
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, usable=train)
     out = Path(config.out)
     store = RunStore(out / RUNS_FILE)
     grid = [(variant, lr, seed, run_key(config, variant, lr, seed, device)) for variant, lr, seed in config.grid()]
-    todo = [run for run in grid if run[3] not in store]
+    todo = [run for run in grid if run[3] not in store] if train else []
+    workers = min(config.workers, len(todo))
     log(f"ablation: {len(grid)} runs ({len(config.variants)} variants) on task {config.task.name} on {device}; "
-        f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run")
+        f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run"
+        + (f" in {workers} processes" if workers > 1 else ""))
 
-    executed, durations = 0, []
-    if todo:
+    executed = 0
+    if workers > 1:
+        from precond.ablate.parallel import run_in_processes
+        for record in run_in_processes(config, todo, store, deadline, device, workers, log):
+            store.append(record)
+            executed += 1
+    elif todo:
         data = config.task.load(device)
+        durations: list[float] = []
         outer = progress.bar(len(todo), "runs", config.progress, position=0)
-        for index, (variant, lr, seed, key) in enumerate(todo, 1):
+        for index, run in enumerate(todo, 1):
+            variant, lr, seed, _ = run
             label = f"[{index}/{len(todo)}] {variant.name} lr={lr:g} seed={seed}"
-            expected = _expected_seconds(store, variant.spec(), durations)
-            if deadline is not None and expected is not None and time.monotonic() + expected > deadline:
-                log(f"{label}: not started, about {expected:.0f} s needed and "
-                    f"{max(0.0, deadline - time.monotonic()):.0f} s left of --max-minutes {config.max_minutes:g}")
+            record = attempt_run(config, data, run, label, _expected_seconds(store, variant.spec(), durations),
+                                 deadline, device, log)
+            if record is None:
                 break
-            inner = progress.bar(config.training.steps, label, config.progress, leave=False, position=1)
-
-            def on_eval(step: int, train: Optional[float], val: float, seconds: float, label: str = label) -> None:
-                train_text = "" if train is None else f" train {train:.4f}"
-                log(f"{label} step {step}/{config.training.steps}{train_text} val {val:.4f} ({seconds:.1f} s)")
-
-            try:
-                record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
-                                   on_eval=on_eval, on_step=inner.update)
-            except OutOfTime as stop:
-                inner.close()
-                log(f"{label}: stopped, {stop}; this run is not recorded and will run again next time")
-                break
-            finally:
-                inner.close()
-            record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
-                          training=attrs.asdict(config.training), library=library_fingerprint(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
             store.append(record)
             executed += 1
             durations.append(record["wall_seconds"])
-            outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]
-                       else f"final val {record['final_val']:.4f}")
-            log(f"{label}: {outcome} in {record['wall_seconds']:.1f} s")
             outer.update()
         outer.close()
 
     records = tuple(store.get(key) for *_, key in grid if key in store)
     files, table = write_reports(records, config, device, out)
     remaining = len(grid) - len(records)
-    log(f"ablation: {executed} run(s) trained now, {len(grid) - len(todo)} reused, {remaining} left; "
+    log(f"ablation: {executed} run(s) trained now, {len(records) - executed} reused, {remaining} left; "
         f"{time.monotonic() - started:.0f} s; reports in {out}/")
-    return AblationResult(executed, len(grid) - len(todo), remaining, records, files, table)
+    return AblationResult(executed, len(records) - executed, remaining, records, files, table)

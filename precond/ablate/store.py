@@ -44,6 +44,11 @@ class RunStore:
     def get(self, key: str) -> dict[str, Any] | None:
         return self._records.get(key)
 
+    def longest(self, spec: str) -> float | None:
+        """The wall time of the longest finished run of the variant ``spec`` (``None`` before the first)."""
+        times = [r["wall_seconds"] for r in self._records.values() if r.get("spec") == spec and r.get("wall_seconds")]
+        return max(times) if times else None
+
     def append(self, record: dict[str, Any]) -> None:
         """Store a finished run (a later record with the same key replaces an earlier one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,89 @@
+"""Several runs of an ablation at once, each in its own process on the same device.
+
+A run of a small model is bound by the host (one Python thread issuing kernel launches), not by the GPU, so a
+few runs side by side finish a grid several times sooner on one GPU (or on a CPU with cores to spare). Each
+worker process loads the task's data once and then takes the next unfinished run from a shared queue (a
+``ProcessPoolExecutor`` with the ``spawn`` start method, which CUDA needs). Only the parent writes
+``runs.jsonl``, so records never interleave. Results do not depend on the number of workers (each run seeds its
+own model and batches); wall-clock times do, which every record states in ``concurrent_runs``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import pickle
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from precond.ablate import progress
+from precond.ablate.config import AblationConfig
+from precond.ablate.store import RunStore
+
+Run = tuple[Any, float, int, str]
+
+_worker: dict[str, Any] = {}
+"""This worker process's configuration, device, loaded data and log function (set once by :func:`_start`)."""
+
+
+def _start(config: AblationConfig, device: str, workers: int, log: Callable[[str], None]) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the processes share the cores
+    device_ = torch.device(device)
+    _worker.update(config=config, device=device_, data=config.task.load(device_), workers=workers, log=log)
+
+
+def _train(run: Run, label: str, expected: Optional[float], deadline: Optional[float]) -> Optional[dict[str, Any]]:
+    from precond.ablate.runner import attempt_run
+
+    local_deadline = None if deadline is None else time.monotonic() + (deadline - time.time())
+    return attempt_run(_worker["config"], _worker["data"], run, label, expected, local_deadline, _worker["device"],
+                       _worker["log"], bars=False, concurrent_runs=_worker["workers"])
+
+
+def _picklable(log: Callable[[str], None]) -> Callable[[str], None]:
+    """The parent's log function if a worker can receive it, else the plain log-line printer."""
+    try:
+        pickle.dumps(log)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return progress.log
+    return log
+
+
+def run_in_processes(config: AblationConfig, todo: list[Run], store: RunStore, deadline: Optional[float],
+                     device: torch.device, workers: int, log: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """Train ``todo`` in ``workers`` processes and yield each finished record as soon as it arrives. A run is
+    handed to a worker only when one is free, with the expected duration known by then (the longest finished run
+    of its variant, ``store`` being updated by the caller), so the time budget is judged as in a serial ablation:
+    once a run does not fit or is cut off, no further run is handed out. An error in a run is raised here after
+    the records that finished before it were yielded."""
+    wall_deadline = None if deadline is None else time.time() + (deadline - time.monotonic())
+    queue = iter(enumerate(todo, 1))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
+                                                initargs=(config, str(device), workers, _picklable(log))) as pool:
+
+        def hand_out() -> Optional[concurrent.futures.Future]:
+            item = next(queue, None)
+            if item is None:
+                return None
+            index, run = item
+            variant, lr, seed, _ = run
+            label = f"[{index}/{len(todo)}] {variant.name} lr={lr:g} seed={seed}"
+            return pool.submit(_train, run, label, store.longest(variant.spec()), wall_deadline)
+
+        running = {future for future in (hand_out() for _ in range(workers)) if future is not None}
+        stopped = False
+        while running:
+            finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                record = future.result()
+                if record is None:
+                    stopped = True  # the time budget is spent: let the runs in flight end, start no more
+                    continue
+                yield record
+                following = None if stopped else hand_out()
+                if following is not None:
+                    running.add(following)
