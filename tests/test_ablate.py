@@ -145,6 +145,7 @@ def test_tiny_ablation_writes_every_output_and_resumes(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| variant | best lr | final val loss" in summary and "optimizer state (MiB)" in summary
     assert "| kl_shampoo |" in summary and "| adamw |" in summary
+    assert "## Every learning rate" in summary and "| kl_shampoo | 0.003 **(best)** |" in summary
     if importlib.util.find_spec("matplotlib") is not None:  # the plots need the demo extra
         assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "lr_sweep.png").stat().st_size > 0
 
@@ -193,6 +194,14 @@ def test_runs_in_worker_processes_match_the_serial_runs(tmp_path):
         tiny_config(tmp_path, workers=0)
 
 
+def test_workers_take_the_gpus_in_turn():
+    from precond.ablate.parallel import worker_devices
+    assert worker_devices(torch.device("cuda"), 5, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices(torch.device("cuda:1"), 2, 4) == ["cuda:1", "cuda:1"]  # an explicit GPU is kept
+    assert worker_devices(torch.device("cuda"), 3, 1) == ["cuda"] * 3
+    assert worker_devices(torch.device("cpu"), 2, 0) == ["cpu", "cpu"]
+
+
 def test_command_line(tmp_path, capsys):
     args = ["--task", "char_lm", "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--lrs", "1e-3",
             "--variant", "estimator=kl,basis=eigh,name=kl-eigh", "--out", str(tmp_path), "--no-progress"]
@@ -234,3 +243,18 @@ def test_teacher_conv_has_4d_kernels_and_balanced_labels():
     assert any(p.ndim == 4 for p in task.build_model(0).parameters())
     counts = torch.bincount(data.y_train, minlength=task.classes)
     assert counts.min() > 0.3 * counts.float().mean()
+
+
+def test_best_learning_rate_at_the_edge_of_the_grid_is_flagged():
+    from precond.ablate.report import lr_table
+    from precond.ablate.summary import summarize
+    runs = [{"variant": "a", "lr": lr, "seed": seed, "final_val": loss + 0.01 * seed, "diverged": False}
+            for lr, loss in ((1e-3, 2.0), (2e-3, 1.5), (4e-3, 1.8)) for seed in (0, 1)]
+    runs += [{"variant": "b", "lr": lr, "seed": 0, "final_val": loss, "diverged": False}
+             for lr, loss in ((1e-3, 1.2), (2e-3, 1.9))]
+    runs.append({"variant": "b", "lr": 4e-3, "seed": 0, "final_val": None, "diverged": True})
+    a, b = summarize(runs, ["a", "b"])
+    assert (a.best_lr, a.best_lr_at_edge, b.best_lr, b.best_lr_at_edge) == (2e-3, False, 1e-3, True)
+    assert a.final_mean == pytest.approx(1.505) and a.final_std == pytest.approx(0.01 / 2 ** 0.5)
+    table = lr_table([a, b])
+    assert "| a | 0.002 **(best)** | 1.5050 ± 0.0071 | 2 (0) |" in table and "| b | 0.004 | diverged | 1 (1) |" in table

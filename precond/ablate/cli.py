@@ -23,7 +23,7 @@ keys: {', '.join(keys.READERS)}, name, lr (see precond/ablate/variants.py or --l
 examples:
   python -m precond.ablate --config ablations/demo.toml
   python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
-  python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once on one GPU
+  python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once, one per GPU
   python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
 """
 
@@ -62,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default results)")
     p.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock budget; unfinished runs are left for next time")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="train N runs at once, each in its own process on the same device (default 1)")
+                   help="train N runs at once, each in its own process (default 1); with --device cuda and several "
+                        "GPUs, worker i uses GPU i mod their number")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, train nothing")
     p.add_argument("--report-only", action="store_true",

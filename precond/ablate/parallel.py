@@ -1,7 +1,9 @@
 """Several runs of an ablation at once, each in its own process on the same device.
 
-A run of a small model is bound by the host (one Python thread issuing kernel launches), not by the GPU, so a
-few runs side by side finish a grid several times sooner on one GPU (or on a CPU with cores to spare). Each
+Worker ``i`` of a CUDA ablation whose device names no index uses GPU ``i mod torch.cuda.device_count()``, so
+``--workers 8`` on an 8-GPU host trains eight runs at once, one per GPU. Several workers on *one* GPU gain
+little: without NVIDIA MPS the processes' kernels time-slice the GPU (measured on an H100 with 8 workers of the
+25M-parameter GPT: about the serial throughput, see docs/results.md). On a CPU with cores to spare they help. Each
 worker process loads the task's data once and then takes the next unfinished run from a shared queue (a
 ``ProcessPoolExecutor`` with the ``spawn`` start method, which CUDA needs). Only the parent writes
 ``runs.jsonl``, so records never interleave. Results do not depend on the number of workers (each run seeds its
@@ -29,9 +31,16 @@ _worker: dict[str, Any] = {}
 """This worker process's configuration, device, loaded data and log function (set once by :func:`_start`)."""
 
 
-def _start(config: AblationConfig, device: str, workers: int, log: Callable[[str], None]) -> None:
+def worker_devices(device: torch.device, workers: int, cuda_devices: int) -> list[str]:
+    """The device of each worker: the GPUs in turn for ``cuda`` without an index, else ``device`` for all."""
+    if device.type == "cuda" and device.index is None and cuda_devices > 1:
+        return [f"cuda:{i % cuda_devices}" for i in range(workers)]
+    return [str(device)] * workers
+
+
+def _start(config: AblationConfig, devices: Any, workers: int, log: Callable[[str], None]) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the processes share the cores
-    device_ = torch.device(device)
+    device_ = torch.device(devices.get())  # each worker takes the next device of the list
     _worker.update(config=config, device=device_, data=config.task.load(device_), workers=workers, log=log)
 
 
@@ -62,8 +71,11 @@ def run_in_processes(config: AblationConfig, todo: list[Run], store: RunStore, d
     wall_deadline = None if deadline is None else time.time() + (deadline - time.monotonic())
     queue = iter(enumerate(todo, 1))
     context = multiprocessing.get_context("spawn")
+    devices = context.Queue()
+    for name in worker_devices(device, workers, torch.cuda.device_count() if device.type == "cuda" else 0):
+        devices.put(name)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
-                                                initargs=(config, str(device), workers, _picklable(log))) as pool:
+                                                initargs=(config, devices, workers, _picklable(log))) as pool:
 
         def hand_out() -> Optional[concurrent.futures.Future]:
             item = next(queue, None)

@@ -33,12 +33,25 @@ def _mib(value: Optional[int]) -> Optional[float]:
     return None if value is None else round(value / MIB, 3)
 
 
-def _final(summary: VariantSummary) -> str:
-    if not math.isfinite(summary.final_mean):
+def _loss_text(mean: float, std: Optional[float]) -> str:
+    if not math.isfinite(mean):
         return "diverged"
-    if summary.final_std is None:
-        return f"{summary.final_mean:.4f}"
-    return f"{summary.final_mean:.4f} ± {summary.final_std:.4f}"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _final(summary: VariantSummary) -> str:
+    return _loss_text(summary.final_mean, summary.final_std)
+
+
+def lr_table(summaries: Sequence[VariantSummary]) -> str:
+    """Every learning rate of every variant: final validation loss, mean ± std over seeds."""
+    lines = ["| variant | lr | final val loss | runs (diverged) |", "|---|---|---|---|"]
+    for summary in summaries:
+        for lr, mean, std, diverged in summary.lr_curve:
+            runs = sum(1 for r in summary.all_runs if r["lr"] == lr)
+            best = " **(best)**" if lr == summary.best_lr else ""
+            lines.append(f"| {summary.name} | {lr:g}{best} | {_loss_text(mean, std)} | {runs} ({diverged}) |")
+    return "\n".join(lines)
 
 
 def markdown_table(summaries: Sequence[VariantSummary], target: Optional[float], cuda: bool) -> str:
@@ -58,7 +71,9 @@ def markdown_table(summaries: Sequence[VariantSummary], target: Optional[float],
             steps_text = "not reached" if steps is None else f"{steps:.0f}"
             seconds_text = "—" if seconds is None else f"{seconds:.1f}"
         state = _mib(summary.largest("optimizer_state_bytes"))
-        row = [summary.name, "—" if summary.best_lr is None else f"{summary.best_lr:g}", _final(summary), steps_text,
+        best_lr = "—" if summary.best_lr is None else f"{summary.best_lr:g}" + (
+            " (grid edge)" if summary.best_lr_at_edge else "")
+        row = [summary.name, best_lr, _final(summary), steps_text,
                seconds_text, "—" if summary.mean_of("wall_seconds") is None else f"{summary.mean_of('wall_seconds'):.1f}",
                "—" if state is None else f"{state:.2f}"]
         if cuda:
@@ -104,8 +119,9 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
     summaries = summarize(records, [variant.name for variant in config.variants])
     target = config.target_loss if config.target_loss is not None else auto_target(summaries)
     table = markdown_table(summaries, target, device.type == "cuda")
-    files["markdown"].write_text(_preamble(config, device, records, target, config.target_loss is None) + table + "\n",
-                                 encoding="utf-8")
+    by_lr = "## Every learning rate\n\n" + lr_table(summaries)
+    files["markdown"].write_text(_preamble(config, device, records, target, config.target_loss is None) + table
+                                 + "\n\n" + by_lr + "\n", encoding="utf-8")
     try:
         files.update(plots.write_plots(summaries, out, title=f"{config.task.name} on {device}"))
     except ImportError:

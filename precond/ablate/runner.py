@@ -110,8 +110,10 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
     device = resolve_device(config.device, usable=train)
     out = Path(config.out)
     store = RunStore(out / RUNS_FILE)
+    if not train:
+        return _report_only(config, device, store, log)
     grid = [(variant, lr, seed, run_key(config, variant, lr, seed, device)) for variant, lr, seed in config.grid()]
-    todo = [run for run in grid if run[3] not in store] if train else []
+    todo = [run for run in grid if run[3] not in store]
     workers = min(config.workers, len(todo))
     log(f"ablation: {len(grid)} runs ({len(config.variants)} variants) on task {config.task.name} on {device}; "
         f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run"
@@ -146,3 +148,31 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
     log(f"ablation: {executed} run(s) trained now, {len(records) - executed} reused, {remaining} left; "
         f"{time.monotonic() - started:.0f} s; reports in {out}/")
     return AblationResult(executed, len(records) - executed, remaining, records, files, table)
+
+
+def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
+                 log: Callable[[str], None]) -> AblationResult:
+    """Reports of the grid's finished runs, matched by what the configuration says (variant, lr, seed, training
+    protocol, task options, device type) rather than by resume key: the key also holds the corpus' and the
+    library's fingerprints, which differ on another machine (another Python's standard library). A mismatch of
+    either is said in the log, and the runs are reported as they were made."""
+    settings = {k: v for k, v in config.task.settings().items() if k != "text"}
+    training = json.loads(json.dumps(attrs.asdict(config.training)))
+    latest = {}
+    for record in store:
+        same_setup = (record.get("training") == training and record.get("device", "").split(":")[0] == device.type
+                      and {k: v for k, v in (record.get("task_settings") or {}).items() if k != "text"} == settings)
+        if same_setup:
+            latest[(record.get("spec"), record.get("lr"), record.get("seed"))] = record
+    records = tuple(latest[item] for item in ((v.spec(), lr, seed) for v, lr, seed in config.grid()) if item in latest)
+    text, library = config.task.settings().get("text"), library_fingerprint()
+    if any(r.get("task_settings", {}).get("text") != text for r in records):
+        log("note: some runs were made on a different corpus than this machine's (e.g. another Python's standard "
+            "library); they are reported as they were made")
+    if any(r.get("library") != library for r in records):
+        log("note: some runs were made with a different version of the library's source; reported as made")
+    files, table = write_reports(records, config, device, Path(config.out))
+    remaining = len(config.grid()) - len(records)
+    log(f"ablation: reported {len(records)} finished run(s), {remaining} of the grid not found in "
+        f"{Path(config.out) / RUNS_FILE}; reports in {config.out}/")
+    return AblationResult(0, len(records), remaining, records, files, table)

@@ -44,6 +44,13 @@ class VariantSummary:
         """The single best run (lowest final loss) at the best learning rate."""
         return min(self.best_runs, key=final_loss) if self.best_runs else None
 
+    @property
+    def best_lr_at_edge(self) -> bool:
+        """Whether the best learning rate is the smallest or largest of two or more tried (the optimum may lie
+        outside the grid)."""
+        lrs = [lr for lr, *_ in self.lr_curve]
+        return self.best_lr is not None and len(lrs) > 1 and self.best_lr in (lrs[0], lrs[-1])
+
     def to_target(self, target: float) -> tuple[Optional[float], Optional[float], int]:
         """Mean steps and seconds to ``target`` over the best-lr runs that reach it, and how many do."""
         reached = [hit for hit in (time_to(r, target) for r in self.best_runs) if hit is not None]

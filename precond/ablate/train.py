@@ -136,7 +136,7 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
         count += 1
         if on_step is not None:
             on_step()
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and step < training.steps and time.monotonic() > deadline:  # a finished run stays
             raise OutOfTime(f"time budget reached at step {step} of {variant.name} lr={lr:g} seed={seed}")
         if step % training.eval_every == 0 or step == training.steps:
             _sync(device)
