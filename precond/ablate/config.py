@@ -34,6 +34,7 @@ from precond.ablate.keys import learning_rates
 from precond.ablate.train import Training
 from precond.ablate.variants import Variant, normalize_key, parse_variant, split_variant, variant_from_mapping
 from precond.tasks import Task, make_task
+from precond.tasks.base import positive_int
 
 DEFAULT_LRS = (1e-3, 3e-3)
 DEFAULT_SEEDS = (0,)
@@ -67,7 +68,8 @@ class AblationConfig:
     out: Path = Path("results")
     max_minutes: Optional[float] = None
     progress: bool = True
-    workers: int = 1
+    workers: int = attrs.field(default=1, validator=positive_int)
+    """Runs trained at once, each in its own process (see :mod:`precond.ablate.parallel`)."""
 
     def grid(self) -> list[tuple[Variant, float, int]]:
         """Every run (each variant × its learning rates × the seeds), ordered seed by seed, then by position in
@@ -99,14 +101,7 @@ class AblationConfig:
             target_loss=None if target in (None, "auto") else _float("target_loss", target),
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
-            progress=bool(data.get("progress", True)), workers=_workers(data.get("workers", 1)))
-
-
-def _workers(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"workers (runs trained at once, each in its own process) must be an integer ≥ 1, "
-                         f"got {value!r}")
-    return value
+            progress=bool(data.get("progress", True)), workers=data.get("workers", 1))
 
 
 def _float(key: str, value: Any) -> float:

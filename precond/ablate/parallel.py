@@ -23,9 +23,8 @@ import torch
 
 from precond.ablate import progress
 from precond.ablate.config import AblationConfig
+from precond.ablate.runner import Run, attempt_run, run_label
 from precond.ablate.store import RunStore
-
-Run = tuple[Any, float, int, str]
 
 _worker: dict[str, Any] = {}
 """This worker process's configuration, device, loaded data and log function (set once by :func:`_start`)."""
@@ -45,8 +44,6 @@ def _start(config: AblationConfig, devices: Any, workers: int, log: Callable[[st
 
 
 def _train(run: Run, label: str, expected: Optional[float], deadline: Optional[float]) -> Optional[dict[str, Any]]:
-    from precond.ablate.runner import attempt_run
-
     local_deadline = None if deadline is None else time.monotonic() + (deadline - time.time())
     return attempt_run(_worker["config"], _worker["data"], run, label, expected, local_deadline, _worker["device"],
                        _worker["log"], bars=False, concurrent_runs=_worker["workers"])
@@ -82,9 +79,8 @@ def run_in_processes(config: AblationConfig, todo: list[Run], store: RunStore, d
             if item is None:
                 return None
             index, run = item
-            variant, lr, seed, _ = run
-            label = f"[{index}/{len(todo)}] {variant.name} lr={lr:g} seed={seed}"
-            return pool.submit(_train, run, label, store.longest(variant.spec()), wall_deadline)
+            return pool.submit(_train, run, run_label(index, len(todo), run), store.longest(run[0].spec()),
+                               wall_deadline)
 
         running = {future for future in (hand_out() for _ in range(workers)) if future is not None}
         stopped = False

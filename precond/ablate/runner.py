@@ -22,6 +22,9 @@ from precond.ablate.variants import Variant
 
 RUNS_FILE = "runs.jsonl"
 
+Run = tuple[Variant, float, int, str]
+"""One run of the grid: variant, learning rate, seed and resume key."""
+
 
 @attrs.frozen
 class AblationResult:
@@ -64,7 +67,13 @@ def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Opt
     return max(durations) if durations else None
 
 
-def attempt_run(config: AblationConfig, data: Any, run: tuple[Variant, float, int, str], label: str,
+def run_label(index: int, total: int, run: Run) -> str:
+    """How the log names the ``index``-th of ``total`` runs to train."""
+    variant, lr, seed, _ = run
+    return f"[{index}/{total}] {variant.name} lr={lr:g} seed={seed}"
+
+
+def attempt_run(config: AblationConfig, data: Any, run: Run, label: str,
                 expected: Optional[float], deadline: Optional[float], device: torch.device,
                 log: Callable[[str], None], bars: bool = True, concurrent_runs: int = 1) -> Optional[dict[str, Any]]:
     """Train one run of the grid and return its finished record, or ``None`` when the time budget does not allow
@@ -130,10 +139,8 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
         durations: list[float] = []
         outer = progress.bar(len(todo), "runs", config.progress, position=0)
         for index, run in enumerate(todo, 1):
-            variant, lr, seed, _ = run
-            label = f"[{index}/{len(todo)}] {variant.name} lr={lr:g} seed={seed}"
-            record = attempt_run(config, data, run, label, _expected_seconds(store, variant.spec(), durations),
-                                 deadline, device, log)
+            record = attempt_run(config, data, run, run_label(index, len(todo), run),
+                                 _expected_seconds(store, run[0].spec(), durations), deadline, device, log)
             if record is None:
                 break
             store.append(record)
@@ -156,17 +163,17 @@ def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
     protocol, task options, device type) rather than by resume key: the key also holds the corpus' and the
     library's fingerprints, which differ on another machine (another Python's standard library). A mismatch of
     either is said in the log, and the runs are reported as they were made."""
-    settings = {k: v for k, v in config.task.settings().items() if k != "text"}
+    settings = config.task.settings()
     training = json.loads(json.dumps(attrs.asdict(config.training)))
     latest = {}
     for record in store:
         same_setup = (record.get("training") == training and record.get("device", "").split(":")[0] == device.type
-                      and {k: v for k, v in (record.get("task_settings") or {}).items() if k != "text"} == settings)
+                      and _without_text(record.get("task_settings") or {}) == _without_text(settings))
         if same_setup:
             latest[(record.get("spec"), record.get("lr"), record.get("seed"))] = record
     records = tuple(latest[item] for item in ((v.spec(), lr, seed) for v, lr, seed in config.grid()) if item in latest)
-    text, library = config.task.settings().get("text"), library_fingerprint()
-    if any(r.get("task_settings", {}).get("text") != text for r in records):
+    library = library_fingerprint()
+    if any(r.get("task_settings", {}).get("text") != settings.get("text") for r in records):
         log("note: some runs were made on a different corpus than this machine's (e.g. another Python's standard "
             "library); they are reported as they were made")
     if any(r.get("library") != library for r in records):
@@ -176,3 +183,8 @@ def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
     log(f"ablation: reported {len(records)} finished run(s), {remaining} of the grid not found in "
         f"{Path(config.out) / RUNS_FILE}; reports in {config.out}/")
     return AblationResult(0, len(records), remaining, records, files, table)
+
+
+def _without_text(settings: dict[str, Any]) -> dict[str, Any]:
+    """Task settings less the corpus fingerprint (``text``), which depends on the machine's Python."""
+    return {key: value for key, value in settings.items() if key != "text"}

@@ -14,7 +14,7 @@ from torch import nn
 from precond.ablate import memory
 from precond.ablate.schedule import multiplier
 from precond.ablate.variants import Variant
-from precond.tasks.base import Data, Task
+from precond.tasks.base import Data, Task, positive_int
 
 EvalCallback = Callable[[int, Optional[float], float, float], None]
 """Called after each evaluation with ``(step, mean train loss since the last one, val loss, train seconds)``."""
@@ -22,11 +22,6 @@ EvalCallback = Callable[[int, Optional[float], float, float], None]
 
 class OutOfTime(Exception):
     """The wall-clock budget ran out during a run (the run is dropped, not recorded)."""
-
-
-def _positive(instance: Any, attribute: Any, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
 def _optional_nonnegative(instance: Any, attribute: Any, value: Any) -> None:
@@ -52,9 +47,9 @@ class Training:
     - ``bf16``: autocast to bfloat16 on CUDA (ignored on the CPU).
     """
 
-    steps: int = attrs.field(default=300, validator=_positive)
-    eval_every: int = attrs.field(default=50, validator=_positive)
-    eval_batches: int = attrs.field(default=4, validator=_positive)
+    steps: int = attrs.field(default=300, validator=positive_int)
+    eval_every: int = attrs.field(default=50, validator=positive_int)
+    eval_batches: int = attrs.field(default=4, validator=positive_int)
     schedule: Literal["cosine", "constant"] = attrs.field(
         default="cosine", validator=attrs.validators.in_(("cosine", "constant")))
     warmup: float = attrs.field(default=0.05, validator=_unit)
