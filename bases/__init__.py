@@ -1,9 +1,8 @@
 """Basis refreshers: how the eigenbasis ``Q_k`` of each dense factor is refreshed every ``T`` steps."""
 
-from bases._common import Refresh, rayleigh_quotients
 from bases.cholesky_qr import CholeskyQR
 from bases.eigh import Eigh
 from bases.identity import Identity
 from bases.qr_power_step import QRPowerStep
 
-__all__ = ["CholeskyQR", "Eigh", "Identity", "QRPowerStep", "Refresh", "rayleigh_quotients"]
+__all__ = ["CholeskyQR", "Eigh", "Identity", "QRPowerStep"]

@@ -7,17 +7,13 @@ from typing import Optional
 import attrs
 import torch
 
-from bases._common import Refresh, every_field, nonzero_factor
+from bases._common import every_field, nonzero_factor
 from bases.eigh import descending_eigh
 from bases.qr_power_step import power_step
 from precond.precision import full_precision
-from precond.stats import FallbackCounter
-from precond.validators import positive
-
-
-def _nonnegative_int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{attribute.name} must be an integer ≥ 0, got {value!r}")
+from precond.fallbacks import FallbackCounter
+from precond.refresh import Refresh, rayleigh_quotients
+from precond.validators import number, positive
 
 
 def cholesky_orthonormalize(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +52,7 @@ class CholeskyQR:
     """
 
     every: int = every_field
-    warmup: int = attrs.field(default=2, validator=_nonnegative_int)
+    warmup: int = attrs.field(default=2, validator=number(low=0, integer=True, meaning="exact QR steps before the Cholesky-QR refreshes"))
     shift: float = attrs.field(default=1e-5, validator=positive)
     needs_factors = True
 

@@ -7,8 +7,9 @@ from typing import Optional
 import attrs
 import torch
 
-from bases._common import Refresh, every_field, nonzero_factor, rayleigh_quotients
-from precond.stats import FallbackCounter
+from bases._common import every_field, nonzero_factor
+from precond.fallbacks import FallbackCounter
+from precond.refresh import Refresh, rayleigh_quotients
 
 
 def _eigh_or_none(matrix: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import attrs
+from typing import Optional
 
-from bases._common import every_field
+import attrs
+import torch
+
+from precond.fallbacks import FallbackCounter
+from precond.refresh import Refresh
 
 
 @attrs.frozen
@@ -12,8 +16,16 @@ class Identity:
     """``Q_k = I`` forever: dense modes become diagonal ones (only ``λ_k`` is kept, no ``S_k``, no refresh).
 
     With the Frobenius/Shampoo estimator this is Adafactor-like factored Adam; with a dense spectrum it
-    is Adam itself (DESIGN property 5).
+    is Adam itself (``docs/design.md``, property 5). Since no factor is kept, the preconditioner never calls
+    :meth:`initialize` or :meth:`refresh`; they state the contract (``Q = I``) for direct callers.
     """
 
-    every: int = every_field
     needs_factors = False
+
+    def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
+        eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+        return Refresh(basis=eye.expand_as(factor).clone(), eigenvalues=torch.diagonal(factor, dim1=-2, dim2=-1).clone())
+
+    def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None,
+                index: int = 0) -> Refresh:
+        return self.initialize(factor, counter)

@@ -7,10 +7,11 @@ from typing import Optional
 import attrs
 import torch
 
-from bases._common import Refresh, every_field, nonzero_factor, rayleigh_quotients
+from bases._common import every_field, nonzero_factor
 from bases.eigh import descending_eigh
 from precond.precision import full_precision
-from precond.stats import FallbackCounter
+from precond.fallbacks import FallbackCounter
+from precond.refresh import Refresh, rayleigh_quotients
 
 
 def sign_fixed_qr(matrix: torch.Tensor) -> torch.Tensor:

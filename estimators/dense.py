@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Optional
+from typing import Literal, Mapping, Optional
 
 import attrs
 import torch
 
-from bases import Refresh
-from estimators._common import Tensors, fold, fold_weights, nonzero_gradient
 from estimators.base import Estimator
 from estimators.shampoo import Shampoo
 from precond.contractions import rotate
+from precond.ema import fold, gradient_weights
 from precond.layout import Layout
-
-
-def _beta_below_one(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} (β₂ of the dense second moment V) must lie in [0, 1), got {value!r}")
+from precond.parts import Estimator as EstimatorProtocol
+from precond.parts import slot
+from precond.refresh import Refresh
+from precond.state import ParamState
+from precond.validators import number
 
 
 def permute_mode(x: torch.Tensor, k: int, permutation: torch.Tensor) -> torch.Tensor:
@@ -39,32 +38,31 @@ class DenseSpectrum(Estimator):
     SOAP); ``"keep"`` leaves it as is (the KL prototype's KL-SOAP, Meta's eigenvalue-corrected Shampoo).
     """
 
-    factors: Any = attrs.field(factory=Shampoo)
-    beta: float = attrs.field(default=0.95, validator=_beta_below_one)
+    factors: EstimatorProtocol = attrs.field(factory=Shampoo, validator=slot(EstimatorProtocol))
+    beta: float = attrs.field(default=0.95, validator=number(
+        low=0, high=1, high_open=True, meaning="β₂ of the dense second moment V"))
     bias_correction: bool = True
     transport: Literal["permute", "keep"] = attrs.field(default="permute", validator=attrs.validators.in_(("permute", "keep")))
 
-    def init_extras(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-        return {"V": torch.zeros_like(grad)}
+    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        return {**self.factors.init_state(grad, layout), "V": torch.zeros_like(grad)}
 
-    def prepare(self, grad: torch.Tensor, bases: Tensors, extras: dict[str, torch.Tensor], layout: Layout,
-                step: int) -> None:
-        rotated = rotate(grad, bases)
-        fold(extras["V"], rotated * rotated, self.beta, fold_weights(self.beta, nonzero_gradient(grad), grad.dtype))
+    def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
+        self.factors.prepare(ps, grad, layout, step)
+        rotated = rotate(grad, ps.Q)
+        fold(ps.estimator["V"], rotated * rotated, self.beta, gradient_weights(self.beta, grad))
 
-    def dense_spectrum(self, extras: dict[str, torch.Tensor], step: int) -> Optional[torch.Tensor]:
-        v = extras["V"]
+    def dense_spectrum(self, ps: ParamState, step: int) -> Optional[torch.Tensor]:
+        v = ps.estimator["V"]
         return v / (1.0 - self.beta ** max(step, 1)) if self.bias_correction else v
 
-    def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
-               first: bool = False) -> None:
-        self.factors.update(grad, bases, spectra, factors, layout, first)
+    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
+        self.factors.update(ps, grad, layout, first)
 
-    def finish_init(self, spectra: Tensors, factors: Tensors, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
-        self.factors.finish_init(spectra, factors, refreshes, layout)
+    def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
+        self.factors.finish_init(ps, refreshes, layout)
 
-    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout,
-                   extras: Optional[dict[str, torch.Tensor]] = None) -> None:
-        self.factors.on_refresh(k, refresh, spectra, factors, layout, extras)
-        if extras is not None and self.transport == "permute" and refresh.permutation is not None:
-            extras["V"].copy_(permute_mode(extras["V"], k, refresh.permutation))
+    def on_refresh(self, ps: ParamState, k: int, refresh: Refresh, layout: Layout) -> None:
+        self.factors.on_refresh(ps, k, refresh, layout)
+        if self.transport == "permute" and refresh.permutation is not None:
+            ps.estimator["V"].copy_(permute_mode(ps.estimator["V"], k, refresh.permutation))

@@ -20,28 +20,14 @@ from typing import Literal, Mapping, Optional
 import attrs
 import torch
 
-from bases import Refresh
-from estimators._common import (
-    FloorSpec,
-    Tensors,
-    beta_field,
-    floor_validator,
-    fold,
-    fold_weights,
-    nonzero_gradient,
-    permute_columns,
-    spectrum_floor,
-    sum_except,
-)
-from precond.contractions import gram, mode_product, rotate, scale
+from estimators._common import FloorSpec, beta_field, floor_validator, permute_columns, spectrum_floor, sum_except
 from estimators.base import Estimator
+from precond.contractions import gram, mode_product, rotate, scale
+from precond.ema import fold, gradient_weights
 from precond.layout import Layout
-from precond.validators import nonnegative
-
-
-def _init_lambda(instance, attribute, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ValueError(f"{attribute.name} (λ_k at step 0) must be a number > 0 or None (first eigenvalues), got {value!r}")
+from precond.refresh import Refresh
+from precond.state import ParamState, Tensors
+from precond.validators import nonnegative, number
 
 
 @attrs.frozen
@@ -71,7 +57,8 @@ class KL(Estimator):
     """
 
     beta: float = beta_field
-    init_lambda: Optional[float] = attrs.field(default=0.1, validator=_init_lambda)
+    init_lambda: Optional[float] = attrs.field(default=0.1, validator=number(
+        low=0, low_open=True, optional=True, meaning="λ_k at step 0; None takes the first eigenvalues"))
     damping: float = attrs.field(default=0.0, validator=nonnegative)
     floor: FloorSpec = attrs.field(default="dimension", validator=floor_validator)
     refresh_spectrum: Literal["keep", "reset"] = attrs.field(
@@ -79,8 +66,7 @@ class KL(Estimator):
     )
     rebalance: bool = False
 
-    def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
-               first: bool = False) -> None:
+    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi).
 
         ``Δ_k = Gram_k(Y_k) / D_{-k}`` with ``Y_k = (G ×_{j≠k} Q_j) ⊙ ⊗_{j≠k} λ_j^{-1/2}``, the gradient rotated
@@ -88,7 +74,8 @@ class KL(Estimator):
         ``diag(Q_kᵀ Δ_k Q_k) = Σ_{j≠k} R² ⊙ ⊗_{j≠k} λ_j^{-1} / D_{-k}`` from the full rotation
         ``R = Y_k ×_k Q_k``, which is formed once from the cheapest partial rotation.
         """
-        active = fold_weights(self.beta, nonzero_gradient(grad), grad.dtype)
+        active = gradient_weights(self.beta, grad)
+        bases, spectra, factors = ps.Q, ps.lam, ps.S
         if first:  # the fill: every S_j = I
             inverse: Tensors = [None] * layout.order
             inv_sqrt: Tensors = [None] * layout.order
@@ -154,9 +141,9 @@ class KL(Estimator):
                 shift = shift * (r * r).mean(dim=-1, keepdim=True)
         return shift
 
-    def finish_init(self, spectra: Tensors, factors: Tensors, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
+    def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
         """Set ``λ_k`` at step 0, after the first basis was computed from the filled ``S_k``."""
-        for k, lam in enumerate(spectra):
+        for k, lam in enumerate(ps.lam):
             if lam is None:
                 continue
             if self.init_lambda is not None:
@@ -165,12 +152,11 @@ class KL(Estimator):
                 lam.copy_(refreshes[k].eigenvalues)
             lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
 
-    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout,
-                   extras: Optional[dict[str, torch.Tensor]] = None) -> None:
+    def on_refresh(self, ps: ParamState, k: int, refresh: Refresh, layout: Layout) -> None:
         """Carry ``λ_k`` into the new basis: column-wise (permuted with the basis), or reset."""
-        lam = spectra[k]
+        lam = ps.lam[k]
         if self.refresh_spectrum == "reset":
-            lam.copy_(refresh.spectrum(factors[k]))
+            lam.copy_(refresh.spectrum(ps.S[k]))
         else:
             lam.copy_(permute_columns(lam, refresh.permutation))
         lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Optional
+from typing import Literal, Mapping
 
 import attrs
 import torch
 
-from bases import Refresh, rayleigh_quotients
-from estimators._common import Tensors, beta_field, fold, fold_weights, nonzero_gradient, sum_of_squares_except
-from precond.contractions import gram
+from estimators._common import beta_field, sum_of_squares_except
 from estimators.base import Estimator
+from precond.contractions import gram
+from precond.ema import fold, gradient_weights
 from precond.layout import Layout
+from precond.refresh import Refresh, rayleigh_quotients
+from precond.state import ParamState
 
 
 @attrs.frozen
@@ -33,11 +35,11 @@ class Shampoo(Estimator):
         default="refresh", validator=attrs.validators.in_(("refresh", "every_step"))
     )
 
-    def update(self, grad: torch.Tensor, bases: Tensors, spectra: Tensors, factors: Tensors, layout: Layout,
-               first: bool = False) -> None:
+    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         """Fold ``grad`` (``(B, *view)``) into the factors (dense modes) or spectra (diagonal modes), in place."""
-        active = fold_weights(self.beta, nonzero_gradient(grad), grad.dtype)
-        for k, lam in enumerate(spectra):
+        active = gradient_weights(self.beta, grad)
+        bases, factors = ps.Q, ps.S
+        for k, lam in enumerate(ps.lam):
             if lam is None:
                 continue
             if factors[k] is not None:
@@ -47,10 +49,9 @@ class Shampoo(Estimator):
             else:
                 fold(lam, sum_of_squares_except(grad, k), self.beta, active)
 
-    def finish_init(self, spectra: Tensors, factors: Tensors, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
+    def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
         for k, refresh in refreshes.items():
-            self.on_refresh(k, refresh, spectra, factors, layout)
+            self.on_refresh(ps, k, refresh, layout)
 
-    def on_refresh(self, k: int, refresh: Refresh, spectra: Tensors, factors: Tensors, layout: Layout,
-                   extras: Optional[dict[str, torch.Tensor]] = None) -> None:
-        spectra[k].copy_(refresh.spectrum(factors[k]).clamp_min(0))
+    def on_refresh(self, ps: ParamState, k: int, refresh: Refresh, layout: Layout) -> None:
+        ps.lam[k].copy_(refresh.spectrum(ps.S[k]).clamp_min(0))

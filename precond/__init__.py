@@ -7,7 +7,7 @@
 ...         basis=bases.QRPowerStep(every=10), applier=precond.Power(p=0.5, eps=1e-8)))
 
 The public names are resolved on first use (PEP 562), so the part packages can import ``precond.layout``,
-``precond.contractions`` and ``precond.stats`` without an import cycle.
+``precond.contractions`` and ``precond.fallbacks`` without an import cycle.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ __version__ = "0.1.0"
 PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
 
 _PUBLIC = {
-    "Graft": "precond.grafting",
+    "Graft": "precond.appliers",
     "Layout": "precond.layout",
-    "Normalize": "precond.grafting",
+    "Normalize": "precond.appliers",
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",

@@ -1,21 +1,26 @@
 """Stacking parameters of equal layout: one batched state per bucket, per-parameter views into it.
 
-Each parameter's ``optimizer.state[p]`` keeps its usual nested dict, but its tensors are *views* of slice ``i`` of
-the bucket's stacked tensors, so the per-parameter state (``state_dict``, ``part_state``) and the batched math
-share memory. After ``load_state_dict`` (or when parameters drift apart in step count) buckets are rebuilt by
-stacking the per-parameter tensors again.
+A bucket holds the parameters of one param group, shape, dtype and device that have seen the same number of updates
+(its one step counter). Each parameter's ``optimizer.state[p]`` keeps its usual nested dict (``precond.state``),
+but its tensors are *views* of slice ``i`` of the bucket's stacked tensors, so the per-parameter state
+(``state_dict``, ``part_state``) and the batched math share memory.
+
+A step where only some members have a gradient splits the bucket: the members with a gradient move to a bucket of
+their own, which runs as one batched call, and the rest keep theirs (:meth:`Buckets.split`). Buckets that come to
+share a key and step count again are merged at the start of the next step (:meth:`Buckets.consolidate`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
 
 import attrs
 import torch
 
 from precond.layout import Layout
-
-_NOT_STACKED = ("step",)
+from precond.preconditioner import Preconditioner
+from precond.refresh import Refresh
+from precond.state import STEP, ParamState, new_step, read_step
 
 
 def map_leaves(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -27,41 +32,157 @@ def map_leaves(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return state
 
 
-def stack_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the tensor leaves of per-parameter states into one batched state (leading axis = position)."""
+def _combine(states: Sequence[dict[str, Any]], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> dict[str, Any]:
     first = states[0]
     out: dict[str, Any] = {}
     for key, value in first.items():
-        if key in _NOT_STACKED:
+        if key == STEP:
             continue
         if isinstance(value, torch.Tensor):
-            out[key] = torch.stack([s[key] for s in states])
+            out[key] = join([s[key] for s in states])
         elif isinstance(value, dict):
-            out[key] = stack_states([s[key] for s in states])
+            out[key] = _combine([s[key] for s in states], join)
     return out
 
 
-def assign_views(batched: dict[str, Any], states: Sequence[dict[str, Any]]) -> None:
-    """Make every per-parameter state's tensor leaves views of its slice of ``batched``."""
+def stack_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensor leaves of per-parameter states into one batched storage (leading axis = position)."""
+    return _combine(states, torch.stack)
+
+
+def _assign_views(storage: dict[str, Any], states: Sequence[dict[str, Any]]) -> None:
+    """Make every per-parameter state's tensor leaves views of its slice of ``storage``."""
+    def reslice(batched: dict[str, Any], state: dict[str, Any], i: int) -> None:
+        for key, value in batched.items():
+            if isinstance(value, torch.Tensor):
+                state[key] = value[i]
+            else:
+                reslice(value, state.setdefault(key, {}), i)
+
     for i, state in enumerate(states):
-        _reslice(batched, state, i)
-
-
-def _reslice(batched: dict[str, Any], state: dict[str, Any], i: int) -> None:
-    for key, value in batched.items():
-        if isinstance(value, torch.Tensor):
-            state[key] = value[i]
-        else:
-            _reslice(value, state.setdefault(key, {}), i)
+        reslice(storage, state, i)
 
 
 @attrs.define(eq=False)
 class Bucket:
-    """Parameters of one param group, shape, dtype, device and step count, updated with one batched kernel each."""
+    """Parameters of one param group, shape, dtype, device and step count, updated with one batched call each."""
 
     key: Hashable
     params: list[torch.Tensor]
     layout: Layout
-    state: dict[str, Any]
+    storage: dict[str, Any]
     step: int
     group: dict[str, Any] = attrs.field(repr=False)
+    state: ParamState = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.state = ParamState.of(self.storage, self.layout)
+
+    @property
+    def preconditioner(self) -> Preconditioner:
+        return self.group["preconditioner"]
+
+    def select(self, index: torch.Tensor, mode: Optional[int] = None) -> ParamState:
+        """Copies of the entries ``index`` of this bucket's state (only what a refresh of ``mode`` touches, if given)."""
+        state = self.state if mode is None else self.state.of_mode(mode)
+        return state.map(lambda t: t.index_select(0, index))
+
+    def write_back(self, sub: ParamState, index: torch.Tensor) -> None:
+        """Write a :meth:`select`-ed (and since changed) state back into the entries ``index``."""
+        for mine, theirs in self.state.pairs(sub):
+            mine.index_copy_(0, index, theirs)
+
+    def refresh_inputs(self, k: int, index: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S_k, Q_k)`` of the entries ``index`` (all when None: the live tensors, no copy)."""
+        state = self.state if index is None else self.select(index, k)
+        return self.preconditioner.refresh_inputs(state, k)
+
+    def install_refresh(self, k: int, index: Optional[torch.Tensor], result: Refresh) -> None:
+        """Install ``result`` for the entries ``index`` (all when None), reading their state as it is now."""
+        if index is None:
+            self.preconditioner.install_refresh(self.state, k, result, self.layout)
+            return
+        sub = self.select(index, k)
+        self.preconditioner.install_refresh(sub, k, result, self.layout)
+        self.write_back(sub, index)
+
+
+def _bucket(key: Hashable, params: list[torch.Tensor], group: dict[str, Any], storage: dict[str, Any], step: int,
+            states: Sequence[dict[str, Any]]) -> Bucket:
+    _assign_views(storage, states)
+    return Bucket(key, params, group["preconditioner"].plan(params[0].shape), storage, step, group)
+
+
+class Buckets:
+    """The optimizer's buckets: built from the per-parameter states, grown by new parameters, split by partial
+    steps, merged again when their step counts meet. ``key(group_index, p)`` says which parameters may stack."""
+
+    def __init__(self, key: Callable[[int, torch.Tensor], Hashable]) -> None:
+        self.key = key
+        self.items: Optional[list[Bucket]] = None
+        self._split = False
+
+    @property
+    def built(self) -> bool:
+        return self.items is not None
+
+    def __iter__(self) -> Iterator[Bucket]:
+        return iter(self.items or ())
+
+    def invalidate(self) -> None:
+        """Forget the buckets (after ``load_state_dict``): they are rebuilt from the per-parameter states."""
+        self.items = None
+
+    def rebuild(self, param_groups: Sequence[dict[str, Any]], state: dict[torch.Tensor, dict[str, Any]]) -> None:
+        """Stack the per-parameter states, one bucket per key and step count."""
+        batches: dict[tuple, tuple[dict[str, Any], list[torch.Tensor]]] = {}
+        for i, group in enumerate(param_groups):
+            for p in group["params"]:
+                if state.get(p):
+                    if not isinstance(state[p][STEP], torch.Tensor):  # an older checkpoint's plain number
+                        state[p][STEP] = new_step() + read_step(state[p])
+                    batches.setdefault((self.key(i, p), read_step(state[p])), (group, []))[1].append(p)
+        self.items = []
+        for (key, step), (group, params) in batches.items():
+            states = [state[p] for p in params]
+            self.items.append(_bucket(key, params, group, stack_states(states), step, states))
+
+    def add(self, key: Hashable, params: list[torch.Tensor], group: dict[str, Any], storage: dict[str, Any],
+            states: Sequence[dict[str, Any]]) -> Bucket:
+        """A new bucket of fresh parameters at step 0 (their per-parameter states become views of ``storage``)."""
+        bucket = _bucket(key, params, group, storage, 0, states)
+        if self.items is not None:
+            self.items.append(bucket)
+        return bucket
+
+    def split(self, bucket: Bucket, positions: Sequence[int], state: dict[torch.Tensor, dict[str, Any]]) -> Bucket:
+        """Move the members at ``positions`` to a bucket of their own (returned); the rest stay in ``bucket``."""
+        keep = [i for i in range(len(bucket.params)) if i not in set(positions)]
+        parts = []
+        for chosen in (list(positions), keep):
+            index = torch.tensor(chosen, device=bucket.params[0].device)
+            params = [bucket.params[i] for i in chosen]
+            storage = map_leaves(bucket.storage, lambda t: t.index_select(0, index))
+            parts.append(_bucket(bucket.key, params, bucket.group, storage, bucket.step, [state[p] for p in params]))
+        self.items[self.items.index(bucket):self.items.index(bucket) + 1] = parts
+        self._split = True
+        return parts[0]
+
+    def consolidate(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
+        """Merge buckets that share a key and a step count (after partial steps brought them level again)."""
+        if not self._split or self.items is None:
+            return
+        self._split = False
+        merged: dict[tuple, list[Bucket]] = {}
+        for bucket in self.items:
+            merged.setdefault((bucket.key, bucket.step), []).append(bucket)
+        items = []
+        for (key, step), buckets in merged.items():
+            if len(buckets) == 1:
+                items.append(buckets[0])
+                continue
+            params = [p for b in buckets for p in b.params]
+            storage = _combine([b.storage for b in buckets], torch.cat)
+            items.append(_bucket(key, params, buckets[0].group, storage, step, [state[p] for p in params]))
+        self.items = items
+

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import attrs
 import torch
 
-from precond.buckets import Bucket, assign_views, map_leaves, stack_states
+from precond.buckets import Bucket, Buckets, map_leaves
 from precond.precision import tf32_matmuls
 from precond.refresh_schedule import RefreshSchedule
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
-from precond.stats import FallbackCounter
+from precond.state import STEP, new_step
+from precond.fallbacks import FallbackCounter
 
 _CONFIG_KEY = "preconditioner"
 _PART_KEYS = ("structure", "estimator", "basis", "applier", "first_step")
@@ -128,7 +130,7 @@ class Optimizer(torch.optim.Optimizer):
         self.stack = stack
         self.tf32 = tf32
         self._schedule = RefreshSchedule(stagger=stagger, asynchronous=async_refresh)
-        self._buckets: Optional[list[Bucket]] = None
+        self._buckets = Buckets(self._bucket_key)
         self._fallbacks = FallbackCounter()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -164,6 +166,15 @@ class Optimizer(torch.optim.Optimizer):
     def part_state(self, p: torch.Tensor, part: str) -> dict[str, Any]:
         """One part's state of parameter ``p``: ``part`` is ``"estimator"``, ``"basis"`` or ``"applier"``."""
         return self.state[p].get(part, {})
+
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The current buckets (parameters stacked into one batched state each), for inspection: read, don't write."""
+        return tuple(self._buckets)
+
+    def refresh_offset(self, p: torch.Tensor, k: int) -> Optional[int]:
+        """The stagger offset ``o`` of mode ``k`` of ``p`` (refreshed after steps with ``(t + o) mod T = 0``), or
+        None before the schedule was planned (the first step) or for a mode without a refreshed basis."""
+        return self._schedule.offset((id(p), k))
 
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
@@ -227,98 +238,107 @@ class Optimizer(torch.optim.Optimizer):
         work = self._gather()  # may refuse the step: nothing is touched before it
         self._schedule.flush()
         fresh = [(group, p, grad) for group, p, grad in work if not self.state[p]]
+        if not self._buckets.built:
+            self._buckets.rebuild(self.param_groups, self.state)
+        self._buckets.consolidate(self.state)
         if fresh:
             self._initialize(fresh)
-        if self._buckets is None:
-            self._rebuild_buckets()
         just_initialized = {id(p) for _, p, _ in fresh}
         grads = {id(p): grad for _, p, grad in work if id(p) not in just_initialized}
-        for bucket in self._buckets:
-            present = [p for p in bucket.params if id(p) in grads]
-            if len(present) == len(bucket.params):
-                self._run(bucket.group, bucket.params, [grads[id(p)] for p in bucket.params], bucket.state,
-                          bucket.layout, bucket.step + 1, first=False)
-                bucket.step += 1
-                for p in bucket.params:
-                    self.state[p]["step"] += 1
-            elif present:  # partial: per-parameter updates on views; step counts now differ, so re-bucket later
-                for p in present:
-                    state = self.state[p]
-                    view = {k: v for k, v in map_leaves(state, lambda t: t.unsqueeze(0)).items() if k != "step"}
-                    self._run(bucket.group, [p], [grads[id(p)]], view, bucket.layout, int(state["step"].item()) + 1,
-                              first=False)
-                    state["step"] += 1
-                self._buckets = None
+        for bucket in list(self._buckets):
+            present = [i for i, p in enumerate(bucket.params) if id(p) in grads]
+            if not present:
+                continue
+            if len(present) < len(bucket.params):
+                bucket = self._buckets.split(bucket, present, self.state)
+            self._advance(bucket, [grads[id(p)] for p in bucket.params])
 
-    def _bucket_key(self, group_index: int, p: torch.Tensor, step: int) -> tuple:
-        return (group_index, tuple(p.shape), p.dtype, p.device, step, None if self.stack else id(p))
+    def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
+        return (group_index, tuple(p.shape), p.dtype, p.device, None if self.stack else id(p))
 
     def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
-        """First gradient of new parameters: stacked initial fill; ``first_step="update"`` also updates at once."""
+        """First gradient of new parameters: a stacked initial fill per bucket; a preconditioner that
+        ``updates_on_first_gradient`` also takes step 1 with it at once."""
         index = {id(group): i for i, group in enumerate(self.param_groups)}
         batches: dict[tuple, list] = {}
         for group, p, grad in fresh:
-            batches.setdefault(self._bucket_key(index[id(group)], p, 0), []).append((group, p, grad))
+            batches.setdefault(self._bucket_key(index[id(group)], p), []).append((group, p, grad))
         for key, items in batches.items():
             group = items[0][0]
             params = [p for _, p, _ in items]
             preconditioner: Preconditioner = group[_CONFIG_KEY]
             layout = preconditioner.plan(params[0].shape)
             grad = torch.stack([layout.view(g) for _, _, g in items]).to(self.state_dtype)
-            state = preconditioner.init_state(grad, layout, self._fallbacks)
+            ps = preconditioner.init_state(grad, layout, self._fallbacks)
             if group["momentum"] > 0:
-                state["momentum"] = torch.zeros_like(grad)
+                ps.momentum = torch.zeros_like(grad)
             for p in params:
-                self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
-            assign_views(state, [self.state[p] for p in params])
-            bucket = Bucket(key, params, layout, state, 0, group)
-            if preconditioner.first_step == "update":
-                self._run(group, params, [g for _, _, g in items], state, layout, 1, first=True)
-                bucket.step = 1
-                for p in params:
-                    self.state[p]["step"] += 1
-            if self._buckets is not None:
-                self._buckets.append(bucket)
+                self.state[p][STEP] = new_step()
+            bucket = self._buckets.add(key, params, group, ps.storage(), [self.state[p] for p in params])
+            if preconditioner.updates_on_first_gradient:
+                self._advance(bucket, [g for _, _, g in items])
 
-    def _rebuild_buckets(self) -> None:
-        """Stack the per-parameter states again (after ``load_state_dict`` or when step counts drifted apart)."""
-        batches: dict[tuple, list[torch.Tensor]] = {}
-        groups = {}
-        for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state:
-                    key = self._bucket_key(i, p, int(state["step"].item()))
-                    batches.setdefault(key, []).append(p)
-                    groups[key] = group
-        self._buckets = []
-        for key, params in batches.items():
-            group = groups[key]
-            states = [self.state[p] for p in params]
-            stacked = stack_states(states)
-            assign_views(stacked, states)
-            layout = group[_CONFIG_KEY].plan(params[0].shape)
-            self._buckets.append(Bucket(key, params, layout, stacked, key[4], group))
+    def _advance(self, bucket: Bucket, grads: list[torch.Tensor]) -> None:
+        """One step of every member of ``bucket``: the update, the due refreshes, the parameters moved."""
+        step = bucket.step + 1
+        update = self._direction(bucket, grads, step)
+        if bucket.preconditioner.folds_at(step):
+            self._refresh(bucket, step)
+        bucket.step = step
+        for p in bucket.params:
+            self.state[p][STEP] += 1
+        self._apply(bucket.group, bucket.params, update, bucket.layout)
 
-    def _run(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-             state: dict[str, Any], layout: Layout, step: int, first: bool) -> None:
-        """One update of a stack of parameters sharing ``layout`` (``state``: batched tensors, leading axis B)."""
-        preconditioner: Preconditioner = group[_CONFIG_KEY]
+    def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: int) -> torch.Tensor:
+        """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient."""
+        group, layout = bucket.group, bucket.layout
         grad = torch.stack([layout.view(g) for g in grads]).to(self.state_dtype)
         beta1 = group["momentum"]
         source = grad
         if beta1 > 0:
-            m = state["momentum"]
+            m = bucket.state.momentum
             m.lerp_(grad, 1.0 - beta1)
             source = grad.lerp(m, beta1) if group["nesterov"] else m
             if group["bias_correction"]:
                 source = source / (1.0 - beta1**step)
-        update = preconditioner.precondition(grad, source, state, layout, step, self._fallbacks, fold=not first,
-                                             refresh=False)
-        if not first:
-            self._schedule.after_update(preconditioner, params, state, layout, step, self._fallbacks, self.param_groups)
-        updates = [layout.unview(u) for u in update.to(params[0].dtype).unbind(0)]
+        return bucket.preconditioner.precondition(bucket.state, grad, source, layout, step)
 
+    def _refresh(self, bucket: Bucket, step: int) -> None:
+        """Refresh the modes of ``bucket``'s members that the schedule says are due after ``step``."""
+        preconditioner = bucket.preconditioner
+        for k in preconditioner.refreshable_modes(bucket.layout):
+            keys = [(id(p), k) for p in bucket.params]
+            if not self._schedule.knows(keys):
+                self._schedule.plan(self._refresh_units())
+            due, refresh_index = self._schedule.due(keys, preconditioner.basis.every, step)
+            if not due:
+                continue
+            device = bucket.params[0].device
+            index = None if len(due) == len(keys) else torch.tensor(due, device=device)
+            factor, basis = bucket.refresh_inputs(k, index)
+            if self._schedule.asynchronous:
+                factor = factor.clone()  # a snapshot: the next step's fold must not reach the side stream
+
+            def compute(factor=factor, basis=basis, refresh_index=refresh_index):
+                return preconditioner.compute_refresh(factor, basis, self._fallbacks, refresh_index)
+
+            self._schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
+
+    def _refresh_units(self) -> list[tuple[tuple[int, int], int, int]]:
+        """Every refreshable mode of every parameter, in parameter order: ``((id(p), k), d_k, T)``."""
+        units = []
+        for group in self.param_groups:
+            preconditioner: Preconditioner = group[_CONFIG_KEY]
+            for p in group["params"]:
+                layout = preconditioner.plan(p.shape)
+                for k in preconditioner.refreshable_modes(layout):
+                    units.append(((id(p), k), layout.view_shape[k], preconditioner.basis.every))
+        return units
+
+    @staticmethod
+    def _apply(group: dict[str, Any], params: list[torch.Tensor], update: torch.Tensor, layout: Layout) -> None:
+        """Decoupled weight decay and ``W ← W − η U`` for the stacked ``update``."""
+        updates = [layout.unview(u) for u in update.to(params[0].dtype).unbind(0)]
         lr, wd = group["lr"], group["weight_decay"]
         if wd and group["decay_order"] == "before":
             torch._foreach_mul_(params, 1 - lr * wd)
@@ -350,7 +370,7 @@ class Optimizer(torch.optim.Optimizer):
                     "build the optimizer with the saved configuration before loading")
         super().load_state_dict(state_dict)
         self._schedule.discard()
-        self._buckets = None
+        self._buckets.invalidate()
         for group, preconditioner in zip(self.param_groups, current):
             group[_CONFIG_KEY] = preconditioner
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]

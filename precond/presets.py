@@ -15,8 +15,7 @@ from typing import Any, Iterable, Literal, Optional
 import bases
 import estimators
 import structures
-from precond.appliers import Exponent, Power
-from precond.grafting import Graft, Normalize
+from precond.appliers import Exponent, Graft, Normalize, Power
 from precond.optimizer import Optimizer
 from precond.preconditioner import Preconditioner
 

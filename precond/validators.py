@@ -1,19 +1,61 @@
-"""attrs validators shared by the parts' configuration classes (a wrong value names its field)."""
+"""attrs validators for the parts' configuration fields: one factory, each message naming the field's meaning.
+
+A number field refuses booleans, strings, NaN and (unless ``finite=False``) ±inf, as well as values outside its
+range, and says what the field means and what it accepts, e.g.
+``beta (EMA weight ρ on the old statistic) must be a number in [0, 1], got nan``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable, Optional
+
+Validator = Callable[[Any, Any, Any], None]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def nonnegative(instance: Any, attribute: Any, value: Any) -> None:
-    if not _is_number(value) or value < 0:
-        raise ValueError(f"{attribute.name} must be a number ≥ 0, got {value!r}")
+def _range_text(low: Optional[float], high: Optional[float], low_open: bool, high_open: bool, integer: bool) -> str:
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '≥'} {low:g}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '≤'} {high:g}"
+    return kind if integer else "a finite number"
 
 
-def positive(instance: Any, attribute: Any, value: Any) -> None:
-    if not _is_number(value) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
+def number(*, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+           high_open: bool = False, integer: bool = False, optional: bool = False, finite: bool = True,
+           also: tuple[Any, ...] = (), meaning: str = "") -> Validator:
+    """A validator for a number in ``[low, high]`` (``low_open``/``high_open`` exclude an end).
+
+    ``integer``: only ``int``; ``optional``: ``None`` is accepted too; ``also``: further accepted values (e.g. the
+    string ``"dimension"``); ``finite``: refuse ±inf (NaN is always refused); ``meaning`` goes in the message.
+    """
+    allowed = " or ".join([_range_text(low, high, low_open, high_open, integer)]
+                          + [repr(a) for a in also] + (["None"] if optional else []))
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if (optional and value is None) or any(value == a and type(value) is type(a) for a in also):
+            return
+        ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else is_number(value)
+        if ok:
+            ok = not math.isnan(value) and (not finite or math.isfinite(value))
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            label = f"{attribute.name} ({meaning})" if meaning else attribute.name
+            raise ValueError(f"{label} must be {allowed}, got {value!r}")
+
+    return check
+
+
+nonnegative = number(low=0)
+positive = number(low=0, low_open=True)
+unit_interval = number(low=0, high=1)

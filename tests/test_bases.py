@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import bases
+from reference import random_spd
 
 F64 = torch.float64
 seeds = st.integers(0, 2**31 - 1)
@@ -264,24 +265,33 @@ def test_zero_factor_in_a_batch_only_freezes_its_own_entry(d, seed, refresher):
 
 
 # --- configuration ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.Identity])
+@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.CholeskyQR])
 @pytest.mark.parametrize("every", [0, -1, 1.5, True, "10", None])
 def test_every_must_be_a_positive_integer(cls, every):
     with pytest.raises(ValueError, match="every"):
         cls(every=every)
 
 
-@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.Identity])
+@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.CholeskyQR])
 def test_every_accepts_positive_integers(cls):
     assert cls(every=1).every == 1
     assert cls(every=7).every == 7
+
+
+def test_identity_keeps_the_identity_basis_and_has_no_period():
+    """``Q_k = I`` forever: nothing to schedule, so no ``every``; its eigenvalue estimates are ``diag(S)``."""
+    assert not hasattr(bases.Identity(), "every")
+    s = random_spd(4, torch.Generator().manual_seed(0)).unsqueeze(0)
+    result = bases.Identity().refresh(s, torch.eye(4, dtype=torch.float64)[None])
+    assert torch.equal(result.basis[0], torch.eye(4, dtype=torch.float64))
+    assert torch.equal(result.spectrum(s)[0], torch.diagonal(s[0]))
 
 
 def test_eigh_ladder_treats_nan_output_as_failure(monkeypatch):
     """Named bug: LAPACK's eigh returned NaN eigenvectors (no exception) for a rank-deficient embedding factor
     with one thread; the basis must never become NaN. Rungs: jitter, float64, keep the old basis."""
     from bases.eigh import descending_eigh
-    from precond.stats import FallbackCounter
+    from precond.fallbacks import FallbackCounter
 
     real = torch.linalg.eigh
     s = torch.diag(torch.tensor([3.0, 2.0, 0.0, 0.0]))[None]

@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 
 import estimators
 import structures
+from precond.state import ParamState
 from reference import F64, kron_all, mode_matrix, random_orthogonal, random_spd, unfold
 from strategies import seeds, shapes
 
@@ -38,7 +39,7 @@ def test_kl_step_matches_dense_reference(shape, seed, beta, damping, max_dim, la
     bases, spectra, factors = _random_state(layout, gen)
     old_spectra, old_factors = _clone(spectra), _clone(factors)
     estimator = estimators.KL(beta=beta, damping=damping, floor=0.0)
-    estimator.update(grad.unsqueeze(0), bases, spectra, factors, layout)
+    estimator.update(ParamState(Q=bases, S=factors, lam=spectra), grad.unsqueeze(0), layout)
 
     dims, kinds = layout.view_shape, layout.kinds
     inverses = [_inverse_factor(kind, q, lam, d) for kind, q, lam, d in zip(kinds, bases, old_spectra, dims)]
@@ -67,7 +68,7 @@ def test_shampoo_step_matches_dense_reference(shape, seed, beta):
     grad = torch.randn(layout.view_shape, generator=gen, dtype=F64)
     bases, spectra, factors = _random_state(layout, gen)
     old_spectra, old_factors = _clone(spectra), _clone(factors)
-    estimators.Shampoo(beta=beta).update(grad.unsqueeze(0), bases, spectra, factors, layout)
+    estimators.Shampoo(beta=beta).update(ParamState(Q=bases, S=factors, lam=spectra), grad.unsqueeze(0), layout)
     for k, kind in enumerate(layout.kinds):
         g = unfold(grad, k)
         gram = g @ g.T
@@ -87,7 +88,7 @@ def test_zero_gradient_leaves_statistics_alone(shape, seed):
     for estimator in (estimators.KL(beta=0.9), estimators.Shampoo(beta=0.9)):
         bases, spectra, factors = _random_state(layout, gen)
         old_spectra, old_factors = _clone(spectra), _clone(factors)
-        estimator.update(torch.zeros(1, *layout.view_shape, dtype=F64), bases, spectra, factors, layout)
+        estimator.update(ParamState(Q=bases, S=factors, lam=spectra), torch.zeros(1, *layout.view_shape, dtype=F64), layout)
         for new, old in zip(spectra + factors, old_spectra + old_factors):
             if old is not None:
                 assert torch.equal(new, old)
@@ -101,6 +102,6 @@ def test_kl_floor_is_the_prototype_clamp():
     factors = [torch.eye(3, dtype=F64)[None], torch.eye(20, dtype=F64)[None]]
     grad = torch.zeros(1, 3, 20, dtype=F64)
     grad[0, 0, 0] = 1e-6
-    estimators.KL(beta=0.5).update(grad, bases, spectra, factors, layout)
+    estimators.KL(beta=0.5).update(ParamState(Q=bases, S=factors, lam=spectra), grad, layout)
     assert spectra[0].min().item() >= 10.0**-2 - 1e-15  # d = 3 -> c = 10
     assert spectra[1].min().item() >= 20.0**-2 - 1e-15  # d = 20 -> c = 20

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 import bases
 import precond
 from bases.qr_power_step import sign_fixed_qr
-from precond.stats import FallbackCounter
+from precond.fallbacks import FallbackCounter
 from reference import F64, random_orthogonal
 from strategies import seeds
 
@@ -97,11 +97,10 @@ def test_stagger_refreshes_every_unit_every_T_steps_at_its_own_phase(every):
                 if not torch.equal(q, previous[(i, k)]):
                     history.setdefault((i, k), []).append(t)
                 previous[(i, k)] = q.clone()
-    offsets = opt._schedule._offsets
     loads = [0] * every
     for i, p in enumerate(params):
         for k in opt.state[p]["basis"]["Q"]:
-            o = offsets[(id(p), int(k))]
+            o = opt.refresh_offset(p, int(k))
             assert 0 <= o < every
             loads[o] += opt.layout(p).view_shape[int(k)] ** 3
             due = [t for t in range(1, 3 * every + 2) if (t + o) % every == 0]
@@ -129,12 +128,11 @@ def test_async_schedule_installs_each_refresh_one_step_later(every):
             state = pc.init_state(batch, layout)
             continue
         for k, result in pending:
-            pc.apply_refresh(state, layout, k, result)
+            pc.install_refresh(state, k, result, layout)
         pending = []
-        weight = weight - pc.direction(batch, state, layout)[0]
-        pc.update(batch, state, layout, t, refresh=False)
+        weight = weight - pc.precondition(state, batch, batch, layout, t)[0]  # update from the pre-step state, then fold
         if t % every == 0:
-            pending = [(k, pc.compute_refresh(state, layout, k, index=t // every - 1)) for k in (0, 1)]
+            pending = [(k, pc.compute_refresh(state.S[k], state.Q[k], index=t // every - 1)) for k in (0, 1)]
         torch.testing.assert_close(p.detach(), weight, rtol=1e-12, atol=1e-12)
 
 

@@ -15,6 +15,7 @@ import bases
 import estimators
 import precond
 import structures
+from precond.state import ParamState
 from reference import F64, kl_objective, random_orthogonal, second_moment, unfold
 from strategies import seeds
 
@@ -24,7 +25,7 @@ def _iterate(pc, samples, steps):
     grad = layout.view(samples).unsqueeze(0)
     state = pc.init_state(grad, layout)
     for step in range(1, steps + 1):
-        pc.update(grad, state, layout, step)
+        pc.absorb(state, grad, layout, step)
     return layout, state
 
 
@@ -41,8 +42,8 @@ def test_claim1_one_sided_kl_optimum_is_the_second_moment(d_a, d_b, seed):
     grad = samples.unsqueeze(0)
     state = pc.init_state(grad, layout)
     for step in range(1, 80):
-        pc.update(grad, state, layout, step)
-    s_a = state["estimator"]["S"]["1"][0]
+        pc.absorb(state, grad, layout, step)
+    s_a = state.S[1][0]
     expected = sum(g @ g.T for g in samples) / n  # E[GGᵀ]
     torch.testing.assert_close(s_a * d_b, expected, rtol=1e-9, atol=1e-12)
     # and it is the minimiser of Eq. 2 over one-sided S: random SPD perturbations only increase the objective
@@ -66,9 +67,9 @@ def test_claim1_one_sided_kl_factor_is_shampoos_over_d_minus_k():
         layout = pc.plan((5, 3, 4))
         state = pc.init_state(layout.view(stream[0]).unsqueeze(0), layout)
         for step, g in enumerate(stream[1:], start=1):
-            pc.update(layout.view(g).unsqueeze(0), state, layout, step)
+            pc.absorb(state, layout.view(g).unsqueeze(0), layout, step)
         states.append(state)
-    torch.testing.assert_close(states[0]["estimator"]["S"]["0"][0] * 12, states[1]["estimator"]["S"]["0"][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(states[0].S[0][0] * 12, states[1].S[0][0], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("dims", [(3, 4), (4, 2), (2, 3, 3)])
@@ -85,7 +86,7 @@ def test_claim2_fixed_point_and_kl_no_worse_than_shampoo(dims):
         bases.Eigh(every=1), precond.Power())
     layout, state = _iterate(pc, samples, 400)
     assert layout.kinds == ("none",) + ("dense",) * len(dims)
-    factors = [state["estimator"]["S"][str(k + 1)][0] for k in range(len(dims))]
+    factors = [state.S[k + 1][0] for k in range(len(dims))]
     for k in range(len(dims)):
         others = [torch.linalg.inv(factors[j]) for j in range(len(dims)) if j != k]
         kron = others[0] if len(others) == 1 else torch.kron(*others)
@@ -127,7 +128,7 @@ def test_claim3_eigenvalues_in_a_fixed_basis(d_a, d_b, seed):
     factors = [None, None, None]  # λ only: the basis stays fixed
     estimator = estimators.KL(beta=0.5, floor=0.0)
     for _ in range(300):
-        estimator.update(samples.unsqueeze(0), bases_, spectra, factors, layout)
+        estimator.update(ParamState(Q=bases_, S=factors, lam=spectra), samples.unsqueeze(0), layout)
     lam_a, lam_b = spectra[1][0], spectra[2][0]
     p_a = q_a @ torch.diag(1 / lam_a) @ q_a.T
     p_b = q_b @ torch.diag(1 / lam_b) @ q_b.T

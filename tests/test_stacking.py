@@ -46,8 +46,9 @@ def test_stacked_state_is_shared_with_per_parameter_views():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    assert len(opt._buckets) == 1 and len(opt._buckets[0].params) == 3
-    stacked = opt._buckets[0].state["estimator"]["S"]["0"]
+    buckets = opt.buckets()
+    assert len(buckets) == 1 and len(buckets[0].params) == 3
+    stacked = buckets[0].state.S[0]
     for i, p in enumerate(params):
         view = opt.state[p]["estimator"]["S"]["0"]
         assert view.data_ptr() == stacked[i].data_ptr()

@@ -13,6 +13,7 @@ import bases
 import estimators
 import precond
 import structures
+from precond.state import ParamState
 from estimators.dense import permute_mode
 from reference import F64, random_orthogonal
 from strategies import seeds, shapes
@@ -166,8 +167,9 @@ def test_soap_permutes_v_with_a_sorted_refresh():
     v = torch.tensor([[10.0, 30.0, 20.0]], dtype=F64).unsqueeze(-1).expand(1, 3, 2).clone()
     estimator = estimators.Frobenius(spectrum="dense")
     layout = structures.NMode().plan((3, 2))
-    spectra, factors = [torch.ones(1, 3, dtype=F64), torch.ones(1, 2, dtype=F64)], [s.clone(), None]
-    estimator.on_refresh(0, refresh, spectra, factors, layout, {"V": v})
+    ps = ParamState(Q=[q_old.clone(), None], S=[s.clone(), None], lam=[torch.ones(1, 3, dtype=F64), torch.ones(1, 2, dtype=F64)],
+                    estimator={"V": v})
+    estimator.on_refresh(ps, 0, refresh, layout)
     assert torch.equal(v[0, :, 0], torch.tensor([30.0, 20.0, 10.0], dtype=F64))
     assert torch.equal(refresh.basis[0].abs(), torch.eye(3, dtype=F64)[:, [1, 2, 0]])
 

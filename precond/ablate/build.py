@@ -84,7 +84,9 @@ def make_estimator(name: str, beta: float) -> Any:
 
 
 def make_basis(name: str, every: int) -> Any:
-    return {"eigh": bases.Eigh, "qr": bases.QRPowerStep, "identity": bases.Identity}[name](every=every)
+    if name == "identity":
+        return bases.Identity()
+    return {"eigh": bases.Eigh, "qr": bases.QRPowerStep}[name](every=every)
 
 
 def make_preconditioner(options: Mapping[str, Any]) -> precond.Preconditioner:

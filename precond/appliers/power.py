@@ -1,39 +1,36 @@
-"""Appliers: how a spectrum and a direction become the update."""
+"""``Power``: the Kronecker (or dense) spectrum raised to ``-p`` in the eigenbasis."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Union
 
 import attrs
 import torch
 
 from precond.contractions import outer, rotate, scale, unrotate
 from precond.layout import Layout
-from precond.validators import nonnegative
+from precond.parts import ApplyContext
+from precond.validators import nonnegative, number
 
 Exponent = Union[float, Literal["1/(2N)"]]
-
-
-def _exponent(instance, attribute, value) -> None:
-    if value == "1/(2N)":
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"p (the root applied per factor) must lie in [0, 1] or be '1/(2N)', got {value!r}")
 
 
 @attrs.frozen
 class Power:
     """``U = (R ⊙ ⊗_k (λ_k + ε)^{-p}) ×_k Q_kᵀ`` with ``R = M ×_k Q_k``: the dense matrix
-    ``⊗_k Q_k diag(λ_k + ε)^{-p} Q_kᵀ`` applied to ``vec(M)`` (DESIGN "Appliers").
+    ``⊗_k Q_k diag(λ_k + ε)^{-p} Q_kᵀ`` applied to ``vec(M)`` (``docs/design.md``, "Appliers").
 
     - ``p``: root per factor. ``1/2`` is Shampoo² / KL-Shampoo / SOAP; ``"1/(2N)"`` is the original Shampoo
       (``1/4`` for a matrix, ``N`` = number of modes with a spectrum); ``0`` returns ``M`` (momentum SGD).
     - ``eps_placement``: ``"factor"`` adds ε to each ``λ_k`` (the formula above); ``"outside"`` divides by
       ``(∏_k λ_k)^p + ε`` instead, ε outside the root as in the KL-Shampoo prototype.
-    Modes without a spectrum are identity (``λ = 1``, no ε). With a dense spectrum, ``"1/(2N)"`` means ``1/2``.
+    Modes without a spectrum are identity (``λ = 1``, no ε). With a dense spectrum ``V̂`` (SOAP's, from the
+    estimator) it replaces ``⊗_k λ_k``: ``R ⊙ (V̂ + ε)^{-p}`` or ``R / (V̂^p + ε)`` (Adam's form, ``"outside"``);
+    ``"1/(2N)"`` then means ``1/2``.
     """
 
-    p: Exponent = attrs.field(default=0.5, validator=_exponent)
+    p: Exponent = attrs.field(default=0.5, validator=number(
+        low=0, high=1, also=("1/(2N)",), meaning="the root applied per factor"))
     eps: float = attrs.field(default=1e-8, validator=nonnegative)
     eps_placement: Literal["factor", "outside"] = attrs.field(
         default="factor", validator=attrs.validators.in_(("factor", "outside"))
@@ -47,18 +44,12 @@ class Power:
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         return {}
 
-    def direction(self, direction: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
-                  spectra: Sequence[Optional[torch.Tensor]], layout: Layout, *, dense: Optional[torch.Tensor] = None,
-                  grad: Optional[torch.Tensor] = None, state: Optional[dict[str, torch.Tensor]] = None,
-                  step: int = 0) -> torch.Tensor:
-        """Precondition ``direction`` (``(B, *view)``) with the bases and spectra of the pre-step state.
-
-        ``dense``: a full-size spectrum ``V̂`` in the rotated basis (SOAP's); when given it replaces ``⊗_k λ_k``:
-        ``R ⊙ (V̂ + ε)^{-p}`` or ``R / (V̂^p + ε)`` (Adam's form, ``eps_placement="outside"``).
-        """
-        p = self.exponent(layout)
+    def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        """Precondition ``direction`` (``(B, *view)``) with the bases and spectra of the pre-step state."""
+        p = self.exponent(ctx.layout)
         if p == 0.0:
             return direction
+        bases, spectra, dense = ctx.ps.Q, ctx.ps.lam, ctx.dense
         rotated = rotate(direction, bases)
         if dense is not None:
             rotated = rotated * (dense + self.eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + self.eps)

@@ -1,0 +1,52 @@
+"""``Graft``: layer-wise grafting (Agarwal et al. 2020), the inner direction with a diagonal method's norm."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+
+from precond.appliers._norms import batch_norm
+from precond.ema import fold, gradient_weights
+from precond.layout import Layout
+from precond.parts import Applier, ApplyContext, slot
+from precond.validators import number, positive
+
+
+@attrs.frozen
+class Graft:
+    """Layer-wise grafting: the inner applier's direction ``U`` with the norm of a diagonal method's,
+    ``U ← U · ‖U_graft‖ / (‖U‖ + 1e-16)``, per parameter (per stacked block).
+
+    ``onto``: ``"adam"`` ``U_graft = M / (√v̂ + ε)`` with ``v ← β v + (1−β) g²`` and ``v̂ = v/(1−βᵗ)``;
+    ``"rmsprop"`` the same without bias correction; ``"sgd"`` ``U_graft = M``. ``M`` is the optimizer's
+    (momentum) direction. Defaults ``beta = 0.999``, ``eps = 1e-10`` are Meta's Distributed Shampoo Adam graft.
+    The graft's ``v`` is its only state (``state[p]["applier"]["v"]``).
+    """
+
+    inner: Applier = attrs.field(validator=slot(Applier))
+    onto: Literal["adam", "rmsprop", "sgd"] = attrs.field(default="adam", validator=attrs.validators.in_(("adam", "rmsprop", "sgd")))
+    beta: float = attrs.field(default=0.999, validator=number(
+        low=0, high=1, high_open=True, meaning="EMA weight of the graft's second moment v"))
+    eps: float = attrs.field(default=1e-10, validator=positive)
+
+    def exponent(self, layout: Layout) -> float:
+        return self.inner.exponent(layout)
+
+    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        state = dict(self.inner.init_state(grad, layout))
+        if self.onto != "sgd":
+            state["v"] = torch.zeros_like(grad)
+        return state
+
+    def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        inner = self.inner.apply(direction, ctx)
+        if self.onto == "sgd":
+            graft = direction
+        else:
+            v = ctx.ps.applier["v"]
+            fold(v, ctx.grad * ctx.grad, self.beta, gradient_weights(self.beta, ctx.grad))
+            v_hat = v / (1.0 - self.beta ** max(ctx.step, 1)) if self.onto == "adam" else v
+            graft = direction / (v_hat.sqrt() + self.eps)
+        return inner * (batch_norm(graft) / (batch_norm(inner) + 1e-16))

@@ -1,0 +1,39 @@
+"""The exponential moving average every statistic of the library uses (factors, spectra, ``V``, a graft's ``v``).
+
+``old ← β old + (1−β) new`` per batch entry, skipped for an entry whose gradient is all zero (DESIGN: a zero
+gradient must not decay the statistics; ``docs/design.md``, "Step order").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def nonzero_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: the gradient of each batch entry has a nonzero entry (no host sync)."""
+    return grad.reshape(grad.shape[0], -1).abs().amax(dim=1) > 0
+
+
+def fold_weights(beta: float, active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B,)`` weights of the new term for :func:`fold`: ``1−β`` (or 1 for a sum) where ``active``, else 0.
+
+    Computed once per update and shared by every fold of it.
+    """
+    return active.to(dtype) * (1.0 if beta == 1.0 else 1.0 - beta)
+
+
+def gradient_weights(beta: float, grad: torch.Tensor) -> torch.Tensor:
+    """:func:`fold_weights` for the entries of ``grad`` (``(B, …)``) that are not all zero."""
+    return fold_weights(beta, nonzero_gradient(grad), grad.dtype)
+
+
+def fold(old: torch.Tensor, new: torch.Tensor, beta: float, weights: torch.Tensor) -> None:
+    """In place: ``old ← β old + (1−β) new`` per batch entry, with ``weights`` from :func:`fold_weights`.
+
+    ``β = 1`` accumulates the plain sum ``old ← old + new`` (original Shampoo/AdaGrad).
+    """
+    weight = weights.view(weights.shape[0], *([1] * (old.ndim - 1)))
+    if beta == 1.0:
+        old.addcmul_(new, weight)
+    else:
+        old.lerp_(new, weight)
