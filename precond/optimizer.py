@@ -269,7 +269,7 @@ class Optimizer(torch.optim.Optimizer):
             preconditioner: Preconditioner = group[_CONFIG_KEY]
             layout = preconditioner.plan(params[0].shape)
             grad = torch.stack([layout.view(g) for _, _, g in items]).to(self.state_dtype)
-            ps = preconditioner.init_state(grad, layout, self._fallbacks)
+            ps = preconditioner.init_state(grad, layout, self._fallbacks, tuple(params))
             if group["momentum"] > 0:
                 ps.momentum = torch.zeros_like(grad)
             for p in params:

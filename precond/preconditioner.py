@@ -55,9 +55,11 @@ class Preconditioner:
         return _plan(self, tuple(shape))
 
     # --- the first gradient -------------------------------------------------------------------
-    def init_state(self, grad: torch.Tensor, layout: Layout, counter: Optional[FallbackCounter] = None) -> ParamState:
-        """Initial state from the first gradient ``grad`` (``(B, *view)``): fill, first bases, ``λ_k`` at step 0."""
-        ps = ParamState.empty(layout, self.basis.needs_factors, grad.shape[0], grad.dtype, grad.device)
+    def init_state(self, grad: torch.Tensor, layout: Layout, counter: Optional[FallbackCounter] = None,
+                   params: tuple[torch.Tensor, ...] = ()) -> ParamState:
+        """Initial state from the first gradient ``grad`` (``(B, *view)``) of ``params``: fill, first bases,
+        ``λ_k`` at step 0."""
+        ps = ParamState.empty(layout, self.basis.needs_factors, grad.shape[0], grad.dtype, grad.device, params)
         self.estimator.update(ps, grad, layout, first=True)
         refreshes = {k: self.basis.initialize(factor, counter) for k, factor in enumerate(ps.S) if factor is not None}
         for k, refresh in refreshes.items():
