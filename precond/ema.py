@@ -1,6 +1,6 @@
 """The exponential moving average every statistic of the library uses (factors, spectra, ``V``, a graft's ``v``).
 
-``old ← β old + (1−β) new`` per batch entry, skipped for an entry whose gradient is all zero (DESIGN: a zero
+``old ← β old + (1−β) new`` per batch entry, skipped for an entry whose gradient is all zero (a zero
 gradient must not decay the statistics; ``docs/design.md``, "Step order").
 """
 

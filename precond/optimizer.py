@@ -77,7 +77,7 @@ def _describe_config(obj: Any) -> Any:
 class Optimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` running ``preconditioner`` on every parameter (per-group overrides allowed).
 
-    The optimizer owns only what is not a preconditioner part (DESIGN):
+    The optimizer owns only what is not a preconditioner part (``docs/design.md``, "Parts"):
 
     - ``lr`` η (float or tensor, schedulable);
     - ``momentum`` β₁: ``m ← β₁ m + (1−β₁) g`` in the original space (0 = none); ``nesterov`` uses

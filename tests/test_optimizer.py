@@ -1,4 +1,4 @@
-"""torch.optim conventions (DESIGN property 6) and training with a KL-Shampoo composed from parts."""
+"""torch.optim conventions (property 6, docs/design.md) and training with a KL-Shampoo composed from parts."""
 
 from __future__ import annotations
 
