@@ -30,13 +30,13 @@ class Structure(Protocol):
 class Estimator(Protocol):
     """How ``S_k`` and ``λ_k`` (and the estimator's own tensors) absorb each gradient; called in this order:
 
-    1. ``init_state(grad, layout)`` once: the estimator's own tensors (e.g. a dense second moment ``V``);
-    2. ``update(ps, grad, layout, first=True)`` once, the initial fill; then ``finish_init(ps, refreshes, layout)``
-       after the first bases;
-    3. each step: ``prepare(ps, grad, layout, step)`` (statistics the current direction must already see, SOAP's
+    1. ``update(ps, grad, layout, first=True)`` once, the initial fill; then ``finish_init(ps, refreshes, layout)``
+       after the first bases; then ``init_state(grad, layout)``: the estimator's own tensors (e.g. a dense second
+       moment ``V``, zero at first);
+    2. each step: ``prepare(ps, grad, layout, step)`` (statistics the current direction must already see, SOAP's
        ``V``), the applier, ``update(ps, grad, layout)`` (pre-step bases and spectra, Jacobi), and at refresh steps
        ``on_refresh(ps, k, refresh, layout)``;
-    4. ``dense_spectrum(ps, step)``: a full-size spectrum for the applier, or ``None`` (Kronecker ``λ_k``).
+    3. ``dense_spectrum(ps, step)``: a full-size spectrum for the applier, or ``None`` (Kronecker ``λ_k``).
     """
 
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]: ...
