@@ -332,8 +332,8 @@ class Optimizer(torch.optim.Optimizer):
         if not self._buckets.built:
             self._buckets.rebuild(self.param_groups, self.state)
         self._buckets.consolidate(self.state)
-        if fresh:
-            self._initialize(fresh)
+        moves = self._initialize(fresh) if fresh else []
+        self._apply_moves(moves)
         just_initialized = {id(p) for _, p, _ in fresh}
         grads = {id(p): grad for _, p, grad in work if id(p) not in just_initialized}
         for bucket in list(self._buckets):
@@ -342,14 +342,22 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if len(present) < len(bucket.params):
                 bucket = self._buckets.split(bucket, present, self.state)
-            self._advance(bucket, [grads[id(p)] for p in bucket.params])
+            moves.append((bucket, self._advance(bucket, [grads[id(p)] for p in bucket.params])))
+            self._apply_moves(moves)
+
+    def _apply_moves(self, moves: list[tuple[Bucket, torch.Tensor]]) -> None:
+        """Move the parameters of each ``(bucket, update)`` (and empty the list, freeing the updates at once)."""
+        while moves:
+            bucket, update = moves.pop(0)
+            self._apply(bucket.group, bucket.params, update, bucket.layout)
 
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
         return (group_index, tuple(p.shape), p.dtype, p.device, None if self.stack else id(p))
 
-    def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+    def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> list[tuple[Bucket, torch.Tensor]]:
         """First gradient of new parameters: a stacked initial fill per bucket; a preconditioner that
-        ``updates_on_first_gradient`` also takes step 1 with it at once."""
+        ``updates_on_first_gradient`` also takes step 1 with it at once (its ``(bucket, update)`` are returned)."""
+        moves = []
         index = {id(group): i for i, group in enumerate(self.param_groups)}
         batches: dict[tuple, list] = {}
         for group, p, grad in fresh:
@@ -367,10 +375,12 @@ class Optimizer(torch.optim.Optimizer):
                 self.state[p][STEP] = new_step()
             bucket = self._buckets.add(key, params, group, ps.storage(), [self.state[p] for p in params])
             if preconditioner.updates_on_first_gradient:
-                self._advance(bucket, [g for _, _, g in items])
+                moves.append((bucket, self._advance(bucket, [g for _, _, g in items])))
+        return moves
 
-    def _advance(self, bucket: Bucket, grads: list[torch.Tensor]) -> None:
-        """One step of every member of ``bucket``: the update, the due refreshes, the parameters moved."""
+    def _advance(self, bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
+        """One step of the state of every member of ``bucket``: its update (returned, ``(B, *view)``), the due
+        refreshes and the step counts; the parameters are moved afterwards (:meth:`_apply`)."""
         step = bucket.step + 1
         update = self._direction(bucket, grads, step)
         if bucket.preconditioner.folds_at(step):
@@ -378,7 +388,7 @@ class Optimizer(torch.optim.Optimizer):
         bucket.step = step
         for p in bucket.params:
             self.state[p][STEP] += 1
-        self._apply(bucket.group, bucket.params, update, bucket.layout)
+        return update
 
     def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: int) -> torch.Tensor:
         """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient."""
