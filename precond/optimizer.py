@@ -11,11 +11,13 @@ import attrs
 import torch
 
 from precond.buckets import Bucket, Buckets, map_leaves
+from precond.captured import CapturedSteps
 from precond.precision import tf32_matmuls
 from precond.refresh_schedule import RefreshSchedule
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
 from precond.state import STEP, new_step
+from precond.ema import Step, bias_correction
 from precond.fallbacks import FallbackCounter
 from precond.validators import is_number
 
@@ -128,7 +130,9 @@ class Optimizer(torch.optim.Optimizer):
     side CUDA streams, overlapped with the next forward/backward and installed before the next update (the same
     updates as without it); ``tf32``
     True/False forces TF32 on/off for the per-step products (refresh products always run in full float32),
-    ``None`` leaves torch's global setting alone.
+    ``None`` leaves torch's global setting alone. ``capture=True`` replays each bucket's steady-state update as one
+    CUDA graph (``precond.captured``: the same updates to float32 round-off, refreshes still eager);
+    ``"emulate"`` runs that path without graphs (its CPU reference).
     """
 
     def __init__(
@@ -147,9 +151,13 @@ class Optimizer(torch.optim.Optimizer):
         stagger: bool = False,
         async_refresh: bool = False,
         tf32: Optional[bool] = None,
+        capture: Union[bool, str] = False,
     ) -> None:
         if on_nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}")
+        if capture not in (False, True, "emulate"):
+            raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
+                             f"got {capture!r}")
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         params, self._names = _split_names(params)
@@ -157,7 +165,7 @@ class Optimizer(torch.optim.Optimizer):
                         decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
         self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
-                             async_refresh=async_refresh, tf32=tf32))
+                             async_refresh=async_refresh, tf32=tf32, capture=capture))
 
     def _configure(self, options: dict[str, Any]) -> None:
         """The optimizer-wide options and the run-time machinery built from them (also after unpickling)."""
@@ -168,10 +176,13 @@ class Optimizer(torch.optim.Optimizer):
         self._schedule = RefreshSchedule(stagger=options["stagger"], asynchronous=options["async_refresh"])
         self._buckets = Buckets(self._bucket_key)
         self._fallbacks = FallbackCounter()
+        self.capture = options.get("capture", False)
+        self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
 
     def _options(self) -> dict[str, Any]:
         return dict(state_dtype=self.state_dtype, on_nonfinite=self.on_nonfinite, stack=self.stack,
-                    stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32)
+                    stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32,
+                    capture=self.capture)
 
     def __getstate__(self) -> dict[str, Any]:
         """As ``torch.optim`` (``defaults``, ``state``, ``param_groups``) plus this optimizer's options and parameter
@@ -334,6 +345,8 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets.consolidate(self.state)
         moves = self._initialize(fresh) if fresh else []
         self._apply_moves(moves)
+        if self._captured is not None:
+            self._captured.forget_missing(list(self._buckets))
         just_initialized = {id(p) for _, p, _ in fresh}
         grads = {id(p): grad for _, p, grad in work if id(p) not in just_initialized}
         for bucket in list(self._buckets):
@@ -342,7 +355,12 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if len(present) < len(bucket.params):
                 bucket = self._buckets.split(bucket, present, self.state)
-            moves.append((bucket, self._advance(bucket, [grads[id(p)] for p in bucket.params])))
+            bucket_grads = [grads[id(p)] for p in bucket.params]
+            if self._captured is not None and self._captured.applies_to(bucket):
+                self._captured.update(self, bucket, bucket_grads)
+                self._finish(bucket, bucket.step + 1)
+                continue
+            moves.append((bucket, self._advance(bucket, bucket_grads)))
             self._apply_moves(moves)
 
     def _apply_moves(self, moves: list[tuple[Bucket, torch.Tensor]]) -> None:
@@ -383,15 +401,21 @@ class Optimizer(torch.optim.Optimizer):
         refreshes and the step counts; the parameters are moved afterwards (:meth:`_apply`)."""
         step = bucket.step + 1
         update = self._direction(bucket, grads, step)
+        self._finish(bucket, step)
+        return update
+
+    def _finish(self, bucket: Bucket, step: int) -> None:
+        """After the update of ``step``: the due refreshes, then the step counts."""
         if bucket.preconditioner.folds_at(step):
             self._refresh(bucket, step)
         bucket.step = step
         for p in bucket.params:
             self.state[p][STEP] += 1
-        return update
 
-    def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: int) -> torch.Tensor:
-        """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient."""
+    def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: Step,
+                   fold: Optional[bool] = None) -> torch.Tensor:
+        """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient. ``step`` may be
+        a device tensor (a captured step), whose host-side decision ``fold`` is then given."""
         group, layout = bucket.group, bucket.layout
         grad = torch.stack([layout.view(g) for g in grads]).to(self.state_dtype)
         beta1 = group["momentum"]
@@ -401,8 +425,8 @@ class Optimizer(torch.optim.Optimizer):
             m.lerp_(grad, 1.0 - beta1)
             source = grad.lerp(m, beta1) if group["nesterov"] else m
             if group["bias_correction"]:
-                source = source / (1.0 - beta1**step)
-        return bucket.preconditioner.precondition(bucket.state, grad, source, layout, step)
+                source = source / bias_correction(beta1, step)
+        return bucket.preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold)
 
     def _refresh(self, bucket: Bucket, step: int) -> None:
         """Refresh the modes of ``bucket``'s members that the schedule says are due after ``step``."""
@@ -437,10 +461,11 @@ class Optimizer(torch.optim.Optimizer):
         return units
 
     @staticmethod
-    def _apply(group: dict[str, Any], params: list[torch.Tensor], update: torch.Tensor, layout: Layout) -> None:
+    def _apply(group: dict[str, Any], params: list[torch.Tensor], update: torch.Tensor, layout: Layout,
+               lr: Union[float, torch.Tensor, None] = None) -> None:
         """Decoupled weight decay and ``W ← W − η U``: ``η U`` is formed in the state dtype and cast to the
-        parameters' dtype last (one arithmetic path for a float and a tensor ``lr``)."""
-        lr, wd = group["lr"], group["weight_decay"]
+        parameters' dtype last (one arithmetic path for a float and a tensor ``lr``; ``lr`` overrides the group's)."""
+        lr, wd = group["lr"] if lr is None else lr, group["weight_decay"]
         scaled = update * (lr.to(device=update.device, dtype=update.dtype) if isinstance(lr, torch.Tensor) else lr)
         steps = [layout.unview(u) for u in scaled.to(params[0].dtype).unbind(0)]
         if wd and group["decay_order"] == "before":

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 import attrs
 import torch
 
+from precond.ema import Step
 from precond.fallbacks import FallbackCounter
 from precond.layout import Layout
 from precond.refresh import Refresh
@@ -69,12 +70,13 @@ class Basis(Protocol):
 @attrs.frozen
 class ApplyContext:
     """What an applier may read: the pre-step state view ``ps`` (bases, spectra, the applier's own tensors), the
-    layout, the raw gradient ``grad``, the step ``t`` and the estimator's full-size spectrum ``dense`` (or None)."""
+    layout, the raw gradient ``grad``, the step ``t`` (an int, or a 0-d device tensor in a captured step: use
+    :func:`precond.ema.bias_correction`) and the estimator's full-size spectrum ``dense`` (or None)."""
 
     ps: ParamState
     layout: Layout
     grad: torch.Tensor
-    step: int
+    step: Step
     dense: Optional[torch.Tensor] = None
 
 

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 import torch
 
+from precond.ema import Step
 from precond.fallbacks import FallbackCounter
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
@@ -81,14 +82,18 @@ class Preconditioner:
 
     # --- one step -----------------------------------------------------------------------------
     def precondition(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
-                     step: int) -> torch.Tensor:
+                     step: Step, fold: Optional[bool] = None) -> torch.Tensor:
         """The update for ``direction`` from the pre-step bases and spectra; then ``grad`` is folded into the
-        statistics (:meth:`fold`). No refresh: that is :meth:`step`'s, or the optimizer's schedule's."""
+        statistics (:meth:`fold`). No refresh: that is :meth:`step`'s, or the optimizer's schedule's.
+
+        ``step`` may be a 0-d device tensor (a captured step: parts only use it for bias corrections); then
+        ``fold``, the host's :meth:`folds_at` verdict for it, must be given."""
         self.estimator.prepare(ps, grad, layout, step)
         ctx = ApplyContext(ps=ps, layout=layout, grad=grad, step=step,
                            dense=self.estimator.dense_spectrum(ps, step))
         update = self.applier.apply(direction, ctx)
-        self.fold(ps, grad, layout, step)
+        if self.folds_at(step) if fold is None else fold:
+            self.estimator.update(ps, grad, layout)
         return update
 
     def fold(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
