@@ -8,5 +8,6 @@ from estimators.dense import DenseSpectrum
 from estimators.frobenius import Frobenius
 from estimators.kl import KL
 from estimators.shampoo import Shampoo
+from estimators.stateless import Stateless
 
-__all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo"]
+__all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo", "Stateless"]

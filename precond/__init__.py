@@ -17,11 +17,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
+PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "muon", "one_sided_shampoo", "shampoo", "soap")
 
 _PUBLIC = {
     "Graft": "precond.appliers",
     "Layout": "precond.layout",
+    "NewtonSchulz": "precond.appliers",
     "Normalize": "precond.appliers",
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
