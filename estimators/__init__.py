@@ -6,7 +6,8 @@ See :class:`estimators.base.Estimator` for the protocol the preconditioner calls
 from estimators.base import Estimator
 from estimators.dense import DenseSpectrum
 from estimators.frobenius import Frobenius
+from estimators.kfac import EKFAC, KFAC
 from estimators.kl import KL
 from estimators.shampoo import Shampoo
 
-__all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo"]
+__all__ = ["DenseSpectrum", "EKFAC", "Estimator", "Frobenius", "KFAC", "KL", "Shampoo"]
