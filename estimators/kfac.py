@@ -21,7 +21,8 @@ the loss terms ``m`` (``"batch"``, EKFAC-pytorch's cheaper running-average form)
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Literal
 
 import attrs
 import torch
@@ -91,7 +92,7 @@ class KFAC(Estimator):
         self.capture.mark_consumed(ps.params)
 
     def rotated_moment(self, ps: ParamState, grad: torch.Tensor, rotated: torch.Tensor,
-                       layout: Layout) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+                       layout: Layout) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The second moment a dense spectrum (EKFAC's ``V``) folds, and the batch entries that fold it.
 
         ``"per_example"``: ``s Σ_n (Q_Gᵀ ∇W_n Q_A)²`` from the per-example gradients the capture's rows give
@@ -122,7 +123,7 @@ class KFAC(Estimator):
         ps.lam[k].copy_(refresh.spectrum(ps.S[k]).clamp_min(0))
 
 
-def EKFAC(capture: KFACCapture, beta: float = 0.95, spectrum_beta: Optional[float] = None,  # noqa: N802
+def EKFAC(capture: KFACCapture, beta: float = 0.95, spectrum_beta: float | None = None,
           moment: Moment = "per_example") -> DenseSpectrum:
     """Eigenvalue-corrected K-FAC (George et al. 2018): K-FAC's factors ``KFAC(capture, beta)`` and basis, with the
     Kronecker spectrum replaced by ``V ← ρ_V V + (1−ρ_V) m_t`` of the rotated second moment ``m_t``

@@ -36,7 +36,8 @@ records.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -47,7 +48,7 @@ from precond.validators import number
 
 __all__ = ["KFACCapture", "LossTerms"]
 
-LossTerms = Union[Literal["batch", "rows"], int]
+LossTerms = Literal["batch", "rows"] | int
 Side = Literal["input", "output"]
 
 
@@ -103,7 +104,7 @@ class _Layer:
         return grad.reshape(1, 1, d_out) if grad.ndim == 1 else grad.reshape(grad.shape[0], -1, d_out)
 
 
-def _unsupported(module: nn.Module) -> Optional[str]:
+def _unsupported(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"grouped convolution (groups={module.groups}) has one factor pair per group; not captured"
     return None
@@ -171,8 +172,8 @@ class KFACCapture:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if self._paused or not self.due or not torch.is_grad_enabled():
                 return
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
+            if not inputs or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return  # (an input passed by keyword only is not seen by the hook: nothing is recorded)
             if layer.consumed:  # an estimator read the previous step's records and no optimizer cleared them
                 layer.calls.clear()
                 layer.consumed = False
@@ -258,7 +259,7 @@ class KFACCapture:
         return float(self.loss_terms)
 
     def factor(self, p: torch.Tensor, side: Side, diagonal: bool = False,
-               dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+               dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """This step's ``A_t`` (``side="input"``) or ``G_t`` (``"output"``) of ``p``'s layer (``diag`` only with
         ``diagonal``), or ``None`` when nothing was recorded."""
         layer = self._entry(p)[0]
@@ -277,15 +278,15 @@ class KFACCapture:
     def _output_rows(self, layer: _Layer) -> list[torch.Tensor]:
         return [layer.output_rows(grad) for call in layer.calls for grad in call.grads]
 
-    def loss_scale(self, p: torch.Tensor) -> Optional[float]:
+    def loss_scale(self, p: torch.Tensor) -> float | None:
         """``s`` of this step's forwards of ``p``'s layer (their mean), or ``None`` when nothing was recorded."""
         layer = self._entry(p)[0]
         if not layer.calls:
             return None
         return sum(self._scale(layer.output_rows(call.grads[0])) for call in layer.calls) / len(layer.calls)
 
-    def rotated_moment(self, p: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
-                       dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    def rotated_moment(self, p: torch.Tensor, bases: Sequence[torch.Tensor | None],
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """``s Σ_n (Q_Gᵀ ∇W_n Q_A)²`` entrywise, with the per-example gradients ``∇W_n = Σ_l g_{nl} a_{nl}ᵀ`` summed
         over the weight-sharing positions ``l`` of example ``n`` (a bias: ``(Q_Gᵀ Σ_l g_{nl})²``) and over every
         recorded backward pass: the diagonal ``diag(Qᵀ F Q)`` of the per-example Fisher in the Kronecker eigenbasis

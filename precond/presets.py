@@ -149,18 +149,8 @@ def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, ev
     damping added to the product of the Kronecker eigenvalues; every other trainable parameter an Adam part."""
     from precond.kfac_capture import KFACCapture
 
-    capture = KFACCapture(model, reduction=reduction, loss_terms=loss_terms, factor_every=factor_every)
-    captured = {id(p) for p in capture.params}
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    layers = [(name, p) for name, p in named if id(p) in captured]
-    rest = [(name, p) for name, p in named if id(p) not in captured]
-    preconditioner = Preconditioner(
-        structure=structures.LayerMatrix(max_dim=max_dim),
-        estimator=estimator_of(capture),
-        basis=bases.Eigh(every=every),
-        applier=Power(p=1.0, eps=damping, eps_placement="outside"),
-        first_step="update",
-    )
+    structure, basis = structures.LayerMatrix(max_dim=max_dim), bases.Eigh(every=every)  # refused before any hook
+    applier = Power(p=1.0, eps=damping, eps_placement="outside")
     adam = Preconditioner(
         structure=structures.Diagonal(),
         estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
@@ -168,12 +158,23 @@ def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, ev
         applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
         first_step="update",
     )
-    groups: list[dict[str, Any]] = [{"params": layers}] if layers else []
-    if rest:
-        groups.append({"params": rest, "preconditioner": adam, "momentum": adam_betas[0],
-                       "lr": lr if adam_lr is None else adam_lr})
-    optimizer = Optimizer(groups, preconditioner=preconditioner, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                          **{"bias_correction": True, **options})
+    capture = KFACCapture(model, reduction=reduction, loss_terms=loss_terms, factor_every=factor_every)
+    try:
+        preconditioner = Preconditioner(structure=structure, estimator=estimator_of(capture), basis=basis,
+                                        applier=applier, first_step="update")
+        captured = {id(p) for p in capture.params}
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        layers = [(name, p) for name, p in named if id(p) in captured]
+        rest = [(name, p) for name, p in named if id(p) not in captured]
+        groups: list[dict[str, Any]] = [{"params": layers}] if layers else []
+        if rest:
+            groups.append({"params": rest, "preconditioner": adam, "momentum": adam_betas[0],
+                           "lr": lr if adam_lr is None else adam_lr})
+        optimizer = Optimizer(groups, preconditioner=preconditioner, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, **{"bias_correction": True, **options})
+    except Exception:
+        capture.remove()
+        raise
     capture.attach(optimizer)
     optimizer.kfac_capture = capture
     return optimizer

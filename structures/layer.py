@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import attrs
 
@@ -23,7 +23,7 @@ class LayerMatrix:
     (``diag(A)`` or ``diag(G)`` in the fixed basis ``Q = I``) instead of a dense one.
     """
 
-    max_dim: Optional[int] = max_dim_field
+    max_dim: int | None = max_dim_field
 
     def plan(self, shape: Sequence[int]) -> Layout:
         shape = tuple(int(s) for s in shape)
