@@ -6,8 +6,9 @@ See :class:`estimators.base.Estimator` for the protocol the preconditioner calls
 from estimators.base import Estimator
 from estimators.dense import DenseSpectrum
 from estimators.frobenius import Frobenius
+from estimators.kfac import EKFAC, KFAC
 from estimators.kl import KL
 from estimators.shampoo import Shampoo
 from estimators.stateless import Stateless
 
-__all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo", "Stateless"]
+__all__ = ["DenseSpectrum", "EKFAC", "Estimator", "Frobenius", "KFAC", "KL", "Shampoo", "Stateless"]

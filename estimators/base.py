@@ -23,6 +23,13 @@ class Estimator:
     def dense_spectrum(self, ps: ParamState, step: int) -> Optional[torch.Tensor]:
         return None
 
+    def rotated_moment(self, ps: ParamState, grad: torch.Tensor, rotated: torch.Tensor,
+                       layout: Layout) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """For a dense spectrum over these factors (:class:`estimators.DenseSpectrum`): the second moment it folds
+        in the basis and the ``(B,)`` mask of entries that fold it; ``None`` means ``R⊙R`` of the gradient's
+        rotation ``rotated``, for entries with a nonzero gradient (K-FAC's hooks give per-example moments)."""
+        return None
+
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         raise NotImplementedError
 

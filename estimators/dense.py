@@ -9,8 +9,8 @@ import torch
 
 from estimators.base import Estimator
 from estimators.shampoo import Shampoo
-from precond.contractions import rotate
-from precond.ema import Step, bias_correction, fold, gradient_weights
+from precond.contractions import outer, rotate
+from precond.ema import Step, bias_correction, fold, fold_weights, gradient_weights
 from precond.layout import Layout
 from precond.parts import Estimator as EstimatorProtocol
 from precond.parts import slot
@@ -35,14 +35,27 @@ class DenseSpectrum(Estimator):
     ``factors`` is the estimator of ``S_k`` (``Shampoo`` for SOAP; ``KL`` gives KL-SOAP, whose ``λ_k`` then only
     feed its ``Δ_k``). ``V`` sees the current gradient before the update is formed (as SOAP's ``exp_avg_sq``),
     in the current basis. At a refresh ``transport="permute"`` reorders ``V`` with a sorted basis (reference
-    SOAP); ``"keep"`` leaves it as is (the KL prototype's KL-SOAP, Meta's eigenvalue-corrected Shampoo).
+    SOAP); ``"keep"`` leaves it as is (the KL prototype's KL-SOAP, Meta's eigenvalue-corrected Shampoo); ``"reset"``
+    restarts it at the factors' Kronecker spectrum ``V ← ⊗_k λ_k`` (also after the first bases), so a fresh basis
+    starts from the factored estimate (EKFAC, George et al. 2018, as Thrandis/EKFAC-pytorch); ``V`` then never
+    starts from zero and ``bias_correction`` must be off.
+
+    What ``V`` averages is ``R⊙R`` unless the factor estimator has a ``rotated_moment`` hook
+    (:meth:`estimators.base.Estimator.rotated_moment`) that gives another second moment in the basis (K-FAC: the
+    per-example gradients its module hooks see).
     """
 
     factors: EstimatorProtocol = attrs.field(factory=Shampoo, validator=slot(EstimatorProtocol))
     beta: float = attrs.field(default=0.95, validator=number(
         low=0, high=1, high_open=True, meaning="β₂ of the dense second moment V"))
     bias_correction: bool = True
-    transport: Literal["permute", "keep"] = attrs.field(default="permute", validator=attrs.validators.in_(("permute", "keep")))
+    transport: Literal["permute", "keep", "reset"] = attrs.field(
+        default="permute", validator=attrs.validators.in_(("permute", "keep", "reset")))
+
+    def __attrs_post_init__(self) -> None:
+        if self.transport == "reset" and self.bias_correction:
+            raise ValueError("transport='reset' restarts V at the Kronecker spectrum ⊗λ_k instead of at zero, so V "
+                             "has no start-up bias to correct: pass bias_correction=False")
 
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         return {**self.factors.init_state(grad, layout), "V": torch.zeros_like(grad)}
@@ -50,7 +63,13 @@ class DenseSpectrum(Estimator):
     def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
         self.factors.prepare(ps, grad, layout, step)
         rotated = rotate(grad, ps.Q)
-        fold(ps.estimator["V"], rotated * rotated, self.beta, gradient_weights(self.beta, grad))
+        hook = getattr(self.factors, "rotated_moment", None)
+        custom = hook(ps, grad, rotated, layout) if hook is not None else None
+        if custom is None:
+            fold(ps.estimator["V"], rotated * rotated, self.beta, gradient_weights(self.beta, grad))
+        else:
+            moment, active = custom
+            fold(ps.estimator["V"], moment, self.beta, fold_weights(self.beta, active, grad.dtype))
 
     def dense_spectrum(self, ps: ParamState, step: Step) -> Optional[torch.Tensor]:
         v = ps.estimator["V"]
@@ -61,8 +80,21 @@ class DenseSpectrum(Estimator):
 
     def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
         self.factors.finish_init(ps, refreshes, layout)
+        if self.transport == "reset":
+            self._reset(ps)
 
     def on_refresh(self, ps: ParamState, k: int, refresh: Refresh, layout: Layout) -> None:
         self.factors.on_refresh(ps, k, refresh, layout)
         if self.transport == "permute" and refresh.permutation is not None:
             ps.estimator["V"].copy_(permute_mode(ps.estimator["V"], k, refresh.permutation))
+        elif self.transport == "reset":
+            self._reset(ps)
+
+    @staticmethod
+    def _reset(ps: ParamState) -> None:
+        """``V ← ⊗_k λ_k`` (modes without a spectrum count 1)."""
+        v = ps.estimator["V"]
+        if any(lam is not None for lam in ps.lam):
+            v.copy_(outer(ps.lam, v.shape))
+        else:
+            v.fill_(1.0)

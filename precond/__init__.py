@@ -18,16 +18,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "muon", "one_sided_shampoo", "shampoo", "soap")
+"""Presets called with parameters: ``precond.soap(model.parameters(), lr=...)``."""
+
+MODEL_PRESETS = ("ekfac", "kfac")
+"""Presets called with the model, whose modules they hook: ``precond.kfac(model, lr=...)``."""
 
 _PUBLIC = {
     "Graft": "precond.appliers",
+    "KFACCapture": "precond.kfac_capture",
     "Layout": "precond.layout",
     "NewtonSchulz": "precond.appliers",
     "Normalize": "precond.appliers",
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",
-    **{name: "precond.presets" for name in PRESETS},
+    **{name: "precond.presets" for name in PRESETS + MODEL_PRESETS},
 }
 
 __all__ = sorted(_PUBLIC)

@@ -61,12 +61,12 @@ class Preconditioner:
         """Initial state from the first gradient ``grad`` (``(B, *view)``) of ``params``: fill, first bases,
         ``λ_k`` at step 0."""
         ps = ParamState.empty(layout, self.basis.needs_factors, grad.shape[0], grad.dtype, grad.device, params)
+        ps.estimator = self.estimator.init_state(grad, layout)  # before finish_init, which may set them (EKFAC's V)
         self.estimator.update(ps, grad, layout, first=True)
         refreshes = {k: self.basis.initialize(factor, counter) for k, factor in enumerate(ps.S) if factor is not None}
         for k, refresh in refreshes.items():
             ps.Q[k] = refresh.basis
         self.estimator.finish_init(ps, refreshes, layout)
-        ps.estimator = self.estimator.init_state(grad, layout)
         ps.applier = self.applier.init_state(grad, layout)
         return ps
 

@@ -202,3 +202,93 @@ def muon(params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nester
                      "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
     return Optimizer(muon_groups(params, adam_params, adam_settings), preconditioner=muon_part, lr=lr,
                      momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **options)
+
+
+# --- K-FAC and EKFAC: presets that take the model, whose layers they hook --------------------------------------
+def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, every: int, factor_every: int,
+                    momentum: float, weight_decay: float, reduction: str, loss_terms: Any, max_dim: Optional[int],
+                    adam_betas: Betas, adam_eps: float, adam_lr: Optional[float], options: dict[str, Any]) -> Optimizer:
+    """One optimizer: the hooked layers' weights and biases get ``estimator_of(capture)`` with ``Power(1)`` and the
+    damping added to the product of the Kronecker eigenvalues; every other trainable parameter an Adam part."""
+    from precond.kfac_capture import KFACCapture
+
+    structure, basis = structures.LayerMatrix(max_dim=max_dim), bases.Eigh(every=every)  # refused before any hook
+    applier = Power(p=1.0, eps=damping, eps_placement="outside")
+    adam = Preconditioner(
+        structure=structures.Diagonal(),
+        estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
+        basis=bases.Identity(),
+        applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
+        first_step="update",
+    )
+    capture = KFACCapture(model, reduction=reduction, loss_terms=loss_terms, factor_every=factor_every)
+    try:
+        preconditioner = Preconditioner(structure=structure, estimator=estimator_of(capture), basis=basis,
+                                        applier=applier, first_step="update")
+        captured = {id(p) for p in capture.params}
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        layers = [(name, p) for name, p in named if id(p) in captured]
+        rest = [(name, p) for name, p in named if id(p) not in captured]
+        groups: list[dict[str, Any]] = [{"params": layers}] if layers else []
+        if rest:
+            groups.append({"params": rest, "preconditioner": adam, "momentum": adam_betas[0],
+                           "lr": lr if adam_lr is None else adam_lr})
+        optimizer = Optimizer(groups, preconditioner=preconditioner, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, **{"bias_correction": True, **options})
+    except Exception:
+        capture.remove()
+        raise
+    capture.attach(optimizer)
+    optimizer.kfac_capture = capture
+    return optimizer
+
+
+def kfac(model: Any, lr: float = 1e-2, damping: float = 1e-3, beta: float = 0.95, every: int = 1,
+         factor_every: int = 1, momentum: float = 0.9, weight_decay: float = 0.0, reduction: str = "mean",
+         loss_terms: Any = "batch", max_dim: Optional[int] = 4096, adam_betas: Betas = (0.9, 0.999),
+         adam_eps: float = 1e-8, adam_lr: Optional[float] = None, **options: Any) -> Optimizer:
+    """K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for ``Conv2d``) for ``model``'s ``nn.Linear`` and
+    ``nn.Conv2d`` layers, with an Adam part for every other parameter, in one optimizer.
+
+    A :class:`precond.KFACCapture` hooks the layers (``optimizer.kfac_capture``; evaluate under ``torch.no_grad()``
+    or ``capture.paused()``); per layer ``S_A ← β S_A + (1−β) E[aaᵀ]`` and ``S_G ← β S_G + (1−β) E[ggᵀ]`` from
+    ``S = I`` (``estimators.KFAC``), the weight viewed as ``(out, fan_in)`` (``structures.LayerMatrix``; the bias is
+    preconditioned by ``S_G`` alone), ``Q, λ = eigh(S)``, and the step ``(S_G ⊗ S_A + damping·I)⁻¹ ∇w``
+    (``Power(p=1)``, damping added to the product of the eigenvalues).
+
+    - ``factor_every``: the factor update frequency (statistics recorded and folded every that many steps);
+      ``every``: the eigendecomposition frequency (``bases.Eigh(every)``). Both 1, ``damping = 1e-3`` and
+      ``beta = 0.95`` are kfac-pytorch's defaults (``factor_update_steps``, ``inv_update_steps``, ``damping``,
+      ``factor_decay``).
+    - ``reduction``/``loss_terms``: how the training loss is reduced, which fixes the scale of ``G``
+      (:mod:`precond.kfac_capture`; curvlinops' convention).
+    - ``momentum`` β₁ is the optimizer's EMA of the raw gradient (bias-corrected), preconditioned afterwards;
+      weight decay is decoupled. ``lr = 1e-2`` is not a reference default (kfac-pytorch leaves the step to the
+      user's SGD, whose heavy-ball momentum scales it by ``1/(1−β₁)``).
+    - Not reproduced: kfac-pytorch's KL clipping of the update; a gradient is preconditioned with the bases of the
+      previous refresh (precond's step order: update, then fold and refresh), not with factors that already hold it.
+    - Parameters of other modules, and of grouped convolutions or tied layers (``capture.skipped`` says which),
+      get Adam (``adam_betas``, ``adam_eps``, ``adam_lr``, default ``lr``). A mode above ``max_dim`` keeps a
+      diagonal factor.
+    """
+    return _kfac_optimizer(model, lambda capture: estimators.KFAC(capture, beta=beta), lr, damping, every,
+                           factor_every, momentum, weight_decay, reduction, loss_terms, max_dim, adam_betas, adam_eps,
+                           adam_lr, options)
+
+
+def ekfac(model: Any, lr: float = 1e-2, damping: float = 1e-3, beta: float = 0.95, every: int = 1,
+          factor_every: int = 1, spectrum_beta: Optional[float] = None, moment: str = "per_example",
+          momentum: float = 0.9, weight_decay: float = 0.0, reduction: str = "mean", loss_terms: Any = "batch",
+          max_dim: Optional[int] = 4096, adam_betas: Betas = (0.9, 0.999), adam_eps: float = 1e-8,
+          adam_lr: Optional[float] = None, **options: Any) -> Optimizer:
+    """EKFAC (George et al. 2018): :func:`kfac`'s factors and eigenbasis, with the Kronecker spectrum replaced by a
+    running average ``V`` (EMA ``spectrum_beta``, default ``beta``) of the squared gradient in that basis, reset to
+    ``λ_G ⊗ λ_A`` at every eigendecomposition (``estimators.EKFAC``); the step is ``Q (R ⊘ (V + damping)) Qᵀ``.
+    ``moment="per_example"`` averages the per-example squared gradients (the paper's ``diag(Qᵀ F Q)``; the
+    per-example gradients of a ``Conv2d`` cost ``batch × out × fan_in`` memory), ``"batch"`` the step's gradient
+    squared times the loss terms ``m`` (EKFAC-pytorch's running-average form). Other arguments as :func:`kfac`.
+    """
+    return _kfac_optimizer(
+        model, lambda capture: estimators.EKFAC(capture, beta=beta, spectrum_beta=spectrum_beta, moment=moment),
+        lr, damping, every, factor_every, momentum, weight_decay, reduction, loss_terms, max_dim, adam_betas,
+        adam_eps, adam_lr, options)

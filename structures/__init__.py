@@ -5,8 +5,9 @@ Each structure is a frozen attrs class with one method, ``plan(shape) -> precond
 
 from structures.diagonal import Diagonal
 from structures.kronecker import Kronecker
+from structures.layer import LayerMatrix
 from structures.matrix import Matrix
 from structures.n_mode import NMode
 from structures.one_sided import OneSided
 
-__all__ = ["Diagonal", "Kronecker", "Matrix", "NMode", "OneSided"]
+__all__ = ["Diagonal", "Kronecker", "LayerMatrix", "Matrix", "NMode", "OneSided"]
