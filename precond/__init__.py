@@ -7,7 +7,9 @@
 ...         basis=bases.QRPowerStep(every=10), applier=precond.Power(p=0.5, eps=1e-8)))
 
 The public names are resolved on first use (PEP 562), so the part packages can import ``precond.layout``,
-``precond.contractions`` and ``precond.fallbacks`` without an import cycle.
+``precond.contractions`` and ``precond.fallbacks`` without an import cycle. Importing ``precond`` puts the part
+classes on torch's safe globals (``precond.checkpoint``), so ``param_groups`` pickled with their live parts load with
+``torch.load(..., weights_only=True)`` (Lightning's checkpoints).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
+PRESET_CLASSES = ("EShampoo", "IdealizedKLShampoo", "KLShampoo", "KLSOAP", "OneSidedShampoo", "Shampoo", "SOAP")
+"""The preset classes (``torch.optim.Optimizer`` subclasses), in the order of ``PRESETS``: ``PRESETS[i]`` is
+another name of ``PRESET_CLASSES[i]``."""
 
 _PUBLIC = {
     "Graft": "precond.appliers",
@@ -26,7 +31,7 @@ _PUBLIC = {
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",
-    **{name: "precond.presets" for name in PRESETS},
+    **{name: "precond.presets" for name in PRESETS + PRESET_CLASSES},
 }
 
 __all__ = sorted(_PUBLIC)
@@ -42,3 +47,12 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
+
+
+def _allow_parts_in_weights_only_loads() -> None:
+    from precond.checkpoint import allow_library_parts
+
+    allow_library_parts()
+
+
+_allow_parts_in_weights_only_loads()
