@@ -11,6 +11,6 @@ from estimators.shampoo import Shampoo
 
 __all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo"]
 
-from precond.checkpoint import allow_package  # noqa: E402 (after the classes: weights_only loads may rebuild them)
+from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
 
 allow_package(__name__)

@@ -64,9 +64,12 @@ def _named(item: Any) -> bool:
     return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
 
 
-def _check_lr_size(lr: Any) -> None:
+def _check_group(group: dict[str, Any]) -> None:
+    """A complete param group's settings (a tensor lr must hold one number, as in ``torch.optim``)."""
+    lr = group["lr"]
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}")
+    _check_hyperparameters(group)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -146,8 +149,7 @@ class Optimizer(torch.optim.Optimizer):
         if overrides:
             base = param_group.get(_CONFIG_KEY, self.defaults[_CONFIG_KEY])
             param_group[_CONFIG_KEY] = attrs.evolve(base, **overrides)
-        _check_lr_size(param_group.get("lr", self.defaults["lr"]))
-        _check_hyperparameters({**self.defaults, **param_group})
+        _check_group({**self.defaults, **param_group})
         for item in param_group["params"]:
             name, p = item if _named(item) else (None, item)
             if isinstance(p, torch.Tensor) and p.is_complex():
@@ -384,7 +386,7 @@ class Optimizer(torch.optim.Optimizer):
             returned = hook(self, state_dict)
             if returned is not None:
                 state_dict = returned
-        groups, state = restore(self.param_groups, state_dict, self._name, _check_hyperparameters)
+        groups, state = restore(self.param_groups, state_dict, self._name, _check_group)
         self._schedule.discard()
         self._buckets.invalidate()
         self.param_groups, self.state = groups, state

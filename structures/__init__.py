@@ -10,6 +10,6 @@ from structures.one_sided import OneSided
 
 __all__ = ["Diagonal", "Kronecker", "NMode", "OneSided"]
 
-from precond.checkpoint import allow_package  # noqa: E402 (after the classes: weights_only loads may rebuild them)
+from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
 
 allow_package(__name__)
