@@ -8,8 +8,9 @@ from estimators.dense import DenseSpectrum
 from estimators.frobenius import Frobenius
 from estimators.kl import KL
 from estimators.shampoo import Shampoo
+from estimators.stateless import Stateless
 
-__all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo"]
+__all__ = ["DenseSpectrum", "Estimator", "Frobenius", "KL", "Shampoo", "Stateless"]
 
 from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
 

@@ -10,7 +10,7 @@ import torch
 from estimators.base import Estimator
 from estimators.shampoo import Shampoo
 from precond.contractions import rotate
-from precond.ema import fold, gradient_weights
+from precond.ema import Step, bias_correction, fold, gradient_weights
 from precond.layout import Layout
 from precond.parts import Estimator as EstimatorProtocol
 from precond.parts import slot
@@ -52,9 +52,9 @@ class DenseSpectrum(Estimator):
         rotated = rotate(grad, ps.Q)
         fold(ps.estimator["V"], rotated * rotated, self.beta, gradient_weights(self.beta, grad))
 
-    def dense_spectrum(self, ps: ParamState, step: int) -> Optional[torch.Tensor]:
+    def dense_spectrum(self, ps: ParamState, step: Step) -> Optional[torch.Tensor]:
         v = ps.estimator["V"]
-        return v / (1.0 - self.beta ** max(step, 1)) if self.bias_correction else v
+        return v / bias_correction(self.beta, step) if self.bias_correction else v
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         self.factors.update(ps, grad, layout, first)

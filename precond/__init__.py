@@ -19,19 +19,22 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
-PRESET_CLASSES = ("EShampoo", "IdealizedKLShampoo", "KLShampoo", "KLSOAP", "OneSidedShampoo", "Shampoo", "SOAP")
-"""The preset classes (``torch.optim.Optimizer`` subclasses), in the order of ``PRESETS``: ``PRESETS[i]`` is
-another name of ``PRESET_CLASSES[i]``."""
+PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "muon", "one_sided_shampoo", "shampoo", "soap")
+PRESET_CLASSES = {"eshampoo": "EShampoo", "idealized_kl_shampoo": "IdealizedKLShampoo", "kl_shampoo": "KLShampoo",
+                  "kl_soap": "KLSOAP", "one_sided_shampoo": "OneSidedShampoo", "shampoo": "Shampoo", "soap": "SOAP"}
+"""The preset classes (``torch.optim.Optimizer`` subclasses taking ``params, lr, betas, weight_decay, eps, every,
+max_dim, **options``) by the lower-case name that is another name of the same class (``muon``, with its two parts,
+is a function)."""
 
 _PUBLIC = {
     "Graft": "precond.appliers",
     "Layout": "precond.layout",
+    "NewtonSchulz": "precond.appliers",
     "Normalize": "precond.appliers",
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",
-    **{name: "precond.presets" for name in PRESETS + PRESET_CLASSES},
+    **{name: "precond.presets" for name in (*PRESETS, *PRESET_CLASSES.values())},
 }
 
 __all__ = sorted(_PUBLIC)

@@ -76,7 +76,7 @@ class Bucket:
     state: ParamState = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self.state = ParamState.of(self.storage, self.layout)
+        self.state = ParamState.of(self.storage, self.layout, tuple(self.params))
 
     @property
     def preconditioner(self) -> Preconditioner:

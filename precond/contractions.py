@@ -4,7 +4,7 @@ Every tensor here carries a **leading batch axis** ``b``: ``X`` has shape ``(B, 
 factor for mode ``k`` has shape ``(B, d_k, d_k)``. Parameters of equal layout can therefore be stacked
 and processed with one contraction instead of one per tensor; a single parameter is a batch of one.
 
-Notation (DESIGN.md): ``X ×_k A`` contracts mode ``k`` of ``X`` with the first index of ``A``;
+Notation (``docs/design.md``, "Notation"): ``X ×_k A`` contracts mode ``k`` of ``X`` with the first index of ``A``;
 rotation into the bases ``R = X ×_1 Q_1 ⋯ ×_N Q_N`` (``= Q_1ᵀ X Q_2`` for matrices), back
 ``U = R ×_1 Q_1ᵀ ⋯ ×_N Q_Nᵀ``; ``Gram_k(X) = X_(k) X_(k)ᵀ``. A mode whose basis is ``None`` is an
 identity mode: it is carried through untouched.

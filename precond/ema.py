@@ -1,10 +1,12 @@
 """The exponential moving average every statistic of the library uses (factors, spectra, ``V``, a graft's ``v``).
 
-``old ← β old + (1−β) new`` per batch entry, skipped for an entry whose gradient is all zero (DESIGN: a zero
+``old ← β old + (1−β) new`` per batch entry, skipped for an entry whose gradient is all zero (a zero
 gradient must not decay the statistics; ``docs/design.md``, "Step order").
 """
 
 from __future__ import annotations
+
+from typing import Union
 
 import torch
 
@@ -37,3 +39,17 @@ def fold(old: torch.Tensor, new: torch.Tensor, beta: float, weights: torch.Tenso
         old.addcmul_(new, weight)
     else:
         old.lerp_(new, weight)
+
+
+Step = Union[int, torch.Tensor]
+"""A step count ``t``: a Python int, or a 0-d device tensor inside a captured (CUDA-graph) step."""
+
+
+def bias_correction(beta: float, step: Step) -> Union[float, torch.Tensor]:
+    """``1 − β^max(t, 1)``, the divisor that un-biases an EMA started at zero (Adam's ``m̂``, ``v̂``).
+
+    For a tensor ``t`` (a captured step, whose count changes between replays) it is computed on the device in ``t``'s
+    dtype (float64), so it agrees with the Python-float value to float64 round-off."""
+    if isinstance(step, torch.Tensor):
+        return 1.0 - torch.pow(beta, step.clamp_min(1))
+    return 1.0 - beta ** max(step, 1)

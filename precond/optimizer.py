@@ -12,34 +12,54 @@ import attrs
 import torch
 
 from precond.buckets import Bucket, Buckets
+from precond.captured import CapturedSteps
 from precond.checkpoint import allow_parts, describe, restore
 from precond.precision import tf32_matmuls
 from precond.refresh_schedule import RefreshSchedule
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
 from precond.state import STEP, new_step
+from precond.ema import Step, bias_correction
 from precond.fallbacks import FallbackCounter
+from precond.validators import is_number
 
 _CONFIG_KEY = "preconditioner"
+_GRADIENT_BOUND = 2.0**40
 _PART_KEYS = ("structure", "estimator", "basis", "applier", "first_step")
 
 
-def _check_hyperparameters(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    for name in ("lr", "momentum", "weight_decay"):
-        if isinstance(group[name], bool):
-            raise ValueError(f"{name} must be a number, got {group[name]!r}")
-    lr_value = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.detach().reshape(()).item())
-    if not math.isfinite(lr_value) or lr_value < 0:
+def _check_lr(lr: Any, read_tensor: bool) -> None:
+    """``lr`` must be a finite number ≥ 0 or a one-element floating tensor (its value is read only when
+    ``read_tensor``: at construction; at ``step()`` it joins the gradients' finiteness check instead)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"lr as a tensor must hold one floating-point value, got shape {tuple(lr.shape)} and "
+                             f"dtype {lr.dtype}; pass a float or e.g. torch.tensor(1e-3)")
+        if not read_tensor:
+            return
+        value = float(lr.detach().reshape(()).item())
+    elif is_number(lr):
+        value = float(lr)
+    else:
+        raise ValueError(f"lr must be a number or a one-element tensor, got {type(lr).__name__} {lr!r}")
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
-    if not 0.0 <= group["momentum"] < 1.0:
-        raise ValueError(f"momentum (β₁ of the EMA m ← β₁m + (1−β₁)g) must lie in [0, 1), got {group['momentum']!r}")
-    if group["nesterov"] and group["momentum"] == 0:
+
+
+def _check_hyperparameters(group: dict[str, Any], read_tensor: bool = True) -> None:
+    """Refuse a group whose hyperparameters would break the step, naming the field and what it accepts."""
+    _check_lr(group["lr"], read_tensor)
+    momentum, weight_decay = group["momentum"], group["weight_decay"]
+    if not (is_number(momentum) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum (β₁ of the EMA m ← β₁m + (1−β₁)g) must be a number in [0, 1), got {momentum!r}")
+    if group["nesterov"] and momentum == 0:
         raise ValueError("nesterov=True needs momentum > 0")
-    if not (isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0):
-        raise ValueError(f"weight_decay must be a number ≥ 0, got {group['weight_decay']!r}")
+    if not (is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}")
     if group["decay_order"] not in ("before", "after"):
         raise ValueError(f"decay_order must be 'before' (AdamW) or 'after' (SOAP, KL prototype), got {group['decay_order']!r}")
+    if not isinstance(group["bias_correction"], bool):
+        raise ValueError(f"bias_correction must be True or False, got {group['bias_correction']!r}")
     if not isinstance(group[_CONFIG_KEY], Preconditioner):
         raise TypeError(f"preconditioner must be a precond.Preconditioner, got {type(group[_CONFIG_KEY]).__name__}")
 
@@ -75,7 +95,7 @@ def _check_group(group: dict[str, Any]) -> None:
 class Optimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` running ``preconditioner`` on every parameter (per-group overrides allowed).
 
-    The optimizer owns only what is not a preconditioner part (DESIGN):
+    The optimizer owns only what is not a preconditioner part (``docs/design.md``, "Parts"):
 
     - ``lr`` η (float or tensor, schedulable);
     - ``momentum`` β₁: ``m ← β₁ m + (1−β₁) g`` in the original space (0 = none); ``nesterov`` uses
@@ -86,16 +106,31 @@ class Optimizer(torch.optim.Optimizer):
     - the step count ``state[p]["step"]`` (number of parameter updates, ``t = 1`` at the first one).
 
     Factor state lives in ``state_dtype`` (float32 by default, whatever the parameter dtype: bfloat16 loses the
-    ``1−ρ`` increments and the orthogonality of ``Q``). ``on_nonfinite="raise"`` checks every gradient for
-    NaN/Inf before anything is touched (one host synchronisation per step) and raises, leaving all state
-    as it was; ``"ignore"`` skips the check (then ``step()`` never synchronises with the device).
+    ``1−ρ`` increments and the orthogonality of ``Q``); the update is scaled by ``η`` in that dtype and cast to
+    the parameter's dtype last (a float16 weight never sees an unscaled update).
+
+    ``on_nonfinite`` — every step first reads the largest ``|g|`` of each gradient (and a tensor ``lr``), one host
+    synchronisation, before anything is touched:
+
+    - ``"raise"`` (default): a NaN/Inf gradient or ``lr`` raises ``FloatingPointError``, leaving all state as it was;
+    - ``"skip"``: such a step is skipped instead (nothing changes, the step is not counted), counted in
+      ``stats()["nonfinite_skipped"]`` and warned about once;
+    - ``"ignore"``: no check at all (``step()`` never synchronises with the device).
+
+    With ``"raise"`` and ``"skip"``, a finite gradient whose largest entry exceeds ``2⁴⁰`` (≈1.1e12, far beyond
+    healthy training, where float32 grams start to risk overflow) is scaled by a power of two (exact) down to that
+    bound before momentum and statistics see it, counted in ``stats()["gradient_rescaled"]``: gradients up to
+    float32's range leave the parameters finite.
 
     Speed (see ``docs/benchmarks.md``): ``stack`` batches parameters of equal layout (``False`` is the simple
     reference path, with the same updates); ``stagger`` spreads the basis refreshes over the ``T`` steps so no
     step spikes (each factor still refreshes every ``T`` steps, at its own phase); ``async_refresh`` runs them on
-    side CUDA streams, overlapped with the next forward/backward, installing each one step later; ``tf32``
+    side CUDA streams, overlapped with the next forward/backward and installed before the next update (the same
+    updates as without it); ``tf32``
     True/False forces TF32 on/off for the per-step products (refresh products always run in full float32),
-    ``None`` leaves torch's global setting alone.
+    ``None`` leaves torch's global setting alone. ``capture=True`` replays each bucket's steady-state update as one
+    CUDA graph (``precond.captured``: the same updates to float32 round-off, refreshes still eager);
+    ``"emulate"`` runs that path without graphs (its CPU reference).
     """
 
     def __init__(
@@ -114,9 +149,13 @@ class Optimizer(torch.optim.Optimizer):
         stagger: bool = False,
         async_refresh: bool = False,
         tf32: Optional[bool] = None,
+        capture: Union[bool, str] = False,
     ) -> None:
-        if on_nonfinite not in ("raise", "ignore"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'ignore', got {on_nonfinite!r}")
+        if on_nonfinite not in ("raise", "skip", "ignore"):
+            raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}")
+        if capture not in (False, True, "emulate"):
+            raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
+                             f"got {capture!r}")
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         self._names: dict[int, str] = {}
@@ -124,13 +163,45 @@ class Optimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
-        self.state_dtype = state_dtype
-        self.on_nonfinite = on_nonfinite
-        self.stack = stack
-        self.tf32 = tf32
-        self._schedule = RefreshSchedule(stagger=stagger, asynchronous=async_refresh)
+        self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
+                             async_refresh=async_refresh, tf32=tf32, capture=capture))
+
+    def _configure(self, options: dict[str, Any]) -> None:
+        """The optimizer-wide options and the run-time machinery built from them (also after unpickling)."""
+        self.state_dtype = options["state_dtype"]
+        self.on_nonfinite = options["on_nonfinite"]
+        self.stack = options["stack"]
+        self.tf32 = options["tf32"]
+        self._schedule = RefreshSchedule(stagger=options["stagger"], asynchronous=options["async_refresh"])
         self._buckets = Buckets(self._bucket_key)
         self._fallbacks = FallbackCounter()
+        self.capture = options.get("capture", False)
+        self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
+
+    def _options(self) -> dict[str, Any]:
+        return dict(state_dtype=self.state_dtype, on_nonfinite=self.on_nonfinite, stack=self.stack,
+                    stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32,
+                    capture=self.capture)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As ``torch.optim`` (``defaults``, ``state``, ``param_groups``) plus this optimizer's options and parameter
+        names, so ``copy.deepcopy`` and pickling give an optimizer that steps exactly like this one. Pending
+        asynchronous refreshes are installed first; buckets and streams are rebuilt on the copy's first step."""
+        self._schedule.flush()
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {**super().__getstate__(), "options": self._options(),
+                "names": [self._names.get(id(p)) for p in params]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "options" not in state:  # torch.optim's load_state_dict passes only state and param_groups
+            super().__setstate__(state)
+            return
+        options, names = state.pop("options"), state.pop("names", [])
+        super().__setstate__(state)
+        self._configure(options)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._names = {id(p): name for p, name in zip(params, names) if name is not None}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim``; the group is checked first, so a refused group leaves the optimizer unchanged.
@@ -189,19 +260,25 @@ class Optimizer(torch.optim.Optimizer):
         return self._fallbacks.as_dict()
 
     def describe(self) -> str:
-        """One line per parameter: shape → view with each mode's kind, and the factor memory it needs."""
+        """Returns (does not print) one line per parameter: shape → view with each mode's kind, and the factor
+        memory it needs in ``state_dtype``."""
         lines, total = [], 0
+        size = torch.empty((), dtype=self.state_dtype).element_size()
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
                 layout = group[_CONFIG_KEY].plan(p.shape)
                 numel = layout.state_numel()
                 total += numel
-                lines.append(f"group {i} {self._name(p)}: {layout.describe()}  factors {numel * 4 / 2**20:.2f} MiB")
-        lines.append(f"total factor state: {total * 4 / 2**20:.2f} MiB (float32)")
+                lines.append(f"group {i} {self._name(p)}: {layout.describe()}  factors {numel * size / 2**20:.2f} MiB")
+        lines.append(f"total factor state: {total * size / 2**20:.2f} MiB ({str(self.state_dtype).removeprefix('torch.')})")
         return "\n".join(lines)
 
     # --- the step --------------------------------------------------------------------------------
-    def _gather(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+    def _gather(self) -> Optional[list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]]:
+        """The ``(group, p, grad)`` of every parameter with a gradient, checked; None when the step is skipped.
+        Raises before anything is touched when the step must be refused."""
+        for group in self.param_groups:  # cheap checks, no synchronisation: values may have changed since
+            _check_hyperparameters(group, read_tensor=False)
         work = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -214,14 +291,37 @@ class Optimizer(torch.optim.Optimizer):
                 if grad.is_complex():
                     raise RuntimeError(f"parameter {self._name(p)} has a complex gradient; precond supports real tensors only")
                 work.append((group, p, grad))
-        if self.on_nonfinite == "raise" and work:
-            maxima = torch._foreach_norm([g for _, _, g in work], float("inf"))
-            if not bool(torch.isfinite(torch.stack([m.float().to(maxima[0].device) for m in maxima])).all()):
-                bad = [self._name(p) for (_, p, g), m in zip(work, maxima) if not torch.isfinite(m)]
-                raise FloatingPointError(
-                    f"non-finite gradient (NaN or Inf) in parameter(s) {', '.join(bad)}; the step was refused and no "
-                    "optimizer state was changed. Lower the learning rate, clip gradients, or skip this batch.")
-        return work
+        if self.on_nonfinite == "ignore" or not work:
+            return work
+        return self._checked(work)
+
+    def _checked(self, work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]):
+        """One host synchronisation: the largest ``|g|`` of every gradient and every tensor ``lr``. Non-finite →
+        raise or skip; finite beyond ``2⁴⁰`` → that gradient scaled down by a power of two (see the class doc)."""
+        maxima = torch._foreach_norm([g for _, _, g in work], float("inf"))
+        lrs = [group["lr"] for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
+        device = maxima[0].device
+        values = torch.stack([m.to(device=device, dtype=torch.float64) for m in maxima]
+                             + [lr.detach().reshape(()).to(device=device, dtype=torch.float64) for lr in lrs]).tolist()
+        bad = [self._name(p) for (_, p, _), m in zip(work, values) if not math.isfinite(m)]
+        bad += [f"lr of group {i}" for i, lr in enumerate(values[len(work):]) if not math.isfinite(lr) or lr < 0]
+        if bad:
+            if self.on_nonfinite == "skip":
+                self._fallbacks.count("nonfinite_skipped", f"a step with a non-finite gradient or lr ({', '.join(bad)}) "
+                                      "was skipped; nothing was changed")
+                return None
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or Inf) or lr in {', '.join(bad)}; the step was refused and no "
+                "optimizer state was changed. Lower the learning rate, clip gradients, skip this batch, or build the "
+                "optimizer with on_nonfinite='skip'.")
+        out = []
+        for (group, p, grad), largest in zip(work, values):
+            if largest > _GRADIENT_BOUND:
+                self._fallbacks.count("gradient_rescaled", f"a gradient of magnitude {largest:.3g} ({self._name(p)}) "
+                                      f"was scaled down by a power of two to {_GRADIENT_BOUND:.3g}")
+                grad = grad * 2.0 ** (math.frexp(_GRADIENT_BOUND)[1] - math.frexp(largest)[1])
+            out.append((group, p, grad))
+        return out
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -229,7 +329,7 @@ class Optimizer(torch.optim.Optimizer):
 
         Parameters of one group, shape, dtype and device are stacked (``stack=True``) and updated together: one
         batched contraction per bucket instead of one per tensor. A bucket whose members do not all have a
-        gradient this step falls back to per-parameter updates on views of its state.
+        gradient this step is split: the members with one run as one batched call (``precond.buckets``).
         """
         loss = None
         if closure is not None:
@@ -242,14 +342,18 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _step(self) -> None:
-        work = self._gather()  # may refuse the step: nothing is touched before it
+        work = self._gather()  # may refuse or skip the step: nothing is touched before it
+        if work is None:
+            return
         self._schedule.flush()
         fresh = [(group, p, grad) for group, p, grad in work if not self.state[p]]
         if not self._buckets.built:
             self._buckets.rebuild(self.param_groups, self.state)
         self._buckets.consolidate(self.state)
-        if fresh:
-            self._initialize(fresh)
+        moves = self._initialize(fresh) if fresh else []
+        self._apply_moves(moves)
+        if self._captured is not None:
+            self._captured.forget_missing(list(self._buckets))
         just_initialized = {id(p) for _, p, _ in fresh}
         grads = {id(p): grad for _, p, grad in work if id(p) not in just_initialized}
         for bucket in list(self._buckets):
@@ -258,14 +362,27 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if len(present) < len(bucket.params):
                 bucket = self._buckets.split(bucket, present, self.state)
-            self._advance(bucket, [grads[id(p)] for p in bucket.params])
+            bucket_grads = [grads[id(p)] for p in bucket.params]
+            if self._captured is not None and self._captured.applies_to(bucket):
+                self._captured.update(self, bucket, bucket_grads)
+                self._finish(bucket, bucket.step + 1)
+                continue
+            moves.append((bucket, self._advance(bucket, bucket_grads)))
+            self._apply_moves(moves)
+
+    def _apply_moves(self, moves: list[tuple[Bucket, torch.Tensor]]) -> None:
+        """Move the parameters of each ``(bucket, update)`` (and empty the list, freeing the updates at once)."""
+        while moves:
+            bucket, update = moves.pop(0)
+            self._apply(bucket.group, bucket.params, update, bucket.layout)
 
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
         return (group_index, tuple(p.shape), p.dtype, p.device, None if self.stack else id(p))
 
-    def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+    def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> list[tuple[Bucket, torch.Tensor]]:
         """First gradient of new parameters: a stacked initial fill per bucket; a preconditioner that
-        ``updates_on_first_gradient`` also takes step 1 with it at once."""
+        ``updates_on_first_gradient`` also takes step 1 with it at once (its ``(bucket, update)`` are returned)."""
+        moves = []
         index = {id(group): i for i, group in enumerate(self.param_groups)}
         batches: dict[tuple, list] = {}
         for group, p, grad in fresh:
@@ -276,28 +393,36 @@ class Optimizer(torch.optim.Optimizer):
             preconditioner: Preconditioner = group[_CONFIG_KEY]
             layout = preconditioner.plan(params[0].shape)
             grad = torch.stack([layout.view(g) for _, _, g in items]).to(self.state_dtype)
-            ps = preconditioner.init_state(grad, layout, self._fallbacks)
+            ps = preconditioner.init_state(grad, layout, self._fallbacks, tuple(params))
             if group["momentum"] > 0:
                 ps.momentum = torch.zeros_like(grad)
             for p in params:
                 self.state[p][STEP] = new_step()
             bucket = self._buckets.add(key, params, group, ps.storage(), [self.state[p] for p in params])
             if preconditioner.updates_on_first_gradient:
-                self._advance(bucket, [g for _, _, g in items])
+                moves.append((bucket, self._advance(bucket, [g for _, _, g in items])))
+        return moves
 
-    def _advance(self, bucket: Bucket, grads: list[torch.Tensor]) -> None:
-        """One step of every member of ``bucket``: the update, the due refreshes, the parameters moved."""
+    def _advance(self, bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
+        """One step of the state of every member of ``bucket``: its update (returned, ``(B, *view)``), the due
+        refreshes and the step counts; the parameters are moved afterwards (:meth:`_apply`)."""
         step = bucket.step + 1
         update = self._direction(bucket, grads, step)
+        self._finish(bucket, step)
+        return update
+
+    def _finish(self, bucket: Bucket, step: int) -> None:
+        """After the update of ``step``: the due refreshes, then the step counts."""
         if bucket.preconditioner.folds_at(step):
             self._refresh(bucket, step)
         bucket.step = step
         for p in bucket.params:
             self.state[p][STEP] += 1
-        self._apply(bucket.group, bucket.params, update, bucket.layout)
 
-    def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: int) -> torch.Tensor:
-        """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient."""
+    def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: Step,
+                   fold: Optional[bool] = None) -> torch.Tensor:
+        """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient. ``step`` may be
+        a device tensor (a captured step), whose host-side decision ``fold`` is then given."""
         group, layout = bucket.group, bucket.layout
         grad = torch.stack([layout.view(g) for g in grads]).to(self.state_dtype)
         beta1 = group["momentum"]
@@ -307,8 +432,8 @@ class Optimizer(torch.optim.Optimizer):
             m.lerp_(grad, 1.0 - beta1)
             source = grad.lerp(m, beta1) if group["nesterov"] else m
             if group["bias_correction"]:
-                source = source / (1.0 - beta1**step)
-        return bucket.preconditioner.precondition(bucket.state, grad, source, layout, step)
+                source = source / bias_correction(beta1, step)
+        return bucket.preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold)
 
     def _refresh(self, bucket: Bucket, step: int) -> None:
         """Refresh the modes of ``bucket``'s members that the schedule says are due after ``step``."""
@@ -343,16 +468,16 @@ class Optimizer(torch.optim.Optimizer):
         return units
 
     @staticmethod
-    def _apply(group: dict[str, Any], params: list[torch.Tensor], update: torch.Tensor, layout: Layout) -> None:
-        """Decoupled weight decay and ``W ← W − η U`` for the stacked ``update``."""
-        updates = [layout.unview(u) for u in update.to(params[0].dtype).unbind(0)]
-        lr, wd = group["lr"], group["weight_decay"]
+    def _apply(group: dict[str, Any], params: list[torch.Tensor], update: torch.Tensor, layout: Layout,
+               lr: Union[float, torch.Tensor, None] = None) -> None:
+        """Decoupled weight decay and ``W ← W − η U``: ``η U`` is formed in the state dtype and cast to the
+        parameters' dtype last (one arithmetic path for a float and a tensor ``lr``; ``lr`` overrides the group's)."""
+        lr, wd = group["lr"] if lr is None else lr, group["weight_decay"]
+        scaled = update * (lr.to(device=update.device, dtype=update.dtype) if isinstance(lr, torch.Tensor) else lr)
+        steps = [layout.unview(u) for u in scaled.to(params[0].dtype).unbind(0)]
         if wd and group["decay_order"] == "before":
             torch._foreach_mul_(params, 1 - lr * wd)
-        if isinstance(lr, torch.Tensor):
-            torch._foreach_sub_(params, torch._foreach_mul(updates, lr.to(params[0].dtype)))
-        else:
-            torch._foreach_add_(params, updates, alpha=-lr)
+        torch._foreach_sub_(params, steps)
         if wd and group["decay_order"] == "after":
             torch._foreach_mul_(params, 1 - lr * wd)
 

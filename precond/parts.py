@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 import attrs
 import torch
 
+from precond.ema import Step
 from precond.fallbacks import FallbackCounter
 from precond.layout import Layout
 from precond.refresh import Refresh
@@ -30,13 +31,13 @@ class Structure(Protocol):
 class Estimator(Protocol):
     """How ``S_k`` and ``λ_k`` (and the estimator's own tensors) absorb each gradient; called in this order:
 
-    1. ``init_state(grad, layout)`` once: the estimator's own tensors (e.g. a dense second moment ``V``);
-    2. ``update(ps, grad, layout, first=True)`` once, the initial fill; then ``finish_init(ps, refreshes, layout)``
-       after the first bases;
-    3. each step: ``prepare(ps, grad, layout, step)`` (statistics the current direction must already see, SOAP's
+    1. ``update(ps, grad, layout, first=True)`` once, the initial fill; then ``finish_init(ps, refreshes, layout)``
+       after the first bases; then ``init_state(grad, layout)``: the estimator's own tensors (e.g. a dense second
+       moment ``V``, zero at first);
+    2. each step: ``prepare(ps, grad, layout, step)`` (statistics the current direction must already see, SOAP's
        ``V``), the applier, ``update(ps, grad, layout)`` (pre-step bases and spectra, Jacobi), and at refresh steps
        ``on_refresh(ps, k, refresh, layout)``;
-    4. ``dense_spectrum(ps, step)``: a full-size spectrum for the applier, or ``None`` (Kronecker ``λ_k``).
+    3. ``dense_spectrum(ps, step)``: a full-size spectrum for the applier, or ``None`` (Kronecker ``λ_k``).
     """
 
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]: ...
@@ -69,12 +70,13 @@ class Basis(Protocol):
 @attrs.frozen
 class ApplyContext:
     """What an applier may read: the pre-step state view ``ps`` (bases, spectra, the applier's own tensors), the
-    layout, the raw gradient ``grad``, the step ``t`` and the estimator's full-size spectrum ``dense`` (or None)."""
+    layout, the raw gradient ``grad``, the step ``t`` (an int, or a 0-d device tensor in a captured step: use
+    :func:`precond.ema.bias_correction`) and the estimator's full-size spectrum ``dense`` (or None)."""
 
     ps: ParamState
     layout: Layout
     grad: torch.Tensor
-    step: int
+    step: Step
     dense: Optional[torch.Tensor] = None
 
 

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 import torch
 
+from precond.ema import Step
 from precond.fallbacks import FallbackCounter
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
@@ -55,9 +56,11 @@ class Preconditioner:
         return _plan(self, tuple(shape))
 
     # --- the first gradient -------------------------------------------------------------------
-    def init_state(self, grad: torch.Tensor, layout: Layout, counter: Optional[FallbackCounter] = None) -> ParamState:
-        """Initial state from the first gradient ``grad`` (``(B, *view)``): fill, first bases, ``λ_k`` at step 0."""
-        ps = ParamState.empty(layout, self.basis.needs_factors, grad.shape[0], grad.dtype, grad.device)
+    def init_state(self, grad: torch.Tensor, layout: Layout, counter: Optional[FallbackCounter] = None,
+                   params: tuple[torch.Tensor, ...] = ()) -> ParamState:
+        """Initial state from the first gradient ``grad`` (``(B, *view)``) of ``params``: fill, first bases,
+        ``λ_k`` at step 0."""
+        ps = ParamState.empty(layout, self.basis.needs_factors, grad.shape[0], grad.dtype, grad.device, params)
         self.estimator.update(ps, grad, layout, first=True)
         refreshes = {k: self.basis.initialize(factor, counter) for k, factor in enumerate(ps.S) if factor is not None}
         for k, refresh in refreshes.items():
@@ -79,14 +82,18 @@ class Preconditioner:
 
     # --- one step -----------------------------------------------------------------------------
     def precondition(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
-                     step: int) -> torch.Tensor:
+                     step: Step, fold: Optional[bool] = None) -> torch.Tensor:
         """The update for ``direction`` from the pre-step bases and spectra; then ``grad`` is folded into the
-        statistics (:meth:`fold`). No refresh: that is :meth:`step`'s, or the optimizer's schedule's."""
+        statistics (:meth:`fold`). No refresh: that is :meth:`step`'s, or the optimizer's schedule's.
+
+        ``step`` may be a 0-d device tensor (a captured step: parts only use it for bias corrections); then
+        ``fold``, the host's :meth:`folds_at` verdict for it, must be given."""
         self.estimator.prepare(ps, grad, layout, step)
         ctx = ApplyContext(ps=ps, layout=layout, grad=grad, step=step,
                            dense=self.estimator.dense_spectrum(ps, step))
         update = self.applier.apply(direction, ctx)
-        self.fold(ps, grad, layout, step)
+        if self.folds_at(step) if fold is None else fold:
+            self.estimator.update(ps, grad, layout)
         return update
 
     def fold(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:

@@ -34,12 +34,6 @@ def _settings(lr: float, betas: Betas, weight_decay: float, defaults: dict[str, 
     return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **options})
 
 
-def _optimizer(params: Iterable[Any], lr: float, betas: Betas, weight_decay: float, preconditioner: Preconditioner,
-               defaults: dict[str, Any], options: dict[str, Any]) -> Optimizer:
-    """The optimizer around a preset's preconditioner; ``options`` (the caller's) override the preset's ``defaults``."""
-    return Optimizer(params, preconditioner=preconditioner, **_settings(lr, betas, weight_decay, defaults, options))
-
-
 class KLShampoo(Optimizer):
     """KL-Shampoo (Lin et al. 2025, Fig. 3 right), without grafting, for weights of any order.
 
@@ -184,3 +178,66 @@ class OneSidedShampoo(Optimizer):
 
 
 one_sided_shampoo = OneSidedShampoo
+
+
+def muon(params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+         weight_decay: float = 0.0, adjust_lr_fn: Literal["original", "match_rms_adamw", "none"] | None = None,
+         ns_steps: int = 5, ns_coefficients: Any = (3.4445, -4.7750, 2.0315), ns_dtype: Any = None,
+         eps: float = 1e-7, adam_lr: float = 3e-4, adam_betas: Betas = (0.9, 0.95), adam_eps: float = 1e-10,
+         adam_weight_decay: float | None = None, adam_params: Iterable[Any] = (), **options: Any) -> Optimizer:
+    """Muon (Jordan et al. 2024) with an Adam part for what is not a hidden matrix, in one optimizer.
+
+    **Muon part** (weights with ``ndim ≥ 2``; a conv kernel is viewed ``(out, in·kh·kw)``): ``structures.Matrix`` ·
+    ``estimators.Stateless`` · ``bases.Identity`` · ``NewtonSchulz(ns_steps, ns_coefficients, ns_dtype, eps,
+    scale)``, the first gradient used at once. As ``torch.optim.Muon``: ``m ← μ m + (1−μ) g``, Nesterov direction
+    ``(1−μ) g + μ m``, ``W ← W − η·wd·W`` with the unadjusted ``η``, then ``W ← W − η·s(A, B)·NS(direction)``.
+    ``adjust_lr_fn`` names ``s`` (``NewtonSchulz.scale``): ``None`` or ``"original"`` ``√max(1, A/B)`` (Jordan;
+    torch's default), ``"match_rms_adamw"`` ``0.2·√max(A, B)`` (Moonlight, Liu et al. 2025), ``"none"`` 1, where
+    ``A`` is the first dimension (out) and ``B`` the product of the others. ``ns_dtype`` (default bfloat16, as
+    torch) is the precision of the iteration; ``ns_coefficients="polar_express"`` takes Amsel et al.'s table
+    (``precond.appliers.newton_schulz.POLAR_EXPRESS``). Defaults are Jordan's reference ``Muon``: lr 0.02,
+    momentum 0.95, Nesterov, no weight decay (``torch.optim.Muon`` defaults to lr 1e-3 and weight decay 0.1).
+
+    **Adam part** (vectors, scalars, and whatever ``adam_params`` names): AdamW composed from parts,
+    ``structures.Diagonal`` · ``Frobenius(β₂, dense)`` · ``bases.Identity`` · ``Power(½, adam_eps, "outside")``,
+    bias-corrected momentum ``β₁``, the first gradient used at once, decay before the update. Defaults are the
+    auxiliary Adam of Jordan's ``MuonWithAuxAdam``: lr 3e-4, betas (0.9, 0.95), eps 1e-10; ``adam_weight_decay``
+    defaults to ``weight_decay``.
+
+    Routing: embeddings and LM heads are 2-D but belong to Adam, which shapes cannot tell: name them in
+    ``adam_params`` (the tensors, or their names when ``params`` is ``model.named_parameters()``), e.g.
+    ``precond.muon(model.named_parameters(), adam_params=["embed.weight", "head.weight"])``. ``params`` may be
+    param-group dicts: one with ``"use_muon": True`` or ``False`` goes whole to that part (its own keys, e.g.
+    ``lr``, override the part's), one without is split as above with its keys applied to both halves. Every group
+    keeps ``use_muon`` (e.g. for a schedule). Other keywords (``state_dtype``, ``on_nonfinite``, ``stack``, ...) go
+    to :class:`precond.Optimizer`.
+    """
+    import torch
+
+    from precond.appliers import NewtonSchulz
+    from precond.routing import muon_groups
+
+    scale = "original" if adjust_lr_fn is None else adjust_lr_fn
+    if scale not in ("original", "match_rms_adamw", "none"):
+        raise ValueError(f"adjust_lr_fn must be None or 'original' (√max(1, A/B)), 'match_rms_adamw' (0.2·√max(A, B)) "
+                         f"or 'none' (1), got {adjust_lr_fn!r}")
+    muon_part = Preconditioner(
+        structure=structures.Matrix(),
+        estimator=estimators.Stateless(),
+        basis=bases.Identity(),
+        applier=NewtonSchulz(steps=ns_steps, coefficients=ns_coefficients, eps=eps, scale=scale,
+                             dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
+        first_step="update",
+    )
+    adam_part = Preconditioner(
+        structure=structures.Diagonal(),
+        estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
+        basis=bases.Identity(),
+        applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
+        first_step="update",
+    )
+    adam_settings = {"preconditioner": adam_part, "lr": adam_lr, "momentum": adam_betas[0], "nesterov": False,
+                     "bias_correction": True, "decay_order": "before",
+                     "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
+    return Optimizer(muon_groups(params, adam_params, adam_settings), preconditioner=muon_part, lr=lr,
+                     momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **options)

@@ -8,9 +8,9 @@ Without ``stagger`` every offset is 0 (all bases at ``t mod T = 0``).
 
 With ``asynchronous`` a due refresh is launched on one of a few side streams, reading a snapshot of ``S_k`` taken
 right after the step's fold, and installed at the start of the *next* step (the main stream waits for it there):
-the QR or Cholesky work overlaps the next forward and backward pass, and the basis the next update uses is one step
-staler than in the synchronous schedule. Off CUDA the refresh is computed at once but installed at the next step as
-well, so the semantics do not depend on the device.
+the QR or Cholesky work overlaps the next forward and backward pass. Nothing reads ``Q_k`` or ``λ_k`` between the
+launch and the install, so the updates are exactly those of the synchronous schedule (tested). Off CUDA the refresh
+is computed at once but installed at the next step as well, so the code path does not depend on the device.
 
 The schedule knows nothing of the state: it is handed a computation and an installation for each due refresh.
 """

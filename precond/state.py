@@ -52,9 +52,12 @@ class ParamState:
     estimator: dict[str, torch.Tensor] = attrs.field(factory=dict)
     applier: dict[str, torch.Tensor] = attrs.field(factory=dict)
     momentum: Optional[torch.Tensor] = None
+    params: tuple[torch.Tensor, ...] = ()
+    """The parameters whose state this is, in batch order (empty for a copied subset, e.g. a refresh's): for parts
+    whose statistics come from elsewhere than the gradient (K-FAC's layer inputs, captured by module hooks)."""
 
     @classmethod
-    def of(cls, storage: dict[str, Any], layout: Layout) -> "ParamState":
+    def of(cls, storage: dict[str, Any], layout: Layout, params: tuple[torch.Tensor, ...] = ()) -> "ParamState":
         estimator = storage["estimator"]
         return cls(
             Q=_unkeyed(storage["basis"]["Q"], layout.order),
@@ -63,11 +66,12 @@ class ParamState:
             estimator=_own(estimator),
             applier=_own(storage.get("applier", {})),
             momentum=storage.get(MOMENTUM),
+            params=params,
         )
 
     @classmethod
     def empty(cls, layout: Layout, needs_factors: bool, batch: int, dtype: torch.dtype,
-              device: torch.device) -> "ParamState":
+              device: torch.device, params: tuple[torch.Tensor, ...] = ()) -> "ParamState":
         """Zero factors ``S_k`` for dense modes (when the basis needs them), zero spectra for every mode with one,
         no bases yet."""
         S: Tensors = [None] * layout.order
@@ -77,7 +81,7 @@ class ParamState:
                 S[k] = torch.zeros(batch, d, d, dtype=dtype, device=device)
             if kind != "none":
                 lam[k] = torch.zeros(batch, d, dtype=dtype, device=device)
-        return cls(Q=[None] * layout.order, S=S, lam=lam)
+        return cls(Q=[None] * layout.order, S=S, lam=lam, params=params)
 
     def storage(self) -> dict[str, Any]:
         """The storage dict (contiguous tensors) of this state, in the checkpoint layout."""

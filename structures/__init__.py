@@ -5,10 +5,11 @@ Each structure is a frozen attrs class with one method, ``plan(shape) -> precond
 
 from structures.diagonal import Diagonal
 from structures.kronecker import Kronecker
+from structures.matrix import Matrix
 from structures.n_mode import NMode
 from structures.one_sided import OneSided
 
-__all__ = ["Diagonal", "Kronecker", "NMode", "OneSided"]
+__all__ = ["Diagonal", "Kronecker", "Matrix", "NMode", "OneSided"]
 
 from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
 

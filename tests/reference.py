@@ -1,6 +1,6 @@
 """Independent dense float64 references: unfoldings, Kronecker products and the KL objective (Eq. 2).
 
-Nothing here imports the library; every function is written from the math in DESIGN.md and the paper.
+Nothing here imports the library; every function is written from the math in docs/design.md and the paper.
 """
 
 from __future__ import annotations

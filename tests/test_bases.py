@@ -1,4 +1,4 @@
-"""DESIGN property 4: basis refreshers.
+"""Property 4 (docs/design.md): basis refreshers.
 
 - ``QRPowerStep`` iterated from a random orthogonal start converges to the (descending) eigenbasis of a fixed
   SPD factor and keeps ``Q`` orthogonal; one step equals the float64 ``qr(S Q)`` with ``diag(R) > 0``

@@ -161,7 +161,7 @@ def test_errors_tensor_lr_must_be_1_element(lr):
     construction and in ``add_param_group`` (which leaves the optimizer as it was)."""
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         torch.optim.AdamW([nn.Parameter(torch.randn(2, 2))], lr=lr)
-    for name in precond.PRESET_CLASSES:
+    for name in precond.PRESET_CLASSES.values():
         with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
             getattr(precond, name)([nn.Parameter(torch.randn(2, 2))], lr=lr)
     opt = _kl([nn.Parameter(torch.randn(2, 2))])
@@ -315,7 +315,7 @@ def test_load_state_dict_post_hook_sees_the_loaded_optimizer(kind, key):
 
 
 # --- item 8: a step count that is a plain number ------------------------------------------------------------------
-@pytest.mark.parametrize("name", precond.PRESET_CLASSES)
+@pytest.mark.parametrize("name", sorted(precond.PRESET_CLASSES.values()))
 def test_load_nontensor_step(name):
     """``test_load_nontensor_step``: a checkpoint whose ``step`` entries are Python numbers (older torch,
     hand-converted checkpoints) loads and then steps exactly like the same checkpoint with tensor steps."""
@@ -390,7 +390,7 @@ def test_loaded_checkpoint_of_a_transposed_layer_would_have_broken_every_step():
 
 
 # --- the class per preset ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("function, name", list(zip(precond.PRESETS, precond.PRESET_CLASSES)))
+@pytest.mark.parametrize("function, name", sorted(precond.PRESET_CLASSES.items()))
 def test_preset_classes_are_torch_optimizers_named_after_the_method(function, name):
     """Each preset is a ``torch.optim.Optimizer`` subclass (clients that want a class, e.g. Hugging Face's
     ``optimizer_cls_and_kwargs``, build it with their own param groups), the lower-case name is the same class
@@ -425,7 +425,8 @@ def test_preset_class_is_the_documented_composition():
 # --- weights_only loading of param_groups ---------------------------------------------------------------------------
 def _groups_with_every_part():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    out = {name: getattr(precond, name)(model.parameters()) for name in precond.PRESET_CLASSES}
+    out = {name: getattr(precond, name)(model.parameters()) for name in precond.PRESET_CLASSES.values()}
+    out["muon"] = precond.muon(model.parameters())
     custom = precond.KLShampoo([{"params": model[0].parameters(), "structure": structures.Kronecker(),
                                  "basis": bases.CholeskyQR(every=3)},
                                 {"params": model[1].parameters(), "structure": structures.Diagonal(),
@@ -455,9 +456,11 @@ def test_param_groups_load_with_weights_only_in_a_fresh_process(tmp_path):
     torch.save({name: opt.param_groups for name, opt in _groups_with_every_part().items()}, path)
     script = ("import bases, estimators, precond, structures, sys, torch\n"
               "groups = torch.load(sys.argv[1], weights_only=True)\n"
-              "print(sorted({type(g['preconditioner'].basis).__name__ for gs in groups.values() for g in gs}))\n")
+              "print(sorted({type(g['preconditioner'].basis).__name__ for gs in groups.values() for g in gs}),\n"
+              "      sorted({type(g['preconditioner'].applier).__name__ for gs in groups.values() for g in gs}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['CholeskyQR', 'Eigh', 'Identity', 'QRPowerStep']"
+    assert result.stdout.strip() == ("['CholeskyQR', 'Eigh', 'Identity', 'QRPowerStep'] "
+                                     "['Graft', 'NewtonSchulz', 'Normalize', 'Power']")

@@ -1,4 +1,4 @@
-"""DESIGN property 1: the batched contractions (rotations, mode products, mode-k grams, rank-one scalings)
+"""Property 1 (docs/design.md): the batched contractions (rotations, mode products, mode-k grams, rank-one scalings)
 equal plain float64 references built from mode-k unfoldings (movedim → reshape → matmul → fold) and,
 independently, from dense Kronecker products acting on the row-major ``vec``.
 

@@ -82,7 +82,7 @@ def test_shampoo_step_matches_dense_reference(shape, seed, beta):
 
 @given(shape=shapes(min_order=2, max_order=3), seed=seeds)
 def test_zero_gradient_leaves_statistics_alone(shape, seed):
-    """DESIGN: skip statistic updates for an all-zero gradient (λ must not decay to the floor)."""
+    """docs/design.md: skip statistic updates for an all-zero gradient (λ must not decay to the floor)."""
     gen = torch.Generator().manual_seed(seed)
     layout = structures.NMode().plan(shape)
     for estimator in (estimators.KL(beta=0.9), estimators.Shampoo(beta=0.9)):

@@ -1,4 +1,4 @@
-"""torch.optim conventions (DESIGN property 6) and training with a KL-Shampoo composed from parts."""
+"""torch.optim conventions (property 6, docs/design.md) and training with a KL-Shampoo composed from parts."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_composed_kl_shampoo_trains_a_small_model():
     assert end < 0.2 * start
 
 
-@pytest.mark.parametrize("name", precond.PRESETS)
+@pytest.mark.parametrize("name", [name for name in precond.PRESETS if name != "muon"])  # muon: test_muon.py
 def test_every_preset_trains_a_conv_mlp(name):
     model = _model()
     start, end = _fit_fixed_batch(model, getattr(precond, name)(model.parameters(), lr=3e-3, every=3))

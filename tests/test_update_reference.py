@@ -1,4 +1,4 @@
-"""DESIGN property 2: the applied update equals the dense float64 reference
+"""Property 2 (docs/design.md): the applied update equals the dense float64 reference
 ``(⊗_k Q_k diag(λ_k+ε)^{-p} Q_kᵀ) vec(G)`` built with ``torch.kron``, for every structure."""
 
 from __future__ import annotations

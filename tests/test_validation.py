@@ -1,4 +1,4 @@
-"""DESIGN property 7: bad input gives a clear error, and a refused step leaves every bit of state as it was.
+"""Property 7 (docs/design.md): bad input gives a clear error, and a refused step leaves every bit of state as it was.
 
 - a NaN/±Inf gradient makes ``step()`` raise ``FloatingPointError`` (naming the parameter when the optimizer
   was given ``named_parameters()``), before any parameter or any optimizer state is touched;

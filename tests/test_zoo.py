@@ -1,4 +1,4 @@
-"""DESIGN property 5 (reductions to Adam, AdamW and momentum SGD; rotation equivariance of the exact-basis family),
+"""docs/design.md property 5 (reductions to Adam, AdamW and momentum SGD; rotation equivariance of the exact-basis family),
 grafting against a hand-written reference, and large modes (embeddings, LM heads)."""
 
 from __future__ import annotations

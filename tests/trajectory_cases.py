@@ -1,6 +1,6 @@
 """Float64 parameter trajectories of every preset, recorded to prove that a refactor changes no number.
 
-``python -m tests.trajectory_cases tests/data/trajectories_v1.pt`` records them (with the code of the tree it runs
+``python -m tests.trajectory_cases tests/data/trajectories_v2.pt`` records them (with the code of the tree it runs
 in); ``tests/test_trajectories.py`` replays every case with the current code and demands bit-identical parameters.
 The cases cover orders 1–4, two parameters of one shape (a stacked bucket), partial gradients (some parameters
 without a gradient at some steps), two param groups, stagger on and off, asynchronous refresh, and refresh periods
@@ -24,13 +24,14 @@ STEPS = 12
 CHECKPOINT_AT = 6
 MISSING = {4: (1, 3), 9: (1, 3), 10: (0,)}  # step → indices of parameters without a gradient
 PERIODS = (1, 2, 5)
+PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
 
 
 def cases() -> list[dict[str, Any]]:
     out = []
-    for preset, every, stagger in itertools.product(precond.PRESETS, PERIODS, (False, True)):
+    for preset, every, stagger in itertools.product(PRESETS, PERIODS, (False, True)):
         out.append({"preset": preset, "every": every, "stagger": stagger, "async_refresh": False})
-    for preset in precond.PRESETS:
+    for preset in PRESETS:
         out.append({"preset": preset, "every": 2, "stagger": True, "async_refresh": True})
     return out
 

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from precond.appliers._norms import batch_norm
-from precond.ema import fold, gradient_weights
+from precond.ema import bias_correction, fold, gradient_weights
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
 from precond.validators import number, positive
@@ -47,6 +47,6 @@ class Graft:
         else:
             v = ctx.ps.applier["v"]
             fold(v, ctx.grad * ctx.grad, self.beta, gradient_weights(self.beta, ctx.grad))
-            v_hat = v / (1.0 - self.beta ** max(ctx.step, 1)) if self.onto == "adam" else v
+            v_hat = v / bias_correction(self.beta, ctx.step) if self.onto == "adam" else v
             graft = direction / (v_hat.sqrt() + self.eps)
         return inner * (batch_norm(graft) / (batch_norm(inner) + 1e-16))

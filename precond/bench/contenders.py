@@ -27,6 +27,9 @@ LEVERS = {
     "kl_shampoo_tf32": {"stagger": True, "basis": "cholesky", "tf32": True},
     "kl_shampoo_fast": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True},
     "kl_shampoo_fast_sync": {"stagger": True, "basis": "cholesky", "tf32": True},
+    "kl_shampoo_captured": {"stagger": True, "basis": "cholesky", "tf32": True, "capture": True},
+    "kl_shampoo_fast_captured": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
+                                 "capture": True},
 }
 
 
@@ -52,6 +55,8 @@ def factory(name: str, every: int, max_dim: int, lr: float = 1e-3, fast: bool = 
         "adamw": lambda p: torch.optim.AdamW(p, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                                              **({"fused": True} if torch.cuda.is_available() else {"foreach": True})),
         "soap": lambda p: precond.soap(p, lr=lr, every=every, max_dim=max_dim, **ours),
+        "soap_captured": lambda p: precond.soap(p, lr=lr, every=every, max_dim=max_dim, stagger=True, capture=True,
+                                                **ours),
         "shampoo": lambda p: precond.shampoo(p, lr=lr, every=every, max_dim=max_dim, **ours),
         "hb_kl_shampoo": lambda p: _heavyball("KLShampoo")(p, lr=lr, betas=(0.9, 0.95), precondition_frequency=every,
                                                            max_precond_dim=max_dim),
