@@ -12,3 +12,7 @@ from estimators.shampoo import Shampoo
 from estimators.stateless import Stateless
 
 __all__ = ["DenseSpectrum", "EKFAC", "Estimator", "Frobenius", "KFAC", "KL", "Shampoo", "Stateless"]
+
+from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
+
+allow_package(__name__)

@@ -7,7 +7,9 @@
 ...         basis=bases.QRPowerStep(every=10), applier=precond.Power(p=0.5, eps=1e-8)))
 
 The public names are resolved on first use (PEP 562), so the part packages can import ``precond.layout``,
-``precond.contractions`` and ``precond.fallbacks`` without an import cycle.
+``precond.contractions`` and ``precond.fallbacks`` without an import cycle. Importing ``precond`` puts the part
+classes on torch's safe globals (``precond.checkpoint``), so ``param_groups`` pickled with their live parts load with
+``torch.load(..., weights_only=True)`` (Lightning's checkpoints).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "muon", 
 MODEL_PRESETS = ("ekfac", "kfac")
 """Presets called with the model, whose modules they hook: ``precond.kfac(model, lr=...)``."""
 
+PRESET_CLASSES = {"eshampoo": "EShampoo", "idealized_kl_shampoo": "IdealizedKLShampoo", "kl_shampoo": "KLShampoo",
+                  "kl_soap": "KLSOAP", "one_sided_shampoo": "OneSidedShampoo", "shampoo": "Shampoo", "soap": "SOAP"}
+"""The preset classes (``torch.optim.Optimizer`` subclasses taking ``params, lr, betas, weight_decay, eps, every,
+max_dim, **options``) by the lower-case name that is another name of the same class (``muon``, with its two parts,
+is a function)."""
+
 _PUBLIC = {
     "Graft": "precond.appliers",
     "KFACCapture": "precond.kfac_capture",
@@ -32,7 +40,7 @@ _PUBLIC = {
     "Optimizer": "precond.optimizer",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",
-    **{name: "precond.presets" for name in PRESETS + MODEL_PRESETS},
+    **{name: "precond.presets" for name in (*PRESETS, *MODEL_PRESETS, *PRESET_CLASSES.values())},
 }
 
 __all__ = sorted(_PUBLIC)
@@ -48,3 +56,12 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
+
+
+def _allow_parts_in_weights_only_loads() -> None:
+    from precond.checkpoint import allow_library_parts
+
+    allow_library_parts()
+
+
+_allow_parts_in_weights_only_loads()

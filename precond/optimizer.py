@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 import functools
 import math
 from typing import Any, Callable, Iterable, Optional, Union
@@ -10,8 +11,9 @@ from typing import Any, Callable, Iterable, Optional, Union
 import attrs
 import torch
 
-from precond.buckets import Bucket, Buckets, map_leaves
+from precond.buckets import Bucket, Buckets
 from precond.captured import CapturedSteps
+from precond.checkpoint import allow_parts, describe, restore
 from precond.precision import tf32_matmuls
 from precond.refresh_schedule import RefreshSchedule
 from precond.layout import Layout
@@ -62,36 +64,32 @@ def _check_hyperparameters(group: dict[str, Any], read_tensor: bool = True) -> N
         raise TypeError(f"preconditioner must be a precond.Preconditioner, got {type(group[_CONFIG_KEY]).__name__}")
 
 
-def _split_names(params: Any) -> tuple[Any, dict[int, str]]:
-    """Accept ``model.named_parameters()`` as well as parameters or param-group dicts."""
-    params = list(params) if not isinstance(params, torch.Tensor) else [params]
-    names: dict[int, str] = {}
-
-    def strip(items):
-        out = []
-        for item in items:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                names[id(item[1])] = item[0]
-                out.append(item[1])
-            else:
-                out.append(item)
-        return out
-
-    if params and isinstance(params[0], dict):
-        groups = []
-        for group in params:
-            group = dict(group)
-            group["params"] = strip(list(group["params"]) if not isinstance(group["params"], torch.Tensor) else [group["params"]])
-            groups.append(group)
-        return groups, names
-    return strip(params), names
+def _params_list(params: Any, what: str = "params") -> list[Any]:
+    """``params`` (of the optimizer or of one param group) as a list, read once (a generator such as
+    ``model.parameters()`` can be read only once). A lone tensor is taken as ``[tensor]``; a set is refused, as
+    ``torch.optim`` does, because its order (and with it the meaning of a checkpoint) changes between runs.
+    ``model.named_parameters()`` pairs are kept: ``torch.optim`` records their names as the group's ``param_names``."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"{what} must be an ordered collection (a list, or model.parameters()), not a set: the order "
+                        "of a set changes between runs, and a checkpoint maps its state to parameters by position")
+    if isinstance(params, dict):
+        raise TypeError(f"{what} must be an iterable of tensors or param-group dicts, got a dict; "
+                        "pass [group] for a single param group")
+    return list(params)
 
 
-def _describe_config(obj: Any) -> Any:
-    """Plain-data description of a frozen attrs configuration (kept in ``state_dict`` instead of objects)."""
-    if attrs.has(type(obj)):
-        return {"class": type(obj).__qualname__, **{f.name: _describe_config(getattr(obj, f.name)) for f in attrs.fields(type(obj))}}
-    return obj
+def _named(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """A complete param group's settings (a tensor lr must hold one number, as in ``torch.optim``)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}")
+    _check_hyperparameters(group)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -160,7 +158,8 @@ class Optimizer(torch.optim.Optimizer):
                              f"got {capture!r}")
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
-        params, self._names = _split_names(params)
+        self._names: dict[int, str] = {}
+        params = _params_list(params)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
@@ -207,21 +206,29 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim``; the group is checked first, so a refused group leaves the optimizer unchanged.
 
+        ``params`` may be any iterable (a generator such as ``module.parameters()`` is read once), a lone tensor or
+        ``(name, tensor)`` pairs from ``named_parameters()`` (kept as the group's ``param_names``); not a set.
         Besides a whole ``preconditioner``, a group may override single parts: ``structure``, ``estimator``,
         ``basis``, ``applier`` or ``first_step`` replace that part of the default preconditioner, e.g.
         ``{"params": embeddings, "structure": structures.OneSided()}``.
         """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         param_group = dict(param_group)
+        param_group["params"] = _params_list(param_group["params"], "a param group's 'params'")
         overrides = {name: param_group.pop(name) for name in _PART_KEYS if name in param_group}
         if overrides:
             base = param_group.get(_CONFIG_KEY, self.defaults[_CONFIG_KEY])
             param_group[_CONFIG_KEY] = attrs.evolve(base, **overrides)
-        _check_hyperparameters({**self.defaults, **param_group})
-        params = param_group["params"]
-        for p in [params] if isinstance(params, torch.Tensor) else list(params):
+        _check_group({**self.defaults, **param_group})
+        for item in param_group["params"]:
+            name, p = item if _named(item) else (None, item)
             if isinstance(p, torch.Tensor) and p.is_complex():
-                raise TypeError(f"parameter {self._name(p)} is complex; precond supports real parameters only")
+                raise TypeError(f"parameter {name or self._name(p)} is complex; precond supports real parameters only")
         super().add_param_group(param_group)
+        added = self.param_groups[-1]
+        self._names.update(zip(map(id, added["params"]), added.get("param_names", ())))
+        allow_parts(added[_CONFIG_KEY])
 
     # --- helpers ---------------------------------------------------------------------------------
     def _name(self, p: torch.Tensor) -> str:
@@ -476,31 +483,39 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim``; each group's preconditioner is stored as a plain description, never an object."""
+        """As ``torch.optim``; each group's preconditioner is stored as a plain description, never an object (the
+        state-dict post-hooks see the dict that is returned, description included)."""
         self._schedule.flush()
-        result = super().state_dict()
+        post_hooks, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, OrderedDict()
+        try:
+            result = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         for group in result["param_groups"]:
-            group[_CONFIG_KEY] = _describe_config(group[_CONFIG_KEY])
+            group[_CONFIG_KEY] = describe(group[_CONFIG_KEY])
+        for hook in list(post_hooks.values()):
+            returned = hook(self, result)
+            if returned is not None:
+                result = returned
         return result
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim``, but the factor state keeps its saved dtype (float32 for bfloat16 parameters),
-        and the preconditioners stay this optimizer's own (a different saved configuration is refused)."""
-        current = [group[_CONFIG_KEY] for group in self.param_groups]
-        for group, saved in zip(current, state_dict["param_groups"]):
-            if _describe_config(group) != saved.get(_CONFIG_KEY):
-                raise ValueError(
-                    "the checkpoint was made with another preconditioner configuration:\n"
-                    f"  saved:   {saved.get(_CONFIG_KEY)}\n  current: {_describe_config(group)}\n"
-                    "build the optimizer with the saved configuration before loading")
-        super().load_state_dict(state_dict)
+        """As ``torch.optim``: pre-hooks first (the dict a hook returns is what loads), then the load, then
+        post-hooks (they see the loaded optimizer). Unlike it, the factor state keeps its saved dtype (float32
+        for bfloat16 parameters), the preconditioners stay this optimizer's own, and a checkpoint of another
+        configuration, other group sizes or state shapes that do not fit the parameters is refused with the
+        optimizer left exactly as it was (:func:`precond.checkpoint.restore`). An older checkpoint whose ``step``
+        is a plain number loads too."""
+        state_dict = state_dict.copy()  # shallow, as torch: a hook may change the dict it is given
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            returned = hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
+        groups, state = restore(self.param_groups, state_dict, self._name, _check_group)
         self._schedule.discard()
         self._buckets.invalidate()
-        for group, preconditioner in zip(self.param_groups, current):
-            group[_CONFIG_KEY] = preconditioner
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if saved_id in state_dict["state"]:
-                self.state[p] = map_leaves(state_dict["state"][saved_id],
-                                           lambda t: t.to(device=p.device if t.ndim else t.device, copy=True))
+        self.param_groups, self.state = groups, state
+        self._names.update((id(p), name) for group in groups
+                           for p, name in zip(group["params"], group.get("param_names", ())))
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)

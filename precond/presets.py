@@ -1,5 +1,11 @@
 """Named optimizers, each a few lines of composition of the four parts.
 
+Each preset is a class, a ``torch.optim.Optimizer`` (a :class:`precond.Optimizer` whose constructor builds the
+preset's preconditioner): ``KLShampoo``, ``IdealizedKLShampoo``, ``KLSOAP``, ``Shampoo``, ``SOAP``, ``EShampoo``,
+``OneSidedShampoo``. Clients that take an optimizer class (Hugging Face's ``optimizer_cls_and_kwargs``) build it
+with their own param groups, and reprs and logs name the method. The lower-case names (``kl_shampoo``, …) are the
+same classes under the names of the first release.
+
 Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim`` and passes any other
 keyword (``nesterov``, ``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``) to
 :class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's EMA weight ρ.
@@ -22,15 +28,13 @@ from precond.preconditioner import Preconditioner
 Betas = tuple[float, float]
 
 
-def _optimizer(params: Iterable[Any], lr: float, betas: Betas, weight_decay: float, preconditioner: Preconditioner,
-               defaults: dict[str, Any], options: dict[str, Any]) -> Optimizer:
-    """The optimizer around a preset's preconditioner; ``options`` (the caller's) override the preset's ``defaults``."""
-    return Optimizer(params, preconditioner=preconditioner, lr=lr, momentum=betas[0], weight_decay=weight_decay,
-                     **{**defaults, **options})
+def _settings(lr: float, betas: Betas, weight_decay: float, defaults: dict[str, Any],
+              options: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's keywords of a preset; ``options`` (the caller's) override the preset's ``defaults``."""
+    return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **options})
 
 
-def kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
-               eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> Optimizer:
+class KLShampoo(Optimizer):
     """KL-Shampoo (Lin et al. 2025, Fig. 3 right), without grafting, for weights of any order.
 
     ``KL(β₂)`` factors and λ-EMA in the stale basis · ``eigh`` once, then ``QRPowerStep`` every T = 10 steps (no
@@ -38,43 +42,56 @@ def kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.9
     ``KLOpt``): λ₀ = 0.1, the clamp ``λ ≥ max(10, min(d_k, 4000))^{-2}``, a first step that only fills the
     statistics, no bias correction, decoupled weight decay after the update.
     """
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.NMode(max_dim=max_dim),
-        estimator=estimators.KL(beta=betas[1]),
-        basis=bases.QRPowerStep(every=every),
-        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-    ), {"decay_order": "after"}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
+                 eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> None:
+        super().__init__(params, Preconditioner(
+            structure=structures.NMode(max_dim=max_dim),
+            estimator=estimators.KL(beta=betas[1]),
+            basis=bases.QRPowerStep(every=every),
+            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+        ), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
 
 
-def idealized_kl_shampoo(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95),
-                         weight_decay: float = 0.0, eps: float = 1e-8, every: int = 1, max_dim: Optional[int] = 4096,
-                         **options: Any) -> Optimizer:
+kl_shampoo = KLShampoo
+
+
+class IdealizedKLShampoo(Optimizer):
     """Idealized KL-Shampoo (Lin et al. 2025, Eq. 4 and Fig. 3 left): ``Q_k, λ_k = eigh(S_k)`` after every update,
     so ``P_j = S_j^{-1}`` exactly; with ``1/D_{-k}`` and the ½ root at any order (no published code has both)."""
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.NMode(max_dim=max_dim),
-        estimator=estimators.KL(beta=betas[1], init_lambda=None, refresh_spectrum="reset"),
-        basis=bases.Eigh(every=every),
-        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-    ), {"decay_order": "after"}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
+                 eps: float = 1e-8, every: int = 1, max_dim: Optional[int] = 4096, **options: Any) -> None:
+        super().__init__(params, Preconditioner(
+            structure=structures.NMode(max_dim=max_dim),
+            estimator=estimators.KL(beta=betas[1], init_lambda=None, refresh_spectrum="reset"),
+            basis=bases.Eigh(every=every),
+            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+        ), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
 
 
-def kl_soap(params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
-            eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> Optimizer:
+idealized_kl_shampoo = IdealizedKLShampoo
+
+
+class KLSOAP(Optimizer):
     """KL-SOAP (KL-Methods ``KLOpt(using_klsoap=True)``): KL factors (their λ only feed ``Δ_k``) and Adam in the
     eigenbasis, ``V`` neither bias-corrected nor permuted, QR every T = 10 steps without sorting."""
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.NMode(max_dim=max_dim),
-        estimator=estimators.DenseSpectrum(estimators.KL(beta=betas[1]), beta=betas[1], bias_correction=False,
-                                           transport="keep"),
-        basis=bases.QRPowerStep(every=every),
-        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-    ), {"decay_order": "after"}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
+                 eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> None:
+        super().__init__(params, Preconditioner(
+            structure=structures.NMode(max_dim=max_dim),
+            estimator=estimators.DenseSpectrum(estimators.KL(beta=betas[1]), beta=betas[1], bias_correction=False,
+                                               transport="keep"),
+            basis=bases.QRPowerStep(every=every),
+            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+        ), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
 
 
-def shampoo(params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
-            eps: float = 1e-12, every: int = 10, max_dim: Optional[int] = 4096, p: Exponent = 0.5,
-            graft: Optional[Literal["adam", "rmsprop", "sgd"]] = "adam", **options: Any) -> Optimizer:
+kl_soap = KLSOAP
+
+
+class Shampoo(Optimizer):
     """Shampoo as in the widely used implementation (Shi et al. 2023, Meta's Distributed Shampoo).
 
     ``Shampoo(β₂)`` grams · ``Eigh`` every T = 10 steps (the seed paper's setting; stale roots in between) ·
@@ -83,17 +100,23 @@ def shampoo(params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999)
     ``p = "1/(2N)"`` (1/4 for a matrix) the original; ``graft=None`` the ungrafted method of Fig. 1.
     Not reproduced: Meta's bias correction of the factors themselves.
     """
-    applier = Power(p=p, eps=eps)
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.NMode(max_dim=max_dim),
-        estimator=estimators.Shampoo(beta=betas[1]),
-        basis=bases.Eigh(every=every),
-        applier=Graft(applier, onto=graft) if graft else applier,
-    ), {"bias_correction": True}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
+                 eps: float = 1e-12, every: int = 10, max_dim: Optional[int] = 4096, p: Exponent = 0.5,
+                 graft: Optional[Literal["adam", "rmsprop", "sgd"]] = "adam", **options: Any) -> None:
+        applier = Power(p=p, eps=eps)
+        super().__init__(params, Preconditioner(
+            structure=structures.NMode(max_dim=max_dim),
+            estimator=estimators.Shampoo(beta=betas[1]),
+            basis=bases.Eigh(every=every),
+            applier=Graft(applier, onto=graft) if graft else applier,
+        ), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
 
 
-def soap(params: Iterable[Any], lr: float = 3e-3, betas: Betas = (0.95, 0.95), weight_decay: float = 0.01,
-         eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 10000, **options: Any) -> Optimizer:
+shampoo = Shampoo
+
+
+class SOAP(Optimizer):
     """SOAP (Vyas et al. 2025; nikhilvyas/SOAP defaults): Adam run in Shampoo's eigenbasis.
 
     ``Frobenius(dense)``: grams with ρ = β₂ and a bias-corrected ``V`` in the rotated basis · ``eigh`` once, then
@@ -101,44 +124,60 @@ def soap(params: Iterable[Any], lr: float = 3e-3, betas: Betas = (0.95, 0.95), w
     momentum (SOAP's ``correct_bias``, with ε on ``√V̂`` as torch's Adam), weight decay after the update,
     first step fills only. Modes above ``max_dim`` (10000) are identity; vectors are plain Adam.
     """
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.NMode(max_dim=max_dim),
-        estimator=estimators.Frobenius(beta=betas[1], spectrum="dense"),
-        basis=bases.QRPowerStep(every=every, sort=True),
-        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-    ), {"bias_correction": True, "decay_order": "after"}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: Betas = (0.95, 0.95), weight_decay: float = 0.01,
+                 eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 10000, **options: Any) -> None:
+        super().__init__(params, Preconditioner(
+            structure=structures.NMode(max_dim=max_dim),
+            estimator=estimators.Frobenius(beta=betas[1], spectrum="dense"),
+            basis=bases.QRPowerStep(every=every, sort=True),
+            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+        ), **_settings(lr, betas, weight_decay, {"bias_correction": True, "decay_order": "after"}, options))
 
 
-def eshampoo(params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
-             eps: float = 1e-12, every: int = 100, max_dim: Optional[int] = 4096, **options: Any) -> Optimizer:
+soap = SOAP
+
+
+class EShampoo(Optimizer):
     """Eigenvalue-corrected Shampoo (Eschenhagen et al. 2025; Meta's ``EigenvalueCorrectedShampooPreconditionerList``).
 
     Grams and a bias-corrected ``V`` in the eigenbasis (ρ = β₂ = 0.999), ``V`` not carried across refreshes ·
     exact ``eigh`` every T = 100 steps (Meta's README) · ``R/(√V̂ + ε)``, ε = 1e-12 · the first gradient is used at
     once (no fill-only step), bias-corrected momentum, decoupled weight decay before the update.
     """
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.NMode(max_dim=max_dim),
-        estimator=estimators.Frobenius(beta=betas[1], spectrum="dense", transport="keep"),
-        basis=bases.Eigh(every=every),
-        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-        first_step="update",
-    ), {"bias_correction": True}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
+                 eps: float = 1e-12, every: int = 100, max_dim: Optional[int] = 4096, **options: Any) -> None:
+        super().__init__(params, Preconditioner(
+            structure=structures.NMode(max_dim=max_dim),
+            estimator=estimators.Frobenius(beta=betas[1], spectrum="dense", transport="keep"),
+            basis=bases.Eigh(every=every),
+            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+            first_step="update",
+        ), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
 
 
-def one_sided_shampoo(params: Iterable[Any], lr: float = 1e-2, betas: Betas = (0.9, 0.8), weight_decay: float = 0.1,
-                      eps: float = 1e-10, every: int = 1, max_dim: Optional[int] = 8192, **options: Any) -> Optimizer:
+eshampoo = EShampoo
+
+
+class OneSidedShampoo(Optimizer):
     """One-sided Shampoo, ASGO-style (An et al. 2025; infinity-stars/ASGO defaults): only the smaller side of the
     matrix view gets a factor, ``V ← 0.8 V + 0.2 Gram`` (β₂ = 0.8), its exact inverse root every step (``eigh``
     in place of ASGO's Polar-Express iteration), momentum 0.9, the update rescaled to RMS 0.2, lr 0.01, weight
     decay 0.1 before the update. Vectors get an RMSprop-like diagonal spectrum instead of ASGO's Adam.
     Claim 1: this is the KL fit with the other factor fixed at ``I`` (up to the scalar ``1/D_{-k}``)."""
-    return _optimizer(params, lr, betas, weight_decay, Preconditioner(
-        structure=structures.OneSided(max_dim=max_dim),
-        estimator=estimators.Shampoo(beta=betas[1]),
-        basis=bases.Eigh(every=every),
-        applier=Normalize(Power(p=0.5, eps=eps), rms=0.2),
-    ), {}, options)
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: Betas = (0.9, 0.8), weight_decay: float = 0.1,
+                 eps: float = 1e-10, every: int = 1, max_dim: Optional[int] = 8192, **options: Any) -> None:
+        super().__init__(params, Preconditioner(
+            structure=structures.OneSided(max_dim=max_dim),
+            estimator=estimators.Shampoo(beta=betas[1]),
+            basis=bases.Eigh(every=every),
+            applier=Normalize(Power(p=0.5, eps=eps), rms=0.2),
+        ), **_settings(lr, betas, weight_decay, {}, options))
+
+
+one_sided_shampoo = OneSidedShampoo
 
 
 def muon(params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,

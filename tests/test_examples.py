@@ -5,7 +5,8 @@ import runpy
 
 import pytest
 
-EXAMPLES = sorted((pathlib.Path(__file__).parent.parent / "examples").glob("*.py"))
+INTEGRATIONS = {"hf_trainer.py", "lightning.py"}  # optional dependencies: tests/test_integrations.py (slow)
+EXAMPLES = sorted(p for p in (pathlib.Path(__file__).parent.parent / "examples").glob("*.py") if p.name not in INTEGRATIONS)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
