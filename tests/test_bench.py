@@ -2,6 +2,11 @@
 
 import json
 
+import pytest
+import torch
+
+import precond
+
 from precond.bench.__main__ import main
 
 
@@ -20,3 +25,22 @@ def test_training_benchmark_writes_results(tmp_path):
                  "--steps", "2", "--warmup", "1", "--batch", "2", "--length", "32", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert all(r.get("finite") and r["tokens_per_s"] > 0 for r in data["results"].values()), data["results"]
+
+
+@pytest.mark.parametrize("shape,max_dim", [((6, 4), None), ((5, 7), None), ((3, 4, 5), None), ((40, 6), 8),
+                                           ((9,), None), ((2, 3, 2, 4), None)])
+def test_floor_counts_the_matrix_products_of_a_step(shape, max_dim):
+    """The floor's FLOP formula equals torch's own FLOP counter on a steady-state (non-refresh) KL-Shampoo step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from precond.bench import floor
+
+    weight = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = precond.kl_shampoo([weight], lr=1e-3, every=100, max_dim=max_dim, state_dtype=torch.float64)
+    for _ in range(2):  # the fill, then one update: the next step is a steady one
+        weight.grad = torch.randn(shape, dtype=torch.float64)
+        opt.step()
+    weight.grad = torch.randn(shape, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        opt.step()
+    assert counter.get_total_flops() == floor.step_flops(shape, max_dim)
