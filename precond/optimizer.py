@@ -13,6 +13,7 @@ import torch
 
 from precond.buckets import Bucket, Buckets
 from precond.captured import CapturedSteps
+from precond.overlap import BackwardOverlap
 from precond.checkpoint import allow_parts, describe, restore
 from precond.precision import tf32_matmuls
 from precond.refresh_schedule import RefreshSchedule
@@ -130,7 +131,10 @@ class Optimizer(torch.optim.Optimizer):
     True/False forces TF32 on/off for the per-step products (refresh products always run in full float32),
     ``None`` leaves torch's global setting alone. ``capture=True`` replays each bucket's steady-state update as one
     CUDA graph (``precond.captured``: the same updates to float32 round-off, refreshes still eager);
-    ``"emulate"`` runs that path without graphs (its CPU reference).
+    ``"emulate"`` runs that path without graphs (its CPU reference). ``overlap_backward=True`` starts each bucket's
+    preconditioning inside the backward pass, as soon as its gradients are final (``precond.overlap``: the same
+    updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
+    and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
     """
 
     def __init__(
@@ -150,12 +154,16 @@ class Optimizer(torch.optim.Optimizer):
         async_refresh: bool = False,
         tf32: Optional[bool] = None,
         capture: Union[bool, str] = False,
+        overlap_backward: bool = False,
     ) -> None:
         if on_nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}")
         if capture not in (False, True, "emulate"):
             raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
                              f"got {capture!r}")
+        if overlap_backward and on_nonfinite != "ignore":
+            raise ValueError("overlap_backward=True starts each step during the backward pass, so a non-finite "
+                             "gradient could not be refused afterwards: pass on_nonfinite='ignore' with it")
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         self._names: dict[int, str] = {}
@@ -164,7 +172,8 @@ class Optimizer(torch.optim.Optimizer):
                         decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
         self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
-                             async_refresh=async_refresh, tf32=tf32, capture=capture))
+                             async_refresh=async_refresh, tf32=tf32, capture=capture,
+                             overlap_backward=overlap_backward))
 
     def _configure(self, options: dict[str, Any]) -> None:
         """The optimizer-wide options and the run-time machinery built from them (also after unpickling)."""
@@ -177,11 +186,15 @@ class Optimizer(torch.optim.Optimizer):
         self._fallbacks = FallbackCounter()
         self.capture = options.get("capture", False)
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
+        self.overlap_backward = options.get("overlap_backward", False)
+        self._overlap = BackwardOverlap(self) if self.overlap_backward else None
+        if self._overlap is not None:
+            self._overlap.register([p for group in self.param_groups for p in group["params"]])
 
     def _options(self) -> dict[str, Any]:
         return dict(state_dtype=self.state_dtype, on_nonfinite=self.on_nonfinite, stack=self.stack,
                     stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32,
-                    capture=self.capture)
+                    capture=self.capture, overlap_backward=self.overlap_backward)
 
     def __getstate__(self) -> dict[str, Any]:
         """As ``torch.optim`` (``defaults``, ``state``, ``param_groups``) plus this optimizer's options and parameter
@@ -229,6 +242,8 @@ class Optimizer(torch.optim.Optimizer):
         added = self.param_groups[-1]
         self._names.update(zip(map(id, added["params"]), added.get("param_names", ())))
         allow_parts(added[_CONFIG_KEY])
+        if getattr(self, "_overlap", None) is not None:
+            self._overlap.register(added["params"])
 
     # --- helpers ---------------------------------------------------------------------------------
     def _name(self, p: torch.Tensor) -> str:
@@ -341,7 +356,20 @@ class Optimizer(torch.optim.Optimizer):
             self._step()
         return loss
 
+    def accumulating(self) -> contextlib.AbstractContextManager:
+        """With ``overlap_backward``: backward passes inside this block only accumulate gradients (run every
+        micro-batch's backward but the last inside it). Without it, a no-op."""
+        return self._overlap.accumulating() if self._overlap is not None else contextlib.nullcontext()
+
     def _step(self) -> None:
+        started = self._overlap.take() if self._overlap is not None else []
+        try:
+            self._step_buckets(started)
+        finally:
+            if self._overlap is not None:
+                self._overlap.index(list(self._buckets))
+
+    def _step_buckets(self, started: list[tuple[Bucket, torch.Tensor]]) -> None:
         work = self._gather()  # may refuse or skip the step: nothing is touched before it
         if work is None:
             return
@@ -354,8 +382,9 @@ class Optimizer(torch.optim.Optimizer):
         self._apply_moves(moves)
         if self._captured is not None:
             self._captured.forget_missing(list(self._buckets))
-        just_initialized = {id(p) for _, p, _ in fresh}
-        grads = {id(p): grad for _, p, grad in work if id(p) not in just_initialized}
+        done = {id(p) for _, p, _ in fresh} | {id(p) for bucket, _ in started for p in bucket.params}
+        grads = {id(p): grad for _, p, grad in work if id(p) not in done}
+        self._apply_moves(started)  # started during the backward pass (overlap_backward)
         for bucket in list(self._buckets):
             present = [i for i, p in enumerate(bucket.params) if id(p) in grads]
             if not present:
@@ -410,6 +439,11 @@ class Optimizer(torch.optim.Optimizer):
         update = self._direction(bucket, grads, step)
         self._finish(bucket, step)
         return update
+
+    def _advance_checked(self, bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_advance` started from a gradient hook (``overlap_backward``): the group is checked first."""
+        _check_hyperparameters(bucket.group, read_tensor=False)
+        return self._advance(bucket, grads)
 
     def _finish(self, bucket: Bucket, step: int) -> None:
         """After the update of ``step``: the due refreshes, then the step counts."""
