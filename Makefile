@@ -1,14 +1,17 @@
 # `make test` sets up .venv on a fresh clone (torch from TORCH_SPEC, then this package with its test extra)
-# and runs the CPU suite. TORCH_SPEC defaults to the CPU build of torch 2.13.0; any torch >= 2.4 works.
+# and runs the CPU suite. TORCH_SPEC defaults to torch 2.13.0, taken from PyTorch's CPU wheels (TORCH_INDEX, an
+# extra index: its `+cpu` build ranks above PyPI's Linux torch, the CUDA build of several GB); any torch >= 2.4
+# works, e.g. TORCH_INDEX= (empty) for PyPI's build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: test test-slow test-gpu example clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
