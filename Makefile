@@ -1,14 +1,17 @@
 # `make test` sets up .venv on a fresh clone (torch from TORCH_SPEC, then this package with its test extra)
-# and runs the CPU suite. TORCH_SPEC defaults to the CPU build of torch 2.13.0; any torch >= 2.4 works.
+# and runs the CPU suite. TORCH_SPEC defaults to torch 2.13.0, taken from PyTorch's CPU wheels (TORCH_INDEX, an
+# extra index: its `+cpu` build ranks above PyPI's Linux torch, the CUDA build of several GB); any torch >= 2.4
+# works, e.g. TORCH_INDEX= (empty) for PyPI's build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: test test-slow test-gpu example clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -29,7 +32,8 @@ clean:
 
 # `make demo`: on top of the test setup, the demo extra (matplotlib, tqdm), then the CPU ablation of
 # ablations/demo.toml (kl_shampoo, shampoo with and without grafting, soap, AdamW on a tiny byte-level GPT; about
-# 5 minutes on 2 cores). The table and plots land in results/; a second `make demo` reuses the finished runs.
+# 6-12 minutes on 2 cores, one thread per run). The table and plots land in results/; a second `make demo` reuses
+# the finished runs.
 .PHONY: demo
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[demo]"

@@ -6,7 +6,11 @@ the same model from the same initial weights on the same batches; the table give
 Swapping in the Shampoo estimator without grafting is expected to diverge (its step no longer has a natural
 size: the point of KL-Shampoo); the table says so instead of stopping.
 
-Run: python examples/per_component_ablation.py [--steps 150] [--lr 0.01]
+A run that blows up (a validation loss not finite or above twice the initial one) stops there and is reported
+as diverged. Runs use one CPU thread each (fastest for a model this small, and immune to a busy machine;
+``--threads`` changes it).
+
+Run: python examples/per_component_ablation.py [--steps 150] [--lr 0.01] [--threads 1]
 """
 
 import argparse
@@ -15,6 +19,7 @@ import math
 import torch
 
 from precond.ablate import Training, parse_variant, train_run
+from precond.ablate.threads import thread_count
 from precond.tasks import CharLM
 
 BASELINE = "estimator=kl,basis=qr,every=10,applier=power:0.5,graft=none"
@@ -60,5 +65,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     args, _ = parser.parse_known_args()  # known only: the test suite runs this file under pytest's argv
-    main(args.steps, args.lr)
+    with thread_count(args.threads):
+        main(args.steps, args.lr)

@@ -7,10 +7,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-import bases
-import estimators
 import precond
-import structures
+from precond.ablate import catalog
 
 
 def build_optimizer(variant: Any, params: Iterable[Any], lr: float,
@@ -62,43 +60,12 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
     return factory(params, lr=lr, **kwargs)
 
 
-def make_structure(name: str, max_dim: Optional[int]) -> Any:
-    if name == "diagonal":
-        return structures.Diagonal()
-    return {"nmode": structures.NMode, "kronecker": structures.Kronecker, "one_sided": structures.OneSided}[name](
-        max_dim=max_dim)
-
-
-def make_estimator(name: str, beta: float) -> Any:
-    if name == "kl":
-        return estimators.KL(beta=beta)
-    if name == "shampoo":
-        return estimators.Shampoo(beta=beta)
-    if name == "frobenius":
-        return estimators.Frobenius(beta=beta, spectrum="dense")
-    if name == "frobenius_factored":
-        return estimators.Frobenius(beta=beta, spectrum="factored")
-    if name == "kl_soap":
-        return estimators.DenseSpectrum(estimators.KL(beta=beta), beta=beta, bias_correction=False, transport="keep")
-    raise ValueError(f"unknown estimator {name!r}")
-
-
-def make_basis(name: str, every: int) -> Any:
-    if name == "identity":
-        return bases.Identity()
-    return {"eigh": bases.Eigh, "qr": bases.QRPowerStep}[name](every=every)
-
-
 def make_preconditioner(options: Mapping[str, Any]) -> precond.Preconditioner:
-    """The ``precond.Preconditioner`` of a resolved composition (every key of ``keys.READERS`` present)."""
-    applier: Any = precond.Power(p=options["applier"], eps=options["eps"], eps_placement=options["eps_placement"])
-    if options["graft"] != "none":
-        applier = precond.Graft(applier, onto=options["graft"])
+    """The ``precond.Preconditioner`` of a resolved composition (every key of ``keys.READERS`` present), each part
+    built by the table :data:`precond.ablate.catalog.PARTS`."""
     return precond.Preconditioner(
-        structure=make_structure(options["structure"], options["max_dim"]),
-        estimator=make_estimator(options["estimator"], options["beta2"]),
-        basis=make_basis(options["basis"], options["every"]),
-        applier=applier)
+        structure=catalog.build("structure", options), estimator=catalog.build("estimator", options),
+        basis=catalog.build("basis", options), applier=catalog.build("graft", options))
 
 
 def composition_optimizer(params: Iterable[Any], lr: float, options: Mapping[str, Any]) -> precond.Optimizer:

@@ -10,7 +10,8 @@ import attrs
 
 from precond.ablate import keys
 from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
-from precond.ablate.runner import RUNS_FILE, run_ablation, run_key
+from precond.ablate.attempt import run_key
+from precond.ablate.runner import RUNS_FILE, run_ablation
 from precond.ablate.store import RunStore
 from precond.tasks import TASKS, task_options
 
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N",
                    help="train N runs at once, each in its own process (default 1); with --device cuda and several "
                         "GPUs, worker i uses GPU i mod their number")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per run (default 1 on the CPU, which is fastest for these small models and "
+                        "immune to a busy machine; torch's own default on a GPU); part of a CPU run's resume key")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, train nothing")
     p.add_argument("--report-only", action="store_true",
@@ -90,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
               "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
               "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
               "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes,
-              "workers": args.workers}
+              "workers": args.workers, "threads": args.threads}
     data.update({key: value for key, value in direct.items() if value is not None})
     if args.no_progress:
         data["progress"] = False
@@ -99,7 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def describe_choices() -> str:
     lines = ["named variants: " + ", ".join(keys.NAMED), "composition keys:"]
-    lines += [f"  {key}" for key in keys.READERS]
+    lines += [f"  {key}: {keys.describe(key)}" for key in keys.READERS]
     lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3)")
     for name in sorted(TASKS):
         lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))

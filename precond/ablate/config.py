@@ -31,10 +31,11 @@ import attrs
 import torch
 
 from precond.ablate.keys import learning_rates
+from precond.ablate.threads import threads_for
 from precond.ablate.train import Training
 from precond.ablate.variants import Variant, normalize_key, parse_variant, split_variant, variant_from_mapping
 from precond.tasks import Task, make_task
-from precond.tasks.base import positive_int
+from precond.validators import number
 
 DEFAULT_LRS = (1e-3, 3e-3)
 DEFAULT_SEEDS = (0,)
@@ -42,7 +43,7 @@ DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (n
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
 _OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes", "progress",
-             "workers")
+             "workers", "threads")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -68,8 +69,15 @@ class AblationConfig:
     out: Path = Path("results")
     max_minutes: Optional[float] = None
     progress: bool = True
-    workers: int = attrs.field(default=1, validator=positive_int)
+    workers: int = attrs.field(default=1, validator=number(low=1, integer=True, meaning="runs trained at once"))
     """Runs trained at once, each in its own process (see :mod:`precond.ablate.parallel`)."""
+    threads: Optional[int] = attrs.field(default=None, validator=number(
+        low=1, integer=True, optional=True, meaning="CPU threads per run; unset: 1 on the CPU, torch's on a GPU"))
+    """CPU threads per run (see :mod:`precond.ablate.threads`); ``None``: 1 on the CPU, torch's default on CUDA."""
+
+    def threads_on(self, device: torch.device) -> Optional[int]:
+        """The thread count a run on ``device`` uses (``None``: torch's, left as it is)."""
+        return threads_for(self.threads, device)
 
     def grid(self) -> list[tuple[Variant, float, int]]:
         """Every run (each variant × its learning rates × the seeds), ordered seed by seed, then by position in
@@ -101,7 +109,7 @@ class AblationConfig:
             target_loss=None if target in (None, "auto") else _float("target_loss", target),
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
-            progress=bool(data.get("progress", True)), workers=data.get("workers", 1))
+            progress=bool(data.get("progress", True)), workers=data.get("workers", 1), threads=data.get("threads"))
 
 
 def _float(key: str, value: Any) -> float:

@@ -10,11 +10,13 @@ import fractions
 from typing import Any, Callable, Optional, Union
 
 import precond
+from precond.ablate import catalog
 
-STRUCTURES = ("nmode", "kronecker", "one_sided", "diagonal")
-ESTIMATORS = ("kl", "shampoo", "frobenius", "frobenius_factored", "kl_soap")
-BASES = ("eigh", "qr", "identity")
-GRAFTS = ("adam", "rmsprop", "sgd", "none")
+STRUCTURES = catalog.names("structure")
+ESTIMATORS = catalog.names("estimator")
+BASES = catalog.names("basis")
+GRAFTS = catalog.names("graft")
+LARGE_MODES = catalog.LARGE_MODES
 EPS_PLACEMENTS = ("factor", "outside")
 DECAY_ORDERS = ("before", "after")
 NAMED = tuple(precond.PRESETS) + ("adamw",)
@@ -80,6 +82,16 @@ def max_dim(value: Any) -> Optional[int]:
         raise ValueError(f"got {value!r}; expected a positive integer or none (no limit)") from None
 
 
+def rms_or_none(value: Any) -> Optional[float]:
+    """The RMS ``Normalize`` rescales the update to (a number > 0), or ``none`` for no normalisation."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    result = number(value)
+    if result <= 0:
+        raise ValueError(f"got {value!r}; expected the update's RMS (a number > 0, e.g. 0.2) or none")
+    return result
+
+
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -132,26 +144,57 @@ def name(value: Any) -> str:
     return text
 
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "structure": STRUCTURES, "large": LARGE_MODES, "estimator": ESTIMATORS, "basis": BASES, "graft": GRAFTS,
+    "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS,
+}
+"""The keys whose value is one of a few names, and those names."""
+
 READERS: dict[str, Callable[[Any], Any]] = {
-    "structure": choice(STRUCTURES),
+    "structure": choice(CHOICES["structure"]),
     "max_dim": max_dim,
-    "estimator": choice(ESTIMATORS),
-    "basis": choice(BASES),
+    "large": choice(CHOICES["large"]),
+    "estimator": choice(CHOICES["estimator"]),
+    "basis": choice(CHOICES["basis"]),
     "every": positive_int,
     "applier": applier,
-    "graft": choice(GRAFTS),
+    "normalize": rms_or_none,
+    "graft": choice(CHOICES["graft"]),
     "beta1": unit_interval,
     "beta2": unit_interval,
     "eps": nonnegative,
     "weight_decay": nonnegative,
-    "eps_placement": choice(EPS_PLACEMENTS),
+    "eps_placement": choice(CHOICES["eps_placement"]),
     "bias_correction": boolean,
-    "decay_order": choice(DECAY_ORDERS),
+    "decay_order": choice(CHOICES["decay_order"]),
 }
-"""Keys that describe the optimizer (the identity of a variant), in canonical order."""
+"""Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
+``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
 
 LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED)}
 """Keys that name a variant, choose its learning rates or its preset (not part of a composition)."""
 
 ALIASES = {"lrs": "lr", "wd": "weight_decay"}
 """Alternative spellings of keys."""
+
+
+MEANINGS: dict[str, str] = {
+    "max_dim": "the largest mode that gets a dense factor: a positive integer, or none (no limit)",
+    "large": "what a mode above max_dim gets",
+    "every": "the refresh period T of the basis (a positive integer)",
+    "normalize": "rescale the update to this RMS (Normalize; ASGO uses 0.2), or none",
+    "beta1": "momentum β₁ in [0, 1)",
+    "beta2": "the estimator's EMA weight β₂ in [0, 1)",
+    "eps": "the applier's ε ≥ 0",
+    "weight_decay": "decoupled weight decay ≥ 0 (default: the run's setting)",
+    "eps_placement": "(λ+ε)^-p (factor) or 1/(λ^p+ε) (outside)",
+    "bias_correction": "bias-corrected momentum: true or false",
+    "decay_order": "weight decay before or after the update",
+}
+"""What a key means, for ``--list``."""
+
+
+def describe(key: str) -> str:
+    """What ``key`` means and accepts, for ``--list``."""
+    allowed = ", ".join(CHOICES[key]) if key in CHOICES else APPLIER_FORMS if key == "applier" else ""
+    return "; ".join(text for text in (MEANINGS.get(key, ""), allowed) if text)

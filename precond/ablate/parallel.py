@@ -7,7 +7,8 @@ little: without NVIDIA MPS the processes' kernels time-slice the GPU (measured o
 worker process loads the task's data once and then takes the next unfinished run from a shared queue (a
 ``ProcessPoolExecutor`` with the ``spawn`` start method, which CUDA needs). Only the parent writes
 ``runs.jsonl``, so records never interleave. Results do not depend on the number of workers (each run seeds its
-own model and batches); wall-clock times do, which every record states in ``concurrent_runs``.
+own model and batches, and on the CPU uses the configuration's thread count, 1 by default, as a serial run
+does); wall-clock times do, which every record states in ``concurrent_runs``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from precond.ablate import progress
 from precond.ablate.config import AblationConfig
-from precond.ablate.runner import Run, attempt_run, run_label
+from precond.ablate.attempt import Run, attempt_run, run_label
 from precond.ablate.store import RunStore
 
 _worker: dict[str, Any] = {}
@@ -38,8 +39,9 @@ def worker_devices(device: torch.device, workers: int, cuda_devices: int) -> lis
 
 
 def _start(config: AblationConfig, devices: Any, workers: int, log: Callable[[str], None]) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the processes share the cores
     device_ = torch.device(devices.get())  # each worker takes the next device of the list
+    # the configuration's count (1 per run on the CPU by default); on a GPU without one, the processes share the cores
+    torch.set_num_threads(config.threads_on(device_) or max(1, (os.cpu_count() or 1) // workers))
     _worker.update(config=config, device=device_, data=config.task.load(device_), workers=workers, log=log)
 
 

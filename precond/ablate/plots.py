@@ -1,17 +1,28 @@
 """The two figures of an ablation (matplotlib, Agg backend: no display needed).
 
-- ``loss_curves.png``: validation loss of each variant's best run against steps and against training time;
+- ``loss_curves.png``: validation loss of each variant's best run against steps and against training time. A
+  variant that diverged at every learning rate is drawn dashed (its longest run) up to where it leaves the
+  axes, ending in ``×`` at the top edge; the axes are scaled to the runs that did not diverge, so a blow-up to
+  thousands no longer flattens them. The y-axis is logarithmic when those losses span a factor of
+  :data:`LOG_RATIO` or more (an LM falling from 5.5 to 1.3).
 - ``lr_sweep.png``: final validation loss against learning rate (log x), mean ± std over seeds; a learning
-  rate at which a run diverged is marked ``×`` at the top of the axes.
+  rate at which a run diverged is marked ``×`` at the top edge of the axes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-from precond.ablate.summary import VariantSummary
+from precond.ablate.summary import Record, VariantSummary
+
+LOG_RATIO = 3.0
+"""A y-axis whose values span this factor or more is drawn on a log scale."""
+
+Point = tuple[float, float, float]
+"""``(step, training seconds, validation loss)``."""
 
 
 def _pyplot():
@@ -28,6 +39,56 @@ def _color(index: int) -> str:
     return f"C{index % 10}"
 
 
+def _log_y(axes: Any) -> None:
+    """A log y-axis labelled with plain numbers (2, 3, 4 rather than 2×10⁰)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    axes.set_yscale("log")
+    axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)))
+    axes.yaxis.set_major_formatter(ScalarFormatter())
+    axes.yaxis.set_minor_formatter(NullFormatter())
+
+
+def shown_run(summary: VariantSummary) -> tuple[Record | None, bool]:
+    """The run drawn for a variant and whether it diverged: the best run, or, when every run diverged, the one
+    that lasted longest (its blow-up is what there is to see)."""
+    best = summary.best_run()
+    if best is not None:
+        return best, False
+    if not summary.all_runs:
+        return None, True
+    return max(summary.all_runs, key=lambda r: (r.get("steps_done") or 0, -r["lr"])), True
+
+
+def points(run: Record) -> list[tuple[float, float, float | None]]:
+    """``(step, seconds, val)`` of every evaluation (``val`` ``None`` where it was not finite)."""
+    curve = run["curve"]
+    return list(zip(curve["step"], curve["seconds"], curve["val"]))
+
+
+def axis_range(values: Sequence[float]) -> tuple[float, float, bool]:
+    """``(bottom, top, log)`` of a y-axis showing ``values`` (positive losses) with a margin; ``log`` when they
+    span :data:`LOG_RATIO` or more."""
+    low, high = min(values), max(values)
+    log = low > 0 and high / low >= LOG_RATIO
+    if log:
+        return low / 1.1, high * 1.15, True
+    margin = 0.08 * (high - low) + 1e-3
+    return low - margin, high + margin, False
+
+
+def clip_at(curve: Sequence[tuple[float, float, float | None]], top: float) -> tuple[list[Point], bool]:
+    """The points of ``curve`` up to where it first leaves the axes (a loss above ``top`` or not finite), that
+    point drawn at ``top``; and whether it was cut there."""
+    kept: list[Point] = []
+    for step, seconds, val in curve:
+        if val is None or not math.isfinite(val) or val > top:
+            kept.append((step, seconds, top))
+            return kept, True
+        kept.append((step, seconds, val))
+    return kept, False
+
+
 def write_plots(summaries: Sequence[VariantSummary], out: Path, title: str = "") -> dict[str, Path]:
     """Write both figures into ``out``; raises ``ImportError`` without matplotlib."""
     plt = _pyplot()
@@ -37,41 +98,51 @@ def write_plots(summaries: Sequence[VariantSummary], out: Path, title: str = "")
     return files
 
 
-def _curves(plt, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:
+def _curves(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    finals = []
-    for index, summary in enumerate(summaries):
-        run = summary.best_run()
-        if run is None:
-            continue
-        curve = run["curve"]
-        points = [(s, t, v) for s, t, v in zip(curve["step"], curve["seconds"], curve["val"]) if v is not None]
-        label = f"{summary.name} (lr {summary.best_lr:g})"
-        by_step.plot([p[0] for p in points], [p[2] for p in points], marker=".", label=label, color=_color(index))
-        by_time.plot([p[1] for p in points], [p[2] for p in points], marker=".", color=_color(index))
-        finals.append(points[-1][2])
-        if len(points) > 2:
-            finals.append(points[1][2])
-    if finals:  # the step-0 loss would flatten everything else
-        low, high = min(finals), max(finals)
-        by_step.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
+    shown = [(index, summary, *shown_run(summary)) for index, summary in enumerate(summaries)]
+    shown = [(index, summary, run, blew) for index, summary, run, blew in shown if run is not None]
+    healthy = [val for _, _, run, blew in shown if not blew for _, _, val in points(run) if val is not None]
+    every = healthy or [val for _, _, run, _ in shown for _, _, val in points(run)
+                        if val is not None and math.isfinite(val)]
+    bottom, top, log = axis_range(every) if every else (0.0, 1.0, False)
+    for index, summary, run, blew in shown:
+        drawn, cut = clip_at(points(run), top)
+        if blew and not cut:  # stopped by a numerical error between evaluations: × where it stopped
+            drawn.append((run.get("steps_done") or drawn[-1][0], run.get("train_seconds") or drawn[-1][1], top))
+            cut = True
+        if blew:
+            label = f"{summary.name} (diverged, lr {run['lr']:g})"
+            style = {"linestyle": "--", "marker": "."}
+        else:
+            label = f"{summary.name} (lr {summary.best_lr:g})"
+            style = {"marker": "."}
+        for axes, column in ((by_step, 0), (by_time, 1)):
+            axes.plot([p[column] for p in drawn], [p[2] for p in drawn], color=_color(index),
+                      label=label if axes is by_step else None, **style)
+            if cut:
+                axes.plot([drawn[-1][column]], [top], marker="x", markersize=9, color=_color(index), clip_on=False)
+    if log:
+        _log_y(by_step)
+    by_step.set_ylim(bottom, top)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training time (s)")
-    by_step.set_ylabel("validation loss")
+    by_step.set_ylabel("validation loss" + (" (log scale)" if log else ""))
     if by_step.get_legend_handles_labels()[0]:
         by_step.legend(fontsize=8)
     for axes in (by_step, by_time):
-        axes.grid(alpha=0.3)
-    figure.suptitle(f"best run per variant · {title}")
+        axes.grid(alpha=0.3, which="both")
+    figure.suptitle(f"best run per variant (× : diverged, left the axes) · {title}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def _sweep(plt, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:
+def _sweep(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    finite = [mean for s in summaries for _, mean, _, _ in s.lr_curve if math.isfinite(mean)]
-    top = max(finite) if finite else 1.0
+    finite = [mean + sign * (std or 0.0) for s in summaries for _, mean, std, _ in s.lr_curve
+              if math.isfinite(mean) for sign in (-1, 1)]
+    top_edge = axes.get_xaxis_transform()  # x in data, y in axes coordinates: 0.97 is the top edge
     for index, summary in enumerate(summaries):
         rows = [(lr, mean, std) for lr, mean, std, _ in summary.lr_curve if math.isfinite(mean)]
         color = _color(index)
@@ -80,12 +151,20 @@ def _sweep(plt, summaries: Sequence[VariantSummary], path: Path, title: str) -> 
                           capsize=3, label=summary.name, color=color)
         failed = [lr for lr, mean, _, _ in summary.lr_curve if not math.isfinite(mean)]
         if failed:
-            axes.scatter(failed, [top] * len(failed), marker="x", color=color,
+            axes.scatter(failed, [0.97] * len(failed), marker="x", color=color, transform=top_edge, clip_on=False,
                          label=None if rows else f"{summary.name} (diverged)")
+    if finite:
+        bottom, top, log = axis_range(finite)
+        if log:
+            _log_y(axes)
+        axes.set_ylim(bottom, top)
     axes.set_xscale("log")
+    lrs = [lr for s in summaries for lr, *_ in s.lr_curve]
+    if lrs:  # the × of a diverged lr, drawn in axes coordinates, does not widen the axis by itself
+        axes.set_xlim(min(lrs) / 1.6, max(lrs) * 1.6)
     axes.set_xlabel("learning rate")
     axes.set_ylabel("final validation loss")
-    axes.set_title(f"learning-rate sweep · {title}", fontsize=10)
+    axes.set_title(f"learning-rate sweep (× at the top: diverged) · {title}", fontsize=10)
     axes.grid(alpha=0.3, which="both")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8)

@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from precond.ablate import plots, progress
+from precond.ablate import divergence, plots, progress
+from precond.ablate.divergence import diverged
 from precond.ablate.summary import Record, VariantSummary, auto_target, summarize
 
 MIB = 2.0 ** 20
@@ -26,6 +27,7 @@ def write_csv(records: Sequence[Record], path: Path) -> None:
             row = dict(record)
             row["optimizer_state_mib"] = _mib(record.get("optimizer_state_bytes"))
             row["peak_cuda_mib"] = _mib(record.get("peak_cuda_bytes"))
+            row["diverged"] = diverged(record)  # also a record made before the blow-up rule
             writer.writerow({key: "" if row.get(key) is None else row[key] for key in CSV_COLUMNS})
 
 
@@ -89,8 +91,11 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
     training = config.training
     settings = {k: v for k, v in config.task.settings().items() if k != "task"}
     params = records[0].get("params") if records else None
+    threads = sorted({r["threads"] for r in records if r.get("threads") is not None})
+    plural = "s" if threads != [1] else ""
+    threads_text = f" ({'/'.join(map(str, threads))} CPU thread{plural} per run)" if threads else ""
     target_text = "—" if target is None else f"{target:.4f}" + (
-        " (auto: the weakest variant's best final loss)" if automatic else "")
+        " (auto: the weakest non-diverged variant's best final loss)" if automatic else "")
     memory = ("optimizer state = bytes of every tensor in optimizer.state; peak CUDA memory = "
               "torch.cuda.max_memory_allocated during the run" if device.type == "cuda" else
               "optimizer state = bytes of every tensor in optimizer.state (CPU run: no allocator peak)")
@@ -99,11 +104,13 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
         "",
         f"- task: {config.task.name} ({', '.join(f'{k}={v}' for k, v in settings.items())})"
         + (f", {params:,} parameters" if params else ""),
-        f"- device: {device} · {training.steps} steps · {training.schedule} schedule, warmup {training.warmup:g} · "
+        f"- device: {device}{threads_text} · {training.steps} steps · {training.schedule} schedule, "
+        f"warmup {training.warmup:g} · "
         f"validation on {training.eval_batches} batches every {training.eval_every} steps · "
         f"seeds {', '.join(map(str, config.seeds))}",
         f"- final val loss: mean (± std) over seeds at the best learning rate of the variant's grid; "
-        f"target val loss {target_text}; times are training time without evaluation",
+        f"target val loss {target_text}; times are training time without evaluation; a run diverged when a "
+        f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
         f"- memory: {memory}",
         "",
         "",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -12,18 +10,15 @@ from typing import Any, Callable, Optional
 import attrs
 import torch
 
-import precond
 from precond.ablate import progress
+from precond.ablate.attempt import attempt_run, library_fingerprint, run_key, run_label
 from precond.ablate.config import AblationConfig, resolve_device
+from precond.ablate.parallel import run_in_processes
 from precond.ablate.report import write_reports
 from precond.ablate.store import RunStore
-from precond.ablate.train import OutOfTime, train_run
-from precond.ablate.variants import Variant
+from precond.ablate.threads import thread_count
 
 RUNS_FILE = "runs.jsonl"
-
-Run = tuple[Variant, float, int, str]
-"""One run of the grid: variant, learning rate, seed and resume key."""
 
 
 @attrs.frozen
@@ -38,27 +33,6 @@ class AblationResult:
     table: str
 
 
-@functools.lru_cache(maxsize=1)
-def library_fingerprint() -> str:
-    """A hash of the optimizer library's source (``precond/*.py`` and the part packages, not the workbench):
-    a run made before a library change is not reused after it."""
-    root = Path(precond.__file__).parent.parent
-    files = sorted([*(path for path in root.joinpath("precond").glob("*.py") if path.name != "bench.py"),
-                    *(path for package in ("structures", "estimators", "bases") for path in root.joinpath(package).glob("*.py"))])
-    digest = hashlib.sha1()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, device: torch.device) -> str:
-    """The identity of one run: the optimizer (not its label), lr, seed, the task's data and model settings,
-    the training protocol, the device type and the library's source. Changing any of them makes it a new run."""
-    identity = {"variant": variant.spec(), "lr": lr, "seed": seed, "task": config.task.settings(),
-                "training": attrs.asdict(config.training), "device": device.type, "library": library_fingerprint()}
-    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Optional[float]:
     """A guess of one run's duration: the longest finished run of the same variant, else of any variant so far."""
     same = store.longest(spec)
@@ -67,52 +41,14 @@ def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Opt
     return max(durations) if durations else None
 
 
-def run_label(index: int, total: int, run: Run) -> str:
-    """How the log names the ``index``-th of ``total`` runs to train."""
-    variant, lr, seed, _ = run
-    return f"[{index}/{total}] {variant.name} lr={lr:g} seed={seed}"
-
-
-def attempt_run(config: AblationConfig, data: Any, run: Run, label: str,
-                expected: Optional[float], deadline: Optional[float], device: torch.device,
-                log: Callable[[str], None], bars: bool = True, concurrent_runs: int = 1) -> Optional[dict[str, Any]]:
-    """Train one run of the grid and return its finished record, or ``None`` when the time budget does not allow
-    it (not started because ``expected`` seconds do not fit before ``deadline``, or cut off by the deadline)."""
-    variant, lr, seed, key = run
-    if deadline is not None and expected is not None and time.monotonic() + expected > deadline:
-        log(f"{label}: not started, about {expected:.0f} s needed and "
-            f"{max(0.0, deadline - time.monotonic()):.0f} s left of --max-minutes {config.max_minutes:g}")
-        return None
-    inner = progress.bar(config.training.steps, label, config.progress and bars, leave=False, position=1)
-
-    def on_eval(step: int, train: Optional[float], val: float, seconds: float) -> None:
-        train_text = "" if train is None else f" train {train:.4f}"
-        log(f"{label} step {step}/{config.training.steps}{train_text} val {val:.4f} ({seconds:.1f} s)")
-
-    try:
-        record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
-                           on_eval=on_eval, on_step=inner.update)
-    except OutOfTime as stop:
-        log(f"{label}: stopped, {stop}; this run is not recorded and will run again next time")
-        return None
-    finally:
-        inner.close()
-    record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
-                  training=attrs.asdict(config.training), library=library_fingerprint(),
-                  concurrent_runs=concurrent_runs, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]
-               else f"final val {record['final_val']:.4f}")
-    log(f"{label}: {outcome} in {record['wall_seconds']:.1f} s")
-    return record
-
-
 def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.log, train: bool = True) -> AblationResult:
     """Train every run of ``config.grid()`` not already in ``<out>/runs.jsonl``, then write the CSV, the Markdown
     table and the plots from all runs of the grid that are finished. With ``max_minutes``, a run that is not
     expected to finish in the time left is not started, and one still going when the time is up is dropped.
     With ``workers`` > 1 the runs train in that many processes at once on the same device (see
     :mod:`precond.ablate.parallel`); their records say so in ``concurrent_runs``, because their times then
-    include waiting for each other. ``train=False`` only writes the reports of the runs already finished (the
+    include waiting for each other. On the CPU each run uses ``config.threads_on(device)`` threads (1 unless
+    set), restored afterwards. ``train=False`` only writes the reports of the runs already finished (the
     device need not be present, so a GPU grid can be reported on a laptop)."""
     started = time.monotonic()
     deadline = started + 60.0 * config.max_minutes if config.max_minutes is not None else None
@@ -130,24 +66,24 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
 
     executed = 0
     if workers > 1:
-        from precond.ablate.parallel import run_in_processes
         for record in run_in_processes(config, todo, store, deadline, device, workers, log):
             store.append(record)
             executed += 1
     elif todo:
-        data = config.task.load(device)
-        durations: list[float] = []
-        outer = progress.bar(len(todo), "runs", config.progress, position=0)
-        for index, run in enumerate(todo, 1):
-            record = attempt_run(config, data, run, run_label(index, len(todo), run),
-                                 _expected_seconds(store, run[0].spec(), durations), deadline, device, log)
-            if record is None:
-                break
-            store.append(record)
-            executed += 1
-            durations.append(record["wall_seconds"])
-            outer.update()
-        outer.close()
+        with thread_count(config.threads_on(device)):
+            data = config.task.load(device)
+            durations: list[float] = []
+            outer = progress.bar(len(todo), "runs", config.progress, position=0)
+            for index, run in enumerate(todo, 1):
+                record = attempt_run(config, data, run, run_label(index, len(todo), run),
+                                     _expected_seconds(store, run[0].spec(), durations), deadline, device, log)
+                if record is None:
+                    break
+                store.append(record)
+                executed += 1
+                durations.append(record["wall_seconds"])
+                outer.update()
+            outer.close()
 
     records = tuple(store.get(key) for *_, key in grid if key in store)
     files, table = write_reports(records, config, device, out)

@@ -8,13 +8,14 @@ from typing import Any, Iterable, Optional, Sequence
 
 import attrs
 
+from precond.ablate.divergence import diverged
+
 Record = dict[str, Any]
 
 
 def final_loss(record: Record) -> float:
-    """The run's final validation loss, ``inf`` if it diverged."""
-    value = record.get("final_val")
-    return math.inf if record.get("diverged") or value is None else float(value)
+    """The run's final validation loss, ``inf`` if it diverged (:func:`precond.ablate.divergence.diverged`)."""
+    return math.inf if diverged(record) else float(record["final_val"])
 
 
 def time_to(record: Record, target: float) -> Optional[tuple[int, float]]:
@@ -91,18 +92,19 @@ def summarize(records: Iterable[Record], names: Sequence[str]) -> list[VariantSu
         lr_curve = []
         for lr in sorted(by_lr):
             mean, std = _mean_std([final_loss(r) for r in by_lr[lr]])
-            lr_curve.append((lr, mean, std, sum(bool(r.get("diverged")) for r in by_lr[lr])))
+            lr_curve.append((lr, mean, std, sum(diverged(r) for r in by_lr[lr])))
         best_lr, best_mean, best_std, _ = min(lr_curve, key=lambda row: row[1])
         finite = math.isfinite(best_mean)
         all_runs = [r for runs in by_lr.values() for r in runs]
         summaries.append(VariantSummary(
             name=name, best_lr=best_lr if finite else None, final_mean=best_mean, final_std=best_std,
             best_runs=tuple(by_lr[best_lr]) if finite else (), all_runs=tuple(all_runs),
-            diverged=sum(bool(r.get("diverged")) for r in all_runs), lr_curve=tuple(lr_curve)))
+            diverged=sum(diverged(r) for r in all_runs), lr_curve=tuple(lr_curve)))
     return summaries
 
 
 def auto_target(summaries: Sequence[VariantSummary]) -> Optional[float]:
-    """The weakest variant's best final loss: a level every (non-diverged) variant reaches at its best lr."""
+    """The weakest variant's best final loss: a level every variant that did not diverge at all its learning
+    rates reaches at its best lr. A diverged run never sets it (its final loss counts as ``inf``)."""
     finals = [s.final_mean for s in summaries if math.isfinite(s.final_mean)]
     return max(finals) if finals else None

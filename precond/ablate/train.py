@@ -11,10 +11,11 @@ import attrs
 import torch
 from torch import nn
 
-from precond.ablate import memory
+from precond.ablate import divergence, memory
 from precond.ablate.schedule import multiplier
 from precond.ablate.variants import Variant
-from precond.tasks.base import Data, Task, positive_int
+from precond.tasks.base import Data, Task
+from precond.validators import number
 
 EvalCallback = Callable[[int, Optional[float], float, float], None]
 """Called after each evaluation with ``(step, mean train loss since the last one, val loss, train seconds)``."""
@@ -22,16 +23,6 @@ EvalCallback = Callable[[int, Optional[float], float, float], None]
 
 class OutOfTime(Exception):
     """The wall-clock budget ran out during a run (the run is dropped, not recorded)."""
-
-
-def _optional_nonnegative(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-        raise ValueError(f"{attribute.name} must be a number ≥ 0 or unset, got {value!r}")
-
-
-def _unit(instance: Any, attribute: Any, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attribute.name} must lie in [0, 1], got {value!r}")
 
 
 @attrs.frozen
@@ -47,15 +38,21 @@ class Training:
     - ``bf16``: autocast to bfloat16 on CUDA (ignored on the CPU).
     """
 
-    steps: int = attrs.field(default=300, validator=positive_int)
-    eval_every: int = attrs.field(default=50, validator=positive_int)
-    eval_batches: int = attrs.field(default=4, validator=positive_int)
+    steps: int = attrs.field(default=300, validator=number(low=1, integer=True, meaning="optimizer updates"))
+    eval_every: int = attrs.field(default=50, validator=number(
+        low=1, integer=True, meaning="steps between validations"))
+    eval_batches: int = attrs.field(default=4, validator=number(
+        low=1, integer=True, meaning="fixed batches of each validation"))
     schedule: Literal["cosine", "constant"] = attrs.field(
         default="cosine", validator=attrs.validators.in_(("cosine", "constant")))
-    warmup: float = attrs.field(default=0.05, validator=_unit)
-    min_lr_ratio: float = attrs.field(default=0.1, validator=_unit)
-    clip: Optional[float] = attrs.field(default=None, validator=_optional_nonnegative)
-    weight_decay: Optional[float] = attrs.field(default=None, validator=_optional_nonnegative)
+    warmup: float = attrs.field(default=0.05, validator=number(
+        low=0, high=1, meaning="share of the steps spent warming the learning rate up"))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=number(
+        low=0, high=1, meaning="the cosine schedule's last learning rate over the peak"))
+    clip: Optional[float] = attrs.field(default=None, validator=number(
+        low=0, optional=True, meaning="largest gradient norm, unset for no clipping"))
+    weight_decay: Optional[float] = attrs.field(default=None, validator=number(
+        low=0, optional=True, meaning="decoupled weight decay of every variant without its own, unset for each one's"))
     bf16: bool = True
 
 
@@ -91,7 +88,9 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
               device: torch.device, deadline: Optional[float] = None, on_eval: Optional[EvalCallback] = None,
               on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Train one model and return its record (without the resume key): the validation curve, the final loss,
-    whether it diverged, times and memory. Raises :class:`OutOfTime` once ``time.monotonic()`` passes ``deadline``.
+    whether it diverged, times and memory. Training stops early once it diverged: a step raised a numerical
+    error, or a validation loss is not finite or above twice the initial one (:mod:`precond.ablate.divergence`).
+    Raises :class:`OutOfTime` once ``time.monotonic()`` passes ``deadline``.
     """
     started = time.monotonic()
     model = task.build_model(seed).to(device)
@@ -111,7 +110,7 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
             on_eval(step, train_loss, val, train_seconds)
         return val
 
-    record(0, None)
+    initial = record(0, None)
     running, count, segment, done = torch.zeros((), device=device), 0, time.monotonic(), 0
     for step in range(1, training.steps + 1):
         with _autocast(device, training.bf16):
@@ -138,8 +137,9 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
             train_seconds += time.monotonic() - segment
             val = record(step, float(running) / count)
             running, count = torch.zeros((), device=device), 0
-            if not math.isfinite(val):
-                error = f"step {step}: validation loss is {val}"
+            reason = divergence.blown_up(val, initial)
+            if reason is not None:
+                error = f"step {step}: {reason}"
                 break
             segment = time.monotonic()
 

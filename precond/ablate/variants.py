@@ -3,26 +3,31 @@
 Grammar (``parse_variant``): comma-separated items; the first may be a bare name (a preset such as
 ``kl_shampoo``, or ``adamw``), every other item is ``key=value``:
 
-====================  ==========================================================  =====================
-key                   values                                                      composition default
-====================  ==========================================================  =====================
-``structure``         ``nmode`` ``kronecker`` ``one_sided`` ``diagonal``          ``nmode``
-``max_dim``           a positive integer or ``none``                              4096
-``estimator``         ``kl`` ``shampoo`` ``frobenius`` ``frobenius_factored``     ``kl``
-                      ``kl_soap``
-``basis``             ``eigh`` ``qr`` ``identity``                                ``qr``
-``every``             T, the refresh period                                       10
-``applier``           ``power:<p>``, p = 0.5, 0.25, ``1/(2N)`` or any p in [0, 1]  ``power:0.5``
-``graft``             ``adam`` ``rmsprop`` ``sgd`` ``none``                       ``none``
-``beta1``, ``beta2``  momentum β₁ and the estimator's EMA weight β₂               0.9, 0.95
-``eps``               the applier's ε                                             1e-8
-``weight_decay``      decoupled weight decay                                      the run's setting
-``eps_placement``     ``factor`` (λ+ε)^-p or ``outside`` 1/(λ^p+ε)                ``outside``
-``bias_correction``   bias-corrected momentum (``true``/``false``)                true for ``frobenius``
-``decay_order``       weight decay ``before`` or ``after`` the update             ``after``
-``name``              the label in tables and plots                               made from the parts
-``lr``                this variant's learning rates, ``/``-separated: 1e-3/3e-3    the run's grid
-====================  ==========================================================  =====================
+=====================  ==========================================================  =====================
+key                    values                                                      composition default
+=====================  ==========================================================  =====================
+``structure``          ``nmode`` ``kronecker`` ``one_sided`` ``diagonal``          ``nmode``
+``max_dim``            a positive integer or ``none``                              4096
+``large``              a mode above ``max_dim`` gets ``none`` (identity) or a      ``none``
+                       ``diagonal`` spectrum
+``estimator``          ``kl`` ``shampoo`` ``frobenius`` ``frobenius_factored``     ``kl``
+                       ``kl_soap``
+``basis``              ``eigh`` ``qr`` ``cholesky_qr`` ``identity``                ``qr``
+``every``              T, the refresh period                                       10
+``applier``            ``power:<p>``, p = 0.5, 0.25, ``1/(2N)`` or any p in [0, 1]  ``power:0.5``
+``normalize``          rescale the update to this RMS (``Normalize``, ASGO: 0.2)   ``none``
+``graft``              ``adam`` ``rmsprop`` ``sgd`` ``none``                       ``none``
+``beta1``, ``beta2``   momentum β₁ and the estimator's EMA weight β₂               0.9, 0.95
+``eps``                the applier's ε                                             1e-8
+``weight_decay``       decoupled weight decay                                      the run's setting
+``eps_placement``      ``factor`` (λ+ε)^-p or ``outside`` 1/(λ^p+ε)                ``outside``
+``bias_correction``    bias-corrected momentum (``true``/``false``)                true for ``frobenius``
+``decay_order``        weight decay ``before`` or ``after`` the update             ``after``
+``name``               the label in tables and plots                               made from the parts
+``lr``                 this variant's learning rates, ``/``-separated: 1e-3/3e-3    the run's grid
+=====================  ==========================================================  =====================
+
+The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``bias_correction``, ``decay_order``, and ``graft``/``applier`` where the preset has them, as
@@ -43,8 +48,9 @@ from precond.ablate import keys
 from precond.ablate.keys import format_applier
 
 COMPOSITION_DEFAULTS: dict[str, Any] = {
-    "structure": "nmode", "max_dim": 4096, "estimator": "kl", "basis": "qr", "every": 10, "applier": 0.5,
-    "graft": "none", "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "eps_placement": "outside", "decay_order": "after",
+    "structure": "nmode", "max_dim": 4096, "large": "none", "estimator": "kl", "basis": "qr", "every": 10,
+    "applier": 0.5, "normalize": None, "graft": "none", "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
+    "eps_placement": "outside", "decay_order": "after",
 }
 """Defaults of a composition; ``bias_correction`` defaults to true for ``estimator=frobenius`` (SOAP's V is
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""

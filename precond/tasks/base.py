@@ -92,14 +92,3 @@ class Examples:
         return [(self.x_val[i * self.batch_size:(i + 1) * self.batch_size],
                  self.y_val[i * self.batch_size:(i + 1) * self.batch_size]) for i in range(count)]
 
-
-def positive_int(instance: Any, attribute: Any, value: Any) -> None:
-    """attrs validator: a positive integer (booleans refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
-def fraction(instance: Any, attribute: Any, value: Any) -> None:
-    """attrs validator: a number strictly between 0 and 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{attribute.name} must lie strictly between 0 and 1, got {value!r}")

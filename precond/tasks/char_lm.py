@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from precond.tasks.base import Batch, TokenWindows, fraction, positive_int
+from precond.tasks.base import Batch, TokenWindows
 from precond.tasks.corpus import fingerprint, read_corpus, split_tokens
 from precond.tasks.gpt import TinyGPT
+from precond.validators import number
 
 VOCAB = 256
 """Byte-level vocabulary: every byte value is a token, so any text file works."""
@@ -37,13 +38,15 @@ class CharLM:
     name: ClassVar[str] = "char_lm"
 
     data: Optional[str] = None
-    max_bytes: int = attrs.field(default=2_000_000, validator=positive_int)
-    val_fraction: float = attrs.field(default=0.1, validator=fraction)
-    layers: int = attrs.field(default=2, validator=positive_int)
-    width: int = attrs.field(default=64, validator=positive_int)
-    heads: int = attrs.field(default=4, validator=positive_int)
-    context: int = attrs.field(default=64, validator=positive_int)
-    batch_size: int = attrs.field(default=16, validator=positive_int)
+    max_bytes: int = attrs.field(default=2_000_000, validator=number(
+        low=1, integer=True, meaning="bytes of text read"))
+    val_fraction: float = attrs.field(default=0.1, validator=number(
+        low=0, high=1, low_open=True, high_open=True, meaning="share of the text held out for validation"))
+    layers: int = attrs.field(default=2, validator=number(low=1, integer=True, meaning="transformer blocks"))
+    width: int = attrs.field(default=64, validator=number(low=1, integer=True, meaning="model width"))
+    heads: int = attrs.field(default=4, validator=number(low=1, integer=True, meaning="attention heads"))
+    context: int = attrs.field(default=64, validator=number(low=1, integer=True, meaning="tokens per sequence"))
+    batch_size: int = attrs.field(default=16, validator=number(low=1, integer=True, meaning="sequences per step"))
 
     def __attrs_post_init__(self) -> None:
         if self.width % self.heads:

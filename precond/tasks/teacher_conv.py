@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from precond.tasks.base import Batch, Examples, positive_int
+from precond.tasks.base import Batch, Examples
+from precond.validators import number
 
 
 class ConvNet(nn.Module):
@@ -71,14 +72,16 @@ class TeacherConv:
 
     name: ClassVar[str] = "teacher_conv"
 
-    width: int = attrs.field(default=16, validator=positive_int)
-    teacher_width: int = attrs.field(default=32, validator=positive_int)
-    classes: int = attrs.field(default=10, validator=positive_int)
-    image_size: int = attrs.field(default=16, validator=positive_int)
-    train_size: int = attrs.field(default=8192, validator=positive_int)
-    val_size: int = attrs.field(default=1024, validator=positive_int)
-    batch_size: int = attrs.field(default=64, validator=positive_int)
-    data_seed: int = 0
+    width: int = attrs.field(default=16, validator=number(low=1, integer=True, meaning="the student's channels"))
+    teacher_width: int = attrs.field(default=32, validator=number(
+        low=1, integer=True, meaning="the teacher's channels"))
+    classes: int = attrs.field(default=10, validator=number(low=2, integer=True, meaning="labels"))
+    image_size: int = attrs.field(default=16, validator=number(low=1, integer=True, meaning="pixels per side"))
+    train_size: int = attrs.field(default=8192, validator=number(low=1, integer=True, meaning="training examples"))
+    val_size: int = attrs.field(default=1024, validator=number(low=1, integer=True, meaning="validation examples"))
+    batch_size: int = attrs.field(default=64, validator=number(low=1, integer=True, meaning="examples per step"))
+    data_seed: int = attrs.field(default=0, validator=number(
+        integer=True, meaning="seed of the images and the teacher"))
 
     def settings(self) -> dict[str, Any]:
         return {"task": self.name, **attrs.asdict(self)}

@@ -1,0 +1,110 @@
+"""One run of an ablation grid, as both the serial runner and the worker processes train it: its identity
+(:func:`run_key`, with the library's source hash :func:`library_fingerprint`), its log label and
+:func:`attempt_run`, which trains it within the time budget and returns its record."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+import precond
+from precond.ablate import progress
+from precond.ablate.config import AblationConfig
+from precond.ablate.train import OutOfTime, train_run
+from precond.ablate.variants import Variant
+
+Run = tuple[Variant, float, int, str]
+"""One run of the grid: variant, learning rate, seed and resume key."""
+
+LIBRARY_PACKAGES = ("precond", "structures", "estimators", "bases")
+"""The packages whose source makes up the optimizer library."""
+
+WORKBENCH_PACKAGES = ("ablate", "bench", "tasks")
+"""Subpackages of ``precond`` that are tooling, not the library: editing them keeps finished runs valid."""
+
+
+def library_files(root: Path) -> Iterator[Path]:
+    """Every ``.py`` file of the library under ``root`` (the directory holding the packages), subpackages such as
+    ``precond/appliers`` included and the workbench's own subpackages left out, in sorted order."""
+    for package in LIBRARY_PACKAGES:
+        for path in sorted(root.joinpath(package).rglob("*.py")):
+            inside = path.relative_to(root / package).parts
+            if package == "precond" and len(inside) > 1 and inside[0] in WORKBENCH_PACKAGES:
+                continue
+            yield path
+
+
+def fingerprint_of(root: Path) -> str:
+    """A hash of the paths and contents of :func:`library_files` under ``root``."""
+    digest = hashlib.sha1()
+    for path in library_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def library_fingerprint() -> str:
+    """The hash of this installation's library source: a run made before a change to the optimizer, its parts or
+    its appliers is not reused after it; a change to the workbench alone keeps it."""
+    return fingerprint_of(Path(precond.__file__).parent.parent)
+
+
+def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, device: torch.device) -> str:
+    """The identity of one run: the optimizer (not its label), lr, seed, the task's data and model settings,
+    the training protocol, the device type and the library's source, and on the CPU the number of threads (a
+    CPU run's floating-point results depend on it: reductions are split per thread). Changing any of them makes
+    it a new run."""
+    identity = {"variant": variant.spec(), "lr": lr, "seed": seed, "task": config.task.settings(),
+                "training": attrs.asdict(config.training), "device": device.type, "library": library_fingerprint()}
+    if device.type == "cpu":
+        identity["threads"] = config.threads_on(device)
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_label(index: int, total: int, run: Run) -> str:
+    """How the log names the ``index``-th of ``total`` runs to train."""
+    variant, lr, seed, _ = run
+    return f"[{index}/{total}] {variant.name} lr={lr:g} seed={seed}"
+
+
+def attempt_run(config: AblationConfig, data: Any, run: Run, label: str,
+                expected: float | None, deadline: float | None, device: torch.device,
+                log: Callable[[str], None], bars: bool = True, concurrent_runs: int = 1) -> dict[str, Any] | None:
+    """Train one run of the grid and return its finished record, or ``None`` when the time budget does not allow
+    it (not started because ``expected`` seconds do not fit before ``deadline``, or cut off by the deadline).
+    The caller sets the thread count; the record states it (``threads``)."""
+    variant, lr, seed, key = run
+    if deadline is not None and expected is not None and time.monotonic() + expected > deadline:
+        log(f"{label}: not started, about {expected:.0f} s needed and "
+            f"{max(0.0, deadline - time.monotonic()):.0f} s left of --max-minutes {config.max_minutes:g}")
+        return None
+    inner = progress.bar(config.training.steps, label, config.progress and bars, leave=False, position=1)
+
+    def on_eval(step: int, train: float | None, val: float, seconds: float) -> None:
+        train_text = "" if train is None else f" train {train:.4f}"
+        log(f"{label} step {step}/{config.training.steps}{train_text} val {val:.4f} ({seconds:.1f} s)")
+
+    try:
+        record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
+                           on_eval=on_eval, on_step=inner.update)
+    except OutOfTime as stop:
+        log(f"{label}: stopped, {stop}; this run is not recorded and will run again next time")
+        return None
+    finally:
+        inner.close()
+    record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
+                  training=attrs.asdict(config.training), library=library_fingerprint(),
+                  concurrent_runs=concurrent_runs, threads=torch.get_num_threads(),
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]
+               else f"final val {record['final_val']:.4f}")
+    log(f"{label}: {outcome} in {record['wall_seconds']:.1f} s")
+    return record

@@ -1,0 +1,92 @@
+"""The workbench's one table of part names: every name a composition may use, and how it builds its part.
+
+``PARTS[slot][name](options)`` builds the part called ``name`` for ``slot`` from a variant's resolved options
+(every key of :data:`precond.ablate.keys.READERS` present). The variant grammar's allowed values
+(``keys.READERS``), ``--list`` and :func:`precond.ablate.build.make_preconditioner` all read this table, so a part
+added here is reachable from the command line, a TOML file and Python at once.
+
+Slots:
+
+- ``structure``: which modes get a dense factor (``max_dim`` and the policy ``large`` for a mode above it);
+- ``estimator``: how the factors and the spectrum absorb a gradient (β₂ is the estimator's EMA weight);
+- ``basis``: how the eigenbasis is refreshed every ``every`` = T steps;
+- ``graft``: the applier, ``Power(p, ε)`` (rescaled to RMS ``normalize`` by ``Normalize`` when that is set, as
+  ASGO), given the step size of the named diagonal method (``Graft``) or, with ``none``, left as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import bases
+import estimators
+import precond
+import structures
+
+Options = Mapping[str, Any]
+Builder = Callable[[Options], Any]
+
+LARGE_MODES = ("none", "diagonal")
+"""What a structure gives a mode larger than ``max_dim``: nothing (identity) or a diagonal spectrum."""
+
+
+def _structure(cls: type) -> Builder:
+    return lambda o: cls(max_dim=o["max_dim"], large=o["large"])
+
+
+def _basis(cls: type) -> Builder:
+    return lambda o: cls(every=o["every"])
+
+
+def inner_applier(o: Options) -> Any:
+    """``Power(p, ε)`` in the eigenbasis, wrapped in ``Normalize(·, rms)`` when ``normalize`` is an RMS."""
+    applier: Any = precond.Power(p=o["applier"], eps=o["eps"], eps_placement=o["eps_placement"])
+    if o["normalize"] is not None:
+        applier = precond.Normalize(applier, rms=o["normalize"])
+    return applier
+
+
+def _grafted(onto: str) -> Builder:
+    return lambda o: precond.Graft(inner_applier(o), onto=onto)
+
+
+PARTS: dict[str, dict[str, Builder]] = {
+    "structure": {
+        "nmode": _structure(structures.NMode),
+        "kronecker": _structure(structures.Kronecker),
+        "one_sided": _structure(structures.OneSided),
+        "diagonal": lambda o: structures.Diagonal(),
+    },
+    "estimator": {
+        "kl": lambda o: estimators.KL(beta=o["beta2"]),
+        "shampoo": lambda o: estimators.Shampoo(beta=o["beta2"]),
+        "frobenius": lambda o: estimators.Frobenius(beta=o["beta2"], spectrum="dense"),
+        "frobenius_factored": lambda o: estimators.Frobenius(beta=o["beta2"], spectrum="factored"),
+        "kl_soap": lambda o: estimators.DenseSpectrum(estimators.KL(beta=o["beta2"]), beta=o["beta2"],
+                                                      bias_correction=False, transport="keep"),
+    },
+    "basis": {
+        "eigh": _basis(bases.Eigh),
+        "qr": _basis(bases.QRPowerStep),
+        "cholesky_qr": _basis(bases.CholeskyQR),
+        "identity": lambda o: bases.Identity(),
+    },
+    "graft": {
+        "adam": _grafted("adam"),
+        "rmsprop": _grafted("rmsprop"),
+        "sgd": _grafted("sgd"),
+        "none": inner_applier,
+    },
+}
+"""``PARTS[slot][name]``: the builder of every part a composition can name, by slot."""
+
+
+def names(slot: str) -> tuple[str, ...]:
+    """The names ``slot`` accepts, in the table's order."""
+    return tuple(PARTS[slot])
+
+
+def build(slot: str, options: Options) -> Any:
+    """The part ``options[slot]`` names, built from ``options``."""
+    return PARTS[slot][options[slot]](options)
