@@ -92,6 +92,28 @@ def _describe_config(obj: Any) -> Any:
     return obj
 
 
+def _field_default(field: Any) -> Any:
+    default = field.default
+    return default.factory() if isinstance(default, attrs.Factory) else default
+
+
+def _same_config(saved: Any, obj: Any) -> bool:
+    """Whether a saved description matches the configuration ``obj``; a field the saved description lacks (a
+    checkpoint older than that option) matches when ``obj`` has the field's default value."""
+    if not attrs.has(type(obj)):
+        return saved == obj
+    if not isinstance(saved, dict) or saved.get("class") != type(obj).__qualname__:
+        return False
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if f.name in saved:
+            if not _same_config(saved[f.name], value):
+                return False
+        elif f.default is attrs.NOTHING or _describe_config(value) != _describe_config(_field_default(f)):
+            return False
+    return set(saved) <= {"class", *(f.name for f in attrs.fields(type(obj)))}
+
+
 class Optimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` running ``preconditioner`` on every parameter (per-group overrides allowed).
 
@@ -463,7 +485,7 @@ class Optimizer(torch.optim.Optimizer):
         and the preconditioners stay this optimizer's own (a different saved configuration is refused)."""
         current = [group[_CONFIG_KEY] for group in self.param_groups]
         for group, saved in zip(current, state_dict["param_groups"]):
-            if _describe_config(group) != saved.get(_CONFIG_KEY):
+            if not _same_config(saved.get(_CONFIG_KEY), group):
                 raise ValueError(
                     "the checkpoint was made with another preconditioner configuration:\n"
                     f"  saved:   {saved.get(_CONFIG_KEY)}\n  current: {_describe_config(group)}\n"
