@@ -40,11 +40,16 @@ class KL(Estimator):
       in Fig. 3's λ line; the prototype uses one ρ for both).
     - ``init_lambda`` — ``λ_k`` at step 0. ``0.1`` is the authors' prototype (it discards the first ``eigh``
       eigenvalues); ``None`` takes the eigenvalues of the first ``S_k``.
-    - ``damping`` — κ of Eq. 2: ``E[ggᵀ] + κI`` projected on mode ``k`` adds ``κ ∏_{j≠k} mean(1/λ_j)`` to
-      ``Δ_k``'s diagonal and to ``S_k`` (``S_k`` gets ``κ∏… I``, which leaves its eigenvectors alone).
+    - ``damping`` — κ of Eq. 2: ``E[ggᵀ] + κI`` projected on mode ``k`` adds ``c_k = κ ∏_{j≠k} mean(1/λ_j)``
+      (old ``λ_j``) to ``diag(Q_kᵀ Δ_k Q_k)``. ``damping_into`` says where else: ``"factor_and_spectrum"``
+      (default) also adds ``c_k I`` to ``Δ_k``, so ``S_k`` holds the projected damping too (κI at the fill);
+      ``"spectrum"`` adds ``c_k`` to the ``λ_k`` update only and leaves ``S_k`` — and so the QR-refreshed bases —
+      damping-free, as the authors' prototype (``update_eigen_value``; no damping at its fill).
     - ``floor`` — lower bound on ``λ_k``, kept in the state: ``"dimension"`` is the prototype's clamp
       ``λ_k ≥ max(10, min(d_k, 4000))^{-2}``; a number is an absolute floor. It also keeps zero directions
-      from being dropped.
+      from being dropped. ``floor_at_init`` (default True) applies it to ``λ₀`` as well; ``False`` leaves
+      ``λ₀ = init_lambda`` as given until the first update clamps it (the prototype, which clamps only in
+      ``update_eigen_value``; matters only for ``init_lambda`` below the floor, e.g. 1e-3).
     - ``refresh_spectrum`` — at a basis refresh ``"keep"`` continues the EMA column-wise in the new basis
       (the paper); ``"reset"`` replaces ``λ_k`` by the refresher's eigenvalues (or ``diag(Q_kᵀ S_k Q_k)``),
       which with ``Eigh(every=1)`` is the idealized KL-Shampoo of Fig. 3 left (``P_j = S_j^{-1}`` exactly).
@@ -52,6 +57,13 @@ class KL(Estimator):
     - ``rebalance`` — fix the scale gauge: ``(c S_a, S_b / c)`` is an equally good fixed point, and only the
       product is pinned; rebalancing after each update gives every mode the same mean eigenvalue without changing
       the preconditioner (off by default, as the prototype).
+
+    - ``order`` — ``"jacobi"`` (default, Eq. 4): every estimate reads the old ``λ_j``. ``"prototype"``: the
+      authors' ``update_3d_preconditioner`` order, a parity mode for 3-mode layouts (other orders are Jacobi
+      there too): the estimates of ``S_3``, ``λ_3`` and ``S_2`` read the old spectra; then ``λ_3`` is written
+      (and clamped); ``λ_2``'s estimate reads the new ``λ_3``; then ``λ_2`` is written; ``S_1`` and ``λ_1`` read
+      the new ``λ_2`` and the old ``λ_3`` (1-based modes as in the prototype). The damping shift stays the one of
+      the old spectra (the prototype computes its traces first).
 
     The initial fill (first gradient, all ``S_j = I``) gives ``S_k = (1−ρ) Gram_k(G) / D_{-k}``, as the prototype.
     """
@@ -65,6 +77,18 @@ class KL(Estimator):
         default="keep", validator=attrs.validators.in_(("keep", "reset"))
     )
     rebalance: bool = False
+    damping_into: Literal["factor_and_spectrum", "spectrum"] = attrs.field(
+        default="factor_and_spectrum", validator=attrs.validators.in_(("factor_and_spectrum", "spectrum"))
+    )
+    floor_at_init: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    order: Literal["jacobi", "prototype"] = attrs.field(
+        default="jacobi", validator=attrs.validators.in_(("jacobi", "prototype"))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if not self.floor_at_init and self.init_lambda is None:
+            raise ValueError("floor_at_init=False needs a positive init_lambda (the prototype's init_factor, e.g. 0.1): "
+                             "with init_lambda=None the first eigenvalues may be 0 and λ₀ must be floored")
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi).
@@ -76,6 +100,9 @@ class KL(Estimator):
         """
         active = gradient_weights(self.beta, grad)
         bases, spectra, factors = ps.Q, ps.lam, ps.S
+        if self.order == "prototype" and not first and layout.order == 3:
+            self._prototype_3d_update(ps, grad, layout, active)
+            return
         if first:  # the fill: every S_j = I
             inverse: Tensors = [None] * layout.order
             inv_sqrt: Tensors = [None] * layout.order
@@ -102,7 +129,7 @@ class KL(Estimator):
             if k in partial:
                 whitened = scale(partial[k], [v if j != k else None for j, v in enumerate(inv_sqrt)])
                 delta = gram(whitened, k) / complement  # G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ / D_{-k}
-                if shift is not None:
+                if shift is not None and self.damping_into == "factor_and_spectrum":
                     delta = delta + torch.diag_embed(shift.expand_as(diag))
             if shift is not None:
                 diag = diag + shift
@@ -116,6 +143,56 @@ class KL(Estimator):
         for k in updates:
             if not first:
                 spectra[k].clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+
+    def _prototype_3d_update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, active: torch.Tensor) -> None:
+        """``order="prototype"`` on a 3-mode layout (0-based modes 0, 1, 2 here; see the class docstring)."""
+        old = list(ps.lam)  # the pre-step λ_j (written below into copies, installed at the end)
+        inv_sqrt = [None if lam is None else lam.rsqrt() for lam in old]
+        shifts = {k: self._damping_shift(inv_sqrt, k, lam) for k, lam in enumerate(old) if lam is not None}
+        new = list(old)
+
+        def estimate(k: int, reads: Tensors) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+            return self._mode_estimate(ps, grad, layout, k, reads, shifts.get(k))
+
+        def write(k: int, diag: Optional[torch.Tensor]) -> None:  # λ_k ← ρ λ_k + (1−ρ) diag, clamped at once
+            if diag is None:
+                return
+            lam = old[k].clone()
+            fold(lam, diag, self.beta, active)
+            new[k] = lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+
+        delta_2, diag_2 = estimate(2, old)
+        delta_1, _ = estimate(1, old)
+        write(2, diag_2)
+        write(1, estimate(1, [old[0], old[1], new[2]])[1])
+        delta_0, diag_0 = estimate(0, [old[0], new[1], old[2]])
+        write(0, diag_0)
+        for k, delta in ((0, delta_0), (1, delta_1), (2, delta_2)):
+            if delta is not None:
+                fold(ps.S[k], delta, self.beta, active)
+        for k, lam in enumerate(ps.lam):
+            if lam is not None:
+                lam.copy_(new[k])
+        if self.rebalance:
+            self._rebalance(ps.lam, ps.S)
+
+    def _mode_estimate(self, ps: ParamState, grad: torch.Tensor, layout: Layout, k: int, reads: Tensors,
+                       shift: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(Δ_k, diag(Q_kᵀ Δ_k Q_k))`` of one mode with the spectra ``reads`` for the other modes (``None`` where
+        mode ``k`` has no factor or no spectrum), damping ``shift`` included as configured."""
+        if ps.lam[k] is None:
+            return None, None
+        complement = layout.complement(k)
+        others = [None if j == k else q for j, q in enumerate(ps.Q)]
+        whitened = scale(rotate(grad, others), [None if j == k or lam is None else lam.rsqrt() for j, lam in enumerate(reads)])
+        delta = gram(whitened, k) / complement if ps.S[k] is not None else None
+        full = whitened if ps.Q[k] is None else mode_product(whitened, ps.Q[k], k)
+        diag = sum_except(full * full, k) / complement
+        if shift is not None:
+            diag = diag + shift
+            if delta is not None and self.damping_into == "factor_and_spectrum":
+                delta = delta + torch.diag_embed(shift.expand_as(diag))
+        return delta, diag
 
     @staticmethod
     def _rebalance(spectra: Tensors, factors: Tensors) -> None:
@@ -150,7 +227,8 @@ class KL(Estimator):
                 lam.fill_(self.init_lambda)
             elif k in refreshes and refreshes[k].eigenvalues is not None:
                 lam.copy_(refreshes[k].eigenvalues)
-            lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+            if self.floor_at_init:
+                lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
 
     def on_refresh(self, ps: ParamState, k: int, refresh: Refresh, layout: Layout) -> None:
         """Carry ``λ_k`` into the new basis: column-wise (permuted with the basis), or reset."""

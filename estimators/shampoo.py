@@ -10,7 +10,7 @@ import torch
 from estimators._common import beta_field, sum_of_squares_except
 from estimators.base import Estimator
 from precond.contractions import gram
-from precond.ema import fold, gradient_weights
+from precond.ema import fold, gradient_weights, nonzero_gradient
 from precond.layout import Layout
 from precond.refresh import Refresh, rayleigh_quotients
 from precond.state import ParamState
@@ -27,6 +27,14 @@ class Shampoo(Estimator):
       stale roots of Shampoo); ``"every_step"`` recomputes ``diag(Q_kᵀ S_k Q_k)`` after every update, the
       per-factor Frobenius correction of Eschenhagen et al. (2025).
     - Initial fill ``S_k = (1−ρ) Gram_k(G)`` (SOAP's), then ``λ_k`` from the first ``eigh``.
+    - ``bias_correction`` (off by default; Meta's Distributed Shampoo with ``use_bias_correction=True`` and
+      ``β₂ < 1``): the factors are divided by ``1−ρⁿ`` before the root, ``Ŝ_k = S_k/(1−ρⁿ)`` after ``n`` folded
+      gradients (``n = t`` unless some gradient was all zero: precond skips those, so ``n`` counts the folds;
+      the fill counts as one). ``Ŝ_k`` is what is stored, updated as ``Ŝ_k ← Ŝ_k + w_n (Δ_k − Ŝ_k)`` with
+      ``w_n = (1−ρ)/(1−ρⁿ)``, which equals ``(ρ S_{n−1} + (1−ρ) Δ_k)/(1−ρⁿ)``; so the refreshed bases are unchanged
+      (a positive scale) and every spectrum — eigenvalues, Rayleigh quotients, a diagonal mode's ``λ_k`` — is the
+      corrected one. The fill stores ``Gram_k(G)``. The fold count ``n`` is the estimator's own state
+      (``"count"``, one per parameter). With ``beta = 1`` (a sum) there is nothing to correct: no effect.
     Negative eigenvalue estimates (round-off) are clipped at 0; the applier's ``eps`` is the damping.
     """
 
@@ -34,10 +42,34 @@ class Shampoo(Estimator):
     spectrum: Literal["refresh", "every_step"] = attrs.field(
         default="refresh", validator=attrs.validators.in_(("refresh", "every_step"))
     )
+    bias_correction: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    @property
+    def _corrects(self) -> bool:
+        return self.bias_correction and self.beta < 1.0
+
+    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        """The fold count ``n`` (``(B, 1)``) when bias-correcting: 1 after a nonzero fill, else 0."""
+        if not self._corrects:
+            return {}
+        return {"count": nonzero_gradient(grad).to(grad.dtype).unsqueeze(-1)}
+
+    def _weights(self, ps: ParamState, grad: torch.Tensor, first: bool) -> torch.Tensor:
+        """``(B,)`` fold weights: ``1−ρ`` (uncorrected), or ``(1−ρ)/(1−ρⁿ)`` with ``n`` the count after this fold."""
+        if not self._corrects:
+            return gradient_weights(self.beta, grad)
+        active = nonzero_gradient(grad).to(grad.dtype)
+        if first:  # n = 1: w = 1, the fill is Gram_k(G) itself
+            return active
+        count = ps.estimator["count"]
+        count.add_(active.unsqueeze(-1))
+        n = count.squeeze(-1)
+        corrected = (1.0 - self.beta) / (1.0 - torch.pow(self.beta, n.clamp_min(1.0)))
+        return active * corrected
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         """Fold ``grad`` (``(B, *view)``) into the factors (dense modes) or spectra (diagonal modes), in place."""
-        active = gradient_weights(self.beta, grad)
+        active = self._weights(ps, grad, first)
         bases, factors = ps.Q, ps.S
         for k, lam in enumerate(ps.lam):
             if lam is None:

@@ -40,6 +40,28 @@ def describe(obj: Any) -> Any:
     return obj
 
 
+def _field_default(field: Any) -> Any:
+    default = field.default
+    return default.factory() if isinstance(default, attrs.Factory) else default
+
+
+def same_config(saved: Any, obj: Any) -> bool:
+    """Whether a saved description matches the configuration ``obj``; a field the saved description lacks (a
+    checkpoint older than that option) matches when ``obj`` has the field's default value."""
+    if not attrs.has(type(obj)):
+        return saved == obj
+    if not isinstance(saved, dict) or saved.get("class") != type(obj).__qualname__:
+        return False
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if f.name in saved:
+            if not same_config(saved[f.name], value):
+                return False
+        elif f.default is attrs.NOTHING or describe(value) != describe(_field_default(f)):
+            return False
+    return set(saved) <= {"class", *(f.name for f in attrs.fields(type(obj)))}
+
+
 # --- weights_only loading of param_groups ------------------------------------------------------------------------
 def _attrs_classes(obj: Any) -> Iterable[type]:
     """Every attrs class in the configuration tree ``obj`` (the object's own class and those of its fields)."""
@@ -133,7 +155,7 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
                              f"group: group {i} has {len(saved['params'])} saved parameters and {len(group['params'])} here")
-        if describe(group[CONFIG_KEY]) != saved.get(CONFIG_KEY):
+        if not same_config(saved.get(CONFIG_KEY), group[CONFIG_KEY]):
             raise ValueError(
                 "the checkpoint was made with another preconditioner configuration:\n"
                 f"  saved:   {saved.get(CONFIG_KEY)}\n  current: {describe(group[CONFIG_KEY])}\n"

@@ -447,7 +447,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _finish(self, bucket: Bucket, step: int) -> None:
         """After the update of ``step``: the due refreshes, then the step counts."""
-        if bucket.preconditioner.folds_at(step):
+        if bucket.preconditioner.folds_at(step) and not bucket.preconditioner.folds_before_apply:
             self._refresh(bucket, step)
         bucket.step = step
         for p in bucket.params:
@@ -467,7 +467,15 @@ class Optimizer(torch.optim.Optimizer):
             source = grad.lerp(m, beta1) if group["nesterov"] else m
             if group["bias_correction"]:
                 source = source / bias_correction(beta1, step)
-        return bucket.preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold)
+        preconditioner = bucket.preconditioner
+        if not preconditioner.folds_before_apply:
+            return preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold)
+        # Meta's order: fold step t's gradient, refresh (and install) what is due at t, then precondition with them
+        preconditioner.fold(bucket.state, grad, layout, step, fold)
+        if preconditioner.folds_at(step):
+            self._refresh(bucket, step)
+            self._schedule.flush()
+        return preconditioner.apply(bucket.state, grad, source, layout, step)
 
     def _refresh(self, bucket: Bucket, step: int) -> None:
         """Refresh the modes of ``bucket``'s members that the schedule says are due after ``step``."""

@@ -37,9 +37,14 @@ class Preconditioner:
     (SOAP, the KL prototype); ``"update"`` fills them and preconditions that same gradient at once (Meta's
     Shampoo), without folding it a second time.
 
-    Per step (``docs/design.md``, "Step order"): the update is computed with the pre-step ``(Q_k, λ_k)``; then the
+    ``order`` (``docs/conventions.md``): ``"apply_then_fold"`` (default; SOAP, the KL prototype) — per step
+    (``docs/design.md``, "Step order") the update is computed with the pre-step ``(Q_k, λ_k)``; then the
     estimator folds the gradient in; then, for modes whose refresh is due, the basis is refreshed from the new
-    ``S_k`` and the estimator carries ``λ_k`` across. *When* a refresh is due is the optimizer's refresh schedule's
+    ``S_k`` and the estimator carries ``λ_k`` across. ``"fold_then_apply"`` (Meta's Distributed Shampoo): the
+    gradient is folded first, the due refreshes run on the factors that already hold it, and only then is the
+    direction preconditioned, so ``G_t`` is preconditioned with roots that include ``G_t``. The pieces are
+    :meth:`fold`, the refreshes (:meth:`refresh_due` or the optimizer's schedule) and :meth:`apply`;
+    :meth:`precondition` and :meth:`step` compose them in this order. *When* a refresh is due is the optimizer's refresh schedule's
     business; this class offers its inputs (:meth:`refresh_inputs`), its computation and its installation.
     Every tensor has a leading batch axis ``B`` (parameters of one layout are stacked).
     """
@@ -50,6 +55,9 @@ class Preconditioner:
     applier: Applier = attrs.field(validator=slot(Applier))
     first_step: Literal["fill", "update"] = attrs.field(
         default="fill", validator=attrs.validators.in_(("fill", "update"))
+    )
+    order: Literal["apply_then_fold", "fold_then_apply"] = attrs.field(
+        default="apply_then_fold", validator=attrs.validators.in_(("apply_then_fold", "fold_then_apply"))
     )
 
     def plan(self, shape: Sequence[int]) -> Layout:
@@ -81,30 +89,51 @@ class Preconditioner:
         return not (step == 1 and self.updates_on_first_gradient)
 
     # --- one step -----------------------------------------------------------------------------
+    @property
+    def folds_before_apply(self) -> bool:
+        """``order="fold_then_apply"``: the fold and the due refreshes of step ``t`` come before its apply."""
+        return self.order == "fold_then_apply"
+
     def precondition(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
                      step: Step, fold: Optional[bool] = None) -> torch.Tensor:
-        """The update for ``direction`` from the pre-step bases and spectra; then ``grad`` is folded into the
-        statistics (:meth:`fold`). No refresh: that is :meth:`step`'s, or the optimizer's schedule's.
+        """The update for ``direction`` and the fold of ``grad``, in ``order``, without any refresh (that is
+        :meth:`step`'s, or the optimizer's schedule's): :meth:`apply` then :meth:`fold` by default; :meth:`fold`
+        then :meth:`apply` with ``"fold_then_apply"``. A caller that wants Meta's order with refreshes calls
+        :meth:`fold`, then the due refreshes, then :meth:`apply` itself (as :meth:`step` does).
 
         ``step`` may be a 0-d device tensor (a captured step: parts only use it for bias corrections); then
         ``fold``, the host's :meth:`folds_at` verdict for it, must be given."""
+        if self.folds_before_apply:
+            self.fold(ps, grad, layout, step, fold)
+            return self.apply(ps, grad, direction, layout, step)
+        update = self.apply(ps, grad, direction, layout, step)
+        self.fold(ps, grad, layout, step, fold)
+        return update
+
+    def apply(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
+              step: Step) -> torch.Tensor:
+        """The update for ``direction`` from the current bases and spectra: the estimator's ``prepare`` (statistics
+        the direction must already see, e.g. SOAP's ``V``), then the applier. Folds nothing into ``S_k``/``λ_k``."""
         self.estimator.prepare(ps, grad, layout, step)
         ctx = ApplyContext(ps=ps, layout=layout, grad=grad, step=step,
                            dense=self.estimator.dense_spectrum(ps, step))
-        update = self.applier.apply(direction, ctx)
-        if self.folds_at(step) if fold is None else fold:
-            self.estimator.update(ps, grad, layout)
-        return update
+        return self.applier.apply(direction, ctx)
 
-    def fold(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
-        """Fold step ``t``'s gradient into the statistics, unless :meth:`folds_at` says the fill holds it already."""
-        if self.folds_at(step):
+    def fold(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: Step,
+             fold: Optional[bool] = None) -> None:
+        """Fold step ``t``'s gradient into the statistics, unless :meth:`folds_at` (or the host's verdict ``fold``
+        for a device ``step``) says the fill holds it already."""
+        if self.folds_at(step) if fold is None else fold:
             self.estimator.update(ps, grad, layout)
 
     def step(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout, step: int,
              counter: Optional[FallbackCounter] = None) -> torch.Tensor:
-        """The whole step of one stack of parameters without an optimizer (tests, references): :meth:`precondition`,
-        then :meth:`refresh_due`."""
+        """The whole step of one stack of parameters without an optimizer (tests, references), in ``order``:
+        :meth:`apply`, :meth:`fold`, :meth:`refresh_due`; or :meth:`fold`, :meth:`refresh_due`, :meth:`apply`."""
+        if self.folds_before_apply:
+            self.fold(ps, grad, layout, step)
+            self.refresh_due(ps, layout, step, counter)
+            return self.apply(ps, grad, direction, layout, step)
         update = self.precondition(ps, grad, direction, layout, step)
         self.refresh_due(ps, layout, step, counter)
         return update

@@ -58,3 +58,34 @@ def vector_kinds(kinds: tuple[ModeKind, ...], vectors: VectorPolicy) -> tuple[Mo
     if len(kinds) == 1 and kinds[0] == "dense" and vectors == "diagonal":
         return ("diagonal",)
     return kinds
+
+
+MergeDirection = Literal["first", "last"]
+merge_field = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(("first", "last"))))
+
+
+def merged_groups(sizes: Sequence[int], max_dim: int, direction: MergeDirection) -> list[list[int]]:
+    """Indices of ``sizes`` grouped into adjacent runs whose product stays ``≤ max_dim``, greedily.
+
+    ``direction="first"`` starts at the first mode and grows a run while the product fits, then starts the next
+    run (SOAP's ``merge_dims``, nikhilvyas/SOAP); ``"last"`` does the same from the last mode backwards (Meta's
+    ``merge_small_dims`` with ``target_parameter_dimensionality=1``). A mode larger than ``max_dim`` stays alone.
+    E.g. ``(24, 16)`` at 1024 → one run (384); ``(4, 5, 6)`` at 20 → ``[[0, 1], [2]]`` (20 × 6) either way;
+    ``(3, 3, 3)`` at 9 → ``(9, 3)`` from the first, ``(3, 9)`` from the last.
+    """
+    order = list(range(len(sizes)))
+    if direction == "last":
+        order.reverse()
+    groups: list[list[int]] = []
+    product = 0
+    for i in order:
+        if groups and product * sizes[i] <= max_dim:
+            groups[-1].append(i)
+            product *= sizes[i]
+        else:
+            groups.append([i])
+            product = sizes[i]
+    if direction == "last":
+        groups = [sorted(g) for g in reversed(groups)]
+    return groups
+

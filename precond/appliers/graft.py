@@ -23,6 +23,13 @@ class Graft:
     ``"rmsprop"`` the same without bias correction; ``"sgd"`` ``U_graft = M``. ``M`` is the optimizer's
     (momentum) direction. Defaults ``beta = 0.999``, ``eps = 1e-10`` are Meta's Distributed Shampoo Adam graft.
     The graft's ``v`` is its only state (``state[p]["applier"]["v"]``).
+
+    ``start_preconditioning_step`` (Meta's option of that name, its Adam warm-up): at steps ``t <
+    start_preconditioning_step`` the update is the graft direction ``U_graft`` alone (the inner applier is not
+    called; ``v`` is still updated every step). The default 1 preconditions from the first step; Meta's default
+    (``-1``) means ``T``, the refresh period, which a preset passes explicitly. Meta computes its roots at ``t =
+    start_preconditioning_step`` and then every ``T`` steps; with the start a multiple of ``T`` (its default), or
+    ``1`` with ``first_step="update"``, precond's refreshes give the same roots (``docs/conventions.md``).
     """
 
     inner: Applier = attrs.field(validator=slot(Applier))
@@ -30,6 +37,8 @@ class Graft:
     beta: float = attrs.field(default=0.999, validator=number(
         low=0, high=1, high_open=True, meaning="EMA weight of the graft's second moment v"))
     eps: float = attrs.field(default=1e-10, validator=positive)
+    start_preconditioning_step: int = attrs.field(default=1, validator=number(
+        low=1, integer=True, meaning="first step t that uses the inner applier; before it, the graft direction alone"))
 
     def exponent(self, layout: Layout) -> float:
         return self.inner.exponent(layout)
@@ -41,12 +50,23 @@ class Graft:
         return state
 
     def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        graft = self._graft(direction, ctx)
+        if self.start_preconditioning_step > 1:  # Meta's warm-up: the graft direction alone before the start
+            if not isinstance(ctx.step, torch.Tensor):
+                if ctx.step < self.start_preconditioning_step:
+                    return graft
+            else:  # a captured step: no host branch on the device count
+                inner = self.inner.apply(direction, ctx)
+                grafted = inner * (batch_norm(graft) / (batch_norm(inner) + 1e-16))
+                return torch.where(ctx.step < self.start_preconditioning_step, graft, grafted)
         inner = self.inner.apply(direction, ctx)
-        if self.onto == "sgd":
-            graft = direction
-        else:
-            v = ctx.ps.applier["v"]
-            fold(v, ctx.grad * ctx.grad, self.beta, gradient_weights(self.beta, ctx.grad))
-            v_hat = v / bias_correction(self.beta, ctx.step) if self.onto == "adam" else v
-            graft = direction / (v_hat.sqrt() + self.eps)
         return inner * (batch_norm(graft) / (batch_norm(inner) + 1e-16))
+
+    def _graft(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        """``U_graft`` (folding the current gradient into ``v`` first)."""
+        if self.onto == "sgd":
+            return direction
+        v = ctx.ps.applier["v"]
+        fold(v, ctx.grad * ctx.grad, self.beta, gradient_weights(self.beta, ctx.grad))
+        v_hat = v / bias_correction(self.beta, ctx.step) if self.onto == "adam" else v
+        return direction / (v_hat.sqrt() + self.eps)

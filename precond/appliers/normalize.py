@@ -1,6 +1,9 @@
-"""``Normalize``: the inner direction rescaled to a fixed RMS (ASGO's update normalisation)."""
+"""``Normalize``: the inner direction rescaled to a fixed RMS (ASGO's update normalisation, SOAP's and the KL
+prototype's ``normalize_grads``)."""
 
 from __future__ import annotations
+
+from typing import Literal, Optional
 
 import attrs
 import torch
@@ -8,16 +11,37 @@ import torch
 from precond.appliers._norms import batch_norm
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
-from precond.validators import positive
+from precond.validators import number, positive
+
+
+def _betas(instance, attribute, value) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise ValueError(f"{attribute.name} must be None or a pair (β₁, β₂), e.g. (0.95, 0.95), got {value!r}")
+    for name, beta in zip(("β₁", "β₂"), value):
+        number(low=0, high=1, high_open=True, meaning=f"{name} of the bias corrections to keep")(instance, attribute, beta)
 
 
 @attrs.frozen
 class Normalize:
-    """``U ← U · rms / (RMS(U) + 1e-16)`` per parameter, applied only where the layout has a dense factor
-    (ASGO's update normalisation, RMS 0.2; a parameter without one keeps the inner direction)."""
+    """``U ← U · rms / (RMS(U) + 1e-16)`` per parameter (ASGO's update normalisation, RMS 0.2).
+
+    - ``where``: ``"dense"`` (default) normalises only where the layout has a dense factor (a parameter without one
+      keeps the inner direction, ASGO); ``"all"`` normalises every parameter (SOAP's ``normalize_grads`` also
+      normalises the plain-Adam vectors).
+    - ``keep_bias_correction``: ``None`` (default) or ``(β₁, β₂)``. The normalisation cancels any positive scalar in
+      the inner direction, including the optimizer's ``1/(1−β₁ᵗ)`` and a spectrum's ``(1−β₂ᵗ)^{-1/2}``. SOAP
+      (``normalize_grads`` with ``correct_bias``) puts them back on its step size, ``η·√(1−β₂ᵗ)/(1−β₁ᵗ)``; with
+      ``(β₁, β₂)`` the normalised direction is multiplied by ``√(1−β₂ᵗ)/(1−β₁ᵗ)`` to match (SOAP's formula; the KL
+      prototype, without bias correction, needs ``None``).
+    """
 
     inner: Applier = attrs.field(validator=slot(Applier))
     rms: float = attrs.field(default=0.2, validator=positive)
+    where: Literal["dense", "all"] = attrs.field(default="dense", validator=attrs.validators.in_(("dense", "all")))
+    keep_bias_correction: Optional[tuple[float, float]] = attrs.field(
+        default=None, converter=lambda v: tuple(v) if isinstance(v, list) else v, validator=_betas)
 
     def exponent(self, layout: Layout) -> float:
         return self.inner.exponent(layout)
@@ -27,7 +51,12 @@ class Normalize:
 
     def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
         inner = self.inner.apply(direction, ctx)
-        if not ctx.layout.dense_modes:
+        if self.where == "dense" and not ctx.layout.dense_modes:
             return inner
         rms = batch_norm(inner) / (inner[0].numel() ** 0.5)
-        return inner * (self.rms / (rms + 1e-16))
+        target = self.rms
+        if self.keep_bias_correction is not None:
+            beta1, beta2 = self.keep_bias_correction
+            t = max(ctx.step, 1)
+            target = target * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
+        return inner * (target / (rms + 1e-16))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import attrs
 import torch
@@ -27,6 +27,12 @@ class Power:
     Modes without a spectrum are identity (``λ = 1``, no ε). With a dense spectrum ``V̂`` (SOAP's, from the
     estimator) it replaces ``⊗_k λ_k``: ``R ⊙ (V̂ + ε)^{-p}`` or ``R / (V̂^p + ε)`` (Adam's form, ``"outside"``);
     ``"1/(2N)"`` then means ``1/2``.
+    - ``eps_uncorrected_beta``: ``None`` (default) adds ε to the spectrum as given. A number β says the spectrum
+      is bias-corrected, ``V̂ = V/(1−βᵗ)``, and ε is to be added to the *uncorrected* ``V`` instead: ε becomes
+      ``ε_t = ε/(1−βᵗ)^p`` with ``"outside"`` (``(V^p + ε)/(1−βᵗ)^p`` in the denominator) and ``ε/(1−βᵗ)`` with
+      ``"factor"``. With ``p = ½``, ``"outside"`` and the optimizer's ``1/(1−β₁ᵗ)`` this is the official SOAP update
+      ``η·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε)`` (nikhilvyas/SOAP ``correct_bias``; Adam's Algorithm 1 with ε̂), where
+      ``None`` gives torch's Adam form ``m̂/(√v̂ + ε)``. ``β`` must be the spectrum's (e.g. ``DenseSpectrum.beta``).
     """
 
     p: Exponent = attrs.field(default=0.5, validator=number(
@@ -35,6 +41,8 @@ class Power:
     eps_placement: Literal["factor", "outside"] = attrs.field(
         default="factor", validator=attrs.validators.in_(("factor", "outside"))
     )
+    eps_uncorrected_beta: Optional[float] = attrs.field(default=None, validator=number(
+        low=0, high=1, high_open=True, optional=True, meaning="β of the spectrum's bias correction, ε on the uncorrected V"))
 
     def exponent(self, layout: Layout) -> float:
         if self.p == "1/(2N)":
@@ -50,13 +58,21 @@ class Power:
         if p == 0.0:
             return direction
         bases, spectra, dense = ctx.ps.Q, ctx.ps.lam, ctx.dense
+        eps = self._eps(ctx.step, p)
         rotated = rotate(direction, bases)
         if dense is not None:
-            rotated = rotated * (dense + self.eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + self.eps)
+            rotated = rotated * (dense + eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + eps)
         elif self.eps_placement == "factor":
-            rotated = scale(rotated, [None if lam is None else (lam + self.eps).pow(-p) for lam in spectra])
+            rotated = scale(rotated, [None if lam is None else (lam + eps).pow(-p) for lam in spectra])
         elif any(lam is not None for lam in spectra):
-            rotated = rotated / (outer([None if lam is None else lam.pow(p) for lam in spectra], rotated.shape) + self.eps)
+            rotated = rotated / (outer([None if lam is None else lam.pow(p) for lam in spectra], rotated.shape) + eps)
         else:
-            rotated = rotated / (1.0 + self.eps)
+            rotated = rotated / (1.0 + eps)
         return unrotate(rotated, bases)
+
+    def _eps(self, step: int, p: float) -> float:
+        """ε, or ``ε_t`` on the uncorrected spectrum (``eps_uncorrected_beta``)."""
+        if self.eps_uncorrected_beta is None:
+            return self.eps
+        correction = 1.0 - self.eps_uncorrected_beta ** max(step, 1)
+        return self.eps / (correction if self.eps_placement == "factor" else correction**p)
