@@ -6,8 +6,9 @@ preset's preconditioner): ``KLShampoo``, ``IdealizedKLShampoo``, ``KLSOAP``, ``S
 with their own param groups, and reprs and logs name the method. The lower-case names (``kl_shampoo``, …) are the
 same classes under the names of the first release.
 
-Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim`` and passes any other
-keyword (``nesterov``, ``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``) to
+Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim``, ``first_step`` and
+``order`` (the preconditioner's; see :class:`precond.Preconditioner`) and passes any other keyword (``nesterov``,
+``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``, …) to
 :class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's EMA weight ρ.
 All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
 above ``max_dim`` is left without a dense factor (embeddings and LM heads work: only their small side is
@@ -17,6 +18,8 @@ preconditioned), and a vector parameter (bias, norm scale) gets a diagonal spect
 from __future__ import annotations
 
 from typing import Any, Iterable, Literal, Optional
+
+import attrs
 
 import bases
 import estimators
@@ -28,10 +31,21 @@ from precond.preconditioner import Preconditioner
 Betas = tuple[float, float]
 
 
+_PRECONDITIONER_OPTIONS = ("first_step", "order")
+"""Keywords every preset accepts for its preconditioner rather than the optimizer: ``first_step="update"`` (use the
+first gradient at once, as Meta's Shampoo) and ``order="fold_then_apply"`` (Meta's step order)."""
+
+
 def _settings(lr: float, betas: Betas, weight_decay: float, defaults: dict[str, Any],
               options: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's keywords of a preset; ``options`` (the caller's) override the preset's ``defaults``."""
-    return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **options})
+    chosen = {k: v for k, v in options.items() if k not in _PRECONDITIONER_OPTIONS}
+    return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **chosen})
+
+
+def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Preconditioner:
+    """The preset's preconditioner with the caller's ``first_step``/``order``, if given."""
+    return attrs.evolve(preconditioner, **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
 
 
 class KLShampoo(Optimizer):
@@ -45,12 +59,12 @@ class KLShampoo(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
                  eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> None:
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.KL(beta=betas[1]),
             basis=bases.QRPowerStep(every=every),
             applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-        ), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
+        )), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
 
 
 kl_shampoo = KLShampoo
@@ -62,12 +76,12 @@ class IdealizedKLShampoo(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
                  eps: float = 1e-8, every: int = 1, max_dim: Optional[int] = 4096, **options: Any) -> None:
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.KL(beta=betas[1], init_lambda=None, refresh_spectrum="reset"),
             basis=bases.Eigh(every=every),
             applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-        ), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
+        )), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
 
 
 idealized_kl_shampoo = IdealizedKLShampoo
@@ -79,13 +93,13 @@ class KLSOAP(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-4, betas: Betas = (0.9, 0.95), weight_decay: float = 0.0,
                  eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 4096, **options: Any) -> None:
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.DenseSpectrum(estimators.KL(beta=betas[1]), beta=betas[1], bias_correction=False,
                                                transport="keep"),
             basis=bases.QRPowerStep(every=every),
             applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-        ), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
+        )), **_settings(lr, betas, weight_decay, {"decay_order": "after"}, options))
 
 
 kl_soap = KLSOAP
@@ -105,12 +119,12 @@ class Shampoo(Optimizer):
                  eps: float = 1e-12, every: int = 10, max_dim: Optional[int] = 4096, p: Exponent = 0.5,
                  graft: Optional[Literal["adam", "rmsprop", "sgd"]] = "adam", **options: Any) -> None:
         applier = Power(p=p, eps=eps)
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.Shampoo(beta=betas[1]),
             basis=bases.Eigh(every=every),
             applier=Graft(applier, onto=graft) if graft else applier,
-        ), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
+        )), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
 
 
 shampoo = Shampoo
@@ -127,12 +141,12 @@ class SOAP(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: Betas = (0.95, 0.95), weight_decay: float = 0.01,
                  eps: float = 1e-8, every: int = 10, max_dim: Optional[int] = 10000, **options: Any) -> None:
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.Frobenius(beta=betas[1], spectrum="dense"),
             basis=bases.QRPowerStep(every=every, sort=True),
             applier=Power(p=0.5, eps=eps, eps_placement="outside"),
-        ), **_settings(lr, betas, weight_decay, {"bias_correction": True, "decay_order": "after"}, options))
+        )), **_settings(lr, betas, weight_decay, {"bias_correction": True, "decay_order": "after"}, options))
 
 
 soap = SOAP
@@ -148,13 +162,13 @@ class EShampoo(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
                  eps: float = 1e-12, every: int = 100, max_dim: Optional[int] = 4096, **options: Any) -> None:
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.Frobenius(beta=betas[1], spectrum="dense", transport="keep"),
             basis=bases.Eigh(every=every),
             applier=Power(p=0.5, eps=eps, eps_placement="outside"),
             first_step="update",
-        ), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
+        )), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
 
 
 eshampoo = EShampoo
@@ -169,12 +183,12 @@ class OneSidedShampoo(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: Betas = (0.9, 0.8), weight_decay: float = 0.1,
                  eps: float = 1e-10, every: int = 1, max_dim: Optional[int] = 8192, **options: Any) -> None:
-        super().__init__(params, Preconditioner(
+        super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.OneSided(max_dim=max_dim),
             estimator=estimators.Shampoo(beta=betas[1]),
             basis=bases.Eigh(every=every),
             applier=Normalize(Power(p=0.5, eps=eps), rms=0.2),
-        ), **_settings(lr, betas, weight_decay, {}, options))
+        )), **_settings(lr, betas, weight_decay, {}, options))
 
 
 one_sided_shampoo = OneSidedShampoo

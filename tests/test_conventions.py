@@ -19,6 +19,7 @@ from strategies import seeds, shapes
 
 import bases
 import estimators
+import precond
 import structures
 from precond import Graft, Normalize, Optimizer, Power, Preconditioner
 from precond.parts import ApplyContext
@@ -630,3 +631,16 @@ def test_checkpoint_without_the_new_fields_loads_only_into_their_defaults(order)
     else:
         with pytest.raises(ValueError, match="another preconditioner configuration"):
             make(fresh, order=order).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("preset", ["shampoo", "kl_shampoo", "soap", "eshampoo"])
+def test_presets_accept_the_preconditioner_options(preset):
+    """Meta-style Shampoo needs ``first_step="update"`` and ``order="fold_then_apply"`` on a preset."""
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=F64))
+    opt = getattr(precond, preset)([w], first_step="update", order="fold_then_apply")
+    pc = opt.param_groups[0]["preconditioner"]
+    assert pc.first_step == "update" and pc.order == "fold_then_apply"
+    w.grad = torch.randn(4, 3, dtype=F64)
+    before = w.detach().clone()
+    opt.step()
+    assert not torch.equal(before, w)  # "update": the first gradient moves the weight
