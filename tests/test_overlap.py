@@ -88,3 +88,22 @@ def test_the_work_starts_during_the_backward_and_step_only_moves_the_weights():
             assert not torch.equal(before, opt.state[model[0].weight]["momentum"])
             assert torch.equal(weights, model[0].weight)  # ... but the weights wait for step()
         opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["kl_shampoo", "soap", "shampoo"])
+def test_overlap_on_cuda_side_streams_equals_the_ordinary_step(preset):
+    runs = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 8)).cuda()
+        opt = getattr(precond, preset)(model.parameters(), lr=1e-3, every=3, on_nonfinite="ignore", stagger=True,
+                                       async_refresh=True, overlap_backward=overlap)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(32, 64, generator=gen, device="cuda")).pow(2).mean().backward()
+            opt.step()
+        runs.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

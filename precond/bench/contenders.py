@@ -30,6 +30,8 @@ LEVERS = {
     "kl_shampoo_captured": {"stagger": True, "basis": "cholesky", "tf32": True, "capture": True},
     "kl_shampoo_fast_captured": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
                                  "capture": True},
+    "kl_shampoo_fast_overlap": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
+                                "overlap_backward": True},
 }
 
 
