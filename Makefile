@@ -9,13 +9,19 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: test test-slow test-gpu example clean
 
+# Test-only reference: curvlinops (K-FAC/EKFAC cross-checks) without its dependencies' torchvision, which would
+# replace torch by a CUDA build; the pure-Python packages it needs at import time come pinned beside it.
+REFERENCES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einconv==0.1.0 linear_operator==0.6.1
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(REFERENCES)
 	touch $@
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed
