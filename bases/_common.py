@@ -7,7 +7,6 @@ import torch
 
 from precond.validators import number
 
-
 every_field = attrs.field(default=10, validator=number(low=1, integer=True, meaning="the refresh period T"))
 
 

@@ -10,9 +10,9 @@ import torch
 from bases._common import every_field, nonzero_factor
 from bases.eigh import descending_eigh
 from bases.qr_power_step import power_step
-from precond.precision import full_precision
 from precond.fallbacks import FallbackCounter
-from precond.refresh import Refresh, rayleigh_quotients
+from precond.precision import full_precision
+from precond.refresh import Refresh
 from precond.validators import number, positive
 
 
@@ -52,7 +52,9 @@ class CholeskyQR:
     """
 
     every: int = every_field
-    warmup: int = attrs.field(default=2, validator=number(low=0, integer=True, meaning="exact QR steps before the Cholesky-QR refreshes"))
+    warmup: int = attrs.field(
+        default=2, validator=number(low=0, integer=True, meaning="exact QR steps before the Cholesky-QR refreshes")
+    )
     shift: float = attrs.field(default=1e-5, validator=positive)
     needs_factors = True
 

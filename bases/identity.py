@@ -24,7 +24,9 @@ class Identity:
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
         eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-        return Refresh(basis=eye.expand_as(factor).clone(), eigenvalues=torch.diagonal(factor, dim1=-2, dim2=-1).clone())
+        return Refresh(
+            basis=eye.expand_as(factor).clone(), eigenvalues=torch.diagonal(factor, dim1=-2, dim2=-1).clone()
+        )
 
     def refresh(self, factor: torch.Tensor, basis: torch.Tensor, counter: Optional[FallbackCounter] = None,
                 index: int = 0) -> Refresh:

@@ -9,8 +9,8 @@ import torch
 
 from bases._common import every_field, nonzero_factor
 from bases.eigh import descending_eigh
-from precond.precision import full_precision
 from precond.fallbacks import FallbackCounter
+from precond.precision import full_precision
 from precond.refresh import Refresh, rayleigh_quotients
 
 

@@ -22,5 +22,7 @@ def Frobenius(beta: float = 0.95, spectrum: Literal["factored", "dense"] = "dens
     if spectrum == "factored":
         return Shampoo(beta=beta, spectrum="every_step")
     if spectrum == "dense":
-        return DenseSpectrum(factors=Shampoo(beta=beta), beta=beta, bias_correction=bias_correction, transport=transport)
+        return DenseSpectrum(
+            factors=Shampoo(beta=beta), beta=beta, bias_correction=bias_correction, transport=transport
+        )
     raise ValueError(f"spectrum must be 'factored' or 'dense', got {spectrum!r}")

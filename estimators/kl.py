@@ -87,8 +87,10 @@ class KL(Estimator):
 
     def __attrs_post_init__(self) -> None:
         if not self.floor_at_init and self.init_lambda is None:
-            raise ValueError("floor_at_init=False needs a positive init_lambda (the prototype's init_factor, e.g. 0.1): "
-                             "with init_lambda=None the first eigenvalues may be 0 and λ₀ must be floored")
+            raise ValueError(
+                "floor_at_init=False needs a positive init_lambda (the prototype's init_factor, e.g. 0.1): "
+                "with init_lambda=None the first eigenvalues may be 0 and λ₀ must be floored"
+            )
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi).
@@ -184,7 +186,9 @@ class KL(Estimator):
             return None, None
         complement = layout.complement(k)
         others = [None if j == k else q for j, q in enumerate(ps.Q)]
-        whitened = scale(rotate(grad, others), [None if j == k or lam is None else lam.rsqrt() for j, lam in enumerate(reads)])
+        whitened = scale(
+            rotate(grad, others), [None if j == k or lam is None else lam.rsqrt() for j, lam in enumerate(reads)]
+        )
         delta = gram(whitened, k) / complement if ps.S[k] is not None else None
         full = whitened if ps.Q[k] is None else mode_product(whitened, ps.Q[k], k)
         diag = sum_except(full * full, k) / complement

@@ -27,16 +27,17 @@ import sys
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if pathlib.Path(entry or ".").resolve() != _HERE]
 
-import csv
-import tempfile
+# These imports must come after the sys.path edit above (so that ``lightning`` is the package, not this file).
+import csv  # noqa: E402
+import tempfile  # noqa: E402
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import BackboneFinetuning, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from torch import nn
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import BackboneFinetuning, LearningRateMonitor, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from torch import nn  # noqa: E402
 
-import precond
+import precond  # noqa: E402
 
 EPOCHS, BATCHES, BATCH, RESUME_EPOCH = 3, 4, 8, 1
 

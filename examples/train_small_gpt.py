@@ -50,7 +50,10 @@ def main(steps: int = 300, layers: int = 2, width: int = 64, data: str = None, d
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == steps:
-            print(f"step {step:4d}  train {loss.item():.4f}  ({time.time() - started:.1f} s)  val loss {validation_loss():.4f}")
+            print(
+                f"step {step:4d}  train {loss.item():.4f}  ({time.time() - started:.1f} s)  "
+                f"val loss {validation_loss():.4f}"
+            )
 
 
 if __name__ == "__main__":

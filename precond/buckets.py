@@ -83,7 +83,8 @@ class Bucket:
         return self.group["preconditioner"]
 
     def select(self, index: torch.Tensor, mode: Optional[int] = None) -> ParamState:
-        """Copies of the entries ``index`` of this bucket's state (only what a refresh of ``mode`` touches, if given)."""
+        """Copies of the entries ``index`` of this bucket's state (only what a refresh of ``mode`` touches, if
+        given)."""
         state = self.state if mode is None else self.state.of_mode(mode)
         return state.map(lambda t: t.index_select(0, index))
 

@@ -55,8 +55,12 @@ class CapturedSteps:
         """A bucket is replayed from its second update on, on CUDA (anywhere without graphs); not with Meta's
         ``order="fold_then_apply"``, whose refreshes sit between the fold and the apply."""
         preconditioner = bucket.preconditioner
-        return bucket.step >= 1 and preconditioner.folds_at(bucket.step + 1) and not preconditioner.folds_before_apply and (
-            not self.use_graphs or bucket.params[0].device.type == "cuda")
+        return (
+            bucket.step >= 1
+            and preconditioner.folds_at(bucket.step + 1)
+            and not preconditioner.folds_before_apply
+            and (not self.use_graphs or bucket.params[0].device.type == "cuda")
+        )
 
     def forget_missing(self, buckets: list[Bucket]) -> None:
         """Drop the graphs of buckets that no longer exist (split, merged or rebuilt)."""

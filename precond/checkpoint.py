@@ -36,7 +36,10 @@ def describe(obj: Any) -> Any:
     """Plain-data description of a frozen attrs configuration (kept in ``state_dict`` instead of objects):
     ``{"class": qualified name, field: description, …}``, recursively; other values are kept as they are."""
     if attrs.has(type(obj)):
-        return {"class": type(obj).__qualname__, **{f.name: describe(getattr(obj, f.name)) for f in attrs.fields(type(obj))}}
+        return {
+            "class": type(obj).__qualname__,
+            **{f.name: describe(getattr(obj, f.name)) for f in attrs.fields(type(obj))},
+        }
     return obj
 
 
@@ -154,7 +157,8 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
     for i, (group, saved) in enumerate(zip(groups, saved_groups)):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
-                             f"group: group {i} has {len(saved['params'])} saved parameters and {len(group['params'])} here")
+                             f"group: group {i} has {len(saved['params'])} saved parameters and "
+                             f"{len(group['params'])} here")
         if not same_config(saved.get(CONFIG_KEY), group[CONFIG_KEY]):
             raise ValueError(
                 "the checkpoint was made with another preconditioner configuration:\n"

@@ -29,7 +29,11 @@ class FallbackCounter:
 
     def count(self, rung: str, message: str) -> None:
         if self.counts[rung] == 0:
-            warnings.warn(f"precond: {message} (counted in optimizer.stats()['{rung}'], warned once)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"precond: {message} (counted in optimizer.stats()['{rung}'], warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.counts[rung] += 1
 
     def as_dict(self) -> dict[str, int]:

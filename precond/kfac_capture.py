@@ -129,7 +129,9 @@ class KFACCapture:
                  factor_every: int = 1) -> None:
         self.__attrs_init__(reduction, loss_terms, factor_every)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"KFACCapture needs the model (an nn.Module) to hook its layers, got {type(model).__name__}")
+            raise TypeError(
+                f"KFACCapture needs the model (an nn.Module) to hook its layers, got {type(model).__name__}"
+            )
         self.steps = 0
         """Optimizer steps completed (advanced by :meth:`advance`); statistics are recorded when it is a multiple of
         ``factor_every``."""

@@ -36,7 +36,9 @@ class Layout:
 
     def __attrs_post_init__(self) -> None:
         if math.prod(self.shape) != math.prod(self.view_shape):
-            raise ValueError(f"view {self.view_shape} does not hold the {math.prod(self.shape)} entries of {self.shape}")
+            raise ValueError(
+                f"view {self.view_shape} does not hold the {math.prod(self.shape)} entries of {self.shape}"
+            )
         if len(self.kinds) != len(self.view_shape):
             raise ValueError("one kind per viewed mode is needed")
 

@@ -44,8 +44,9 @@ class Preconditioner:
     gradient is folded first, the due refreshes run on the factors that already hold it, and only then is the
     direction preconditioned, so ``G_t`` is preconditioned with roots that include ``G_t``. The pieces are
     :meth:`fold`, the refreshes (:meth:`refresh_due` or the optimizer's schedule) and :meth:`apply`;
-    :meth:`precondition` and :meth:`step` compose them in this order. *When* a refresh is due is the optimizer's refresh schedule's
-    business; this class offers its inputs (:meth:`refresh_inputs`), its computation and its installation.
+    :meth:`precondition` and :meth:`step` compose them in this order. *When* a refresh is due is the optimizer's
+    refresh schedule's business; this class offers its inputs (:meth:`refresh_inputs`), its computation and its
+    installation.
     Every tensor has a leading batch axis ``B`` (parameters of one layout are stacked).
     """
 

@@ -7,7 +7,17 @@ from typing import Optional, Sequence
 import attrs
 
 from precond.layout import Layout
-from structures._common import LargeModePolicy, axis_names, group, kind_for, large_field, max_dim_field, vector_kinds, vectors_field, VectorPolicy
+from structures._common import (
+    LargeModePolicy,
+    VectorPolicy,
+    axis_names,
+    group,
+    kind_for,
+    large_field,
+    max_dim_field,
+    vector_kinds,
+    vectors_field,
+)
 
 
 def matrix_view(shape: Sequence[int]) -> tuple[str, tuple[int, ...]]:

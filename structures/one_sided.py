@@ -7,7 +7,15 @@ from typing import Literal, Optional, Sequence
 import attrs
 
 from precond.layout import Layout
-from structures._common import LargeModePolicy, VectorPolicy, kind_for, large_field, max_dim_field, vector_kinds, vectors_field
+from structures._common import (
+    LargeModePolicy,
+    VectorPolicy,
+    kind_for,
+    large_field,
+    max_dim_field,
+    vector_kinds,
+    vectors_field,
+)
 from structures.kronecker import matrix_view
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bases
+
 from reference import random_spd
 
 F64 = torch.float64
@@ -235,7 +237,9 @@ REFRESHERS = [bases.Eigh(every=1), bases.QRPowerStep(every=1), bases.QRPowerStep
 
 
 @settings(max_examples=30, deadline=None)
-@given(d=st.integers(1, 8), seed=seeds, refresher=st.sampled_from(REFRESHERS), dtype=st.sampled_from([F64, torch.float32]))
+@given(
+    d=st.integers(1, 8), seed=seeds, refresher=st.sampled_from(REFRESHERS), dtype=st.sampled_from([F64, torch.float32])
+)
 def test_zero_factor_keeps_previous_basis(d, seed, refresher, dtype):
     gen = torch.Generator().manual_seed(seed)
     previous = random_orthogonal(d, gen).to(dtype).unsqueeze(0)

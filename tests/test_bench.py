@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import precond
-
 from precond.bench.__main__ import main
 
 

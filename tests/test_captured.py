@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import precond
+
 import trajectory_cases
 
 F64 = torch.float64

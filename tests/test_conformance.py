@@ -343,7 +343,8 @@ REFUSALS = {
     "group size": (lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "params": [0]}]},
                    "doesn't match the size"),
     "configuration": (lambda sd: {**sd, "param_groups": [
-        {**sd["param_groups"][0], "preconditioner": {**sd["param_groups"][0]["preconditioner"], "first_step": "update"}}]},
+        {**sd["param_groups"][0],
+         "preconditioner": {**sd["param_groups"][0]["preconditioner"], "first_step": "update"}}]},
         "another preconditioner configuration"),
     "bad saved lr": (lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "lr": -1.0}]}, r"\blr\b"),
     "not a precond state": (lambda sd: {**sd, "state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(1)}}},

@@ -13,7 +13,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from precond import contractions
 
@@ -205,7 +206,9 @@ def test_rotate_accepts_noncontiguous_input(case):
     x, qs = case
     # same values, but a non-contiguous memory layout (transpose of a transposed copy)
     y = x.transpose(0, -1).contiguous().transpose(0, -1)
-    torch.testing.assert_close(contractions.rotate(y, qs), reference_rotate(x, qs, transpose=True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        contractions.rotate(y, qs), reference_rotate(x, qs, transpose=True), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_rotate_rejects_wrong_number_of_bases():

@@ -14,8 +14,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import F64, kron_all, mode_matrix, random_orthogonal, random_spd, unfold
-from strategies import seeds, shapes
 
 import bases
 import estimators
@@ -24,6 +22,9 @@ import structures
 from precond import Graft, Normalize, Optimizer, Power, Preconditioner
 from precond.parts import ApplyContext
 from precond.state import ParamState
+
+from reference import F64, kron_all, mode_matrix, random_orthogonal, random_spd, unfold
+from strategies import seeds, shapes
 
 
 # --- independent helpers -------------------------------------------------------------------------------------
@@ -490,7 +491,9 @@ def _kl_reference(ps, grad, layout, beta, damping, into, floor, reads):
     def shift(k):
         if not damping:
             return 0.0
-        return damping * math.prod(float((1.0 / old[j]).mean()) for j in range(len(dims)) if j != k and old[j] is not None)
+        return damping * math.prod(
+            float((1.0 / old[j]).mean()) for j in range(len(dims)) if j != k and old[j] is not None
+        )
 
     new = list(old)
     factors = {}

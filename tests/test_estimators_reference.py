@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import estimators
 import structures
 from precond.state import ParamState
+
 from reference import F64, kron_all, mode_matrix, random_orthogonal, random_spd, unfold
 from strategies import seeds, shapes
 
@@ -52,13 +54,17 @@ def test_kl_step_matches_dense_reference(shape, seed, beta, damping, max_dim, la
         unfolded = unfold(grad, k)
         delta = unfolded @ (kron_all(others) if others else torch.ones(1, 1, dtype=F64)) @ unfolded.T / complement
         if damping:  # E[ggᵀ] + κI projected on mode k: κ ∏_{j≠k} tr(P_j)/d_j
-            shift = damping * torch.prod(torch.stack([torch.trace(m) / m.shape[0] for m in others])) if others else damping
+            shift = (
+                damping * torch.prod(torch.stack([torch.trace(m) / m.shape[0] for m in others])) if others else damping
+            )
             delta = delta + shift * torch.eye(dims[k], dtype=F64)
         q = bases[k][0] if bases[k] is not None else torch.eye(dims[k], dtype=F64)
         want_lambda = beta * old_spectra[k][0] + (1 - beta) * torch.diagonal(q.T @ delta @ q)
         torch.testing.assert_close(spectra[k][0], want_lambda, rtol=1e-10, atol=1e-12)
         if kind == "dense":
-            torch.testing.assert_close(factors[k][0], beta * old_factors[k][0] + (1 - beta) * delta, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                factors[k][0], beta * old_factors[k][0] + (1 - beta) * delta, rtol=1e-10, atol=1e-12
+            )
 
 
 @given(shape=shapes(), seed=seeds, beta=st.sampled_from([0.0, 0.9, 1.0]))
@@ -77,7 +83,9 @@ def test_shampoo_step_matches_dense_reference(shape, seed, beta):
             torch.testing.assert_close(factors[k][0], new(old_factors[k][0]), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(spectra[k], old_spectra[k])  # "refresh" spectrum: stale until a refresh
         elif kind == "diagonal":
-            torch.testing.assert_close(spectra[k][0], torch.diagonal(new(torch.diag(old_spectra[k][0]))), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                spectra[k][0], torch.diagonal(new(torch.diag(old_spectra[k][0]))), rtol=1e-10, atol=1e-12
+            )
 
 
 @given(shape=shapes(min_order=2, max_order=3), seed=seeds)
@@ -88,7 +96,9 @@ def test_zero_gradient_leaves_statistics_alone(shape, seed):
     for estimator in (estimators.KL(beta=0.9), estimators.Shampoo(beta=0.9)):
         bases, spectra, factors = _random_state(layout, gen)
         old_spectra, old_factors = _clone(spectra), _clone(factors)
-        estimator.update(ParamState(Q=bases, S=factors, lam=spectra), torch.zeros(1, *layout.view_shape, dtype=F64), layout)
+        estimator.update(
+            ParamState(Q=bases, S=factors, lam=spectra), torch.zeros(1, *layout.view_shape, dtype=F64), layout
+        )
         for new, old in zip(spectra + factors, old_spectra + old_factors):
             if old is not None:
                 assert torch.equal(new, old)

@@ -6,7 +6,9 @@ import runpy
 import pytest
 
 INTEGRATIONS = {"hf_trainer.py", "lightning.py"}  # optional dependencies: tests/test_integrations.py (slow)
-EXAMPLES = sorted(p for p in (pathlib.Path(__file__).parent.parent / "examples").glob("*.py") if p.name not in INTEGRATIONS)
+EXAMPLES = sorted(
+    p for p in (pathlib.Path(__file__).parent.parent / "examples").glob("*.py") if p.name not in INTEGRATIONS
+)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

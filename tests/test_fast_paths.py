@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bases
 import precond
-import trajectory_cases
 from bases.qr_power_step import sign_fixed_qr
 from precond.fallbacks import FallbackCounter
+
+import trajectory_cases
 from reference import F64, random_orthogonal
 from strategies import seeds
 
@@ -131,7 +133,8 @@ def test_async_schedule_installs_each_refresh_one_step_later(every):
         for k, result in pending:
             pc.install_refresh(state, k, result, layout)
         pending = []
-        weight = weight - pc.precondition(state, batch, batch, layout, t)[0]  # update from the pre-step state, then fold
+        # update from the pre-step state, then fold
+        weight = weight - pc.precondition(state, batch, batch, layout, t)[0]
         if t % every == 0:
             pending = [(k, pc.compute_refresh(state.S[k], state.Q[k], index=t // every - 1)) for k in (0, 1)]
         torch.testing.assert_close(p.detach(), weight, rtol=1e-12, atol=1e-12)

@@ -16,8 +16,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import F64
-from strategies import seeds, shapes
 from torch import nn
 
 import bases
@@ -25,6 +23,9 @@ import estimators
 import precond
 import structures
 from precond.kfac_capture import KFACCapture
+
+from reference import F64
+from strategies import seeds, shapes
 
 # --- dense helpers ---------------------------------------------------------------------------------------------
 
@@ -331,7 +332,8 @@ def test_steps_follow_a_dense_reference_kfac():
 
 @pytest.mark.parametrize("conv", [
     {"kernel_size": 3, "padding": 1}, {"kernel_size": 2, "stride": 2},
-    {"kernel_size": 3, "padding": "same", "dilation": 2}, {"kernel_size": (2, 3), "padding": 1, "padding_mode": "reflect"},
+    {"kernel_size": 3, "padding": "same", "dilation": 2},
+    {"kernel_size": (2, 3), "padding": 1, "padding_mode": "reflect"},
     {"kernel_size": 1}, {"kernel_size": 4, "padding": 0},
 ])
 def test_conv_patches_rebuild_the_weight_gradient(conv):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bases
 import estimators
 import precond
 import structures
 from precond.state import ParamState
+
 from reference import F64, kl_objective, random_orthogonal, second_moment, unfold
 from strategies import seeds
 

@@ -11,8 +11,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import F64
-from strategies import seeds
 
 import bases
 import estimators
@@ -22,11 +20,18 @@ from precond.appliers.newton_schulz import _POLAR_EXPRESS_RAW, JORDAN, POLAR_EXP
 from precond.parts import ApplyContext
 from precond.state import ParamState
 
+from reference import F64
+from strategies import seeds
+
 # --- references written from the papers -------------------------------------------------------------------------
 
 def reference_scale(rule: str, rows: int, cols: int) -> float:
     """torch.optim.Muon's ``_adjust_lr`` ratios (its docstring): Keller Jordan's and Moonshot's."""
-    return {"none": 1.0, "original": math.sqrt(max(1.0, rows / cols)), "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols))}[rule]
+    return {
+        "none": 1.0,
+        "original": math.sqrt(max(1.0, rows / cols)),
+        "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols)),
+    }[rule]
 
 
 def composed_polynomial_of_svd(m: torch.Tensor, table, steps: int, margin: float, eps: float) -> torch.Tensor:
@@ -209,7 +214,9 @@ def test_muon_tracks_torch_muon_for_ten_steps_within_bf16_noise(adjust_lr_fn, ne
     """``weight_decay = 5`` (``η·wd = 0.1``) makes decay after the update, or with the adjusted ``η``, visible."""
     ours, theirs = _params(SHAPES)
     init = [p.detach().clone() for p in ours]
-    kw = {"lr": 0.02, "momentum": 0.95, "nesterov": nesterov, "weight_decay": weight_decay, "adjust_lr_fn": adjust_lr_fn}
+    kw = {
+        "lr": 0.02, "momentum": 0.95, "nesterov": nesterov, "weight_decay": weight_decay, "adjust_lr_fn": adjust_lr_fn
+    }
     opt, ref = precond.muon(ours, **kw), torch.optim.Muon(theirs, **kw)
     for step in range(1, 11):
         _set_gradients(list(zip(ours, theirs)), step)

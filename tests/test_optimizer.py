@@ -187,7 +187,9 @@ def test_zero_lr_and_first_step_fill_do_not_move_weights():
 def test_per_group_preconditioner_override_and_describe():
     model = _model()
     conv, *rest = list(model.parameters())
-    one_sided = precond.Preconditioner(structures.OneSided(), estimators.Shampoo(), bases.Eigh(every=2), precond.Power(p=0.5))
+    one_sided = precond.Preconditioner(
+        structures.OneSided(), estimators.Shampoo(), bases.Eigh(every=2), precond.Power(p=0.5)
+    )
     opt = _composed_kl([{"params": [conv], "preconditioner": one_sided}, {"params": rest}])
     assert opt.layout(conv).kinds.count("dense") == 1
     _train(model, opt, 3)

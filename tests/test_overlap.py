@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import precond
+
 import trajectory_cases
 
 

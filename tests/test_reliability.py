@@ -12,13 +12,15 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import bases
 import estimators
 import precond
 import structures
+
 import trajectory_cases
 from strategies import seeds, shapes
 

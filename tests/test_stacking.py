@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import precond
+
 from reference import F64
 from strategies import seeds, shapes
 

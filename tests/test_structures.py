@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import precond
 import structures
@@ -191,7 +192,9 @@ ALL_STRUCTURES = [structures.NMode(), structures.Kronecker(), structures.OneSide
 
 
 @pytest.mark.parametrize("structure", ALL_STRUCTURES, ids=repr)
-@pytest.mark.parametrize("shape", [(), (1,), (5,), (2, 3), (3, 2), (3, 1, 4), (1, 4, 1), (2, 3, 4), (4, 3, 2, 2), (1, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "shape", [(), (1,), (5,), (2, 3), (3, 2), (3, 1, 4), (1, 4, 1), (2, 3, 4), (4, 3, 2, 2), (1, 1, 1, 1)]
+)
 def test_view_of_fixed_shapes_is_row_major(structure, shape):
     layout = structure.plan(shape)
     x = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bases
 import estimators
 import precond
+
 from reference import F64, kron_all
 from strategies import seeds, shapes, structure_strategy
 
@@ -75,8 +77,12 @@ def test_optimizer_step_applies_the_dense_update(shape, seed):
         weight.grad = torch.randn(shape, generator=gen, dtype=F64)
         before = weight.detach().clone()
         first = not opt.state[weight]
-        state_before = {"basis": {"Q": {k: v[None].clone() for k, v in opt.state[weight].get("basis", {"Q": {}})["Q"].items()}},
-                        "estimator": {"lambda": {k: v[None].clone() for k, v in opt.state[weight].get("estimator", {"lambda": {}})["lambda"].items()}}}
+        state_before = {
+            "basis": {"Q": {k: v[None].clone() for k, v in opt.state[weight].get("basis", {"Q": {}})["Q"].items()}},
+            "estimator": {"lambda": {
+                k: v[None].clone() for k, v in opt.state[weight].get("estimator", {"lambda": {}})["lambda"].items()
+            }},
+        }
         opt.step()
         if first:
             torch.testing.assert_close(weight.detach(), before)  # first step only fills the statistics

@@ -14,7 +14,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import bases
@@ -74,7 +75,9 @@ def assert_bitwise_equal(before, model: nn.Module, opt: torch.optim.Optimizer) -
     for key, old in flat_before.items():
         new = flat_now[key]
         if isinstance(old, torch.Tensor):
-            assert isinstance(new, torch.Tensor) and old.dtype == new.dtype and torch.equal(old, new), f"state {key} changed"
+            assert isinstance(new, torch.Tensor) and old.dtype == new.dtype and torch.equal(old, new), (
+                f"state {key} changed"
+            )
         else:
             assert old == new, f"state {key} changed"
     assert flatten(sd_before["param_groups"]) == flatten(sd_now["param_groups"])
@@ -114,7 +117,9 @@ def test_nonfinite_gradient_is_refused_and_changes_nothing(kind, good_steps, bad
         opt.step()
     after = dict(model.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())
-    assert any(not torch.equal(after[n].detach(), before[0][n]) for n in after), "good steps after a refusal did nothing"
+    assert any(not torch.equal(after[n].detach(), before[0][n]) for n in after), (
+        "good steps after a refusal did nothing"
+    )
     for key, value in flatten(opt.state_dict()["state"]).items():
         if isinstance(value, torch.Tensor):
             assert torch.isfinite(value).all(), key
@@ -187,7 +192,9 @@ def _params():
 
 
 def _pc(**overrides):
-    parts = dict(structure=structures.NMode(), estimator=estimators.KL(), basis=bases.QRPowerStep(), applier=precond.Power())
+    parts = dict(
+        structure=structures.NMode(), estimator=estimators.KL(), basis=bases.QRPowerStep(), applier=precond.Power()
+    )
     parts.update(overrides)
     return precond.Preconditioner(**parts)
 
@@ -305,9 +312,11 @@ def test_step_without_any_gradient_is_a_no_op():
     assert len(opt.state) == 0
 
 
-# --- (f) named parameters -------------------------------------------------------------------------------------------------
+# --- (f) named parameters ---------------------------------------------------------------------------------------------
 @settings(max_examples=15, deadline=None)
-@given(kind=st.sampled_from(["kl_shampoo", "shampoo"]), which=st.integers(0, 3), good_steps=st.integers(0, 2), seed=seeds)
+@given(
+    kind=st.sampled_from(["kl_shampoo", "shampoo"]), which=st.integers(0, 3), good_steps=st.integers(0, 2), seed=seeds
+)
 def test_named_parameters_are_accepted_and_named_in_errors(kind, which, good_steps, seed):
     gen = torch.Generator().manual_seed(seed)
     model = make_model(seed)
@@ -337,7 +346,7 @@ def test_named_parameters_in_sparse_and_complex_messages():
         opt.step()
 
 
-# --- zero-size parameters ---------------------------------------------------------------------------------------------------
+# --- zero-size parameters ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["kl_shampoo", "shampoo"])
 @pytest.mark.parametrize("on_nonfinite", ["raise", "ignore"])
 def test_zero_size_parameter_does_not_break_the_step(kind, on_nonfinite):

@@ -1,5 +1,5 @@
-"""docs/design.md property 5 (reductions to Adam, AdamW and momentum SGD; rotation equivariance of the exact-basis family),
-grafting against a hand-written reference, and large modes (embeddings, LM heads)."""
+"""docs/design.md property 5 (reductions to Adam, AdamW and momentum SGD; rotation equivariance of the exact-basis
+family), grafting against a hand-written reference, and large modes (embeddings, LM heads)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import bases
 import estimators
 import precond
 import structures
-from precond.state import ParamState
 from estimators.dense import permute_mode
+from precond.state import ParamState
+
 from reference import F64, random_orthogonal
 from strategies import seeds, shapes
 
@@ -51,8 +53,9 @@ def test_power_zero_is_momentum_sgd(shape, seed, momentum, basis):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=F64))
     expected, m = weight.detach().clone(), torch.zeros(shape, dtype=F64)
-    opt = precond.Optimizer([weight], lr=0.05, momentum=momentum, state_dtype=F64, preconditioner=precond.Preconditioner(
-        structures.NMode(), estimators.KL(), basis, precond.Power(p=0.0), first_step="update"))
+    opt = precond.Optimizer(
+        [weight], lr=0.05, momentum=momentum, state_dtype=F64, preconditioner=precond.Preconditioner(
+            structures.NMode(), estimators.KL(), basis, precond.Power(p=0.0), first_step="update"))
     for _ in range(5):
         grad = torch.randn(shape, generator=gen, dtype=F64)
         weight.grad = grad
@@ -167,8 +170,8 @@ def test_soap_permutes_v_with_a_sorted_refresh():
     v = torch.tensor([[10.0, 30.0, 20.0]], dtype=F64).unsqueeze(-1).expand(1, 3, 2).clone()
     estimator = estimators.Frobenius(spectrum="dense")
     layout = structures.NMode().plan((3, 2))
-    ps = ParamState(Q=[q_old.clone(), None], S=[s.clone(), None], lam=[torch.ones(1, 3, dtype=F64), torch.ones(1, 2, dtype=F64)],
-                    estimator={"V": v})
+    ps = ParamState(Q=[q_old.clone(), None], S=[s.clone(), None],
+                    lam=[torch.ones(1, 3, dtype=F64), torch.ones(1, 2, dtype=F64)], estimator={"V": v})
     estimator.on_refresh(ps, 0, refresh, layout)
     assert torch.equal(v[0, :, 0], torch.tensor([30.0, 20.0, 10.0], dtype=F64))
     assert torch.equal(refresh.basis[0].abs(), torch.eye(3, dtype=F64)[:, [1, 2, 0]])

@@ -63,7 +63,9 @@ def set_gradients(params: list[torch.nn.Parameter], step: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) + 0.5 * p.detach() ** 3
 
 
-def run(case: dict[str, Any], steps: range, params=None, optimizer=None, on_checkpoint=None) -> list[list[torch.Tensor]]:
+def run(
+    case: dict[str, Any], steps: range, params=None, optimizer=None, on_checkpoint=None
+) -> list[list[torch.Tensor]]:
     """Parameters after each of ``steps`` (1-based step numbers)."""
     params = make_params() if params is None else params
     optimizer = make_optimizer(case, params) if optimizer is None else optimizer

@@ -33,7 +33,9 @@ class Graft:
     """
 
     inner: Applier = attrs.field(validator=slot(Applier))
-    onto: Literal["adam", "rmsprop", "sgd"] = attrs.field(default="adam", validator=attrs.validators.in_(("adam", "rmsprop", "sgd")))
+    onto: Literal["adam", "rmsprop", "sgd"] = attrs.field(
+        default="adam", validator=attrs.validators.in_(("adam", "rmsprop", "sgd"))
+    )
     beta: float = attrs.field(default=0.999, validator=number(
         low=0, high=1, high_open=True, meaning="EMA weight of the graft's second moment v"))
     eps: float = attrs.field(default=1e-10, validator=positive)

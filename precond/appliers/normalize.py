@@ -20,7 +20,9 @@ def _betas(instance, attribute, value) -> None:
     if not (isinstance(value, tuple) and len(value) == 2):
         raise ValueError(f"{attribute.name} must be None or a pair (β₁, β₂), e.g. (0.95, 0.95), got {value!r}")
     for name, beta in zip(("β₁", "β₂"), value):
-        number(low=0, high=1, high_open=True, meaning=f"{name} of the bias corrections to keep")(instance, attribute, beta)
+        number(low=0, high=1, high_open=True, meaning=f"{name} of the bias corrections to keep")(
+            instance, attribute, beta
+        )
 
 
 @attrs.frozen

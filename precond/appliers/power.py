@@ -42,7 +42,8 @@ class Power:
         default="factor", validator=attrs.validators.in_(("factor", "outside"))
     )
     eps_uncorrected_beta: Optional[float] = attrs.field(default=None, validator=number(
-        low=0, high=1, high_open=True, optional=True, meaning="β of the spectrum's bias correction, ε on the uncorrected V"))
+        low=0, high=1, high_open=True, optional=True,
+        meaning="β of the spectrum's bias correction, ε on the uncorrected V"))
 
     def exponent(self, layout: Layout) -> float:
         if self.p == "1/(2N)":
@@ -61,7 +62,9 @@ class Power:
         eps = self._eps(ctx.step, p)
         rotated = rotate(direction, bases)
         if dense is not None:
-            rotated = rotated * (dense + eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + eps)
+            rotated = (
+                rotated * (dense + eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + eps)
+            )
         elif self.eps_placement == "factor":
             rotated = scale(rotated, [None if lam is None else (lam + eps).pow(-p) for lam in spectra])
         elif any(lam is not None for lam in spectra):

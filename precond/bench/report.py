@@ -44,5 +44,6 @@ def training_table(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {ratio:.2f} | {r['median_ms']:.1f} | {r['max_ms']:.1f} | "
-                     f"{r['max_ms'] / r['median_ms']:.2f} | {r.get('peak_gb', float('nan')):.2f} | {r['final_loss']:.3f} |")
+                     f"{r['max_ms'] / r['median_ms']:.2f} | {r.get('peak_gb', float('nan')):.2f} | "
+                     f"{r['final_loss']:.3f} |")
     return "\n".join(lines)
