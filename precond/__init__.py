@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 PRESETS = ("eshampoo", "idealized_kl_shampoo", "kl_shampoo", "kl_soap", "one_sided_shampoo", "shampoo", "soap")
 
 _PUBLIC = {
+    "DataParallel": "precond.distributed",
     "Graft": "precond.appliers",
     "Layout": "precond.layout",
     "Normalize": "precond.appliers",

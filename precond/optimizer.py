@@ -129,6 +129,11 @@ class Optimizer(torch.optim.Optimizer):
     updates as without it); ``tf32``
     True/False forces TF32 on/off for the per-step products (refresh products always run in full float32),
     ``None`` leaves torch's global setting alone.
+
+    ``distributed`` (optional, ``precond.DataParallel(...)``): spread the work and (``mode="owner"``) the state over
+    the ranks of a process group, with the same updates (``precond.distributed``, ``docs/scaling.md``); then
+    ``stats()`` is a collective, and in owner mode each rank's ``state_dict()`` holds only the parameters it owns
+    (checkpoint through ``torch.distributed.checkpoint``).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class Optimizer(torch.optim.Optimizer):
         stagger: bool = False,
         async_refresh: bool = False,
         tf32: Optional[bool] = None,
+        distributed: Optional[Any] = None,
     ) -> None:
         if on_nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}")
@@ -157,7 +163,7 @@ class Optimizer(torch.optim.Optimizer):
                         decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
         self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
-                             async_refresh=async_refresh, tf32=tf32))
+                             async_refresh=async_refresh, tf32=tf32, distributed=distributed))
 
     def _configure(self, options: dict[str, Any]) -> None:
         """The optimizer-wide options and the run-time machinery built from them (also after unpickling)."""
@@ -168,10 +174,14 @@ class Optimizer(torch.optim.Optimizer):
         self._schedule = RefreshSchedule(stagger=options["stagger"], asynchronous=options["async_refresh"])
         self._buckets = Buckets(self._bucket_key)
         self._fallbacks = FallbackCounter()
+        # [distributed] the optional fifth part (precond.DataParallel): None is the single-process path
+        self._distributed_config = options.get("distributed")
+        self._distributed = None if self._distributed_config is None else self._distributed_config.attach(self)
 
     def _options(self) -> dict[str, Any]:
         return dict(state_dtype=self.state_dtype, on_nonfinite=self.on_nonfinite, stack=self.stack,
-                    stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32)
+                    stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32,
+                    distributed=self._distributed_config)
 
     def __getstate__(self) -> dict[str, Any]:
         """As ``torch.optim`` (``defaults``, ``state``, ``param_groups``) plus this optimizer's options and parameter
@@ -239,7 +249,8 @@ class Optimizer(torch.optim.Optimizer):
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
         ``cholesky_qr_kept_old_basis`` (reading the last one synchronises with the device)."""
-        return self._fallbacks.as_dict()
+        counts = self._fallbacks.as_dict()
+        return counts if self._distributed is None else self._distributed.stats(counts)  # [distributed] collective
 
     def describe(self) -> str:
         """Returns (does not print) one line per parameter: shape → view with each mode's kind, and the factor
@@ -273,6 +284,8 @@ class Optimizer(torch.optim.Optimizer):
                 if grad.is_complex():
                     raise RuntimeError(f"parameter {self._name(p)} has a complex gradient; precond supports real tensors only")
                 work.append((group, p, grad))
+        if self._distributed is not None:  # [distributed] this rank's share, the verdict agreed by all ranks
+            return self._distributed.gathered(self, work)
         if self.on_nonfinite == "ignore" or not work:
             return work
         return self._checked(work)
@@ -285,6 +298,12 @@ class Optimizer(torch.optim.Optimizer):
         device = maxima[0].device
         values = torch.stack([m.to(device=device, dtype=torch.float64) for m in maxima]
                              + [lr.detach().reshape(()).to(device=device, dtype=torch.float64) for lr in lrs]).tolist()
+        return self._verdict(work, values)
+
+    def _verdict(self, work: list[tuple[dict[str, Any], torch.Tensor, Optional[torch.Tensor]]], values: list[float]):
+        """The check's decision from ``values`` (the largest ``|g|`` of each ``work`` entry, then each tensor lr):
+        raise, skip (None), or the work with huge gradients scaled down. Entries whose gradient is None (another
+        rank's, in a distributed run) are judged but not returned."""
         bad = [self._name(p) for (_, p, _), m in zip(work, values) if not math.isfinite(m)]
         bad += [f"lr of group {i}" for i, lr in enumerate(values[len(work):]) if not math.isfinite(lr) or lr < 0]
         if bad:
@@ -298,6 +317,8 @@ class Optimizer(torch.optim.Optimizer):
                 "optimizer with on_nonfinite='skip'.")
         out = []
         for (group, p, grad), largest in zip(work, values):
+            if grad is None:
+                continue
             if largest > _GRADIENT_BOUND:
                 self._fallbacks.count("gradient_rescaled", f"a gradient of magnitude {largest:.3g} ({self._name(p)}) "
                                       f"was scaled down by a power of two to {_GRADIENT_BOUND:.3g}")
@@ -344,11 +365,15 @@ class Optimizer(torch.optim.Optimizer):
                 bucket = self._buckets.split(bucket, present, self.state)
             moves.append((bucket, self._advance(bucket, [grads[id(p)] for p in bucket.params])))
             self._apply_moves(moves)
+        if self._distributed is not None:  # [distributed] exchange the updates (or refreshes), move the parameters
+            self._distributed.finish(self)
 
     def _apply_moves(self, moves: list[tuple[Bucket, torch.Tensor]]) -> None:
         """Move the parameters of each ``(bucket, update)`` (and empty the list, freeing the updates at once)."""
         while moves:
             bucket, update = moves.pop(0)
+            if self._distributed is not None and self._distributed.stage(self, bucket, update):  # [distributed]
+                continue
             self._apply(bucket.group, bucket.params, update, bucket.layout)
 
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
@@ -414,6 +439,8 @@ class Optimizer(torch.optim.Optimizer):
             due, refresh_index = self._schedule.due(keys, preconditioner.basis.every, step)
             if not due:
                 continue
+            if self._distributed is not None and self._distributed.refresh(self, bucket, k, due, refresh_index):
+                continue  # [distributed] replicate mode: one rank computes it, every rank installs it
             device = bucket.params[0].device
             index = None if len(due) == len(keys) else torch.tensor(due, device=device)
             factor, basis = bucket.refresh_inputs(k, index)
