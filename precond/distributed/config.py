@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -44,7 +44,7 @@ class DataParallel:
 
     mode: Literal["owner", "replicate"] = attrs.field(
         default="owner", validator=attrs.validators.in_(("owner", "replicate")))
-    group: Optional[Any] = None
+    group: Any | None = None
     comm_dtype: torch.dtype = attrs.field(default=torch.float32, validator=_comm_dtype)
     chunk_elements: int = attrs.field(default=2**27, validator=number(
         low=1, integer=True, meaning="parameter entries per exchange collective"))

@@ -10,7 +10,7 @@ same code runs on gloo (CPU tensors) and NCCL (CUDA tensors).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,8 @@ class FlatExchange:
         payload = sum(self.sizes)
         self.gathered = self.world * self.largest <= (1 + PADDING_ALLOWED) * payload
         self.offsets = [sum(self.sizes[:r]) for r in range(self.world)]
-        self._buffer: Optional[torch.Tensor] = None
-        self._send: Optional[torch.Tensor] = None
+        self._buffer: torch.Tensor | None = None
+        self._send: torch.Tensor | None = None
         self._handles: list = []
 
     @property

@@ -56,7 +56,8 @@ class OwnerRuntime(Runtime):
         for e in self.entries:
             refreshed = e.preconditioner.refreshable_modes(e.layout)
             costs.append(parameter_cost(e.layout, refreshed, e.preconditioner.basis.every))
-        self.owner = balance(costs, self.world)
+        kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in self.entries]
+        self.owner = balance(costs, self.world, kinds)
         self.chunks: list[Chunk] = []
         self.chunk_of: dict[int, int] = {}
         members: list[Entry] = []

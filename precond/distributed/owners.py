@@ -10,15 +10,16 @@ Cost of one parameter (owner mode), in flops up to a constant (``docs/scaling.md
 
 the first term the basis refreshes (an ``eigh`` or a QR of each ``d_k × d_k`` factor every ``T`` steps), the
 second the per-step products (each dense mode costs one ``numel·d_k`` contraction, rotations in and out and the
-fold) plus the elementwise work. Parameters are taken largest cost first and each goes to the rank with the least
-load so far (ties: the rank with fewer parameters, then the lower rank): the longest-processing-time rule, which
-puts equal shapes on different ranks in turn, so each rank still stacks its share of a repeated layer into one
-batched call (Graham 1969; Distributed Shampoo's ``distribute_buffer_sizes`` balances bytes the same way).
+fold) plus the elementwise work. Parameters that would stack (one param group, shape and dtype) are dealt round the
+ranks together, least-loaded rank first, and such kinds are taken largest cost first: the longest-processing-time
+rule (Graham 1969; Distributed Shampoo's ``distribute_buffer_sizes`` balances bytes greedily too) made to spread
+equal shapes, so every rank holds its ⌊n/W⌋ or ⌈n/W⌉ share of a repeated layer and still stacks it into one
+batched call.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 from precond.layout import Layout
 
@@ -30,19 +31,27 @@ def parameter_cost(layout: Layout, refreshed: Sequence[int], every: int) -> floa
     return refresh + per_step
 
 
-def balance(costs: Sequence[float], world: int) -> list[int]:
-    """The rank of each item: largest cost first, each to the least-loaded rank (ties: fewer items, lower rank);
-    items of equal cost keep their order."""
+def balance(costs: Sequence[float], world: int, kinds: Sequence[Hashable] | None = None) -> list[int]:
+    """The rank of each item. Items of one kind (``kinds[i]``, e.g. one param group, shape and dtype: members that
+    stack; by default equal cost) are dealt round the ranks, least-loaded rank first, so every rank gets ⌊n/W⌋ or
+    ⌈n/W⌉ of them; kinds are taken largest item cost first (the longest-processing-time order). Ties: fewer items,
+    then the lower rank. Deterministic: it depends only on its arguments."""
     if world < 1:
         raise ValueError(f"world size must be ≥ 1, got {world}")
+    kinds = list(costs) if kinds is None else list(kinds)
+    members: dict[Hashable, list[int]] = {}
+    for i in range(len(costs)):
+        members.setdefault(kinds[i], []).append(i)
     loads = [0.0] * world
     counts = [0] * world
     owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world), key=lambda r: (loads[r], counts[r], r))
-        owner[i] = rank
-        loads[rank] += costs[i]
-        counts[rank] += 1
+    for kind in sorted(members, key=lambda k: (-max(costs[i] for i in members[k]), members[k][0])):
+        order = sorted(range(world), key=lambda r: (loads[r], counts[r], r))
+        for j, i in enumerate(members[kind]):
+            rank = order[j % world]
+            owner[i] = rank
+            loads[rank] += costs[i]
+            counts[rank] += 1
     return owner
 
 
@@ -55,6 +64,7 @@ def refresh_owners(units: Sequence[tuple[Hashable, int, int, int]], world: int) 
         slots.setdefault((every, offset), []).append((key, d))
     out: dict[Hashable, int] = {}
     for members in slots.values():
-        for (key, _), rank in zip(members, balance([float(d) ** 3 for _, d in members], world)):
+        for (key, _), rank in zip(members, balance([float(d) ** 3 for _, d in members], world,
+                                                   [d for _, d in members])):
             out[key] = rank
     return out

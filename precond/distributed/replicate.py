@@ -13,7 +13,7 @@ Every rank must see the same gradients (DDP averages them), so its buckets and r
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -32,7 +32,7 @@ class _Pending:
     due: list[int]
     owners: list[int]
     d: int
-    result: Optional[Refresh]
+    result: Refresh | None
 
 
 def _block(d: int, m: int) -> int:

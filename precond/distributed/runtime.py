@@ -10,7 +10,8 @@ rank steps, after one all-reduce of the largest ``|g|``), :meth:`Runtime.stage` 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from precond.layout import Layout
 
-Work = list[tuple[dict[str, Any], torch.Tensor, Optional[torch.Tensor]]]
+Work = list[tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]]
 
 
 @attrs.frozen
@@ -75,10 +76,10 @@ class Runtime:
         self.world = dist.get_world_size(self.group)
         if self.rank < 0:
             raise ValueError("this process is not a member of DataParallel's process group")
-        self._signature: Optional[tuple] = None
+        self._signature: tuple | None = None
         self.entries: list[Entry] = []
         self.index: dict[int, int] = {}
-        self.device: Optional[torch.device] = None
+        self.device: torch.device | None = None
         self.traffic = new_traffic()
 
     # --- the plan ------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class Runtime:
         return True
 
     # --- hooks of the step ---------------------------------------------------------------------------
-    def gathered(self, optimizer, work: Work) -> Optional[Work]:
+    def gathered(self, optimizer, work: Work) -> Work | None:
         """The ``(group, p, grad)`` this rank steps, after the verdict on every rank's gradients (one all-reduce of
         the largest ``|g|`` per parameter and of the tensor learning rates; NaN/Inf are sent as +inf so the max
         keeps them). None when all ranks skip the step; raises on every rank when it must be refused."""
@@ -165,7 +166,7 @@ class Runtime:
         rank only are summed; those every rank counts alike (``replicated_rungs``) are taken once (max)."""
         if self.world == 1:
             return counts
-        everyone: list[Optional[dict[str, int]]] = [None] * self.world
+        everyone: list[dict[str, int] | None] = [None] * self.world
         dist.all_gather_object(everyone, counts, group=self.group)
         out: dict[str, int] = {}
         for rank_counts in everyone:
