@@ -225,7 +225,7 @@ def checkpoint_gradients(model: torch.nn.Module, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen)
 
 
-def checkpoint_optimizer(model, preset: str, mode: Optional[str]) -> precond.Optimizer:
+def checkpoint_optimizer(model, preset: str, mode: str | None) -> precond.Optimizer:
     distributed = None if mode is None else precond.DataParallel(mode=mode)
     return getattr(precond, preset)(model.parameters(), lr=1e-2, every=EVERY, stagger=True, distributed=distributed)
 
