@@ -194,7 +194,7 @@ def suite(rank: int, world: int, root: str, checkpoint: str) -> dict[str, Any]:
     ``checkpoint`` is ``"save"`` (into ``root``) or ``"load"`` (from it)."""
     return {"parity": parity(rank, world, parity_cases()), "edges": edges(rank, world),
             "ddp": {mode: ddp(rank, world, mode) for mode in ("owner", "replicate")},
-            "state": state_split(rank, world),
+            "state": state_split(rank, world), "fsdp": fsdp(rank, world),
             "checkpoint": (checkpoint_save if checkpoint == "save" else checkpoint_load)(rank, world, root)}
 
 
@@ -334,3 +334,56 @@ def _resume_from_a_single_process_state_dict() -> list[torch.Tensor]:
     optimizer = checkpoint_optimizer(resumed, "shampoo", "owner")
     optimizer.load_state_dict(saved)
     return run_steps(resumed, optimizer, range(CHECKPOINT_AT + 1, CHECKPOINT_AT + AFTER + 1))
+
+
+# --- FSDP2: hand-built DTensor parameters sharded by rows ---------------------------------------------------
+FSDP_SHAPES = [(4, 3), (5,), (7, 4), (3, 4, 5), (2, 6), (4, 3)]
+"""At W=3 the row shards are 2+2+0, 2+2+1, 3+3+1, 1+1+1, 1+1+0, 2+2+0 (uneven and empty shards)."""
+FSDP_CASES = [{"preset": p, "stack": True, "stagger": True} for p in PRESETS] + [
+    {"preset": "shampoo", "stack": False, "stagger": False}]
+
+
+def fsdp(rank: int, world: int) -> dict[str, Any]:
+    """Every preset on DTensor parameters (``Shard(0)`` on a CPU mesh), gradients set as DTensors by hand: the
+    full parameters after ``STEPS`` steps; and the messages of refused parameter types."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out: dict[str, Any] = {}
+    for case in FSDP_CASES:
+        for comm in (torch.float32, torch.bfloat16) if case["preset"] == "shampoo" else (torch.float32,):
+            params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]))
+                      for p in make_params(FSDP_SHAPES)]
+            optimizer = make_optimizer(case, params, precond.DataParallel(comm_dtype=comm))
+            for step in range(1, STEPS + 1):
+                for i, p in enumerate(params):
+                    full = p.detach().full_tensor()
+                    gen = torch.Generator().manual_seed(1000 * step + i)
+                    grad = torch.randn(full.shape, generator=gen) + 0.5 * full**3
+                    p.grad = None if i in MISSING.get(step, ()) else distribute_tensor(grad, mesh, [Shard(0)])
+                optimizer.step()
+            out[f"{case_name(case)}-{comm}"] = {"params": [p.detach().full_tensor() for p in params],
+                                                "traffic": traffic(optimizer), "bytes": state_bytes(optimizer)}
+    refused = {}
+    full = torch.zeros(4, 3)
+    attempts = {
+        "replicate-placement": [torch.nn.Parameter(distribute_tensor(full, mesh, [Replicate()]))],
+        "shard-1": [torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))],
+        "mixed": [torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])), torch.nn.Parameter(full.clone())],
+    }
+    for name, params in attempts.items():
+        refused[name] = _refusal(lambda params=params: precond.shampoo(params, distributed=precond.DataParallel()))
+    refused["replicate-mode"] = _refusal(lambda: precond.shampoo(
+        [torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))],
+        distributed=precond.DataParallel(mode="replicate")))
+    out["refused"] = refused
+    return out
+
+
+def _refusal(build) -> str:
+    try:
+        build()
+    except (TypeError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "accepted"

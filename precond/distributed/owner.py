@@ -32,10 +32,8 @@ class Run:
     """Position of the first member's flag in the slot."""
     start: int
     """Offset of the first member's update in the slot."""
-
-    @property
-    def numel(self) -> int:
-        return self.entries[0].layout.numel
+    size: int
+    """Slot elements of each member (its numel here; padded rows of a shard in FSDP2 mode)."""
 
 
 @attrs.define
@@ -62,8 +60,9 @@ class OwnerRuntime(Runtime):
         self.chunk_of: dict[int, int] = {}
         members: list[Entry] = []
         filled = 0
-        for e in self.entries:
-            if members and filled + e.layout.numel > self.config.chunk_elements:
+        for e in sorted(self.entries, key=self._chunk_order):
+            if members and (filled + e.layout.numel > self.config.chunk_elements
+                            or self._chunk_order(e)[0] != self._chunk_order(members[-1])[0]):
                 self._add_chunk(members)
                 members, filled = [], 0
             members.append(e)
@@ -72,6 +71,14 @@ class OwnerRuntime(Runtime):
             self._add_chunk(members)
         self._exchanges: dict[int, FlatExchange] = {}
         self._flags: dict[int, list[float]] = {}
+
+    def _chunk_order(self, entry: Entry) -> tuple:
+        """Chunks are cut in this order, and a new one starts where its first item changes."""
+        return (0, entry.index)
+
+    def _slot_size(self, entry: Entry) -> int:
+        """Slot elements of one parameter's update."""
+        return entry.layout.numel
 
     def _add_chunk(self, members: list[Entry]) -> None:
         runs: list[list[Run]] = []
@@ -89,9 +96,9 @@ class OwnerRuntime(Runtime):
                                          last.entries[0].param.dtype) == key:
                     last.entries.append(e)
                 else:
-                    rank_runs.append(Run([e], position, offset))
+                    rank_runs.append(Run([e], position, offset, self._slot_size(e)))
                 chunk.where[e.index] = (position, offset)
-                offset += e.layout.numel
+                offset += self._slot_size(e)
             runs.append(rank_runs)
             sizes.append(offset)
         for e in members:
@@ -171,7 +178,7 @@ class OwnerRuntime(Runtime):
     @staticmethod
     def _apply_run(optimizer, slot: torch.Tensor, run: Run, present: list[float]) -> None:
         layout = run.entries[0].layout
-        updates = slot[run.start:run.start + len(run.entries) * run.numel].view(len(run.entries), *layout.view_shape)
+        updates = slot[run.start:run.start + len(run.entries) * run.size].view(len(run.entries), *layout.view_shape)
         chosen = [i for i, flag in enumerate(present) if flag == 1.0]
         if not chosen:
             return

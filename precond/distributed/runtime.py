@@ -37,7 +37,7 @@ class Entry:
         return self.group["preconditioner"]
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
+def is_dtensor(p: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -81,6 +81,7 @@ class Runtime:
         self.index: dict[int, int] = {}
         self.device: torch.device | None = None
         self.traffic = new_traffic()
+        self.prepare(optimizer)  # refuses parameters it cannot handle now, not at the first step
 
     # --- the plan ------------------------------------------------------------------------------------
     def prepare(self, optimizer) -> None:
@@ -89,8 +90,7 @@ class Runtime:
         if sig == self._signature:
             return
         entries = entries_of(optimizer)
-        for e in entries:
-            self._check_parameter(optimizer, e.param)
+        self._check_parameters(optimizer, entries)
         devices = {e.param.device for e in entries}
         if len(devices) > 1:
             raise ValueError(f"precond.DataParallel needs every parameter of a rank on one device, got {sorted(map(str, devices))}")
@@ -100,11 +100,13 @@ class Runtime:
         self._plan(optimizer)
         self._signature = sig
 
-    def _check_parameter(self, optimizer, p: torch.Tensor) -> None:
-        if _is_dtensor(p):
-            raise TypeError(f"parameter {optimizer._name(p)} is a DTensor (FSDP2 / tensor parallel); this mode of "
-                            "precond.DataParallel steps plain tensors replicated on every rank (DDP). Use "
-                            "precond.DataParallel(mode='owner') for FSDP2 (fully_shard) parameters sharded Shard(0)")
+    def _check_parameters(self, optimizer, entries: list[Entry]) -> None:
+        for e in entries:
+            if is_dtensor(e.param):
+                raise TypeError(f"parameter {optimizer._name(e.param)} is a DTensor (FSDP2 / tensor parallel) among "
+                                f"plain tensors, or in {type(self.config).__name__}(mode={self.config.mode!r}), which "
+                                "steps plain tensors replicated on every rank (DDP); FSDP2 (fully_shard) parameters "
+                                "sharded Shard(0) take mode='owner' with every parameter a DTensor")
 
     def _plan(self, optimizer) -> None:
         raise NotImplementedError
@@ -123,9 +125,7 @@ class Runtime:
         self.begin(optimizer)
         for e in self.entries:  # every rank lists every parameter (empty where it keeps no state): see checkpoint.py
             optimizer.state[e.param]
-        grads = {id(p): (group, grad) for group, p, grad in work}
-        mine = [(e.group, e.param, grads[id(e.param)][1]) for e in self.entries
-                if id(e.param) in grads and self.mine(e)]
+        mine = self.select(optimizer, work)
         if optimizer.on_nonfinite == "ignore":
             return mine
         lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], torch.Tensor)]
@@ -148,6 +148,11 @@ class Runtime:
 
     def begin(self, optimizer) -> None:
         """Start of a step (after the plan is up to date, before the verdict)."""
+
+    def select(self, optimizer, work: Work) -> Work:
+        """The gradients this rank steps, in the fixed order: its own parameters' (all in replicate mode)."""
+        grads = {id(p): grad for _, p, grad in work}
+        return [(e.group, e.param, grads[id(e.param)]) for e in self.entries if id(e.param) in grads and self.mine(e)]
 
     def stage(self, optimizer, bucket, update: torch.Tensor) -> bool:
         """An update this rank computed: True if the runtime moves the parameters itself (at :meth:`finish`)."""
