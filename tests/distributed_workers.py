@@ -387,3 +387,18 @@ def _refusal(build) -> str:
     except (TypeError, ValueError) as error:
         return f"{type(error).__name__}: {error}"
     return "accepted"
+
+
+def alone(rank: int, world: int, root: str) -> dict[str, Any]:
+    """The one-rank run: resume the checkpoints saved at W=2, and the distributed benchmark at world size 1."""
+    from precond.bench import distributed as bench
+
+    out = {"checkpoint": checkpoint_load(rank, world, root)}
+    for what in ("step", "train"):
+        argv = [*BENCH_ARGS, "--json", f"{root}/bench-{what}.json"] + (["--train"] if what == "train" else [])
+        out[f"bench-{what}"] = bench.run(bench.resolve(bench.parser().parse_args(argv), cuda=False))
+    return out
+
+
+BENCH_ARGS = ["--preset", "shampoo", "--shapes", "small", "--max-dim", "32", "--every", "2", "--steps", "2",
+              "--warmup", "1", "--batch", "2", "--length", "16"]

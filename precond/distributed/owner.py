@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from precond.distributed.exchange import FlatExchange
-from precond.distributed.owners import balance, parameter_cost
+from precond.distributed.owners import owner_plan
 from precond.distributed.runtime import Entry, Runtime
 
 
@@ -50,12 +50,7 @@ class OwnerRuntime(Runtime):
     """See the module docstring."""
 
     def _plan(self, optimizer) -> None:
-        costs = []
-        for e in self.entries:
-            refreshed = e.preconditioner.refreshable_modes(e.layout)
-            costs.append(parameter_cost(e.layout, refreshed, e.preconditioner.basis.every))
-        kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in self.entries]
-        self.owner = balance(costs, self.world, kinds)
+        self.owner = owner_plan(self.entries, self.world)
         self.chunks: list[Chunk] = []
         self.chunk_of: dict[int, int] = {}
         members: list[Entry] = []

@@ -4,17 +4,28 @@
 Both plans depend only on the parameters' order, shapes and preconditioners and on the world size ``W``: every
 rank computes the same plan without communicating, and a resumed run (at any ``W``) recomputes it.
 
-Cost of one parameter (owner mode), in flops up to a constant (``docs/scaling.md``):
+Owner mode balances two things: the work and the memory. The work of one parameter, in flops up to a constant:
 
     c(p) = Σ_{k refreshed} d_k³ / T  +  numel(p) · (Σ_{k dense} d_k + 1)                    (1)
 
 the first term the basis refreshes (an ``eigh`` or a QR of each ``d_k × d_k`` factor every ``T`` steps), the
 second the per-step products (each dense mode costs one ``numel·d_k`` contraction, rotations in and out and the
-fold) plus the elementwise work. Parameters that would stack (one param group, shape and dtype) are dealt round the
-ranks together, least-loaded rank first, and such kinds are taken largest cost first: the longest-processing-time
-rule (Graham 1969; Distributed Shampoo's ``distribute_buffer_sizes`` balances bytes greedily too) made to spread
-equal shapes, so every rank holds its ⌊n/W⌋ or ⌈n/W⌉ share of a repeated layer and still stacks it into one
-batched call.
+fold) plus the elementwise work. Its state, in entries:
+
+    s(p) = Σ_{k dense} (2 d_k² + d_k) + Σ_{k diagonal} d_k + numel(p)                         (2)
+
+(``S_k``, ``Q_k``, ``λ_k`` and one parameter-sized moment). Each parameter's score is its share of both totals,
+
+    σ(p) = c(p) / Σ_q c(q)  +  s(p) / Σ_q s(q)                                                 (3)
+
+so neither a refresh-heavy square matrix nor a state-heavy embedding (on GPT-2 small the token embedding is 31% of
+the weights but one dense mode) unbalances the ranks. Parameters are taken by decreasing score, members of one
+kind (param group, shape, dtype: those that stack) next to each other, and each goes to the rank with the least
+score so far (ties: the rank holding fewer of its kind, then fewer parameters, then the lower rank): the
+longest-processing-time rule (Graham 1969: the largest load is at most the average plus the largest item;
+Distributed Shampoo's ``distribute_buffer_sizes`` balances bytes greedily too). Equal shapes thus go round the
+ranks, so each rank stacks its share of a repeated layer into one batched call, unless a dominant parameter on
+one rank makes the others take more of them.
 """
 
 from __future__ import annotations
@@ -31,28 +42,47 @@ def parameter_cost(layout: Layout, refreshed: Sequence[int], every: int) -> floa
     return refresh + per_step
 
 
-def balance(costs: Sequence[float], world: int, kinds: Sequence[Hashable] | None = None) -> list[int]:
-    """The rank of each item. Items of one kind (``kinds[i]``, e.g. one param group, shape and dtype: members that
-    stack; by default equal cost) are dealt round the ranks, least-loaded rank first, so every rank gets ⌊n/W⌋ or
-    ⌈n/W⌉ of them; kinds are taken largest item cost first (the longest-processing-time order). Ties: fewer items,
-    then the lower rank. Deterministic: it depends only on its arguments."""
+def state_size(layout: Layout) -> int:
+    """Eq. (2): state entries of one parameter of ``layout``."""
+    return layout.state_numel() + layout.numel
+
+
+def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | None = None) -> list[int]:
+    """The rank of each item: by decreasing score (one kind's items together), each to the least-loaded rank (ties:
+    fewer items of its kind there, then fewer items, then the lower rank). Deterministic: it depends only on its
+    arguments; the largest load is at most the average plus the largest score."""
     if world < 1:
         raise ValueError(f"world size must be ≥ 1, got {world}")
-    kinds = list(costs) if kinds is None else list(kinds)
-    members: dict[Hashable, list[int]] = {}
-    for i in range(len(costs)):
-        members.setdefault(kinds[i], []).append(i)
+    kinds = list(range(len(scores))) if kinds is None else list(kinds)
+    first: dict[Hashable, int] = {}
+    for i, kind in enumerate(kinds):
+        first.setdefault(kind, i)
+    largest: dict[Hashable, float] = {}
+    for score, kind in zip(scores, kinds):
+        largest[kind] = max(largest.get(kind, score), score)
     loads = [0.0] * world
     counts = [0] * world
-    owner = [0] * len(costs)
-    for kind in sorted(members, key=lambda k: (-max(costs[i] for i in members[k]), members[k][0])):
-        order = sorted(range(world), key=lambda r: (loads[r], counts[r], r))
-        for j, i in enumerate(members[kind]):
-            rank = order[j % world]
-            owner[i] = rank
-            loads[rank] += costs[i]
-            counts[rank] += 1
+    of_kind: dict[tuple[Hashable, int], int] = {}
+    owner = [0] * len(scores)
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], -largest[kinds[i]], first[kinds[i]], i)):
+        rank = min(range(world), key=lambda r: (loads[r], of_kind.get((kinds[i], r), 0), counts[r], r))
+        owner[i] = rank
+        loads[rank] += scores[i]
+        counts[rank] += 1
+        of_kind[(kinds[i], rank)] = of_kind.get((kinds[i], rank), 0) + 1
     return owner
+
+
+def owner_plan(entries: Sequence, world: int) -> list[int]:
+    """The owner of each parameter (``precond.distributed.runtime.Entry``: layout, preconditioner, group index):
+    Eq. (3) scores balanced by :func:`balance`, one kind per (param group, shape, dtype)."""
+    costs = [parameter_cost(e.layout, e.preconditioner.refreshable_modes(e.layout), e.preconditioner.basis.every)
+             for e in entries]
+    sizes = [state_size(e.layout) for e in entries]
+    total_cost, total_size = sum(costs) or 1.0, sum(sizes) or 1
+    scores = [c / total_cost + s / total_size for c, s in zip(costs, sizes)]
+    kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in entries]
+    return balance(scores, world, kinds)
 
 
 def refresh_owners(units: Sequence[tuple[Hashable, int, int, int]], world: int) -> dict[Hashable, int]:
@@ -64,7 +94,6 @@ def refresh_owners(units: Sequence[tuple[Hashable, int, int, int]], world: int) 
         slots.setdefault((every, offset), []).append((key, d))
     out: dict[Hashable, int] = {}
     for members in slots.values():
-        for (key, _), rank in zip(members, balance([float(d) ** 3 for _, d in members], world,
-                                                   [d for _, d in members])):
+        for (key, _), rank in zip(members, balance([float(d) ** 3 for _, d in members], world)):
             out[key] = rank
     return out
