@@ -94,6 +94,15 @@ def edges(rank: int, world: int) -> dict[str, Any]:
     # tensor lr
     out["tensor-lr"] = _tensor_lr(shampoo)
     out["nonfinite"] = _nonfinite(rank)
+    # asynchronous refreshes on the owners (installed at the next step)
+    staggered = {**shampoo, "stagger": True}
+    out["async"] = trajectory(staggered, _config(staggered), async_refresh=True)[0]
+    # a subgroup (ranks 0 and 1): the others do not take part
+    sub = dist.new_group([0, 1])
+    if rank in (0, 1):
+        for mode in ("owner", "replicate"):
+            case = {"preset": "kl_shampoo", "mode": mode, "stagger": True}
+            out[f"subgroup-{mode}"] = trajectory(case, _config(case, group=sub))[0]
     return out
 
 

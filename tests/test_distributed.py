@@ -70,6 +70,9 @@ def test_every_rank_equals_one_process_bitwise(runs, world, name):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_edge_cases_equal_one_process(runs, world):
+    """More ranks than parameters, a parameter never given a gradient, vectors and a mode above max_dim, bfloat16
+    parameters, one huge parameter (broadcasts instead of an all-gather), several chunks, tensor lr, asynchronous
+    refreshes, and a subgroup of ranks 0 and 1 (``group=``): bitwise one process."""
     shampoo = {"preset": "shampoo"}
     expected = {
         "few": _single(shampoo, shapes=[(4, 3)], missing={})[0],
@@ -80,9 +83,14 @@ def test_edge_cases_equal_one_process(runs, world):
         "chunks": _single(shampoo)[0],
         "tensor-lr": _single(shampoo)[0],
     }
+    subgroup = _single({"preset": "kl_shampoo", "stagger": True})[0]
+    expected["async"] = _single({"preset": "shampoo", "stagger": True})[0]
     for rank, result in enumerate(runs[world]):
         for key, value in expected.items():
             _assert_bitwise(result["edges"][key], value, f"{key} at rank {rank} of {world}")
+        for mode in ("owner", "replicate"):
+            if rank < 2:
+                _assert_bitwise(result["edges"][f"subgroup-{mode}"], subgroup, f"subgroup {mode} at rank {rank}")
     frozen = runs[world][0]["edges"]["frozen"][2]
     assert torch.equal(frozen, w.make_params([(5,), (7, 3), (3,), (4, 4)])[2]), "a parameter without gradient moved"
 
