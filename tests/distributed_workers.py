@@ -204,6 +204,7 @@ def suite(rank: int, world: int, root: str, checkpoint: str) -> dict[str, Any]:
     return {"parity": parity(rank, world, parity_cases()), "edges": edges(rank, world),
             "ddp": {mode: ddp(rank, world, mode) for mode in ("owner", "replicate")},
             "state": state_split(rank, world), "fsdp": fsdp(rank, world),
+            "fully_sharded": fully_sharded(rank, world, root),
             "checkpoint": (checkpoint_save if checkpoint == "save" else checkpoint_load)(rank, world, root)}
 
 
@@ -411,3 +412,52 @@ def alone(rank: int, world: int, root: str) -> dict[str, Any]:
 
 BENCH_ARGS = ["--preset", "shampoo", "--shapes", "small", "--max-dim", "32", "--every", "2", "--steps", "2",
               "--warmup", "1", "--batch", "2", "--length", "16"]
+
+
+def fully_sharded(rank: int, world: int, root: str) -> dict[str, Any]:
+    """A real ``fully_shard`` model (each Linear and the root; 4 rows over 3 ranks give an empty shard), each rank
+    its own samples: the full parameters after ``STEPS`` steps; and a DCP save after ``CHECKPOINT_AT`` steps loaded
+    into a fresh sharded model, both then going on ``AFTER`` steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from precond.distributed import checkpoint
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def sharded():
+        model = checkpoint_net().double()
+        for layer in (model[0], model[2], model[4], model):
+            fully_shard(layer, mesh=mesh)
+        return model, precond.shampoo(model.parameters(), lr=3e-2, every=EVERY, state_dtype=torch.float64,
+                                      distributed=precond.DataParallel(comm_dtype=torch.float64))
+
+    def train_steps(model, optimizer, steps):
+        for step in steps:
+            x, y = batch(step, PER_RANK * world)
+            x, y = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+            torch.nn.functional.mse_loss(model(x[:, :6]), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return [p.detach().full_tensor() for p in model.parameters()]
+
+    model, optimizer = sharded()
+    train_steps(model, optimizer, range(1, CHECKPOINT_AT + 1))
+    checkpoint.save(model, optimizer, f"{root}/fully-sharded-{world}")
+    after = train_steps(model, optimizer, range(CHECKPOINT_AT + 1, CHECKPOINT_AT + AFTER + 1))
+    model, optimizer = sharded()
+    checkpoint.load(model, optimizer, f"{root}/fully-sharded-{world}")
+    resumed = train_steps(model, optimizer, range(CHECKPOINT_AT + 1, CHECKPOINT_AT + AFTER + 1))
+    return {"after": after, "resumed": resumed}
+
+
+def concatenated_reference(world: int) -> list[torch.Tensor]:
+    """One process on all ranks' samples, for :func:`fully_sharded`."""
+    model = checkpoint_net().double()
+    optimizer = precond.shampoo(model.parameters(), lr=3e-2, every=EVERY, state_dtype=torch.float64)
+    for step in range(1, CHECKPOINT_AT + AFTER + 1):
+        x, y = batch(step, PER_RANK * world)
+        torch.nn.functional.mse_loss(model(x[:, :6]), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]

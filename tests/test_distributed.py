@@ -185,6 +185,19 @@ def test_fsdp_bf16_updates_round_only_the_update(runs, world):
     assert any(not torch.equal(g, e) for g, e in zip(got, expected))
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_fully_shard_model_trains_like_one_process_and_resumes_bitwise(runs, world):
+    """``fully_shard`` (FSDP2) on CPU gloo, each rank its own samples: the same as one process on all samples to
+    float32's default tolerance (a float64 model: the averaged gradients round differently); a DCP checkpoint loaded
+    into a freshly sharded model continues bitwise like the uninterrupted run."""
+    expected = w.concatenated_reference(world)
+    for rank, result in enumerate(runs[world]):
+        run = result["fully_sharded"]
+        for got, want in zip(run["after"], expected):
+            torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
+        _assert_bitwise(run["resumed"], run["after"], f"fully_shard resumed at rank {rank} of {world}")
+
+
 def test_fsdp_refuses_what_it_cannot_shard_with_a_clear_error(runs):
     refused = runs[2][0]["fsdp"]["refused"]
     assert refused["replicate-placement"].startswith("TypeError") and "Shard(0)" in refused["replicate-placement"]
