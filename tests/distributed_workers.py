@@ -97,6 +97,7 @@ def edges(rank: int, world: int) -> dict[str, Any]:
     # asynchronous refreshes on the owners (installed at the next step)
     staggered = {**shampoo, "stagger": True}
     out["async"] = trajectory(staggered, _config(staggered), async_refresh=True)[0]
+    out["added-group"] = _added_group(_config(shampoo))
     # a subgroup (ranks 0 and 1): the others do not take part
     sub = dist.new_group([0, 1])
     if rank in (0, 1):
@@ -104,6 +105,21 @@ def edges(rank: int, world: int) -> dict[str, Any]:
             case = {"preset": "kl_shampoo", "mode": mode, "stagger": True}
             out[f"subgroup-{mode}"] = trajectory(case, _config(case, group=sub))[0]
     return out
+
+
+def _added_group(distributed) -> list[torch.Tensor]:
+    """A param group added after 3 steps: the parameters already stepped keep their owners (and state)."""
+    params = make_params()
+    optimizer = precond.shampoo(params[:3], lr=1e-2, every=EVERY, max_dim=5, distributed=distributed)
+    for step in range(1, STEPS + 1):
+        if step == 4:
+            optimizer.add_param_group({"params": params[3:], "lr": 5e-3})
+        set_gradients(params, step)
+        if step < 4:
+            for p in params[3:]:
+                p.grad = None
+        optimizer.step()
+    return [p.detach().clone() for p in params]
 
 
 def _tensor_lr(case):

@@ -72,7 +72,7 @@ def test_every_rank_equals_one_process_bitwise(runs, world, name):
 def test_edge_cases_equal_one_process(runs, world):
     """More ranks than parameters, a parameter never given a gradient, vectors and a mode above max_dim, bfloat16
     parameters, one huge parameter (broadcasts instead of an all-gather), several chunks, tensor lr, asynchronous
-    refreshes, and a subgroup of ranks 0 and 1 (``group=``): bitwise one process."""
+    refreshes, a param group added mid-run, and a subgroup of ranks 0 and 1 (``group=``): bitwise one process."""
     shampoo = {"preset": "shampoo"}
     expected = {
         "few": _single(shampoo, shapes=[(4, 3)], missing={})[0],
@@ -85,6 +85,7 @@ def test_edge_cases_equal_one_process(runs, world):
     }
     subgroup = _single({"preset": "kl_shampoo", "stagger": True})[0]
     expected["async"] = _single({"preset": "shampoo", "stagger": True})[0]
+    expected["added-group"] = w._added_group(None)
     for rank, result in enumerate(runs[world]):
         for key, value in expected.items():
             _assert_bitwise(result["edges"][key], value, f"{key} at rank {rank} of {world}")
@@ -315,6 +316,11 @@ def test_balance_spreads_equal_shapes(world):
     for kind in ("qkv", "proj", "mlp"):
         counts = [sum(1 for k, o in zip(kinds, owner) if k == kind and o == r) for r in range(world)]
         assert max(counts) - min(counts) <= 1, (kind, counts)
+
+
+def test_balance_keeps_fixed_items():
+    owner = owners.balance([5.0, 5.0, 5.0, 5.0], 2, fixed={0: 1, 1: 1})
+    assert owner[:2] == [1, 1] and owner[2:] == [0, 0]
 
 
 def test_balance_lets_the_others_make_up_for_a_dominant_item():

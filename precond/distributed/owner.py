@@ -50,7 +50,10 @@ class OwnerRuntime(Runtime):
     """See the module docstring."""
 
     def _plan(self, optimizer) -> None:
-        self.owner = owner_plan(self.entries, self.world)
+        previous = getattr(self, "_owner_of_param", {})  # a re-plan (add_param_group) keeps the owners it had
+        self.owner = owner_plan(self.entries, self.world,
+                                {e.index: previous[id(e.param)] for e in self.entries if id(e.param) in previous})
+        self._owner_of_param = {id(e.param): rank for e, rank in zip(self.entries, self.owner)}
         self.chunks: list[Chunk] = []
         self.chunk_of: dict[int, int] = {}
         members: list[Entry] = []

@@ -30,7 +30,7 @@ one rank makes the others take more of them.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from precond.layout import Layout
 
@@ -47,10 +47,12 @@ def state_size(layout: Layout) -> int:
     return layout.state_numel() + layout.numel
 
 
-def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | None = None) -> list[int]:
+def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | None = None,
+            fixed: Mapping[int, int] | None = None) -> list[int]:
     """The rank of each item: by decreasing score (one kind's items together), each to the least-loaded rank (ties:
-    fewer items of its kind there, then fewer items, then the lower rank). Deterministic: it depends only on its
-    arguments; the largest load is at most the average plus the largest score."""
+    fewer items of its kind there, then fewer items, then the lower rank). Items in ``fixed`` (index → rank) keep
+    their rank and count in the loads. Deterministic: it depends only on its arguments; without ``fixed`` the
+    largest load is at most the average plus the largest score."""
     if world < 1:
         raise ValueError(f"world size must be ≥ 1, got {world}")
     kinds = list(range(len(scores))) if kinds is None else list(kinds)
@@ -64,8 +66,11 @@ def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | Non
     counts = [0] * world
     of_kind: dict[tuple[Hashable, int], int] = {}
     owner = [0] * len(scores)
-    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], -largest[kinds[i]], first[kinds[i]], i)):
-        rank = min(range(world), key=lambda r: (loads[r], of_kind.get((kinds[i], r), 0), counts[r], r))
+    fixed = fixed or {}
+    for i in sorted(range(len(scores)), key=lambda i: (i not in fixed, -scores[i], -largest[kinds[i]],
+                                                        first[kinds[i]], i)):
+        rank = fixed[i] if i in fixed else min(range(world), key=lambda r: (loads[r], of_kind.get((kinds[i], r), 0),
+                                                                            counts[r], r))
         owner[i] = rank
         loads[rank] += scores[i]
         counts[rank] += 1
@@ -73,16 +78,17 @@ def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | Non
     return owner
 
 
-def owner_plan(entries: Sequence, world: int) -> list[int]:
+def owner_plan(entries: Sequence, world: int, fixed: Mapping[int, int] | None = None) -> list[int]:
     """The owner of each parameter (``precond.distributed.runtime.Entry``: layout, preconditioner, group index):
-    Eq. (3) scores balanced by :func:`balance`, one kind per (param group, shape, dtype)."""
+    Eq. (3) scores balanced by :func:`balance`, one kind per (param group, shape, dtype). ``fixed``: entries that
+    keep their owner (parameters already stepped when a param group is added: their state stays where it is)."""
     costs = [parameter_cost(e.layout, e.preconditioner.refreshable_modes(e.layout), e.preconditioner.basis.every)
              for e in entries]
     sizes = [state_size(e.layout) for e in entries]
     total_cost, total_size = sum(costs) or 1.0, sum(sizes) or 1
     scores = [c / total_cost + s / total_size for c, s in zip(costs, sizes)]
     kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in entries]
-    return balance(scores, world, kinds)
+    return balance(scores, world, kinds, fixed)
 
 
 def refresh_owners(units: Sequence[tuple[Hashable, int, int, int]], world: int) -> dict[Hashable, int]:
