@@ -32,6 +32,7 @@ max_dim, **options``) by the lower-case name that is another name of the same cl
 is a function)."""
 
 _PUBLIC = {
+    "DataParallel": "precond.distributed",
     "Graft": "precond.appliers",
     "KFACCapture": "precond.kfac_capture",
     "Layout": "precond.layout",

@@ -135,6 +135,11 @@ class Optimizer(torch.optim.Optimizer):
     preconditioning inside the backward pass, as soon as its gradients are final (``precond.overlap``: the same
     updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
     and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
+
+    ``distributed`` (optional, ``precond.DataParallel(...)``): spread the work and (``mode="owner"``) the state over
+    the ranks of a process group, with the same updates (``precond.distributed``, ``docs/scaling.md``); then
+    ``stats()`` is a collective, and in owner mode each rank's ``state_dict()`` holds only the parameters it owns
+    (checkpoint through ``torch.distributed.checkpoint``).
     """
 
     def __init__(
@@ -155,12 +160,16 @@ class Optimizer(torch.optim.Optimizer):
         tf32: Optional[bool] = None,
         capture: Union[bool, str] = False,
         overlap_backward: bool = False,
+        distributed: Optional[Any] = None,
     ) -> None:
         if on_nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}")
         if capture not in (False, True, "emulate"):
             raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
                              f"got {capture!r}")
+        if distributed is not None and (capture or overlap_backward):
+            raise ValueError("capture and overlap_backward are single-process paths for now: with distributed=..., "
+                             "leave them off (the distributed step exchanges the updates before moving the weights)")
         if overlap_backward and on_nonfinite != "ignore":
             raise ValueError("overlap_backward=True starts each step during the backward pass, so a non-finite "
                              "gradient could not be refused afterwards: pass on_nonfinite='ignore' with it")
@@ -173,7 +182,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
                              async_refresh=async_refresh, tf32=tf32, capture=capture,
-                             overlap_backward=overlap_backward))
+                             overlap_backward=overlap_backward, distributed=distributed))
 
     def _configure(self, options: dict[str, Any]) -> None:
         """The optimizer-wide options and the run-time machinery built from them (also after unpickling)."""
@@ -190,11 +199,15 @@ class Optimizer(torch.optim.Optimizer):
         self._overlap = BackwardOverlap(self) if self.overlap_backward else None
         if self._overlap is not None:
             self._overlap.register([p for group in self.param_groups for p in group["params"]])
+        # [distributed] the optional fifth part (precond.DataParallel): None is the single-process path
+        self._distributed_config = options.get("distributed")
+        self._distributed = None if self._distributed_config is None else self._distributed_config.attach(self)
 
     def _options(self) -> dict[str, Any]:
         return dict(state_dtype=self.state_dtype, on_nonfinite=self.on_nonfinite, stack=self.stack,
                     stagger=self._schedule.stagger, async_refresh=self._schedule.asynchronous, tf32=self.tf32,
-                    capture=self.capture, overlap_backward=self.overlap_backward)
+                    capture=self.capture, overlap_backward=self.overlap_backward,
+                    distributed=self._distributed_config)
 
     def __getstate__(self) -> dict[str, Any]:
         """As ``torch.optim`` (``defaults``, ``state``, ``param_groups``) plus this optimizer's options and parameter
@@ -272,7 +285,8 @@ class Optimizer(torch.optim.Optimizer):
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
         ``cholesky_qr_kept_old_basis`` (reading the last one synchronises with the device)."""
-        return self._fallbacks.as_dict()
+        counts = self._fallbacks.as_dict()
+        return counts if self._distributed is None else self._distributed.stats(counts)  # [distributed] collective
 
     def describe(self) -> str:
         """Returns (does not print) one line per parameter: shape → view with each mode's kind, and the factor
@@ -306,6 +320,8 @@ class Optimizer(torch.optim.Optimizer):
                 if grad.is_complex():
                     raise RuntimeError(f"parameter {self._name(p)} has a complex gradient; precond supports real tensors only")
                 work.append((group, p, grad))
+        if self._distributed is not None:  # [distributed] this rank's share, the verdict agreed by all ranks
+            return self._distributed.gathered(self, work)
         if self.on_nonfinite == "ignore" or not work:
             return work
         return self._checked(work)
@@ -318,6 +334,12 @@ class Optimizer(torch.optim.Optimizer):
         device = maxima[0].device
         values = torch.stack([m.to(device=device, dtype=torch.float64) for m in maxima]
                              + [lr.detach().reshape(()).to(device=device, dtype=torch.float64) for lr in lrs]).tolist()
+        return self._verdict(work, values)
+
+    def _verdict(self, work: list[tuple[dict[str, Any], torch.Tensor, Optional[torch.Tensor]]], values: list[float]):
+        """The check's decision from ``values`` (the largest ``|g|`` of each ``work`` entry, then each tensor lr):
+        raise, skip (None), or the work with huge gradients scaled down. Entries whose gradient is None (another
+        rank's, in a distributed run) are judged but not returned."""
         bad = [self._name(p) for (_, p, _), m in zip(work, values) if not math.isfinite(m)]
         bad += [f"lr of group {i}" for i, lr in enumerate(values[len(work):]) if not math.isfinite(lr) or lr < 0]
         if bad:
@@ -331,6 +353,8 @@ class Optimizer(torch.optim.Optimizer):
                 "optimizer with on_nonfinite='skip'.")
         out = []
         for (group, p, grad), largest in zip(work, values):
+            if grad is None:
+                continue
             if largest > _GRADIENT_BOUND:
                 self._fallbacks.count("gradient_rescaled", f"a gradient of magnitude {largest:.3g} ({self._name(p)}) "
                                       f"was scaled down by a power of two to {_GRADIENT_BOUND:.3g}")
@@ -398,11 +422,15 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             moves.append((bucket, self._advance(bucket, bucket_grads)))
             self._apply_moves(moves)
+        if self._distributed is not None:  # [distributed] exchange the updates (or refreshes), move the parameters
+            self._distributed.finish(self)
 
     def _apply_moves(self, moves: list[tuple[Bucket, torch.Tensor]]) -> None:
         """Move the parameters of each ``(bucket, update)`` (and empty the list, freeing the updates at once)."""
         while moves:
             bucket, update = moves.pop(0)
+            if self._distributed is not None and self._distributed.stage(self, bucket, update):  # [distributed]
+                continue
             self._apply(bucket.group, bucket.params, update, bucket.layout)
 
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
@@ -487,6 +515,8 @@ class Optimizer(torch.optim.Optimizer):
             due, refresh_index = self._schedule.due(keys, preconditioner.basis.every, step)
             if not due:
                 continue
+            if self._distributed is not None and self._distributed.refresh(self, bucket, k, due, refresh_index):
+                continue  # [distributed] replicate mode: one rank computes it, every rank installs it
             device = bucket.params[0].device
             index = None if len(due) == len(keys) else torch.tensor(due, device=device)
             factor, basis = bucket.refresh_inputs(k, index)

@@ -59,10 +59,11 @@ class ParamState:
     @classmethod
     def of(cls, storage: dict[str, Any], layout: Layout, params: tuple[torch.Tensor, ...] = ()) -> "ParamState":
         estimator = storage["estimator"]
+        # an empty group ({} for a vector's S and Q) may be missing: flattening checkpointers (DCP) drop empty dicts
         return cls(
-            Q=_unkeyed(storage["basis"]["Q"], layout.order),
-            S=_unkeyed(estimator["S"], layout.order),
-            lam=_unkeyed(estimator["lambda"], layout.order),
+            Q=_unkeyed(storage.get("basis", {}).get("Q", {}), layout.order),
+            S=_unkeyed(estimator.get("S", {}), layout.order),
+            lam=_unkeyed(estimator.get("lambda", {}), layout.order),
             estimator=_own(estimator),
             applier=_own(storage.get("applier", {})),
             momentum=storage.get(MOMENTUM),

@@ -1,0 +1,62 @@
+"""``DataParallel``: the optional fifth part of a ``precond.Optimizer`` that spreads its work over ranks."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from precond.validators import number
+
+COMM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _comm_dtype(instance: Any, attribute: Any, value: Any) -> None:
+    if value not in COMM_DTYPES:
+        raise ValueError(f"comm_dtype (the dtype the updates travel in) must be one of "
+                         f"{', '.join(map(str, COMM_DTYPES))}, got {value!r}")
+
+
+@attrs.frozen(eq=False)
+class DataParallel:
+    """Data-parallel training with the preconditioner's work and state spread over the ranks of ``group``.
+
+    It never changes the math: with ``comm_dtype`` equal to the optimizer's ``state_dtype`` every rank's parameters
+    equal those of one process stepping the same (averaged) gradients (``docs/scaling.md``). Gradients must already
+    be averaged over the ranks (DDP does that), as for any optimizer.
+
+    - ``mode="owner"`` (default; update-parallel, ZeRO-1-like): each parameter has one owner rank, chosen by a
+      greedy balance of estimated cost; only the owner keeps its state and computes its update; once per step the
+      updates are all-gathered (in ``comm_dtype``; bfloat16 halves the bytes and rounds the update to 8 bits of
+      mantissa) and every rank applies weight decay and the update. State memory and compute ÷ ``W``. Each rank's
+      ``state_dict()`` holds only the parameters it owns (``{}`` for the others): checkpoint with
+      ``torch.distributed.checkpoint`` (``precond.distributed.checkpoint``), which saves every owner's share
+      and loads at any world size.
+    - ``mode="replicate"``: full state on every rank; only the basis refreshes are spread over the ranks (using the
+      stagger plan's offsets, so each refresh step's work is split) and their results broadcast in the state dtype
+      (``comm_dtype`` is not used). Saves refresh time, not memory; checkpoints as in one process.
+
+    ``group``: the process group (None: the default group). ``chunk_elements``: owner mode exchanges the updates
+    in one collective per chunk of about this many parameter entries (bounding the transient buffers).
+    ``torch.distributed`` must be initialised before the optimizer is built.
+    """
+
+    mode: Literal["owner", "replicate"] = attrs.field(
+        default="owner", validator=attrs.validators.in_(("owner", "replicate")))
+    group: Any | None = None
+    comm_dtype: torch.dtype = attrs.field(default=torch.float32, validator=_comm_dtype)
+    chunk_elements: int = attrs.field(default=2**27, validator=number(
+        low=1, integer=True, meaning="parameter entries per exchange collective"))
+
+    def attach(self, optimizer: Any):
+        """The runtime of this configuration for ``optimizer`` (called by ``precond.Optimizer``)."""
+        if self.mode == "owner":
+            from precond.distributed.runtime import is_dtensor
+            if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+                from precond.distributed.sharded import ShardedOwnerRuntime
+                return ShardedOwnerRuntime(self, optimizer)
+            from precond.distributed.owner import OwnerRuntime
+            return OwnerRuntime(self, optimizer)
+        from precond.distributed.replicate import ReplicateRuntime
+        return ReplicateRuntime(self, optimizer)
