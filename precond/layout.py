@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from typing import Literal
 
 import attrs
@@ -64,13 +66,24 @@ class Layout:
         return self.numel // self.view_shape[k]
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Parameter-shaped tensor → viewed tensor (``einops.rearrange`` with the structure's pattern)."""
+        """Parameter-shaped tensor → viewed tensor (``einops.rearrange`` with the structure's pattern; a plain
+        ``reshape`` when the pattern keeps the axes in order, as every structure's does unless it transposes)."""
+        if self.keeps_order:
+            return tensor.reshape((*tensor.shape[: tensor.ndim - len(self.shape)], *self.view_shape))
         return einops.rearrange(tensor, self.pattern, **self.axis_lengths)
 
     def unview(self, tensor: torch.Tensor) -> torch.Tensor:
         """Viewed tensor → parameter shape (the pattern read backwards)."""
+        if self.keeps_order:
+            return tensor.reshape((*tensor.shape[: tensor.ndim - len(self.view_shape)], *self.shape))
         left, right = self.pattern.split("->")
         return einops.rearrange(tensor, f"{right.strip()} -> {left.strip()}", **self.axis_lengths)
+
+    @functools.cached_property
+    def keeps_order(self) -> bool:
+        """The pattern only drops unit axes and merges neighbours: the view is a row-major ``reshape``."""
+        left, right = (re.findall(r"d\d+", side) for side in self.pattern.split("->"))
+        return left == right
 
     @property
     def axis_lengths(self) -> dict[str, int]:

@@ -478,8 +478,7 @@ class Optimizer(torch.optim.Optimizer):
         if bucket.preconditioner.folds_at(step) and not bucket.preconditioner.folds_before_apply:
             self._refresh(bucket, step)
         bucket.step = step
-        for p in bucket.params:
-            self.state[p][STEP] += 1
+        torch._foreach_add_([self.state[p][STEP] for p in bucket.params], 1)
 
     def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: Step,
                    fold: Optional[bool] = None) -> torch.Tensor:

@@ -97,6 +97,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 worst = max(r[name]["max_abs"] for r in gathered)
                 bitwise = all(r[name]["bitwise"] for r in gathered)
                 print(f"{name}: bitwise {bitwise}, max |Δ| {worst:.3e}")
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
