@@ -12,6 +12,7 @@ from precond.ablate import keys
 from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
 from precond.ablate.attempt import run_key
 from precond.ablate.runner import RUNS_FILE, run_ablation
+from precond.ablate.schedule import SCHEDULES
 from precond.ablate.store import RunStore
 from precond.tasks import TASKS, task_options
 
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int, metavar="N")
     p.add_argument("--eval-batches", type=int, metavar="N")
-    p.add_argument("--schedule", choices=("cosine", "constant"))
+    p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--warmup", type=float, metavar="FRACTION")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, metavar="NORM")

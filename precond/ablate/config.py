@@ -79,12 +79,22 @@ class AblationConfig:
         """The thread count a run on ``device`` uses (``None``: torch's, left as it is)."""
         return threads_for(self.threads, device)
 
+    def skipped(self) -> list[tuple[Variant, str]]:
+        """The variants that cannot run on this machine (a peer library missing), with the reason."""
+        return [(variant, variant.missing) for variant in self.variants if variant.missing is not None]
+
+    def runnable(self) -> tuple[Variant, ...]:
+        """The variants that can run here (see :meth:`skipped`)."""
+        return tuple(variant for variant in self.variants if variant.missing is None)
+
     def grid(self) -> list[tuple[Variant, float, int]]:
-        """Every run (each variant × its learning rates × the seeds), ordered seed by seed, then by position in
-        the variants' lr grids, then by variant: a time-limited ablation stopped anywhere leaves a comparable
-        subset (every variant at its first learning rates) rather than some variants finished and others absent."""
-        grids = [(variant, variant.lrs or self.lrs) for variant in self.variants]
-        depth = max(len(lrs) for _, lrs in grids)
+        """Every run (each runnable variant × its learning rates × the seeds), ordered seed by seed, then by
+        position in the variants' lr grids, then by variant: a time-limited ablation stopped anywhere leaves a
+        comparable subset (every variant at its first learning rates) rather than some variants finished and
+        others absent. A variant with ``lr_from`` has no runs here: the bracketing plan
+        (:mod:`precond.ablate.bracket`) adds them once the variant it names is tuned."""
+        grids = [(variant, variant.lrs or self.lrs) for variant in self.runnable() if variant.lr_from is None]
+        depth = max((len(lrs) for _, lrs in grids), default=0)
         return [(variant, lrs[index], seed) for seed in self.seeds for index in range(depth)
                 for variant, lrs in grids if index < len(lrs)]
 

@@ -112,6 +112,7 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
         f"target val loss {target_text}; times are training time without evaluation; a run diverged when a "
         f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
         f"- memory: {memory}",
+        *[f"- **skipped: {variant.name}**: {reason}; its runs were not made" for variant, reason in config.skipped()],
         "",
         "",
     ])

@@ -15,6 +15,7 @@ from precond.ablate.attempt import attempt_run, library_fingerprint, run_key, ru
 from precond.ablate.config import AblationConfig, resolve_device
 from precond.ablate.parallel import run_in_processes
 from precond.ablate.report import write_reports
+from precond.ablate.train import protocol
 from precond.ablate.store import RunStore
 from precond.ablate.threads import thread_count
 
@@ -57,6 +58,8 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
     store = RunStore(out / RUNS_FILE)
     if not train:
         return _report_only(config, device, store, log)
+    for variant, reason in config.skipped():
+        log(f"ablation: skipping {variant.name}: {reason}")
     grid = [(variant, lr, seed, run_key(config, variant, lr, seed, device)) for variant, lr, seed in config.grid()]
     todo = [run for run in grid if run[3] not in store]
     workers = min(config.workers, len(todo))
@@ -100,7 +103,7 @@ def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
     library's fingerprints, which differ on another machine (another Python's standard library). A mismatch of
     either is said in the log, and the runs are reported as they were made."""
     settings = config.task.settings()
-    training = json.loads(json.dumps(attrs.asdict(config.training)))
+    training = json.loads(json.dumps(protocol(config.training)))
     latest = {}
     for record in store:
         same_setup = (record.get("training") == training and record.get("device", "").split(":")[0] == device.type
