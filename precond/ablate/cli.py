@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
-from precond.ablate import keys
+from precond.ablate import bracket, keys
 from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
 from precond.ablate.attempt import run_key
 from precond.ablate.runner import RUNS_FILE, run_ablation
@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N",
                    help="train N runs at once, each in its own process (default 1); with --device cuda and several "
                         "GPUs, worker i uses GPU i mod their number")
+    p.add_argument("--extend-lrs", type=int, metavar="N",
+                   help="learning rates the workbench may add to a variant's grid to bracket its best lr (default 2; "
+                        "0: keep every grid, an edge is reported as not bracketed)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads per run (default 1 on the CPU, which is fastest for these small models and "
                         "immune to a busy machine; torch's own default on a GPU); part of a CPU run's resume key")
@@ -95,7 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
               "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
               "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
               "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes,
-              "workers": args.workers, "threads": args.threads}
+              "workers": args.workers, "threads": args.threads, "extend_lrs": args.extend_lrs}
     data.update({key: value for key, value in direct.items() if value is not None})
     if args.no_progress:
         data["progress"] = False
@@ -129,9 +132,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         device = resolve_device(config.device, usable=False)
         store = RunStore(config.out / RUNS_FILE)
-        for variant, lr, seed in config.grid():
+        plan = bracket.plan(config, lambda v, lr, seed: store.get(run_key(config, v, lr, seed, device)))
+        for variant, lr, seed in plan.grid():
             done = "done" if run_key(config, variant, lr, seed, device) in store else "todo"
             print(f"{done}  {variant.name:32s} lr={lr:<8g} seed={seed}  {variant.spec()}")
+        for variant, reason in config.skipped():
+            print(f"skip  {variant.name:32s} {reason}")
+        for tuning in plan.tunings.values():
+            print(f"tuning  {tuning.name}: {tuning.message}")
         return 0
     result = run_ablation(config, train=not args.report_only)
     print()

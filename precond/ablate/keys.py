@@ -180,10 +180,11 @@ READERS: dict[str, Callable[[Any], Any]] = {
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
 
-LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED), "lr_from": name, "bracket": boolean}
+LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED), "lr_from": name, "adam_lr_from": name,
+              "bracket": boolean}
 """Keys that name a variant, choose its learning rates (``lr``; ``lr_from``: the best lr of another variant, once
-that one is tuned; ``bracket``: whether the workbench extends the grid until the best lr lies inside it) or its
-preset (not part of a composition)."""
+that one is tuned; ``adam_lr_from``: a Muon's ``adam_lr`` set to another variant's best lr; ``bracket``: whether
+the workbench extends the grid until the best lr lies inside it) or its preset (not part of a composition)."""
 
 ALIASES = {"lrs": "lr", "wd": "weight_decay"}
 """Alternative spellings of keys."""

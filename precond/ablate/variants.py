@@ -89,7 +89,9 @@ class Variant:
     (``preset is None``) with every key resolved. ``settings`` is the canonical ``(key, value)`` tuple that
     identifies it; ``name`` labels it in reports and ``lrs`` (when given) replaces the run's learning-rate grid.
     ``lr_from`` names another variant whose best learning rate this one runs at (once that one is tuned);
-    ``bracket`` ``False`` keeps the grid as given (no extension when the best lr is at its edge).
+    ``bracket`` ``False`` keeps the grid as given (no extension when the best lr is at its edge);
+    ``adam_lr_from`` names the variant whose best learning rate becomes this Muon's ``adam_lr`` (its Adam part at
+    the lr tuned for AdamW), once that one is tuned.
     """
 
     name: str
@@ -98,6 +100,7 @@ class Variant:
     lrs: Optional[tuple[float, ...]] = attrs.field(default=None, eq=False)
     lr_from: Optional[str] = attrs.field(default=None, eq=False)
     bracket: bool = attrs.field(default=True, eq=False)
+    adam_lr_from: Optional[str] = attrs.field(default=None, eq=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -181,9 +184,14 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
             raise ValueError(f"{where}: bad {key}: {error}") from None
     label, lrs, preset = values.pop("name", None), values.pop("lr", None), values.pop("preset", None)
     lr_from, bracket = values.pop("lr_from", None), values.pop("bracket", True)
+    adam_lr_from = values.pop("adam_lr_from", None)
     if lr_from is not None and lrs is not None:
         raise ValueError(f"{where}: give lr (its own grid) or lr_from (the best lr of another variant), not both")
-    extra = {"lr_from": lr_from, "bracket": bracket}
+    takes_adam_lr = preset in peers.PEERS and "adam_lr" in peers.PEERS[preset].keys
+    if adam_lr_from is not None and ("adam_lr" in values or not takes_adam_lr or lr_from is not None):
+        raise ValueError(f"{where}: adam_lr_from sets the adam_lr of muon or torch_muon (which then tune their own "
+                         f"lr); give it or adam_lr, not both, and not with lr_from")
+    extra = {"lr_from": lr_from, "bracket": bracket, "adam_lr_from": adam_lr_from}
     if preset is not None:
         allowed = preset_keys(preset)
         refused = [key for key in values if key not in allowed]
