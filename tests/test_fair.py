@@ -409,3 +409,12 @@ def test_the_per_second_table_compares_at_the_fastest_variants_time():
     assert "| fast | 1000.0 | 0.00 | 4.0 | 2.0100 ± 0.0100 | reference | 4.0 |" in table
     half = T_975[2] * 0.005 / math.sqrt(3)
     assert f"| +0.9950 [{0.995 - half:+.4f}, {0.995 + half:+.4f}] worse | 6.0 |" in table  # 2.5 reached at step 3
+
+
+def test_untuned_variants_run_after_the_tuned_grid(tmp_path):
+    from precond.ablate.bracket import plan
+    config = tiny_config(tmp_path, [{"spec": "shampoo", "lrs": [2e-3], "bracket": False},
+                                    {"spec": "adamw", "lrs": [1e-3, 2e-3]}], seeds=[0, 1])
+    order = [(v.name, lr, seed) for v, lr, seed in plan(config, lambda *run: None).grid()]
+    assert order == [("adamw", 1e-3, 0), ("adamw", 2e-3, 0), ("adamw", 1e-3, 1), ("adamw", 2e-3, 1),
+                     ("shampoo", 2e-3, 0), ("shampoo", 2e-3, 1)]

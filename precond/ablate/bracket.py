@@ -77,10 +77,16 @@ class Plan:
     tunings: dict[str, Tuning]
 
     def grid(self) -> list[tuple[Variant, float, int]]:
-        """Seed by seed, then by position in the lr lists, then by variant (as ``AblationConfig.grid``)."""
-        depth = max((len(v.lrs or ()) for v in self.variants), default=0)
-        return [(variant, variant.lrs[index], seed) for seed in self.seeds for index in range(depth)
-                for variant in self.variants if variant.lrs and index < len(variant.lrs)]
+        """The tuned variants seed by seed, then by position in the lr lists, then by variant (as
+        ``AblationConfig.grid``); then, in the same order, the variants that are not tuned (``bracket = false`` or
+        ``lr_from``), so a time-limited ablation finishes the comparison of tuned variants first."""
+        runs = []
+        for tuned in (True, False):
+            variants = [v for v in self.variants if v.lrs and (v.bracket and v.lr_from is None) == tuned]
+            depth = max((len(v.lrs) for v in variants), default=0)
+            runs += [(variant, variant.lrs[index], seed) for seed in self.seeds for index in range(depth)
+                     for variant in variants if index < len(variant.lrs)]
+        return runs
 
 
 def mean_losses(variant: Variant, lrs: Sequence[float], seeds: Sequence[int],

@@ -124,9 +124,10 @@ class AblationConfig:
         """Every run (each runnable variant × its learning rates × the seeds), ordered seed by seed, then by
         position in the variants' lr grids, then by variant: a time-limited ablation stopped anywhere leaves a
         comparable subset (every variant at its first learning rates) rather than some variants finished and
-        others absent. A variant with ``lr_from`` has no runs here: the bracketing plan
-        (:mod:`precond.ablate.bracket`) adds them once the variant it names is tuned."""
-        grids = [(variant, variant.lrs or self.lrs) for variant in self.runnable() if variant.lr_from is None]
+        others absent. A variant with ``lr_from`` or ``adam_lr_from`` has no runs here: the bracketing plan
+        (:mod:`precond.ablate.bracket`, which the runner follows) adds them once the variant it names is tuned."""
+        grids = [(variant, variant.lrs or self.lrs) for variant in self.runnable()
+                 if variant.lr_from is None and variant.adam_lr_from is None]
         depth = max((len(lrs) for _, lrs in grids), default=0)
         return [(variant, lrs[index], seed) for seed in self.seeds for index in range(depth)
                 for variant, lrs in grids if index < len(lrs)]
