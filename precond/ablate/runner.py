@@ -75,7 +75,10 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
             break
         round_ += 1
         if round_ == 1:
-            log(f"ablation: {len(grid)} runs ({len(plan.variants)} variants) on task {config.task.name} on {device}; "
+            waiting = sum(t.state == "waiting" for t in plan.tunings.values())
+            log(f"ablation: {len(grid)} runs ({len(plan.variants)} variants"
+                + (f"; {waiting} more wait for another variant's best lr" if waiting else "")
+                + f") on task {config.task.name} on {device}; "
                 f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run"
                 + (f" in {min(config.workers, len(todo))} processes" if min(config.workers, len(todo)) > 1 else ""))
         else:
