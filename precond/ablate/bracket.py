@@ -147,9 +147,10 @@ def tune(variant: Variant, base: Sequence[float], seeds: Sequence[int], lookup: 
         if len(added) + len(new) > limit:
             where = (f"diverged at every lr tried ({_fmt(lrs)})" if best is None
                      else f"best lr {best:g} is at the {edge} edge of the grid {_fmt(lrs)}")
+            spent = ("and extend_lrs = 0 adds none" if limit == 0 else
+                     f"and {len(added)} of at most {limit} extra lrs (extend_lrs) were already added")
             return lrs, Tuning(variant.name, tuple(lrs), added, "limit", best,
-                               f"NOT BRACKETED: {where}, and {len(added)} of at most {limit} extra lrs "
-                               f"(extend_lrs) were already added; widen its lrs and run again")
+                               f"NOT BRACKETED: {where}, {spent}; widen its lrs and run again")
         lrs += new
 
 

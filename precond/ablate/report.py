@@ -191,9 +191,10 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
 
 def _tuning_section(tunings: dict[str, Any], extend_lrs: int) -> str:
     """One line per variant: is its best learning rate strictly inside its grid (:mod:`precond.ablate.bracket`)?"""
-    lines = ["## Tuning: is each best learning rate inside its grid?", "",
-             f"Each grid is extended by one lr beyond an edge holding the best lr (at most {extend_lrs} added per "
-             f"variant, `extend_lrs`) until the best lr has a smaller and a larger neighbour.", ""]
+    rule = (f"Each grid is extended by one lr beyond an edge holding the best lr (at most {extend_lrs} added per "
+            f"variant, `extend_lrs`) until the best lr has a smaller and a larger neighbour." if extend_lrs else
+            "The grids are kept as given (`extend_lrs = 0`): a best lr at an edge is reported, not extended.")
+    lines = ["## Tuning: is each best learning rate inside its grid?", "", rule, ""]
     for name, tuning in tunings.items():
         text = f"{name}: {tuning.message}"
         lines.append(f"- **{text}**" if tuning.state in ("limit", "pending", "waiting") else f"- {text}")

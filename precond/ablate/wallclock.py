@@ -35,11 +35,14 @@ def startup(record: Record) -> float | None:
 
 
 def ms_per_step(record: Record) -> float | None:
-    """Mean milliseconds per step after the first (``None`` without step times)."""
+    """Mean milliseconds per step after the first; for a record made before step times were kept, its training
+    time over its steps (first step included); ``None`` when neither is known."""
     times = record.get("step_ms") or []
-    if len(times) < 2:
-        return None
-    return statistics.mean(times[1:])
+    if len(times) >= 2:
+        return statistics.mean(times[1:])
+    if record.get("train_seconds") and record.get("steps_done"):
+        return 1e3 * record["train_seconds"] / record["steps_done"]
+    return None
 
 
 def steady_seconds(record: Record) -> list[float]:
