@@ -20,10 +20,13 @@ EPILOG = f"""\
 variants: a name ({', '.join(keys.NAMED)}) or a composition of key=value items, e.g.
   --variant kl_shampoo --variant "shampoo,graft=none,name=shampoo (no graft)"
   --variant estimator=shampoo,basis=eigh,every=10,applier=power:1/(2N),graft=adam,lr=1e-3/3e-3
-keys: {', '.join(keys.READERS)}, name, lr (see precond/ablate/variants.py or --list)
+keys: {', '.join(keys.READERS)}, name, lr, lr_from, adam_lr_from, bracket (see precond/ablate/variants.py or --list)
+peers (skipped with a note when their library is missing): adamw, hb_kl_shampoo, hb_soap, po_soap, torch_muon
 
 examples:
   python -m precond.ablate --config ablations/demo.toml
+  python -m precond.ablate --config ablations/fair_cpu.toml                    # tuned, 3 seeds, peers, per second
+  python -u -m precond.ablate --config ablations/gpu_long.toml --workers 8     # the long GPU run on 8 GPUs
   python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
   python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once, one per GPU
   python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
@@ -108,7 +111,9 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def describe_choices() -> str:
     lines = ["named variants: " + ", ".join(keys.NAMED), "composition keys:"]
     lines += [f"  {key}: {keys.describe(key)}" for key in keys.READERS]
-    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3)")
+    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3), lr_from (run at another variant's best lr), "
+                 "adam_lr_from (a Muon's adam_lr = another variant's best lr), bracket (true/false: extend the grid "
+                 "until the best lr is inside)")
     for name in sorted(TASKS):
         lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))
     lines.append("configuration keys: " + ", ".join(ALLOWED_KEYS))
