@@ -27,7 +27,8 @@ TINY_LM = {"layers": 1, "width": 16, "heads": 2, "context": 16, "batch_size": 4,
 
 def tiny_config(out, variants=("kl_shampoo", "adamw"), lrs=(3e-3,), **overrides):
     settings = {"task": "char_lm", "task_options": TINY_LM, "variants": list(variants), "lrs": list(lrs),
-                "steps": 6, "eval_every": 3, "eval_batches": 2, "out": str(out), "progress": False, **overrides}
+                "steps": 6, "eval_every": 3, "eval_batches": 2, "out": str(out), "progress": False, "extend_lrs": 0,
+                **overrides}
     return AblationConfig.from_mapping(settings)
 
 
@@ -255,7 +256,8 @@ def test_workers_take_the_gpus_in_turn():
 
 def test_command_line(tmp_path, capsys):
     args = ["--task", "char_lm", "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--lrs", "1e-3",
-            "--variant", "estimator=kl,basis=eigh,name=kl-eigh", "--out", str(tmp_path), "--no-progress"]
+            "--variant", "estimator=kl,basis=eigh,name=kl-eigh", "--out", str(tmp_path), "--no-progress",
+            "--extend-lrs", "0"]
     args += [f"--task-option={key}={value}" for key, value in TINY_LM.items()]
     assert cli_main(args) == 0
     assert "| kl-eigh |" in capsys.readouterr().out
@@ -410,7 +412,7 @@ def test_cpu_runs_use_one_thread_by_default_and_the_count_is_in_the_key(tmp_path
 
 def test_threads_option_on_the_command_line(tmp_path, capsys):
     args = ["--task", "char_lm", "--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--lrs", "1e-3",
-            "--variant", "adamw", "--out", str(tmp_path), "--no-progress", "--threads", "2"]
+            "--variant", "adamw", "--out", str(tmp_path), "--no-progress", "--extend-lrs", "0", "--threads", "2"]
     args += [f"--task-option={key}={value}" for key, value in TINY_LM.items()]
     assert cli_main(args) == 0
     capsys.readouterr()

@@ -12,13 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 
 import precond
 from precond.ablate import progress
 from precond.ablate.config import AblationConfig
-from precond.ablate.train import OutOfTime, train_run
+from precond.ablate.train import OutOfTime, protocol, train_run
 from precond.ablate.variants import Variant
 
 Run = tuple[Variant, float, int, str]
@@ -63,7 +62,7 @@ def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, devi
     CPU run's floating-point results depend on it: reductions are split per thread). Changing any of them makes
     it a new run."""
     identity = {"variant": variant.spec(), "lr": lr, "seed": seed, "task": config.task.settings(),
-                "training": attrs.asdict(config.training), "device": device.type, "library": library_fingerprint()}
+                "training": protocol(config.training), "device": device.type, "library": library_fingerprint()}
     if device.type == "cpu":
         identity["threads"] = config.threads_on(device)
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -101,7 +100,7 @@ def attempt_run(config: AblationConfig, data: Any, run: Run, label: str,
     finally:
         inner.close()
     record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
-                  training=attrs.asdict(config.training), library=library_fingerprint(),
+                  training=protocol(config.training), library=library_fingerprint(),
                   concurrent_runs=concurrent_runs, threads=torch.get_num_threads(),
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]

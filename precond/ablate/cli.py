@@ -8,10 +8,11 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
-from precond.ablate import keys
+from precond.ablate import bracket, keys
 from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
 from precond.ablate.attempt import run_key
 from precond.ablate.runner import RUNS_FILE, run_ablation
+from precond.ablate.schedule import SCHEDULES
 from precond.ablate.store import RunStore
 from precond.tasks import TASKS, task_options
 
@@ -19,10 +20,13 @@ EPILOG = f"""\
 variants: a name ({', '.join(keys.NAMED)}) or a composition of key=value items, e.g.
   --variant kl_shampoo --variant "shampoo,graft=none,name=shampoo (no graft)"
   --variant estimator=shampoo,basis=eigh,every=10,applier=power:1/(2N),graft=adam,lr=1e-3/3e-3
-keys: {', '.join(keys.READERS)}, name, lr (see precond/ablate/variants.py or --list)
+keys: {', '.join(keys.READERS)}, name, lr, lr_from, adam_lr_from, bracket (see precond/ablate/variants.py or --list)
+peers (skipped with a note when their library is missing): adamw, hb_kl_shampoo, hb_soap, po_soap, torch_muon
 
 examples:
   python -m precond.ablate --config ablations/demo.toml
+  python -m precond.ablate --config ablations/fair_cpu.toml                    # tuned, 3 seeds, peers, per second
+  python -u -m precond.ablate --config ablations/gpu_long.toml --workers 8     # the long GPU run on 8 GPUs
   python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
   python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once, one per GPU
   python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
@@ -54,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int, metavar="N")
     p.add_argument("--eval-batches", type=int, metavar="N")
-    p.add_argument("--schedule", choices=("cosine", "constant"))
+    p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--warmup", type=float, metavar="FRACTION")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, metavar="NORM")
@@ -65,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N",
                    help="train N runs at once, each in its own process (default 1); with --device cuda and several "
                         "GPUs, worker i uses GPU i mod their number")
+    p.add_argument("--extend-lrs", type=int, metavar="N",
+                   help="learning rates the workbench may add to a variant's grid to bracket its best lr (default 2; "
+                        "0: keep every grid, an edge is reported as not bracketed)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads per run (default 1 on the CPU, which is fastest for these small models and "
                         "immune to a busy machine; torch's own default on a GPU); part of a CPU run's resume key")
@@ -94,7 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
               "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
               "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
               "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes,
-              "workers": args.workers, "threads": args.threads}
+              "workers": args.workers, "threads": args.threads, "extend_lrs": args.extend_lrs}
     data.update({key: value for key, value in direct.items() if value is not None})
     if args.no_progress:
         data["progress"] = False
@@ -104,7 +111,9 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def describe_choices() -> str:
     lines = ["named variants: " + ", ".join(keys.NAMED), "composition keys:"]
     lines += [f"  {key}: {keys.describe(key)}" for key in keys.READERS]
-    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3)")
+    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3), lr_from (run at another variant's best lr), "
+                 "adam_lr_from (a Muon's adam_lr = another variant's best lr), bracket (true/false: extend the grid "
+                 "until the best lr is inside)")
     for name in sorted(TASKS):
         lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))
     lines.append("configuration keys: " + ", ".join(ALLOWED_KEYS))
@@ -128,9 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         device = resolve_device(config.device, usable=False)
         store = RunStore(config.out / RUNS_FILE)
-        for variant, lr, seed in config.grid():
+        plan = bracket.plan(config, lambda v, lr, seed: store.get(run_key(config, v, lr, seed, device)))
+        for variant, lr, seed in plan.grid():
             done = "done" if run_key(config, variant, lr, seed, device) in store else "todo"
             print(f"{done}  {variant.name:32s} lr={lr:<8g} seed={seed}  {variant.spec()}")
+        for variant, reason in config.skipped():
+            print(f"skip  {variant.name:32s} {reason}")
+        for tuning in plan.tunings.values():
+            print(f"tuning  {tuning.name}: {tuning.message}")
         return 0
     result = run_ablation(config, train=not args.report_only)
     print()

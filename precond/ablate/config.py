@@ -43,7 +43,7 @@ DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (n
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
 _OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes", "progress",
-             "workers", "threads")
+             "workers", "threads", "extend_lrs", "baselines")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -74,17 +74,61 @@ class AblationConfig:
     threads: Optional[int] = attrs.field(default=None, validator=number(
         low=1, integer=True, optional=True, meaning="CPU threads per run; unset: 1 on the CPU, torch's on a GPU"))
     """CPU threads per run (see :mod:`precond.ablate.threads`); ``None``: 1 on the CPU, torch's default on CUDA."""
+    extend_lrs: int = attrs.field(default=2, validator=number(
+        low=0, integer=True, meaning="learning rates the workbench may add to a variant's grid to bracket its best"))
+    """How many learning rates a variant's grid may gain to bracket its best lr (:mod:`precond.ablate.bracket`);
+    0 keeps every grid as given (an edge is then reported as not bracketed)."""
+    baselines: Optional[tuple[str, ...]] = None
+    """The variants the summary's paired differences are taken against (the best of them); ``None``: the peers of
+    other libraries present (``precond.ablate.peers.BASELINES``), else the best variant."""
+
+    def __attrs_post_init__(self) -> None:
+        names = [variant.name for variant in self.variants]
+        for variant in self.variants:
+            for key, source in (("lr_from", variant.lr_from), ("adam_lr_from", variant.adam_lr_from)):
+                if source is None:
+                    continue
+                if source not in names or source == variant.name:
+                    raise ValueError(f"variant {variant.name!r}: {key} names {source!r}, which is not another "
+                                     f"variant of this ablation ({', '.join(names)})")
+                other = self.variants[names.index(source)]
+                if other.lr_from is not None or (key == "adam_lr_from" and other.adam_lr_from is not None):
+                    raise ValueError(f"variant {variant.name!r}: {key} names {source!r}, which takes a learning rate "
+                                     f"from another variant itself; name a variant tuned on its own grid")
+        for name in self.baselines or ():
+            if name not in names:
+                raise ValueError(f"baselines names {name!r}, which is not a variant of this ablation "
+                                 f"({', '.join(names)})")
+
+    def baseline_names(self) -> tuple[str, ...]:
+        """The variants differences are taken against (see :attr:`baselines`)."""
+        from precond.ablate.peers import BASELINES
+
+        if self.baselines is not None:
+            return self.baselines
+        return tuple(variant.name for variant in self.variants if variant.preset in BASELINES)
 
     def threads_on(self, device: torch.device) -> Optional[int]:
         """The thread count a run on ``device`` uses (``None``: torch's, left as it is)."""
         return threads_for(self.threads, device)
 
+    def skipped(self) -> list[tuple[Variant, str]]:
+        """The variants that cannot run on this machine (a peer library missing), with the reason."""
+        return [(variant, variant.missing) for variant in self.variants if variant.missing is not None]
+
+    def runnable(self) -> tuple[Variant, ...]:
+        """The variants that can run here (see :meth:`skipped`)."""
+        return tuple(variant for variant in self.variants if variant.missing is None)
+
     def grid(self) -> list[tuple[Variant, float, int]]:
-        """Every run (each variant × its learning rates × the seeds), ordered seed by seed, then by position in
-        the variants' lr grids, then by variant: a time-limited ablation stopped anywhere leaves a comparable
-        subset (every variant at its first learning rates) rather than some variants finished and others absent."""
-        grids = [(variant, variant.lrs or self.lrs) for variant in self.variants]
-        depth = max(len(lrs) for _, lrs in grids)
+        """Every run (each runnable variant × its learning rates × the seeds), ordered seed by seed, then by
+        position in the variants' lr grids, then by variant: a time-limited ablation stopped anywhere leaves a
+        comparable subset (every variant at its first learning rates) rather than some variants finished and
+        others absent. A variant with ``lr_from`` or ``adam_lr_from`` has no runs here: the bracketing plan
+        (:mod:`precond.ablate.bracket`, which the runner follows) adds them once the variant it names is tuned."""
+        grids = [(variant, variant.lrs or self.lrs) for variant in self.runnable()
+                 if variant.lr_from is None and variant.adam_lr_from is None]
+        depth = max((len(lrs) for _, lrs in grids), default=0)
         return [(variant, lrs[index], seed) for seed in self.seeds for index in range(depth)
                 for variant, lrs in grids if index < len(lrs)]
 
@@ -109,7 +153,17 @@ class AblationConfig:
             target_loss=None if target in (None, "auto") else _float("target_loss", target),
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
-            progress=bool(data.get("progress", True)), workers=data.get("workers", 1), threads=data.get("threads"))
+            progress=bool(data.get("progress", True)), workers=data.get("workers", 1), threads=data.get("threads"),
+            extend_lrs=data.get("extend_lrs", 2), baselines=_names("baselines", data.get("baselines")))
+
+
+def _names(key: str, value: Any) -> Optional[tuple[str, ...]]:
+    if value is None or value == "auto":
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{key} must be a list of variant names or \"auto\", got {value!r}")
+    return tuple(items)
 
 
 def _float(key: str, value: Any) -> float:

@@ -10,7 +10,7 @@ import fractions
 from typing import Any, Callable, Optional, Union
 
 import precond
-from precond.ablate import catalog
+from precond.ablate import catalog, peers
 
 STRUCTURES = catalog.names("structure")
 ESTIMATORS = catalog.names("estimator")
@@ -19,8 +19,9 @@ GRAFTS = catalog.names("graft")
 LARGE_MODES = catalog.LARGE_MODES
 EPS_PLACEMENTS = ("factor", "outside")
 DECAY_ORDERS = ("before", "after")
-NAMED = tuple(precond.PRESETS) + ("adamw",)
-"""Variants given by name alone: the library's presets and ``torch.optim.AdamW``."""
+NAMED = tuple(dict.fromkeys((*precond.PRESETS, *peers.PEERS)))
+"""Variants given by name alone: the library's presets, ``torch.optim.AdamW`` and the peers of
+:mod:`precond.ablate.peers` (HeavyBall, pytorch-optimizer, ``torch.optim.Muon``)."""
 
 APPLIER_FORMS = "power (= power:0.5), power:0.5, power:0.25, power:1/(2N), or power:<p> with p in [0, 1]"
 
@@ -55,6 +56,13 @@ def unit_interval(value: Any) -> float:
     result = number(value)
     if not 0.0 <= result < 1.0:
         raise ValueError(f"got {value!r}; expected a number in [0, 1)")
+    return result
+
+
+def positive(value: Any) -> float:
+    result = number(value)
+    if result <= 0:
+        raise ValueError(f"got {value!r}; expected a number > 0")
     return result
 
 
@@ -167,12 +175,16 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "eps_placement": choice(CHOICES["eps_placement"]),
     "bias_correction": boolean,
     "decay_order": choice(CHOICES["decay_order"]),
+    "adam_lr": positive,
 }
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
 
-LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED)}
-"""Keys that name a variant, choose its learning rates or its preset (not part of a composition)."""
+LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED), "lr_from": name, "adam_lr_from": name,
+              "bracket": boolean}
+"""Keys that name a variant, choose its learning rates (``lr``; ``lr_from``: the best lr of another variant, once
+that one is tuned; ``adam_lr_from``: a Muon's ``adam_lr`` set to another variant's best lr; ``bracket``: whether
+the workbench extends the grid until the best lr lies inside it) or its preset (not part of a composition)."""
 
 ALIASES = {"lrs": "lr", "wd": "weight_decay"}
 """Alternative spellings of keys."""
@@ -190,6 +202,7 @@ MEANINGS: dict[str, str] = {
     "eps_placement": "(λ+ε)^-p (factor) or 1/(λ^p+ε) (outside)",
     "bias_correction": "bias-corrected momentum: true or false",
     "decay_order": "weight decay before or after the update",
+    "adam_lr": "the Adam part's learning rate of muon and torch_muon (embeddings, head, vectors; default 3e-4)",
 }
 """What a key means, for ``--list``."""
 

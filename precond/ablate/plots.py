@@ -7,6 +7,9 @@
   :data:`LOG_RATIO` or more (an LM falling from 5.5 to 1.3).
 - ``lr_sweep.png``: final validation loss against learning rate (log x), mean ± std over seeds; a learning
   rate at which a run diverged is marked ``×`` at the top edge of the axes.
+- ``loss_vs_time.png``: validation loss against steady training time (:mod:`precond.ablate.wallclock`), the
+  mean over the seeds at each variant's best lr (each seed drawn faintly), with the equal time of the per-second
+  table and the target loss as dotted lines.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from precond.ablate import wallclock
 from precond.ablate.summary import Record, VariantSummary
 
 LOG_RATIO = 3.0
@@ -89,13 +93,63 @@ def clip_at(curve: Sequence[tuple[float, float, float | None]], top: float) -> t
     return kept, False
 
 
-def write_plots(summaries: Sequence[VariantSummary], out: Path, title: str = "") -> dict[str, Path]:
-    """Write both figures into ``out``; raises ``ImportError`` without matplotlib."""
+def write_plots(summaries: Sequence[VariantSummary], out: Path, title: str = "", equal_time: float | None = None,
+                target: float | None = None) -> dict[str, Path]:
+    """Write the three figures into ``out``; raises ``ImportError`` without matplotlib."""
     plt = _pyplot()
-    files = {"curves": out / "loss_curves.png", "lr_sweep": out / "lr_sweep.png"}
+    files = {"curves": out / "loss_curves.png", "lr_sweep": out / "lr_sweep.png", "time": out / "loss_vs_time.png"}
     _curves(plt, summaries, files["curves"], title)
     _sweep(plt, summaries, files["lr_sweep"], title)
+    _against_time(plt, summaries, files["time"], title, equal_time, target)
     return files
+
+
+def mean_curve(runs: Sequence[Record]) -> list[tuple[float, float]]:
+    """``(mean steady seconds, mean validation loss)`` over ``runs`` at each evaluation they all made with a
+    finite loss."""
+    curves = [list(zip(wallclock.steady_seconds(r), r["curve"]["val"])) for r in runs]
+    length = min((len(c) for c in curves), default=0)
+    points = []
+    for index in range(length):
+        column = [c[index] for c in curves]
+        if all(val is not None and math.isfinite(val) for _, val in column):
+            points.append((sum(t for t, _ in column) / len(column), sum(v for _, v in column) / len(column)))
+    return points
+
+
+def _against_time(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str,
+                  equal_time: float | None, target: float | None) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    drawn = []
+    for index, summary in enumerate(summaries):
+        if not summary.best_runs:
+            continue
+        for run in summary.best_runs:
+            seconds = wallclock.steady_seconds(run)
+            pairs = [(t, v) for t, v in zip(seconds, run["curve"]["val"]) if v is not None]
+            axes.plot([t for t, _ in pairs], [v for _, v in pairs], color=_color(index), alpha=0.25, linewidth=0.8)
+        curve = mean_curve(summary.best_runs)
+        drawn += [v for _, v in curve]
+        axes.plot([t for t, _ in curve], [v for _, v in curve], color=_color(index), marker=".",
+                  label=f"{summary.name} (lr {summary.best_lr:g}, {len(summary.best_runs)} seeds)")
+    if drawn:
+        bottom, top, log = axis_range(drawn)
+        if log:
+            _log_y(axes)
+        axes.set_ylim(bottom, top)
+    if equal_time is not None:
+        axes.axvline(equal_time, color="0.4", linestyle=":", linewidth=1)
+    if target is not None:
+        axes.axhline(target, color="0.4", linestyle=":", linewidth=1)
+    axes.set_xlabel("steady training time (s): first step at the median step time, evaluation excluded")
+    axes.set_ylabel("validation loss (mean over seeds)")
+    axes.set_title(f"loss against wall-clock time · {title}", fontsize=10)
+    axes.grid(alpha=0.3, which="both")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _curves(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from precond.ablate import divergence, plots, progress
+from precond.ablate import divergence, plots, progress, wallclock
 from precond.ablate.divergence import diverged
-from precond.ablate.summary import Record, VariantSummary, auto_target, summarize
+from precond.ablate.stats import paired_interval
+from precond.ablate.summary import Record, VariantSummary, auto_target, final_loss, paired, reference_of, summarize
 
 MIB = 2.0 ** 20
 CSV_COLUMNS = ("variant", "lr", "seed", "final_val", "best_val", "diverged", "steps_done", "steps", "train_seconds",
@@ -56,34 +58,104 @@ def lr_table(summaries: Sequence[VariantSummary]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(summaries: Sequence[VariantSummary], target: Optional[float], cuda: bool) -> str:
-    """The per-variant table, best final validation loss first."""
-    header = ["variant", "best lr", "final val loss", "steps to target", "time to target (s)", "time per run (s)",
-              "optimizer state (MiB)"]
+def _best_lr_text(summary: VariantSummary, tuning: Optional[Any]) -> str:
+    if summary.best_lr is None:
+        return "—"
+    text = f"{summary.best_lr:g}"
+    if tuning is not None and tuning.state == "limit":
+        return text + " (grid edge: not bracketed)"
+    if tuning is not None and tuning.state == "fixed":
+        return text + " (fixed)"
+    return text + (" (grid edge)" if summary.best_lr_at_edge else "")
+
+
+def _difference(summary: VariantSummary, reference: Optional[VariantSummary], value: Any = final_loss) -> str:
+    if reference is None or not math.isfinite(summary.final_mean):
+        return "—"
+    if summary is reference:
+        return "reference"
+    interval = paired_interval(paired(summary, reference, value))
+    return "—" if interval is None else interval.text()
+
+
+def markdown_table(summaries: Sequence[VariantSummary], target: Optional[float], cuda: bool,
+                   reference: Optional[VariantSummary] = None, tunings: Optional[dict[str, Any]] = None) -> str:
+    """The per-step table, best final validation loss first: the final loss at the best lr (mean ± std over
+    seeds), its paired difference to ``reference`` with a 95% interval, steps to ``target``, memory."""
+    header = ["variant", "best lr", "final val loss"]
+    if reference is not None:
+        header.append(f"Δ vs {reference.name} (95% CI)")
+    header += ["steps to target", "optimizer state (MiB)"]
     if cuda:
         header.append("peak CUDA memory (MiB)")
     header.append("runs (diverged)")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for summary in sorted(summaries, key=lambda s: (s.final_mean, s.name)):
-        steps, seconds, reached = summary.to_target(target) if target is not None else (None, None, 0)
+        steps, _, reached = summary.to_target(target) if target is not None else (None, None, 0)
         runs_at_best = len(summary.best_runs)
         if steps is not None and reached < runs_at_best:
-            steps_text, seconds_text = f"{steps:.0f} ({reached}/{runs_at_best} seeds)", f"{seconds:.1f}"
+            steps_text = f"{steps:.0f} ({reached}/{runs_at_best} seeds)"
         else:
             steps_text = "not reached" if steps is None else f"{steps:.0f}"
-            seconds_text = "—" if seconds is None else f"{seconds:.1f}"
         state = _mib(summary.largest("optimizer_state_bytes"))
-        best_lr = "—" if summary.best_lr is None else f"{summary.best_lr:g}" + (
-            " (grid edge)" if summary.best_lr_at_edge else "")
-        row = [summary.name, best_lr, _final(summary), steps_text,
-               seconds_text, "—" if summary.mean_of("wall_seconds") is None else f"{summary.mean_of('wall_seconds'):.1f}",
-               "—" if state is None else f"{state:.2f}"]
+        row = [summary.name, _best_lr_text(summary, (tunings or {}).get(summary.name)), _final(summary)]
+        if reference is not None:
+            row.append(_difference(summary, reference))
+        row += [steps_text, "—" if state is None else f"{state:.2f}"]
         if cuda:
             peak = _mib(summary.largest("peak_cuda_bytes"))
             row.append("—" if peak is None else f"{peak:.0f}")
         row.append(f"{summary.runs} ({summary.diverged})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else None
+
+
+def time_table(summaries: Sequence[VariantSummary], target: Optional[float],
+               reference: Optional[VariantSummary] = None) -> tuple[str, Optional[float]]:
+    """The per-second table (:mod:`precond.ablate.wallclock`) and the equal time it compares at: time per step,
+    the first step's extra time, the steady training time of a run, the validation loss reached at the equal time
+    (mean ± std over seeds, paired difference to ``reference``) and the time to ``target``."""
+    healthy = [s for s in summaries if s.best_runs]
+    equal = wallclock.equal_time([s.best_runs for s in healthy])
+    at = f"{equal:.1f} s" if equal is not None else "—"
+    header = ["variant", "ms / step", "first step extra (s)", "train time (s)", f"val loss at {at}"]
+    if reference is not None:
+        header.append(f"Δ vs {reference.name} at {at} (95% CI)")
+    header.append("time to target (s)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+
+    def at_equal(record: Record) -> Optional[float]:
+        return None if equal is None else wallclock.loss_at(record, equal)
+
+    rows = []
+    for summary in healthy:
+        runs = summary.best_runs
+        losses = [at_equal(r) for r in runs]
+        finite = [x for x in losses if x is not None]
+        loss_text = "—" if not finite else _loss_text(statistics.mean(finite),
+                                                      statistics.stdev(finite) if len(finite) > 1 else None)
+        hits = [wallclock.time_to(r, target) for r in runs] if target is not None else []
+        reached = [h for h in hits if h is not None]
+        if not reached:
+            target_text = "not reached" if target is not None else "—"
+        else:
+            target_text = f"{statistics.mean(reached):.1f}" + (
+                f" ({len(reached)}/{len(runs)} seeds)" if len(reached) < len(runs) else "")
+        ms, extra = _mean_of([wallclock.ms_per_step(r) for r in runs]), _mean_of([wallclock.startup(r) for r in runs])
+        row = [summary.name, "—" if ms is None else f"{ms:.1f}", "—" if extra is None else f"{extra:.2f}",
+               f"{statistics.mean(wallclock.total_seconds(r) for r in runs):.1f}", loss_text]
+        if reference is not None:
+            row.append(_difference(summary, reference, at_equal) if reference.best_runs else "—")
+        row.append(target_text)
+        rows.append((statistics.mean(finite) if finite else math.inf, summary.name, row))
+    for _, _, row in sorted(rows, key=lambda item: (item[0], item[1])):
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines), equal
 
 
 def _preamble(config: Any, device: torch.device, records: Sequence[Record], target: Optional[float],
@@ -112,25 +184,62 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
         f"target val loss {target_text}; times are training time without evaluation; a run diverged when a "
         f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
         f"- memory: {memory}",
-        "",
+        *[f"- **skipped: {variant.name}**: {reason}; its runs were not made" for variant, reason in config.skipped()],
         "",
     ])
 
 
-def write_reports(records: Sequence[Record], config: Any, device: torch.device, out: Path) -> tuple[dict[str, Path], str]:
-    """Write ``runs.csv``, ``summary.md`` and (with matplotlib) ``loss_curves.png`` and ``lr_sweep.png`` into
-    ``out``; return the paths and the Markdown table."""
+def _tuning_section(tunings: dict[str, Any], extend_lrs: int) -> str:
+    """One line per variant: is its best learning rate strictly inside its grid (:mod:`precond.ablate.bracket`)?"""
+    rule = (f"Each grid is extended by one lr beyond an edge holding the best lr (at most {extend_lrs} added per "
+            f"variant, `extend_lrs`) until the best lr has a smaller and a larger neighbour." if extend_lrs else
+            "The grids are kept as given (`extend_lrs = 0`): a best lr at an edge is reported, not extended.")
+    lines = ["## Tuning: is each best learning rate inside its grid?", "", rule, ""]
+    for name, tuning in tunings.items():
+        text = f"{name}: {tuning.message}"
+        lines.append(f"- **{text}**" if tuning.state in ("limit", "pending", "waiting") else f"- {text}")
+    return "\n".join(lines)
+
+
+def _reference_note(reference: Optional[VariantSummary], baselines: Sequence[str]) -> str:
+    if reference is None:
+        return ""
+    chosen = (f"the best of the baselines ({', '.join(baselines)})" if reference.name in baselines
+              else "the best variant (no baseline finished)")
+    return (f"- Δ: a variant's loss minus {reference.name}'s ({chosen}), paired seed by seed at each one's best lr; "
+            f"mean and 95% Student-t interval over the seeds; **not significant** when the interval contains 0, "
+            f"\"better\"/\"worse\" when it lies below/above 0\n")
+
+
+def write_reports(records: Sequence[Record], config: Any, device: torch.device, out: Path,
+                  tunings: Optional[dict[str, Any]] = None) -> tuple[dict[str, Path], str]:
+    """Write ``runs.csv``, ``summary.md`` and (with matplotlib) ``loss_curves.png``, ``loss_vs_time.png`` and
+    ``lr_sweep.png`` into ``out``; return the paths and the per-step Markdown table. ``tunings``: each variant's
+    :class:`precond.ablate.bracket.Tuning` (a section of the summary says whether each best lr is inside)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"runs": out / "runs.jsonl", "csv": out / "runs.csv", "markdown": out / "summary.md"}
     write_csv(records, files["csv"])
     summaries = summarize(records, [variant.name for variant in config.variants])
     target = config.target_loss if config.target_loss is not None else auto_target(summaries)
-    table = markdown_table(summaries, target, device.type == "cuda")
-    by_lr = "## Every learning rate\n\n" + lr_table(summaries)
-    files["markdown"].write_text(_preamble(config, device, records, target, config.target_loss is None) + table
-                                 + "\n\n" + by_lr + "\n", encoding="utf-8")
+    baselines = config.baseline_names()
+    reference = reference_of(summaries, baselines)
+    table = markdown_table(summaries, target, device.type == "cuda", reference, tunings)
+    seconds, equal = time_table(summaries, target, reference)
+    sections = [_preamble(config, device, records, target, config.target_loss is None) + _reference_note(
+        reference, baselines)]
+    if tunings:
+        sections.append(_tuning_section(tunings, config.extend_lrs))
+    sections.append("## Per step\n\n" + table)
+    sections.append("## Per second\n\n"
+                    + (f"Steady training time (each run's first step counted at its median step time; its extra "
+                       f"time in its own column); the loss at {equal:.1f} s, the fastest variant's whole run, is "
+                       f"that of the last validation made by then (slower variants are mid-schedule there).\n\n"
+                       if equal is not None else "") + seconds)
+    sections.append("## Every learning rate\n\n" + lr_table(summaries))
+    files["markdown"].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     try:
-        files.update(plots.write_plots(summaries, out, title=f"{config.task.name} on {device}"))
+        files.update(plots.write_plots(summaries, out, title=f"{config.task.name} on {device}",
+                                       equal_time=equal, target=target))
     except ImportError:
         progress.log("matplotlib is not installed: no plots (pip install -e '.[demo]')")
     return files, table

@@ -10,11 +10,12 @@ from typing import Any, Callable, Optional
 import attrs
 import torch
 
-from precond.ablate import progress
+from precond.ablate import bracket, progress
 from precond.ablate.attempt import attempt_run, library_fingerprint, run_key, run_label
 from precond.ablate.config import AblationConfig, resolve_device
 from precond.ablate.parallel import run_in_processes
 from precond.ablate.report import write_reports
+from precond.ablate.train import protocol
 from precond.ablate.store import RunStore
 from precond.ablate.threads import thread_count
 
@@ -42,14 +43,16 @@ def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Opt
 
 
 def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.log, train: bool = True) -> AblationResult:
-    """Train every run of ``config.grid()`` not already in ``<out>/runs.jsonl``, then write the CSV, the Markdown
-    table and the plots from all runs of the grid that are finished. With ``max_minutes``, a run that is not
-    expected to finish in the time left is not started, and one still going when the time is up is dropped.
-    With ``workers`` > 1 the runs train in that many processes at once on the same device (see
-    :mod:`precond.ablate.parallel`); their records say so in ``concurrent_runs``, because their times then
-    include waiting for each other. On the CPU each run uses ``config.threads_on(device)`` threads (1 unless
-    set), restored afterwards. ``train=False`` only writes the reports of the runs already finished (the
-    device need not be present, so a GPU grid can be reported on a laptop)."""
+    """Train every run of the grid not already in ``<out>/runs.jsonl``, extend each variant's grid until its best
+    learning rate lies inside it (:mod:`precond.ablate.bracket`; ``extend_lrs`` per variant at most) and train
+    those runs too, then write the CSV, the Markdown summary and the plots from all finished runs of the grid.
+    With ``max_minutes``, a run that is not expected to finish in the time left is not started, and one still going
+    when the time is up is dropped. With ``workers`` > 1 the runs train in that many processes at once on the same
+    device (see :mod:`precond.ablate.parallel`); their records say so in ``concurrent_runs``, because their times
+    then include waiting for each other. On the CPU each run uses ``config.threads_on(device)`` threads (1 unless
+    set), restored afterwards. A variant whose library is missing is skipped and named in the summary.
+    ``train=False`` only writes the reports of the runs already finished (the device need not be present, so a
+    GPU grid can be reported on a laptop)."""
     started = time.monotonic()
     deadline = started + 60.0 * config.max_minutes if config.max_minutes is not None else None
     device = resolve_device(config.device, usable=train)
@@ -57,40 +60,74 @@ def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.l
     store = RunStore(out / RUNS_FILE)
     if not train:
         return _report_only(config, device, store, log)
-    grid = [(variant, lr, seed, run_key(config, variant, lr, seed, device)) for variant, lr, seed in config.grid()]
-    todo = [run for run in grid if run[3] not in store]
-    workers = min(config.workers, len(todo))
-    log(f"ablation: {len(grid)} runs ({len(config.variants)} variants) on task {config.task.name} on {device}; "
-        f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run"
-        + (f" in {workers} processes" if workers > 1 else ""))
+    for variant, reason in config.skipped():
+        log(f"ablation: skipping {variant.name}: {reason}")
 
-    executed = 0
-    if workers > 1:
-        for record in run_in_processes(config, todo, store, deadline, device, workers, log):
-            store.append(record)
-            executed += 1
-    elif todo:
-        with thread_count(config.threads_on(device)):
-            data = config.task.load(device)
-            durations: list[float] = []
-            outer = progress.bar(len(todo), "runs", config.progress, position=0)
-            for index, run in enumerate(todo, 1):
-                record = attempt_run(config, data, run, run_label(index, len(todo), run),
-                                     _expected_seconds(store, run[0].spec(), durations), deadline, device, log)
-                if record is None:
-                    break
-                store.append(record)
-                executed += 1
-                durations.append(record["wall_seconds"])
-                outer.update()
-            outer.close()
+    def lookup(variant: Any, lr: float, seed: int) -> Optional[dict[str, Any]]:
+        return store.get(run_key(config, variant, lr, seed, device))
 
-    records = tuple(store.get(key) for *_, key in grid if key in store)
-    files, table = write_reports(records, config, device, out)
+    executed, round_ = 0, 0
+    while True:
+        plan = bracket.plan(config, lookup)
+        grid = [(variant, lr, seed, run_key(config, variant, lr, seed, device)) for variant, lr, seed in plan.grid()]
+        todo = [run for run in grid if run[3] not in store]
+        if not todo:
+            break
+        round_ += 1
+        if round_ == 1:
+            waiting = sum(t.state == "waiting" for t in plan.tunings.values())
+            log(f"ablation: {len(grid)} runs ({len(plan.variants)} variants"
+                + (f"; {waiting} more wait for another variant's best lr" if waiting else "")
+                + f") on task {config.task.name} on {device}; "
+                f"{len(grid) - len(todo)} already finished in {out / RUNS_FILE}, {len(todo)} to run"
+                + (f" in {min(config.workers, len(todo))} processes" if min(config.workers, len(todo)) > 1 else ""))
+        else:
+            log(f"ablation: {len(todo)} more run(s) to bracket best learning rates or run at another variant's: "
+                + "; ".join(f"{t.name} {t.message}" for t in plan.tunings.values() if t.state == "pending"))
+        trained = _train(config, todo, store, deadline, device, log)
+        executed += trained
+        if trained < len(todo):  # the time budget is spent
+            break
+
+    plan = bracket.plan(config, lookup)
+    for tuning in plan.tunings.values():
+        if tuning.state == "limit":
+            log(f"ablation: {tuning.name}: {tuning.message}")
+    grid = [run_key(config, variant, lr, seed, device) for variant, lr, seed in plan.grid()]
+    records = tuple(store.get(key) for key in grid if key in store)
+    files, table = write_reports(records, config, device, out, plan.tunings)
     remaining = len(grid) - len(records)
     log(f"ablation: {executed} run(s) trained now, {len(records) - executed} reused, {remaining} left; "
         f"{time.monotonic() - started:.0f} s; reports in {out}/")
     return AblationResult(executed, len(records) - executed, remaining, records, files, table)
+
+
+def _train(config: AblationConfig, todo: list[Any], store: RunStore, deadline: Optional[float], device: torch.device,
+           log: Callable[[str], None]) -> int:
+    """Train ``todo`` (serially or in worker processes), storing each record as it finishes; the number trained
+    (fewer than ``len(todo)`` when the time budget ran out)."""
+    executed = 0
+    workers = min(config.workers, len(todo))
+    if workers > 1:
+        for record in run_in_processes(config, todo, store, deadline, device, workers, log):
+            store.append(record)
+            executed += 1
+        return executed
+    with thread_count(config.threads_on(device)):
+        data = config.task.load(device)
+        durations: list[float] = []
+        outer = progress.bar(len(todo), "runs", config.progress, position=0)
+        for index, run in enumerate(todo, 1):
+            record = attempt_run(config, data, run, run_label(index, len(todo), run),
+                                 _expected_seconds(store, run[0].spec(), durations), deadline, device, log)
+            if record is None:
+                break
+            store.append(record)
+            executed += 1
+            durations.append(record["wall_seconds"])
+            outer.update()
+        outer.close()
+    return executed
 
 
 def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
@@ -100,22 +137,24 @@ def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
     library's fingerprints, which differ on another machine (another Python's standard library). A mismatch of
     either is said in the log, and the runs are reported as they were made."""
     settings = config.task.settings()
-    training = json.loads(json.dumps(attrs.asdict(config.training)))
+    training = json.loads(json.dumps(protocol(config.training)))
     latest = {}
     for record in store:
         same_setup = (record.get("training") == training and record.get("device", "").split(":")[0] == device.type
                       and _without_text(record.get("task_settings") or {}) == _without_text(settings))
         if same_setup:
             latest[(record.get("spec"), record.get("lr"), record.get("seed"))] = record
-    records = tuple(latest[item] for item in ((v.spec(), lr, seed) for v, lr, seed in config.grid()) if item in latest)
+    plan = bracket.plan(config, lambda variant, lr, seed: latest.get((variant.spec(), lr, seed)))
+    grid = [(v.spec(), lr, seed) for v, lr, seed in plan.grid()]
+    records = tuple(latest[item] for item in grid if item in latest)
     library = library_fingerprint()
     if any(r.get("task_settings", {}).get("text") != settings.get("text") for r in records):
         log("note: some runs were made on a different corpus than this machine's (e.g. another Python's standard "
             "library); they are reported as they were made")
     if any(r.get("library") != library for r in records):
         log("note: some runs were made with a different version of the library's source; reported as made")
-    files, table = write_reports(records, config, device, Path(config.out))
-    remaining = len(config.grid()) - len(records)
+    files, table = write_reports(records, config, device, Path(config.out), plan.tunings)
+    remaining = len(grid) - len(records)
     log(f"ablation: reported {len(records)} finished run(s), {remaining} of the grid not found in "
         f"{Path(config.out) / RUNS_FILE}; reports in {config.out}/")
     return AblationResult(0, len(records), remaining, records, files, table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import attrs
 
@@ -101,6 +101,27 @@ def summarize(records: Iterable[Record], names: Sequence[str]) -> list[VariantSu
             best_runs=tuple(by_lr[best_lr]) if finite else (), all_runs=tuple(all_runs),
             diverged=sum(diverged(r) for r in all_runs), lr_curve=tuple(lr_curve)))
     return summaries
+
+
+def reference_of(summaries: Sequence[VariantSummary], baselines: Sequence[str]) -> Optional[VariantSummary]:
+    """The variant differences are taken against: the best (lowest mean final loss) of ``baselines`` that did
+    not diverge, else the best variant of all."""
+    finite = [s for s in summaries if math.isfinite(s.final_mean)]
+    pool = [s for s in finite if s.name in baselines] or finite
+    return min(pool, key=lambda s: (s.final_mean, s.name)) if pool else None
+
+
+def paired(a: VariantSummary, b: VariantSummary, value: Callable[[Record], Optional[float]] = final_loss) -> list[float]:
+    """``value(a's run) − value(b's run)`` for every seed both ran at their best learning rates (in seed order),
+    skipping a seed where either value is missing."""
+    runs_a = {r["seed"]: r for r in a.best_runs}
+    runs_b = {r["seed"]: r for r in b.best_runs}
+    differences = []
+    for seed in sorted(set(runs_a) & set(runs_b)):
+        x, y = value(runs_a[seed]), value(runs_b[seed])
+        if x is not None and y is not None:
+            differences.append(x - y)
+    return differences
 
 
 def auto_target(summaries: Sequence[VariantSummary]) -> Optional[float]:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from precond.ablate import divergence, memory
-from precond.ablate.schedule import multiplier
+from precond.ablate.schedule import SCHEDULES, multiplier
 from precond.ablate.variants import Variant
-from precond.tasks.base import Data, Task
+from precond.tasks.base import Data, Task, stream
 from precond.validators import number
 
 EvalCallback = Callable[[int, Optional[float], float, float], None]
@@ -31,11 +31,13 @@ class Training:
 
     - ``steps`` optimizer updates; validation loss on ``eval_batches`` fixed batches every ``eval_every``
       steps (and at step 0 and at the end);
-    - learning rate: linear ``warmup`` (a fraction of ``steps``), then ``schedule`` ``"cosine"`` (down to
-      ``min_lr_ratio``) or ``"constant"``;
+    - learning rate: linear ``warmup`` (a fraction of ``steps``), then ``schedule`` ``"cosine"`` or
+      ``"linear"`` (down to ``min_lr_ratio``) or ``"constant"``, for every variant (peers included);
     - ``clip``: gradient-norm clipping (unset: none); ``weight_decay``: for every variant that does not set its
       own (unset: each variant's default), applied to weights of two or more dimensions only;
-    - ``bf16``: autocast to bfloat16 on CUDA (ignored on the CPU).
+    - ``bf16``: autocast to bfloat16 on CUDA (ignored on the CPU);
+    - ``sync_free``: our optimizers skip their per-step finiteness check (``on_nonfinite="ignore"``: no host
+      sync per step on a GPU; the same updates, a blow-up is caught at the next validation instead).
     """
 
     steps: int = attrs.field(default=300, validator=number(low=1, integer=True, meaning="optimizer updates"))
@@ -43,8 +45,8 @@ class Training:
         low=1, integer=True, meaning="steps between validations"))
     eval_batches: int = attrs.field(default=4, validator=number(
         low=1, integer=True, meaning="fixed batches of each validation"))
-    schedule: Literal["cosine", "constant"] = attrs.field(
-        default="cosine", validator=attrs.validators.in_(("cosine", "constant")))
+    schedule: Literal["cosine", "linear", "constant"] = attrs.field(
+        default="cosine", validator=attrs.validators.in_(SCHEDULES))
     warmup: float = attrs.field(default=0.05, validator=number(
         low=0, high=1, meaning="share of the steps spent warming the learning rate up"))
     min_lr_ratio: float = attrs.field(default=0.1, validator=number(
@@ -54,6 +56,66 @@ class Training:
     weight_decay: Optional[float] = attrs.field(default=None, validator=number(
         low=0, optional=True, meaning="decoupled weight decay of every variant without its own, unset for each one's"))
     bf16: bool = True
+    sync_free: bool = False
+
+
+ADDED_LATER = {"sync_free": False}
+"""Protocol fields added after runs were recorded, with their defaults: left out of :func:`protocol` at the
+default, so those runs keep their resume keys."""
+
+
+def protocol(training: Training) -> dict[str, Any]:
+    """The protocol as plain data for resume keys and records (fields of :data:`ADDED_LATER` only when set)."""
+    data = attrs.asdict(training)
+    return {key: value for key, value in data.items() if key not in ADDED_LATER or value != ADDED_LATER[key]}
+
+
+def adam_routed(model: nn.Module) -> frozenset[str]:
+    """Names of the matrices a Muon gives to Adam, as Muon's authors do: every ``nn.Embedding``'s weight and the
+    output layer (the last ``nn.Linear`` registered: an LM head or a classifier)."""
+    names = {f"{module_name}.{name}" if module_name else name
+             for module_name, module in model.named_modules() if isinstance(module, nn.Embedding)
+             for name, _ in module.named_parameters(recurse=False)}
+    linears = [(module_name, module) for module_name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if linears:
+        module_name, module = linears[-1]
+        names |= {f"{module_name}.{name}" if module_name else name for name, p in module.named_parameters(recurse=False)
+                  if p.ndim >= 2}
+    return frozenset(names)
+
+
+class StepTimer:
+    """Time of every optimizer step (forward, backward, ``step()``, schedule), in milliseconds.
+
+    On CUDA an event is recorded at each step boundary, without synchronising; the times are read at
+    :meth:`collect`, called where the loop synchronises anyway (each validation). On the CPU, ``perf_counter``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.times: list[float] = []
+        self._marks: list[Any] = []
+
+    def mark(self) -> None:
+        """A step boundary (call before the first step and after each)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def collect(self) -> None:
+        """Turn the boundaries marked so far into step times (after a synchronisation on CUDA); keep the last."""
+        if self.cuda:
+            self.times += [a.elapsed_time(b) for a, b in zip(self._marks[:-1], self._marks[1:])]
+        else:
+            self.times += [1e3 * (b - a) for a, b in zip(self._marks[:-1], self._marks[1:])]
+        self._marks = self._marks[-1:]
+
+    def restart(self) -> None:
+        """Forget the last boundary (time outside training, such as a validation, follows)."""
+        self._marks = []
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -94,10 +156,13 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
     """
     started = time.monotonic()
     model = task.build_model(seed).to(device)
-    optimizer = variant.build(param_groups(model), lr, training.weight_decay)
+    optimizer = variant.build(param_groups(model), lr, training.weight_decay, adam_params=adam_routed(model),
+                              sync_free=training.sync_free)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, multiplier(training.steps, training.schedule, training.warmup, training.min_lr_ratio))
     generator = torch.Generator().manual_seed(seed)
+    batches = stream(data, generator)
+    timer = StepTimer(device)
     memory.reset_peak(device)
     curve: dict[str, list] = {"step": [], "train": [], "val": [], "seconds": []}
     train_seconds, error = 0.0, None
@@ -112,9 +177,10 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
 
     initial = record(0, None)
     running, count, segment, done = torch.zeros((), device=device), 0, time.monotonic(), 0
+    timer.mark()
     for step in range(1, training.steps + 1):
         with _autocast(device, training.bf16):
-            loss = task.loss(model, data.train_batch(generator))
+            loss = task.loss(model, next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if training.clip:
@@ -125,6 +191,7 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
             error = f"step {step}: {type(failure).__name__}: {str(failure).splitlines()[0]}"
             break
         scheduler.step()
+        timer.mark()
         done = step
         running += loss.detach().float()
         count += 1
@@ -135,6 +202,8 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
         if step % training.eval_every == 0 or step == training.steps:
             _sync(device)
             train_seconds += time.monotonic() - segment
+            timer.collect()
+            timer.restart()
             val = record(step, float(running) / count)
             running, count = torch.zeros((), device=device), 0
             reason = divergence.blown_up(val, initial)
@@ -142,7 +211,10 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
                 error = f"step {step}: {reason}"
                 break
             segment = time.monotonic()
+            timer.mark()
 
+    _sync(device)
+    timer.collect()
     finals = [v for v in curve["val"] if v is not None]
     diverged = error is not None
     return {
@@ -152,6 +224,7 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
         "best_val": min(finals) if finals else None,
         "diverged": diverged, "error": error, "curve": curve,
         "train_seconds": round(train_seconds, 3), "wall_seconds": round(time.monotonic() - started, 3),
+        "step_ms": [round(t, 3) for t in timer.times],
         "optimizer_state_bytes": memory.optimizer_state_bytes(optimizer),
         "peak_cuda_bytes": memory.peak_bytes(device),
         "params": sum(p.numel() for p in model.parameters()),

@@ -25,26 +25,30 @@ key                    values                                                   
 ``decay_order``        weight decay ``before`` or ``after`` the update             ``after``
 ``name``               the label in tables and plots                               made from the parts
 ``lr``                 this variant's learning rates, ``/``-separated: 1e-3/3e-3    the run's grid
+``lr_from``            run at the best lr of the variant named here, once tuned    unset
+``bracket``            extend the grid until the best lr lies inside (true/false)  true
+``adam_lr``            the Adam part's lr of ``muon`` and ``torch_muon`` only      3e-4
 =====================  ==========================================================  =====================
 
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``bias_correction``, ``decay_order``, and ``graft``/``applier`` where the preset has them, as
-``shampoo``); ``adamw`` accepts ``beta1``, ``beta2``, ``eps``, ``weight_decay``. A composition with every key at
-its default is KL-Shampoo as in ``precond.kl_shampoo``.
+``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``, ``torch_muon``) and ``muon``
+accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at its default is KL-Shampoo
+as in ``precond.kl_shampoo``.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Collection, Iterable, Mapping, Optional
 
 import attrs
 import torch
 
 import precond
-from precond.ablate import keys
+from precond.ablate import keys, peers
 from precond.ablate.keys import format_applier
 
 COMPOSITION_DEFAULTS: dict[str, Any] = {
@@ -55,14 +59,13 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 """Defaults of a composition; ``bias_correction`` defaults to true for ``estimator=frobenius`` (SOAP's V is
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
-ADAMW_KEYS = ("beta1", "beta2", "eps", "weight_decay")
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "bias_correction", "decay_order")
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
     """The keys a named variant accepts (``graft`` and ``applier`` only where the preset takes them)."""
-    if preset == "adamw":
-        return ADAMW_KEYS
+    if preset in peers.PEERS:
+        return peers.PEERS[preset].keys
     parameters = inspect.signature(getattr(precond, preset)).parameters
     extra = tuple(key for key, parameter in (("graft", "graft"), ("applier", "p")) if parameter in parameters)
     return PRESET_KEYS + extra
@@ -85,12 +88,19 @@ class Variant:
     """One optimizer of an ablation: ``preset`` (a name in ``keys.NAMED``) with overrides, or a composition
     (``preset is None``) with every key resolved. ``settings`` is the canonical ``(key, value)`` tuple that
     identifies it; ``name`` labels it in reports and ``lrs`` (when given) replaces the run's learning-rate grid.
+    ``lr_from`` names another variant whose best learning rate this one runs at (once that one is tuned);
+    ``bracket`` ``False`` keeps the grid as given (no extension when the best lr is at its edge);
+    ``adam_lr_from`` names the variant whose best learning rate becomes this Muon's ``adam_lr`` (its Adam part at
+    the lr tuned for AdamW), once that one is tuned.
     """
 
     name: str
     preset: Optional[str]
     settings: tuple[tuple[str, Any], ...]
     lrs: Optional[tuple[float, ...]] = attrs.field(default=None, eq=False)
+    lr_from: Optional[str] = attrs.field(default=None, eq=False)
+    bracket: bool = attrs.field(default=True, eq=False)
+    adam_lr_from: Optional[str] = attrs.field(default=None, eq=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -102,12 +112,19 @@ class Variant:
         items += [_item(key, value) for key, value in self.settings]
         return ",".join(items)
 
-    def build(self, params: Iterable[Any], lr: float, weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
+    def build(self, params: Iterable[Any], lr: float, weight_decay: Optional[float] = None,
+              adam_params: Collection[str] = (), sync_free: bool = False) -> torch.optim.Optimizer:
         """The optimizer over ``params``; ``weight_decay`` is used unless the variant sets its own (``None``:
-        the preset's default, 0 for a composition)."""
+        the preset's default, 0 for a composition). ``adam_params`` names the matrices a Muon gives to Adam
+        (embeddings, head); ``sync_free`` lets our optimizers skip the per-step finiteness check."""
         from precond.ablate.build import build_optimizer
 
-        return build_optimizer(self, params, lr, weight_decay)
+        return build_optimizer(self, params, lr, weight_decay, adam_params=adam_params, sync_free=sync_free)
+
+    @property
+    def missing(self) -> Optional[str]:
+        """Why this variant cannot be built here (a peer library not installed), or ``None``."""
+        return peers.missing(self.preset)
 
 
 def parse_variant(text: str) -> Variant:
@@ -166,6 +183,15 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
                                  f"{', '.join(keys.READERS)}") from None
             raise ValueError(f"{where}: bad {key}: {error}") from None
     label, lrs, preset = values.pop("name", None), values.pop("lr", None), values.pop("preset", None)
+    lr_from, bracket = values.pop("lr_from", None), values.pop("bracket", True)
+    adam_lr_from = values.pop("adam_lr_from", None)
+    if lr_from is not None and lrs is not None:
+        raise ValueError(f"{where}: give lr (its own grid) or lr_from (the best lr of another variant), not both")
+    takes_adam_lr = preset in peers.PEERS and "adam_lr" in peers.PEERS[preset].keys
+    if adam_lr_from is not None and ("adam_lr" in values or not takes_adam_lr or lr_from is not None):
+        raise ValueError(f"{where}: adam_lr_from sets the adam_lr of muon or torch_muon (which then tune their own "
+                         f"lr); give it or adam_lr, not both, and not with lr_from")
+    extra = {"lr_from": lr_from, "bracket": bracket, "adam_lr_from": adam_lr_from}
     if preset is not None:
         allowed = preset_keys(preset)
         refused = [key for key in values if key not in allowed]
@@ -173,10 +199,13 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
             raise ValueError(f"{where}: {', '.join(refused)} cannot be changed on the named variant {preset!r}; it "
                              f"accepts {', '.join(allowed)}. Write a composition (estimator=...,basis=...) to change its parts")
         settings = tuple((key, values[key]) for key in keys.READERS if key in values)
-        return Variant(label or _preset_label(preset, settings), preset, settings, lrs)
+        return Variant(label or _preset_label(preset, settings), preset, settings, lrs, **extra)
+    refused = [key for key in values if key in peers.PEER_ONLY_KEYS]
+    if refused:
+        raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
-    return Variant(label or _composition_label(resolved, values), None, settings, lrs)
+    return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
 
 
 def _preset_label(preset: str, settings: tuple[tuple[str, Any], ...]) -> str:

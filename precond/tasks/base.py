@@ -7,7 +7,7 @@ A task is a frozen attrs configuration (hashable, so its loaded data can be cach
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -46,14 +46,36 @@ class Task(Protocol):
         """The scalar training / validation loss of ``model`` on ``batch``."""
 
 
-class TokenWindows:
-    """Random windows of ``context + 1`` tokens from a 1-D token tensor: inputs and next-token targets."""
+SAMPLINGS = ("random", "epoch")
+"""How training windows are drawn: at random offsets with replacement, or each disjoint window once per epoch."""
 
-    def __init__(self, train: torch.Tensor, val: torch.Tensor, context: int, batch_size: int) -> None:
+
+def stream(data: Any, generator: torch.Generator) -> Iterator[Batch]:
+    """The training batches of one run: ``data.stream(generator)`` where the data has it, else ``train_batch``
+    called again and again."""
+    if hasattr(data, "stream"):
+        return data.stream(generator)
+    return iter(lambda: data.train_batch(generator), None)
+
+
+class TokenWindows:
+    """Windows of ``context + 1`` tokens from a 1-D token tensor: inputs and next-token targets.
+
+    ``sampling="random"``: each training window starts at a uniformly random offset (windows may overlap and
+    repeat). ``sampling="epoch"`` (through :meth:`stream`): the text is cut into ``⌊n/(context+1)⌋`` disjoint
+    windows, visited in an order shuffled by the run's generator, so no training token is seen twice before all
+    of them were seen once (then a new shuffled epoch starts).
+    """
+
+    def __init__(self, train: torch.Tensor, val: torch.Tensor, context: int, batch_size: int,
+                 sampling: str = "random") -> None:
         if min(train.numel(), val.numel()) <= context + 1:
             raise ValueError(f"the text is too short for context {context}: {train.numel()} training and "
                              f"{val.numel()} validation tokens")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         self.train, self.val, self.context, self.batch_size = train, val, context, batch_size
+        self.sampling = sampling
         self._val_cache: list[Batch] = []
         self._val_generator = torch.Generator().manual_seed(VALIDATION_SEED)
 
@@ -65,6 +87,24 @@ class TokenWindows:
 
     def train_batch(self, generator: torch.Generator) -> Batch:
         return self._windows(self.train, generator)
+
+    def stream(self, generator: torch.Generator) -> Iterator[Batch]:
+        """The run's training batches (``sampling`` decides how), drawn with ``generator``."""
+        if self.sampling == "random":
+            while True:
+                yield self.train_batch(generator)
+        length = self.context + 1
+        count = self.train.numel() // length
+        if count < self.batch_size:
+            raise ValueError(f"epoch sampling needs at least batch_size ({self.batch_size}) windows of {length} tokens; "
+                             f"the training text holds {count}")
+        offsets = torch.arange(length, device=self.train.device)
+        while True:
+            order = torch.randperm(count, generator=generator)
+            for first in range(0, count - self.batch_size + 1, self.batch_size):
+                starts = order[first:first + self.batch_size].to(self.train.device) * length
+                window = self.train[starts[:, None] + offsets].long()
+                yield window[:, :-1], window[:, 1:]
 
     def val_batches(self, count: int) -> list[Batch]:
         while len(self._val_cache) < count:
