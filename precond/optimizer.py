@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 import functools
 import math
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Union
 
 import attrs
@@ -13,15 +13,15 @@ import torch
 
 from precond.buckets import Bucket, Buckets
 from precond.captured import CapturedSteps
-from precond.overlap import BackwardOverlap
 from precond.checkpoint import allow_parts, describe, restore
-from precond.precision import tf32_matmuls
-from precond.refresh_schedule import RefreshSchedule
-from precond.layout import Layout
-from precond.preconditioner import Preconditioner
-from precond.state import STEP, new_step
 from precond.ema import Step, bias_correction
 from precond.fallbacks import FallbackCounter
+from precond.layout import Layout
+from precond.overlap import BackwardOverlap
+from precond.precision import tf32_matmuls
+from precond.preconditioner import Preconditioner
+from precond.refresh_schedule import RefreshSchedule
+from precond.state import STEP, new_step
 from precond.validators import is_number
 
 _CONFIG_KEY = "preconditioner"
@@ -58,7 +58,8 @@ def _check_hyperparameters(group: dict[str, Any], read_tensor: bool = True) -> N
     if not (is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}")
     if group["decay_order"] not in ("before", "after"):
-        raise ValueError(f"decay_order must be 'before' (AdamW) or 'after' (SOAP, KL prototype), got {group['decay_order']!r}")
+        raise ValueError("decay_order must be 'before' (AdamW) or 'after' (SOAP, KL prototype), "
+                         f"got {group['decay_order']!r}")
     if not isinstance(group["bias_correction"], bool):
         raise ValueError(f"bias_correction must be True or False, got {group['bias_correction']!r}")
     if not isinstance(group[_CONFIG_KEY], Preconditioner):
@@ -299,7 +300,8 @@ class Optimizer(torch.optim.Optimizer):
                 numel = layout.state_numel()
                 total += numel
                 lines.append(f"group {i} {self._name(p)}: {layout.describe()}  factors {numel * size / 2**20:.2f} MiB")
-        lines.append(f"total factor state: {total * size / 2**20:.2f} MiB ({str(self.state_dtype).removeprefix('torch.')})")
+        lines.append(f"total factor state: {total * size / 2**20:.2f} MiB "
+                     f"({str(self.state_dtype).removeprefix('torch.')})")
         return "\n".join(lines)
 
     # --- the step --------------------------------------------------------------------------------
@@ -315,10 +317,11 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 grad = p.grad
                 if grad.is_sparse:
-                    raise RuntimeError(f"parameter {self._name(p)} has a sparse gradient; precond needs dense gradients "
-                                       "(use nn.Embedding(sparse=False))")
+                    raise RuntimeError(f"parameter {self._name(p)} has a sparse gradient; "
+                                       "precond needs dense gradients (use nn.Embedding(sparse=False))")
                 if grad.is_complex():
-                    raise RuntimeError(f"parameter {self._name(p)} has a complex gradient; precond supports real tensors only")
+                    raise RuntimeError(f"parameter {self._name(p)} has a complex gradient; "
+                                       "precond supports real tensors only")
                 work.append((group, p, grad))
         if self._distributed is not None:  # [distributed] this rank's share, the verdict agreed by all ranks
             return self._distributed.gathered(self, work)
@@ -344,7 +347,8 @@ class Optimizer(torch.optim.Optimizer):
         bad += [f"lr of group {i}" for i, lr in enumerate(values[len(work):]) if not math.isfinite(lr) or lr < 0]
         if bad:
             if self.on_nonfinite == "skip":
-                self._fallbacks.count("nonfinite_skipped", f"a step with a non-finite gradient or lr ({', '.join(bad)}) "
+                self._fallbacks.count("nonfinite_skipped",
+                                      f"a step with a non-finite gradient or lr ({', '.join(bad)}) "
                                       "was skipped; nothing was changed")
                 return None
             raise FloatingPointError(
@@ -436,7 +440,9 @@ class Optimizer(torch.optim.Optimizer):
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
         return (group_index, tuple(p.shape), p.dtype, p.device, None if self.stack else id(p))
 
-    def _initialize(self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]) -> list[tuple[Bucket, torch.Tensor]]:
+    def _initialize(
+        self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[Bucket, torch.Tensor]]:
         """First gradient of new parameters: a stacked initial fill per bucket; a preconditioner that
         ``updates_on_first_gradient`` also takes step 1 with it at once (its ``(bucket, update)`` are returned)."""
         moves = []

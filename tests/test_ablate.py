@@ -236,7 +236,8 @@ def test_runs_in_worker_processes_match_the_serial_runs(tmp_path):
     parallel = run_ablation(tiny_config(tmp_path / "parallel", lrs=(3e-3, 1e-3), workers=2), log=quiet)
     assert (parallel.executed, parallel.remaining) == (4, 0)
     assert [r["curve"]["val"] for r in parallel.records] == [r["curve"]["val"] for r in serial.records]
-    assert {r["concurrent_runs"] for r in parallel.records} == {2} and {r["concurrent_runs"] for r in serial.records} == {1}
+    assert ({r["concurrent_runs"] for r in parallel.records} == {2}
+            and {r["concurrent_runs"] for r in serial.records} == {1})
     stored = (tmp_path / "parallel" / "runs.jsonl").read_text().splitlines()
     assert len(stored) == 4  # one writer: whole lines, no interleaving
     assert run_ablation(tiny_config(tmp_path / "parallel", lrs=(3e-3, 1e-3), workers=2), log=quiet).executed == 0

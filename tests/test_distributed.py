@@ -398,7 +398,8 @@ def test_distributed_bench_runs_under_torchrun_on_two_processes(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
                "precond.bench.distributed", *w.BENCH_ARGS, "--json", str(out)]

@@ -159,7 +159,8 @@ def test_combined_optimizer_steps_saves_and_loads_its_parts():
     saved = opt.state_dict()
     fresh = Combined([torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), torch.optim.AdamW(b.parameters(), lr=0.1)])
     fresh.load_state_dict(saved)
-    assert torch.equal(fresh.parts[0].state[a.weight]["momentum_buffer"], opt.parts[0].state[a.weight]["momentum_buffer"])
+    assert torch.equal(fresh.parts[0].state[a.weight]["momentum_buffer"],
+                       opt.parts[0].state[a.weight]["momentum_buffer"])
     opt.zero_grad()
     assert all(p.grad is None for p in [*a.parameters(), *b.parameters()])
     with pytest.raises(ValueError, match="share a parameter"):
@@ -389,7 +390,8 @@ def test_steady_time_counts_the_first_step_at_the_median():
               "step_ms": [8000.0, 300.0, 200.0, 250.0]}
     assert wallclock.steady_seconds(record) == pytest.approx([0.0, 0.55, 1.0])  # 250 ms counted for the first step
     assert wallclock.startup(record) == pytest.approx(7.75) and wallclock.ms_per_step(record) == pytest.approx(250.0)
-    assert (wallclock.loss_at(record, 0.5), wallclock.loss_at(record, 0.55), wallclock.loss_at(record, 5)) == (5.0, 4.0, 3.0)
+    assert (wallclock.loss_at(record, 0.5), wallclock.loss_at(record, 0.55),
+            wallclock.loss_at(record, 5)) == (5.0, 4.0, 3.0)
     assert wallclock.time_to(record, 3.5) == pytest.approx(1.0) and wallclock.time_to(record, 2.0) is None
     old = {"curve": record["curve"]}  # made before step times were kept: the measured times
     assert wallclock.steady_seconds(old) == [0.0, 9.0, 9.5]

@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from precond.ablate import bracket, keys
-from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
 from precond.ablate.attempt import run_key
+from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
 from precond.ablate.runner import RUNS_FILE, run_ablation
 from precond.ablate.schedule import SCHEDULES
 from precond.ablate.store import RunStore
@@ -62,10 +62,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, metavar="FRACTION")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, metavar="NORM")
-    p.add_argument("--target-loss", metavar="LOSS|auto", help="validation loss for 'steps/time to target' (default auto)")
+    p.add_argument("--target-loss", metavar="LOSS|auto",
+                   help="validation loss for 'steps/time to target' (default auto)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", metavar="DIR", help="output directory (default results)")
-    p.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock budget; unfinished runs are left for next time")
+    p.add_argument("--max-minutes", type=float, metavar="M",
+                   help="wall-clock budget; unfinished runs are left for next time")
     p.add_argument("--workers", type=int, metavar="N",
                    help="train N runs at once, each in its own process (default 1); with --device cuda and several "
                         "GPUs, worker i uses GPU i mod their number")
@@ -111,9 +113,9 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def describe_choices() -> str:
     lines = ["named variants: " + ", ".join(keys.NAMED), "composition keys:"]
     lines += [f"  {key}: {keys.describe(key)}" for key in keys.READERS]
-    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3), lr_from (run at another variant's best lr), "
-                 "adam_lr_from (a Muon's adam_lr = another variant's best lr), bracket (true/false: extend the grid "
-                 "until the best lr is inside)")
+    lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3), lr_from (run at another variant's "
+                 "best lr), adam_lr_from (a Muon's adam_lr = another variant's best lr), bracket (true/false: "
+                 "extend the grid until the best lr is inside)")
     for name in sorted(TASKS):
         lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))
     lines.append("configuration keys: " + ", ".join(ALLOWED_KEYS))

@@ -42,8 +42,8 @@ DEFAULT_SEEDS = (0,)
 DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (no graft)", "soap", "adamw")
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
-_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes", "progress",
-             "workers", "threads", "extend_lrs", "baselines")
+_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes",
+             "progress", "workers", "threads", "extend_lrs", "baselines")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -207,5 +207,6 @@ def resolve_device(name: str, usable: bool = True) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if usable and device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False (use --device auto or cpu)")
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False "
+                         "(use --device auto or cpu)")
     return device

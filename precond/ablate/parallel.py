@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from precond.ablate import progress
-from precond.ablate.config import AblationConfig
 from precond.ablate.attempt import Run, attempt_run, run_label
+from precond.ablate.config import AblationConfig
 from precond.ablate.store import RunStore
 
 _worker: dict[str, Any] = {}

@@ -51,10 +51,10 @@ def lr_table(summaries: Sequence[VariantSummary]) -> str:
     """Every learning rate of every variant: final validation loss, mean ± std over seeds."""
     lines = ["| variant | lr | final val loss | runs (diverged) |", "|---|---|---|---|"]
     for summary in summaries:
-        for lr, mean, std, diverged in summary.lr_curve:
+        for lr, mean, std, lr_diverged in summary.lr_curve:
             runs = sum(1 for r in summary.all_runs if r["lr"] == lr)
             best = " **(best)**" if lr == summary.best_lr else ""
-            lines.append(f"| {summary.name} | {lr:g}{best} | {_loss_text(mean, std)} | {runs} ({diverged}) |")
+            lines.append(f"| {summary.name} | {lr:g}{best} | {_loss_text(mean, std)} | {runs} ({lr_diverged}) |")
     return "\n".join(lines)
 
 

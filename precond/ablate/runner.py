@@ -15,9 +15,9 @@ from precond.ablate.attempt import attempt_run, library_fingerprint, run_key, ru
 from precond.ablate.config import AblationConfig, resolve_device
 from precond.ablate.parallel import run_in_processes
 from precond.ablate.report import write_reports
-from precond.ablate.train import protocol
 from precond.ablate.store import RunStore
 from precond.ablate.threads import thread_count
+from precond.ablate.train import protocol
 
 RUNS_FILE = "runs.jsonl"
 
@@ -42,7 +42,9 @@ def _expected_seconds(store: RunStore, spec: str, durations: list[float]) -> Opt
     return max(durations) if durations else None
 
 
-def run_ablation(config: AblationConfig, log: Callable[[str], None] = progress.log, train: bool = True) -> AblationResult:
+def run_ablation(
+    config: AblationConfig, log: Callable[[str], None] = progress.log, train: bool = True
+) -> AblationResult:
     """Train every run of the grid not already in ``<out>/runs.jsonl``, extend each variant's grid until its best
     learning rate lies inside it (:mod:`precond.ablate.bracket`; ``extend_lrs`` per variant at most) and train
     those runs too, then write the CSV, the Markdown summary and the plots from all finished runs of the grid.

@@ -36,7 +36,8 @@ def _beta_fraction(a: float, b: float, x: float) -> float:
     c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1.0))
     result = d
     for m in range(1, 500):
-        # even term d_{2m} = m (b − m) x / ((a + 2m − 1)(a + 2m)), odd term d_{2m+1} = −(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
+        # even term d_{2m} = m (b − m) x / ((a + 2m − 1)(a + 2m)),
+        # odd term d_{2m+1} = −(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
         for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
                           -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
             d = 1.0 / guard(1.0 + numerator * d)

@@ -111,7 +111,9 @@ def reference_of(summaries: Sequence[VariantSummary], baselines: Sequence[str]) 
     return min(pool, key=lambda s: (s.final_mean, s.name)) if pool else None
 
 
-def paired(a: VariantSummary, b: VariantSummary, value: Callable[[Record], Optional[float]] = final_loss) -> list[float]:
+def paired(
+    a: VariantSummary, b: VariantSummary, value: Callable[[Record], Optional[float]] = final_loss
+) -> list[float]:
     """``value(a's run) − value(b's run)`` for every seed both ran at their best learning rates (in seed order),
     skipping a seed where either value is missing."""
     runs_a = {r["seed"]: r for r in a.best_runs}

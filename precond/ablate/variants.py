@@ -197,7 +197,8 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
         refused = [key for key in values if key not in allowed]
         if refused:
             raise ValueError(f"{where}: {', '.join(refused)} cannot be changed on the named variant {preset!r}; it "
-                             f"accepts {', '.join(allowed)}. Write a composition (estimator=...,basis=...) to change its parts")
+                             f"accepts {', '.join(allowed)}. Write a composition (estimator=...,basis=...) "
+                             "to change its parts")
         settings = tuple((key, values[key]) for key in keys.READERS if key in values)
         return Variant(label or _preset_label(preset, settings), preset, settings, lrs, **extra)
     refused = [key for key in values if key in peers.PEER_ONLY_KEYS]

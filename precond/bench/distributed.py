@@ -143,7 +143,8 @@ def measure_training(args, device: torch.device, mode: str, comm: str) -> dict[s
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration on the current process group; returns rank 0's report (other ranks: their own)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (torch.device(f"cuda:{torch.cuda.current_device()}") if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
     measure = measure_training if args.train else measure_step
     meta = {"world": world, "backend": dist.get_backend(), "torch": torch.__version__, "preset": args.preset,
             "every": args.every, "max_dim": args.max_dim, "steps": args.steps, "warmup": args.warmup,

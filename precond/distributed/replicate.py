@@ -46,8 +46,8 @@ class ReplicateRuntime(Runtime):
     def __init__(self, config, optimizer) -> None:
         super().__init__(config, optimizer)
         if optimizer._schedule.asynchronous:
-            raise ValueError("precond.DataParallel(mode='replicate') spreads the refreshes over ranks itself; build the "
-                             "optimizer with async_refresh=False")
+            raise ValueError("precond.DataParallel(mode='replicate') spreads the refreshes over ranks itself; "
+                             "build the optimizer with async_refresh=False")
         self.counter = FallbackCounter()
         self.unit_owner: dict = {}
         self.pending: list[_Pending] = []

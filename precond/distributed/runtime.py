@@ -93,7 +93,8 @@ class Runtime:
         self._check_parameters(optimizer, entries)
         devices = {e.param.device for e in entries}
         if len(devices) > 1:
-            raise ValueError(f"precond.DataParallel needs every parameter of a rank on one device, got {sorted(map(str, devices))}")
+            raise ValueError("precond.DataParallel needs every parameter of a rank on one device, "
+                             f"got {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
         self.entries = entries
         self.index = {id(e.param): e.index for e in entries}
@@ -135,8 +136,9 @@ class Runtime:
             index = torch.tensor([self.index[id(p)] for _, p, _ in mine], device=self.device)
             values.index_copy_(0, index, torch.stack([m.to(device=self.device, dtype=torch.float64) for m in maxima]))
         if lrs:
-            values[len(self.entries):] = torch.stack([lr.detach().reshape(()).to(device=self.device, dtype=torch.float64)
-                                                      for lr in lrs])
+            values[len(self.entries):] = torch.stack(
+                [lr.detach().reshape(()).to(device=self.device, dtype=torch.float64) for lr in lrs]
+            )
         values = torch.where(torch.isnan(values), torch.full_like(values, math.inf), values)
         if self.world > 1:
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)

@@ -67,8 +67,9 @@ class ShardedOwnerRuntime(OwnerRuntime):
                                  f"{dist.get_process_group_ranks(p.device_mesh.get_group())}, but DataParallel's group "
                                  f"is {group_ranks}; pass group=mesh.get_group()")
             if p.ndim == 0 or p.to_local().shape[0] != self.rows(e, self.rank):
-                raise TypeError(f"parameter {name}'s local shard has {p.to_local().shape[0] if p.ndim else 0} rows, not "
-                                f"the {self.rows(e, self.rank)} of an even Shard(0) split (⌈m/W⌉ rows per rank)")
+                raise TypeError(f"parameter {name}'s local shard has {p.to_local().shape[0] if p.ndim else 0} "
+                                f"rows, not the {self.rows(e, self.rank)} of an even Shard(0) split "
+                                "(⌈m/W⌉ rows per rank)")
 
     # --- geometry of one parameter ---------------------------------------------------------------------
     def chunk_rows(self, e: Entry) -> int:

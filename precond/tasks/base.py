@@ -96,8 +96,8 @@ class TokenWindows:
         length = self.context + 1
         count = self.train.numel() // length
         if count < self.batch_size:
-            raise ValueError(f"epoch sampling needs at least batch_size ({self.batch_size}) windows of {length} tokens; "
-                             f"the training text holds {count}")
+            raise ValueError(f"epoch sampling needs at least batch_size ({self.batch_size}) windows of {length} "
+                             f"tokens; the training text holds {count}")
         offsets = torch.arange(length, device=self.train.device)
         while True:
             order = torch.randperm(count, generator=generator)
