@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -16,82 +15,17 @@ from precond.captured import CapturedSteps
 from precond.checkpoint import allow_parts, describe, restore
 from precond.ema import Step, bias_correction
 from precond.fallbacks import FallbackCounter
+from precond.gradient_check import largest_entries, verdict
 from precond.layout import Layout
 from precond.overlap import BackwardOverlap
+from precond.param_groups import check_group, check_hyperparameters, named, params_list
 from precond.precision import tf32_matmuls
 from precond.preconditioner import Preconditioner
 from precond.refresh_schedule import RefreshSchedule
 from precond.state import STEP, new_step
-from precond.validators import is_number
 
 _CONFIG_KEY = "preconditioner"
-_GRADIENT_BOUND = 2.0**40
 _PART_KEYS = ("structure", "estimator", "basis", "applier", "first_step")
-
-
-def _check_lr(lr: Any, read_tensor: bool) -> None:
-    """``lr`` must be a finite number ≥ 0 or a one-element floating tensor (its value is read only when
-    ``read_tensor``: at construction; at ``step()`` it joins the gradients' finiteness check instead)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"lr as a tensor must hold one floating-point value, got shape {tuple(lr.shape)} and "
-                             f"dtype {lr.dtype}; pass a float or e.g. torch.tensor(1e-3)")
-        if not read_tensor:
-            return
-        value = float(lr.detach().reshape(()).item())
-    elif is_number(lr):
-        value = float(lr)
-    else:
-        raise ValueError(f"lr must be a number or a one-element tensor, got {type(lr).__name__} {lr!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
-
-
-def _check_hyperparameters(group: dict[str, Any], read_tensor: bool = True) -> None:
-    """Refuse a group whose hyperparameters would break the step, naming the field and what it accepts."""
-    _check_lr(group["lr"], read_tensor)
-    momentum, weight_decay = group["momentum"], group["weight_decay"]
-    if not (is_number(momentum) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum (β₁ of the EMA m ← β₁m + (1−β₁)g) must be a number in [0, 1), got {momentum!r}")
-    if group["nesterov"] and momentum == 0:
-        raise ValueError("nesterov=True needs momentum > 0")
-    if not (is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}")
-    if group["decay_order"] not in ("before", "after"):
-        raise ValueError("decay_order must be 'before' (AdamW) or 'after' (SOAP, KL prototype), "
-                         f"got {group['decay_order']!r}")
-    if not isinstance(group["bias_correction"], bool):
-        raise ValueError(f"bias_correction must be True or False, got {group['bias_correction']!r}")
-    if not isinstance(group[_CONFIG_KEY], Preconditioner):
-        raise TypeError(f"preconditioner must be a precond.Preconditioner, got {type(group[_CONFIG_KEY]).__name__}")
-
-
-def _params_list(params: Any, what: str = "params") -> list[Any]:
-    """``params`` (of the optimizer or of one param group) as a list, read once (a generator such as
-    ``model.parameters()`` can be read only once). A lone tensor is taken as ``[tensor]``; a set is refused, as
-    ``torch.optim`` does, because its order (and with it the meaning of a checkpoint) changes between runs.
-    ``model.named_parameters()`` pairs are kept: ``torch.optim`` records their names as the group's ``param_names``."""
-    if isinstance(params, torch.Tensor):
-        return [params]
-    if isinstance(params, (set, frozenset)):
-        raise TypeError(f"{what} must be an ordered collection (a list, or model.parameters()), not a set: the order "
-                        "of a set changes between runs, and a checkpoint maps its state to parameters by position")
-    if isinstance(params, dict):
-        raise TypeError(f"{what} must be an iterable of tensors or param-group dicts, got a dict; "
-                        "pass [group] for a single param group")
-    return list(params)
-
-
-def _named(item: Any) -> bool:
-    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """A complete param group's settings (a tensor lr must hold one number, as in ``torch.optim``)."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}")
-    _check_hyperparameters(group)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -177,7 +111,7 @@ class Optimizer(torch.optim.Optimizer):
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         self._names: dict[int, str] = {}
-        params = _params_list(params)
+        params = params_list(params)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
         super().__init__(params, defaults)
@@ -242,14 +176,14 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         param_group = dict(param_group)
-        param_group["params"] = _params_list(param_group["params"], "a param group's 'params'")
+        param_group["params"] = params_list(param_group["params"], "a param group's 'params'")
         overrides = {name: param_group.pop(name) for name in _PART_KEYS if name in param_group}
         if overrides:
             base = param_group.get(_CONFIG_KEY, self.defaults[_CONFIG_KEY])
             param_group[_CONFIG_KEY] = attrs.evolve(base, **overrides)
-        _check_group({**self.defaults, **param_group})
+        check_group({**self.defaults, **param_group})
         for item in param_group["params"]:
-            name, p = item if _named(item) else (None, item)
+            name, p = item if named(item) else (None, item)
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise TypeError(f"parameter {name or self._name(p)} is complex; precond supports real parameters only")
         super().add_param_group(param_group)
@@ -309,7 +243,7 @@ class Optimizer(torch.optim.Optimizer):
         """The ``(group, p, grad)`` of every parameter with a gradient, checked; None when the step is skipped.
         Raises before anything is touched when the step must be refused."""
         for group in self.param_groups:  # cheap checks, no synchronisation: values may have changed since
-            _check_hyperparameters(group, read_tensor=False)
+            check_hyperparameters(group, read_tensor=False)
         work = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -330,41 +264,15 @@ class Optimizer(torch.optim.Optimizer):
         return self._checked(work)
 
     def _checked(self, work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]):
-        """One host synchronisation: the largest ``|g|`` of every gradient and every tensor ``lr``. Non-finite →
-        raise or skip; finite beyond ``2⁴⁰`` → that gradient scaled down by a power of two (see the class doc)."""
-        maxima = torch._foreach_norm([g for _, _, g in work], float("inf"))
+        """One host synchronisation for the largest ``|g|`` of every gradient and every tensor ``lr``, then
+        :meth:`_verdict`."""
         lrs = [group["lr"] for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
-        device = maxima[0].device
-        values = torch.stack([m.to(device=device, dtype=torch.float64) for m in maxima]
-                             + [lr.detach().reshape(()).to(device=device, dtype=torch.float64) for lr in lrs]).tolist()
-        return self._verdict(work, values)
+        return self._verdict(work, largest_entries([g for _, _, g in work], lrs))
 
     def _verdict(self, work: list[tuple[dict[str, Any], torch.Tensor, Optional[torch.Tensor]]], values: list[float]):
-        """The check's decision from ``values`` (the largest ``|g|`` of each ``work`` entry, then each tensor lr):
-        raise, skip (None), or the work with huge gradients scaled down. Entries whose gradient is None (another
-        rank's, in a distributed run) are judged but not returned."""
-        bad = [self._name(p) for (_, p, _), m in zip(work, values) if not math.isfinite(m)]
-        bad += [f"lr of group {i}" for i, lr in enumerate(values[len(work):]) if not math.isfinite(lr) or lr < 0]
-        if bad:
-            if self.on_nonfinite == "skip":
-                self._fallbacks.count("nonfinite_skipped",
-                                      f"a step with a non-finite gradient or lr ({', '.join(bad)}) "
-                                      "was skipped; nothing was changed")
-                return None
-            raise FloatingPointError(
-                f"non-finite gradient (NaN or Inf) or lr in {', '.join(bad)}; the step was refused and no "
-                "optimizer state was changed. Lower the learning rate, clip gradients, skip this batch, or build the "
-                "optimizer with on_nonfinite='skip'.")
-        out = []
-        for (group, p, grad), largest in zip(work, values):
-            if grad is None:
-                continue
-            if largest > _GRADIENT_BOUND:
-                self._fallbacks.count("gradient_rescaled", f"a gradient of magnitude {largest:.3g} ({self._name(p)}) "
-                                      f"was scaled down by a power of two to {_GRADIENT_BOUND:.3g}")
-                grad = grad * 2.0 ** (math.frexp(_GRADIENT_BOUND)[1] - math.frexp(largest)[1])
-            out.append((group, p, grad))
-        return out
+        """``precond.gradient_check.verdict`` with this optimizer's policy, names and counters (also called by the
+        distributed runtime with the values all ranks agreed on)."""
+        return verdict(work, values, self.on_nonfinite, self._name, self._fallbacks)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -476,7 +384,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _advance_checked(self, bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`_advance` started from a gradient hook (``overlap_backward``): the group is checked first."""
-        _check_hyperparameters(bucket.group, read_tensor=False)
+        check_hyperparameters(bucket.group, read_tensor=False)
         return self._advance(bucket, grads)
 
     def _finish(self, bucket: Bucket, step: int) -> None:
@@ -588,7 +496,7 @@ class Optimizer(torch.optim.Optimizer):
             returned = hook(self, state_dict)
             if returned is not None:
                 state_dict = returned
-        groups, state = restore(self.param_groups, state_dict, self._name, _check_group)
+        groups, state = restore(self.param_groups, state_dict, self._name, check_group)
         self._schedule.discard()
         self._buckets.invalidate()
         self.param_groups, self.state = groups, state
