@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 
@@ -169,11 +169,10 @@ def plan(config: Any, lookup: Lookup) -> Plan:
     for variant in runnable:
         if variant.adam_lr_from is None:
             continue
-        source = tunings.get(variant.adam_lr_from)
-        if source is None or source.state in ("pending", "waiting") or source.best_lr is None:
+        source, why = _tuned_source(tunings, variant.adam_lr_from)
+        if why is not None:
             tunings[variant.name] = Tuning(variant.name, (), (), "waiting", message=(
-                f"its Adam part runs at the best lr of {variant.adam_lr_from}, which "
-                f"{'is not run here' if source is None else 'is not tuned yet'}"))
+                f"its Adam part runs at the best lr of {variant.adam_lr_from}, which {why}"))
             continue
         settings = dict(variant.settings)
         settings["adam_lr"] = source.best_lr
@@ -185,10 +184,8 @@ def plan(config: Any, lookup: Lookup) -> Plan:
     for variant in runnable:
         if variant.lr_from is None:
             continue
-        source = tunings.get(variant.lr_from)
-        if source is None or source.state in ("pending", "waiting") or source.best_lr is None:
-            why = ("is not run here" if source is None else "diverged at every lr" if source.state == "limit"
-                   else "is not tuned yet")
+        source, why = _tuned_source(tunings, variant.lr_from)
+        if why is not None:
             tunings[variant.name] = Tuning(variant.name, (), (), "waiting",
                                            message=f"runs at the best lr of {variant.lr_from}, which {why}")
             continue
@@ -200,6 +197,19 @@ def plan(config: Any, lookup: Lookup) -> Plan:
         chosen[variant.name], resolved[variant.name] = (lr,), variant
     variants = tuple(attrs.evolve(resolved[v.name], lrs=chosen[v.name]) for v in runnable if v.name in chosen)
     return Plan(variants, seeds, {v.name: tunings[v.name] for v in runnable})
+
+
+def _tuned_source(tunings: dict[str, Tuning], name: str) -> tuple[Optional[Tuning], Optional[str]]:
+    """The tuning of the variant ``name`` another variant borrows its lr from, and why it cannot yet (None if it
+    can)."""
+    source = tunings.get(name)
+    if source is None:
+        return None, "is not run here"
+    if source.state == "limit" and source.best_lr is None:
+        return source, "diverged at every lr"
+    if source.state in ("pending", "waiting") or source.best_lr is None:
+        return source, "is not tuned yet"
+    return source, None
 
 
 def _order(key: str) -> int:

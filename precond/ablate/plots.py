@@ -38,6 +38,17 @@ def _pyplot():
     return plt
 
 
+def _save(plt: Any, figure: Any, panels: Sequence[Any], path: Path, legend: bool) -> None:
+    """Grid every panel (and give it a legend if asked and it has labels), lay out, write ``path``, close."""
+    for axes in panels:
+        axes.grid(alpha=0.3, which="both")
+        if legend and axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def _color(index: int) -> str:
     """The same colour for a variant in both figures (matplotlib's default cycle)."""
     return f"C{index % 10}"
@@ -144,12 +155,7 @@ def _against_time(plt: Any, summaries: Sequence[VariantSummary], path: Path, tit
     axes.set_xlabel("steady training time (s): first step at the median step time, evaluation excluded")
     axes.set_ylabel("validation loss (mean over seeds)")
     axes.set_title(f"loss against wall-clock time · {title}", fontsize=10)
-    axes.grid(alpha=0.3, which="both")
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, [axes], path, legend=True)
 
 
 def _curves(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:
@@ -184,12 +190,8 @@ def _curves(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: st
     by_step.set_ylabel("validation loss" + (" (log scale)" if log else ""))
     if by_step.get_legend_handles_labels()[0]:
         by_step.legend(fontsize=8)
-    for axes in (by_step, by_time):
-        axes.grid(alpha=0.3, which="both")
     figure.suptitle(f"best run per variant (× : diverged, left the axes) · {title}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, [by_step, by_time], path, legend=False)
 
 
 def _sweep(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str) -> None:
@@ -219,9 +221,4 @@ def _sweep(plt: Any, summaries: Sequence[VariantSummary], path: Path, title: str
     axes.set_xlabel("learning rate")
     axes.set_ylabel("final validation loss")
     axes.set_title(f"learning-rate sweep (× at the top: diverged) · {title}", fontsize=10)
-    axes.grid(alpha=0.3, which="both")
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, [axes], path, legend=True)
