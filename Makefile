@@ -1,7 +1,8 @@
 # `make test` sets up .venv on a fresh clone (torch from TORCH_SPEC, then this package with its test extra)
 # and runs the CPU suite. TORCH_SPEC defaults to torch 2.13.0, taken from PyTorch's CPU wheels (TORCH_INDEX, an
 # extra index: its `+cpu` build ranks above PyPI's Linux torch, the CUDA build of several GB); any torch >= 2.4
-# works, e.g. TORCH_INDEX= (empty) for PyPI's build.
+# works, e.g. TORCH_INDEX= (empty) for PyPI's build. An unreachable index (an offline machine with its own wheel
+# mirror) costs one failed connection per package, not pip's retries.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
@@ -15,7 +16,7 @@ REFERENCES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--retries 0 --timeout 10 --extra-index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(REFERENCES)
 	touch $@

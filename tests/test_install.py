@@ -33,3 +33,4 @@ def test_make_takes_torch_from_the_cpu_index():
     makefile = (ROOT / "Makefile").read_text()
     assert "TORCH_INDEX ?= https://download.pytorch.org/whl/cpu" in makefile
     assert '--extra-index-url "$(TORCH_INDEX)"' in makefile
+    assert "--retries 0" in makefile  # an unreachable index must not stall an offline install
