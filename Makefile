@@ -10,9 +10,11 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: test test-slow test-gpu example clean
 
-# Test-only reference: curvlinops (K-FAC/EKFAC cross-checks) without its dependencies' torchvision, which would
-# replace torch by a CUDA build; the pure-Python packages it needs at import time come pinned beside it.
-REFERENCES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einconv==0.1.0 linear_operator==0.6.1
+# Test-only references, without their dependencies (which would pull other torch builds): curvlinops for the
+# K-FAC/EKFAC cross-checks (with the pure-Python packages it needs at import time) and the peers the workbench
+# compares against (HeavyBall, pytorch-optimizer).
+REFERENCES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einconv==0.1.0 \
+	linear_operator==0.6.1 heavyball==3.2.1 pytorch-optimizer==4.1.0
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
