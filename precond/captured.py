@@ -77,7 +77,7 @@ class CapturedSteps:
     def update(self, optimizer: "Optimizer", bucket: Bucket, grads: list[torch.Tensor]) -> None:
         """Replay (capturing first if needed) the update of ``bucket`` for step ``bucket.step + 1``: direction, fold,
         decay and parameter update. The caller runs the due refreshes and counts the step."""
-        captured = self._entry(bucket, grads, moves_weights=True)
+        captured = self._entry(optimizer, bucket, grads, moves_weights=True)
         self._fill(bucket, captured, grads)
         if not self.use_graphs:
             self._body(optimizer, bucket, captured)
@@ -88,7 +88,7 @@ class CapturedSteps:
 
     def prepare_direction(self, optimizer: "Optimizer", bucket: Bucket) -> None:
         """Capture (outside any backward pass) the graph of ``bucket``'s direction alone, for :meth:`direction`."""
-        captured = self._entry(bucket, [p.detach() for p in bucket.params], moves_weights=False)
+        captured = self._entry(optimizer, bucket, [p.detach() for p in bucket.params], moves_weights=False)
         if self.use_graphs and captured.graph is None:
             captured.graph = self._capture(optimizer, bucket, captured)
 
@@ -107,11 +107,12 @@ class CapturedSteps:
         captured.graph.replay()
         return captured.output
 
-    def _entry(self, bucket: Bucket, grads: list[torch.Tensor], moves_weights: bool) -> _Captured:
+    def _entry(self, optimizer: "Optimizer", bucket: Bucket, grads: list[torch.Tensor],
+               moves_weights: bool) -> _Captured:
         entry = self._captured.get((id(bucket), moves_weights))
         captured = entry[1] if entry is not None and entry[0] is bucket else None
         if captured is None or captured.signature != _signature(bucket.group):
-            captured = self._buffers(bucket, grads, moves_weights)
+            captured = self._buffers(bucket, grads, moves_weights, optimizer.state_dtype)
             self._captured[(id(bucket), moves_weights)] = (bucket, captured)
         return captured
 
@@ -127,20 +128,25 @@ class CapturedSteps:
             captured.lr.fill_(lr)
 
     @staticmethod
-    def _buffers(bucket: Bucket, grads: list[torch.Tensor], moves_weights: bool) -> _Captured:
+    def _buffers(bucket: Bucket, grads: list[torch.Tensor], moves_weights: bool, dtype: torch.dtype) -> _Captured:
         device = bucket.params[0].device
+        # a direction graph writes into a buffer of its own, allocated outside the graphs' shared pool: its update
+        # must outlive the replays of other buckets' graphs (in any order) until step() applies it
+        output = None if moves_weights else torch.empty((len(grads), *bucket.layout.view_shape), dtype=dtype,
+                                                        device=device)
         return _Captured(grads=[torch.empty_like(g) for g in grads],
                          step=torch.zeros((), dtype=torch.float64, device=device),
                          lr=torch.zeros((), dtype=torch.float64, device=device),
-                         signature=_signature(bucket.group), moves_weights=moves_weights)
+                         signature=_signature(bucket.group), moves_weights=moves_weights, output=output)
 
     @staticmethod
     def _body(optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> torch.Tensor:
         update = optimizer._direction(bucket, captured.grads, captured.step, fold=True)
         if captured.moves_weights:
             optimizer._apply(bucket.group, bucket.params, update, bucket.layout, lr=captured.lr)
-        captured.output = update
-        return update
+            return update
+        captured.output.copy_(update)
+        return captured.output
 
     def _capture(self, optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> torch.cuda.CUDAGraph:
         """Record the body (capture runs no kernel); the caller's replay then performs this step's update."""
@@ -148,6 +154,6 @@ class CapturedSteps:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._body(optimizer, bucket, captured)
         return graph

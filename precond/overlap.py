@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 from precond.buckets import Bucket
+from precond.precision import tf32_matmuls
 
 if TYPE_CHECKING:
     from precond.optimizer import Optimizer
@@ -86,14 +87,17 @@ class BackwardOverlap:
             self._flushed = True
         grads = [q.grad for q in bucket.params]
         device = bucket.params[0].device
-        if device.type != "cuda":
-            self._started[id(bucket)] = (bucket, optimizer._advance_checked(bucket, grads), None)
-            return
-        main = torch.cuda.current_stream(device)
-        stream = self._streams.setdefault(device, torch.cuda.Stream(device))
-        stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            update = optimizer._advance_checked(bucket, grads)
+        with contextlib.ExitStack() as scope:
+            if optimizer.tf32 is not None:  # the hook runs outside step(): the same matmul precision as inside it
+                scope.enter_context(tf32_matmuls(optimizer.tf32))
+            if device.type != "cuda":
+                self._started[id(bucket)] = (bucket, optimizer._advance_checked(bucket, grads), None)
+                return
+            main = torch.cuda.current_stream(device)
+            stream = self._streams.setdefault(device, torch.cuda.Stream(device))
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                update = optimizer._advance_checked(bucket, grads)
         for grad in grads:
             grad.record_stream(stream)
         done = torch.cuda.Event()
