@@ -11,10 +11,6 @@ LAPACK calls that cannot be captured). A graph is recaptured when its bucket cha
 group's hyperparameters other than ``lr`` change. All graphs share one memory pool (they run one after another).
 
 ``use_graphs=False`` runs the same body eagerly with the same static buffers: the CPU reference of the captured path.
-
-With ``overlap_backward`` a second graph per bucket holds the direction alone (no weight moved), captured at the end
-of a step and replayed from the gradient hook during the next backward pass, so the hook costs a few launches per
-bucket instead of the eager step's hundreds.
 """
 
 from __future__ import annotations
@@ -38,9 +34,7 @@ class _Captured:
     step: torch.Tensor
     lr: torch.Tensor
     signature: tuple
-    moves_weights: bool
     graph: Optional[torch.cuda.CUDAGraph] = None
-    output: Optional[torch.Tensor] = None
 
 
 def _signature(group: dict[str, Any]) -> tuple:
@@ -54,7 +48,7 @@ class CapturedSteps:
 
     def __init__(self, use_graphs: bool = True) -> None:
         self.use_graphs = use_graphs
-        self._captured: dict[tuple[int, bool], tuple[Bucket, _Captured]] = {}  # (bucket, moves weights) → graph
+        self._captured: dict[int, tuple[Bucket, _Captured]] = {}
         self._pool = None
 
     def applies_to(self, bucket: Bucket) -> bool:
@@ -71,54 +65,17 @@ class CapturedSteps:
     def forget_missing(self, buckets: list[Bucket]) -> None:
         """Drop the graphs of buckets that no longer exist (split, merged or rebuilt)."""
         alive = {id(b) for b in buckets}
-        for key in [k for k in self._captured if k[0] not in alive]:
+        for key in [k for k in self._captured if k not in alive]:
             del self._captured[key]
 
     def update(self, optimizer: "Optimizer", bucket: Bucket, grads: list[torch.Tensor]) -> None:
         """Replay (capturing first if needed) the update of ``bucket`` for step ``bucket.step + 1``: direction, fold,
         decay and parameter update. The caller runs the due refreshes and counts the step."""
-        captured = self._entry(optimizer, bucket, grads, moves_weights=True)
-        self._fill(bucket, captured, grads)
-        if not self.use_graphs:
-            self._body(optimizer, bucket, captured)
-            return
-        if captured.graph is None:
-            captured.graph = self._capture(optimizer, bucket, captured)
-        captured.graph.replay()
-
-    def prepare_direction(self, optimizer: "Optimizer", bucket: Bucket) -> None:
-        """Capture (outside any backward pass) the graph of ``bucket``'s direction alone, for :meth:`direction`."""
-        captured = self._entry(optimizer, bucket, [p.detach() for p in bucket.params], moves_weights=False)
-        if self.use_graphs and captured.graph is None:
-            captured.graph = self._capture(optimizer, bucket, captured)
-
-    def has_direction(self, bucket: Bucket) -> bool:
-        entry = self._captured.get((id(bucket), False))
-        return entry is not None and entry[0] is bucket and entry[1].signature == _signature(bucket.group) and (
-            not self.use_graphs or entry[1].graph is not None)
-
-    def direction(self, optimizer: "Optimizer", bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Replay the direction graph of ``bucket`` (:meth:`prepare_direction`) for step ``bucket.step + 1``: momentum,
-        prepare, apply and fold, no weight moved; the update is returned (valid until the next replay)."""
-        captured = self._captured[(id(bucket), False)][1]
-        self._fill(bucket, captured, grads)
-        if not self.use_graphs:
-            return self._body(optimizer, bucket, captured)
-        captured.graph.replay()
-        return captured.output
-
-    def _entry(self, optimizer: "Optimizer", bucket: Bucket, grads: list[torch.Tensor],
-               moves_weights: bool) -> _Captured:
-        entry = self._captured.get((id(bucket), moves_weights))
+        entry = self._captured.get(id(bucket))
         captured = entry[1] if entry is not None and entry[0] is bucket else None
         if captured is None or captured.signature != _signature(bucket.group):
-            captured = self._buffers(bucket, grads, moves_weights, optimizer.state_dtype)
-            self._captured[(id(bucket), moves_weights)] = (bucket, captured)
-        return captured
-
-    @staticmethod
-    def _fill(bucket: Bucket, captured: _Captured, grads: list[torch.Tensor]) -> None:
-        """The buffers a replay reads: this step's gradients, ``t`` and ``η``."""
+            captured = self._buffers(bucket, grads)
+            self._captured[id(bucket)] = (bucket, captured)
         torch._foreach_copy_(captured.grads, grads)
         captured.step.fill_(bucket.step + 1)
         lr = bucket.group["lr"]
@@ -126,27 +83,25 @@ class CapturedSteps:
             captured.lr.copy_(lr)
         else:
             captured.lr.fill_(lr)
+        if not self.use_graphs:
+            self._body(optimizer, bucket, captured)
+            return
+        if captured.graph is None:
+            captured.graph = self._capture(optimizer, bucket, captured)
+        captured.graph.replay()
 
     @staticmethod
-    def _buffers(bucket: Bucket, grads: list[torch.Tensor], moves_weights: bool, dtype: torch.dtype) -> _Captured:
+    def _buffers(bucket: Bucket, grads: list[torch.Tensor]) -> _Captured:
         device = bucket.params[0].device
-        # a direction graph writes into a buffer of its own, allocated outside the graphs' shared pool: its update
-        # must outlive the replays of other buckets' graphs (in any order) until step() applies it
-        output = None if moves_weights else torch.empty((len(grads), *bucket.layout.view_shape), dtype=dtype,
-                                                        device=device)
         return _Captured(grads=[torch.empty_like(g) for g in grads],
                          step=torch.zeros((), dtype=torch.float64, device=device),
                          lr=torch.zeros((), dtype=torch.float64, device=device),
-                         signature=_signature(bucket.group), moves_weights=moves_weights, output=output)
+                         signature=_signature(bucket.group))
 
     @staticmethod
-    def _body(optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> torch.Tensor:
+    def _body(optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> None:
         update = optimizer._direction(bucket, captured.grads, captured.step, fold=True)
-        if captured.moves_weights:
-            optimizer._apply(bucket.group, bucket.params, update, bucket.layout, lr=captured.lr)
-            return update
-        captured.output.copy_(update)
-        return captured.output
+        optimizer._apply(bucket.group, bucket.params, update, bucket.layout, lr=captured.lr)
 
     def _capture(self, optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> torch.cuda.CUDAGraph:
         """Record the body (capture runs no kernel); the caller's replay then performs this step's update."""
@@ -154,6 +109,6 @@ class CapturedSteps:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="relaxed"):
             self._body(optimizer, bucket, captured)
         return graph

@@ -105,6 +105,9 @@ class Optimizer(torch.optim.Optimizer):
         if distributed is not None and (capture or overlap_backward):
             raise ValueError("capture and overlap_backward are single-process paths for now: with distributed=..., "
                              "leave them off (the distributed step exchanges the updates before moving the weights)")
+        if overlap_backward and capture:
+            raise ValueError("overlap_backward and capture are alternatives: the gradient hooks run the eager step "
+                             "(replaying captured graphs from them is not supported); pick one")
         if overlap_backward and on_nonfinite != "ignore":
             raise ValueError("overlap_backward=True starts each step during the backward pass, so a non-finite "
                              "gradient could not be refused afterwards: pass on_nonfinite='ignore' with it")
@@ -304,10 +307,6 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             if self._overlap is not None:
                 self._overlap.index(list(self._buckets))
-                if self._captured is not None:  # the next backward's hooks replay these graphs
-                    for bucket in self._buckets:
-                        if self._captured.applies_to(bucket):
-                            self._captured.prepare_direction(self, bucket)
 
     def _step_buckets(self, started: list[tuple[Bucket, torch.Tensor]]) -> None:
         work = self._gather()  # may refuse or skip the step: nothing is touched before it
@@ -389,10 +388,6 @@ class Optimizer(torch.optim.Optimizer):
     def _advance_checked(self, bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`_advance` started from a gradient hook (``overlap_backward``): the group is checked first."""
         check_hyperparameters(bucket.group, read_tensor=False)
-        if self._captured is not None and self._captured.applies_to(bucket) and self._captured.has_direction(bucket):
-            update = self._captured.direction(self, bucket, grads)
-            self._finish(bucket, bucket.step + 1)
-            return update
         return self._advance(bucket, grads)
 
     def _finish(self, bucket: Bucket, step: int) -> None:

@@ -47,16 +47,6 @@ def test_overlapped_step_equals_the_ordinary_step(preset, options):
     assert all(torch.equal(a, b) for a, b in zip(ordinary, overlapped))
 
 
-@pytest.mark.parametrize("preset", trajectory_cases.PRESETS)
-def test_overlap_replaying_the_captured_direction_equals_the_ordinary_step(preset):
-    """With ``capture`` the hooks replay each bucket's direction graph (here its CPU reference, ``"emulate"``):
-    the step count and bias corrections come from device tensors, so equal to float64 round-off."""
-    ordinary, _ = _train(preset, False, stagger=True)
-    overlapped, _ = _train(preset, True, stagger=True, capture="emulate")
-    for a, b in zip(ordinary, overlapped):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
-
-
 @pytest.mark.parametrize("preset", ["kl_shampoo", "soap"])
 def test_overlap_with_gradient_accumulation(preset):
     ordinary, _ = _train(preset, False, accumulate=3)
@@ -64,9 +54,11 @@ def test_overlap_with_gradient_accumulation(preset):
     assert all(torch.equal(a, b) for a, b in zip(ordinary, overlapped))
 
 
-def test_overlap_needs_on_nonfinite_ignore():
+def test_overlap_needs_on_nonfinite_ignore_and_excludes_capture():
     with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
         precond.kl_shampoo(_model().parameters(), overlap_backward=True)
+    with pytest.raises(ValueError, match="alternatives"):
+        precond.kl_shampoo(_model().parameters(), overlap_backward=True, on_nonfinite="ignore", capture=True)
 
 
 def test_overlap_survives_deepcopy_and_covers_added_groups():
@@ -103,20 +95,20 @@ def test_the_work_starts_during_the_backward_and_step_only_moves_the_weights():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["kl_shampoo", "soap", "shampoo"])
-@pytest.mark.parametrize("capture", [False, True])
-def test_overlap_on_cuda_side_streams_equals_the_ordinary_step(preset, capture):
+def test_overlap_on_cuda_side_streams_equals_the_ordinary_step(preset):
     runs = []
     for overlap in (False, True):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 8)).cuda()
+        model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+                              nn.Linear(128, 8)).cuda().double()
         opt = getattr(precond, preset)(model.parameters(), lr=1e-3, every=3, on_nonfinite="ignore", stagger=True,
                                        async_refresh=True, overlap_backward=overlap,
-                                       capture=capture and overlap)
+                                       state_dtype=torch.float64)
         gen = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(10):
             opt.zero_grad()
-            model(torch.randn(32, 64, generator=gen, device="cuda")).pow(2).mean().backward()
+            model(torch.randn(32, 64, generator=gen, device="cuda", dtype=torch.float64)).pow(2).mean().backward()
             opt.step()
         runs.append([p.detach().cpu() for p in model.parameters()])
     for a, b in zip(*runs):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -9,6 +9,7 @@ import attrs
 import torch
 
 from precond.appliers._norms import batch_norm
+from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
 from precond.validators import number, positive
@@ -59,6 +60,5 @@ class Normalize:
         target = self.rms
         if self.keep_bias_correction is not None:
             beta1, beta2 = self.keep_bias_correction
-            t = max(ctx.step, 1)
-            target = target * (1.0 - beta2**t) ** 0.5 / (1.0 - beta1**t)
+            target = target * bias_correction(beta2, ctx.step) ** 0.5 / bias_correction(beta1, ctx.step)
         return inner * (target / (rms + 1e-16))

@@ -8,6 +8,7 @@ import attrs
 import torch
 
 from precond.contractions import outer, rotate, scale, unrotate
+from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import ApplyContext
 from precond.validators import nonnegative, number
@@ -77,5 +78,5 @@ class Power:
         """ε, or ``ε_t`` on the uncorrected spectrum (``eps_uncorrected_beta``)."""
         if self.eps_uncorrected_beta is None:
             return self.eps
-        correction = 1.0 - self.eps_uncorrected_beta ** max(step, 1)
+        correction = bias_correction(self.eps_uncorrected_beta, step)
         return self.eps / (correction if self.eps_placement == "factor" else correction**p)

@@ -32,8 +32,6 @@ LEVERS = {
                                  "capture": True},
     "kl_shampoo_fast_overlap": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
                                 "overlap_backward": True},
-    "kl_shampoo_fast_overlap_captured": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
-                                         "overlap_backward": True, "capture": True},
 }
 
 
