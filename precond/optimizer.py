@@ -220,6 +220,20 @@ class Optimizer(torch.optim.Optimizer):
         None before the schedule was planned (the first step) or for a mode without a refreshed basis."""
         return self._schedule.offset((id(p), k))
 
+    @property
+    def stagger(self) -> bool:
+        """Basis refreshes spread over the ``T`` steps (an option of the constructor)."""
+        return self._schedule.stagger
+
+    @property
+    def async_refresh(self) -> bool:
+        """Basis refreshes on side CUDA streams, installed before the next update (an option of the constructor)."""
+        return self._schedule.asynchronous
+
+    def pending_refreshes(self) -> int:
+        """How many asynchronous refreshes wait to be installed (at the start of the next step)."""
+        return len(self._schedule.pending)
+
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
         ``cholesky_qr_kept_old_basis`` (reading the last one synchronises with the device)."""

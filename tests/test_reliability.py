@@ -216,7 +216,10 @@ def test_copied_optimizer_steps_exactly_like_the_original(preset, how):
             _backward(m, i)
             o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), pair[0].parameters()))
-    assert pair[1].state_dtype == torch.float64 and pair[1]._options() == opt._options()
+    options = ("state_dtype", "on_nonfinite", "stack", "stagger", "async_refresh", "tf32", "capture",
+               "overlap_backward")
+    assert [getattr(pair[1], name) for name in options] == [getattr(opt, name) for name in options]
+    assert pair[1].state_dtype == torch.float64 and pair[1].stagger and pair[1].async_refresh
 
 
 # --- on_nonfinite="skip" --------------------------------------------------------------------------------------------
