@@ -136,6 +136,7 @@ class KFACCapture:
         """Optimizer steps completed (advanced by :meth:`advance`); statistics are recorded when it is a multiple of
         ``factor_every``."""
         self.skipped: dict[str, str] = {}
+        self._loaded_steps: int | None = None  # a checkpoint's count, set once its load succeeded
         self._paused = False
         self._layers: dict[int, tuple[_Layer, str]] = {}
         self._params: list[torch.Tensor] = []
@@ -210,8 +211,28 @@ class KFACCapture:
             layer.consumed = False
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Call :meth:`advance` after every ``optimizer.step()``; returns the hook's removable handle."""
+        """Call :meth:`advance` after every ``optimizer.step()``, and keep the step count (the factor-update phase) in
+        the optimizer's ``state_dict`` under ``"kfac_capture"`` so that a resumed run records on the same steps;
+        returns the step hook's removable handle."""
+        optimizer.register_state_dict_post_hook(self._save_steps)
+        optimizer.register_load_state_dict_pre_hook(self._take_steps)
+        optimizer.register_load_state_dict_post_hook(self._set_steps)
         return optimizer.register_step_post_hook(lambda *_: self.advance())
+
+    def _save_steps(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return {**state_dict, "kfac_capture": {"steps": self.steps}}
+
+    def _take_steps(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Take the step count out of a checkpoint; it is set only once the load succeeded (:meth:`_set_steps`), and a
+        checkpoint without it (older ones) leaves the count alone."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("kfac_capture", None)
+        self._loaded_steps = None if saved is None else int(saved["steps"])
+        return state_dict
+
+    def _set_steps(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._loaded_steps is not None:
+            self.steps, self._loaded_steps = self._loaded_steps, None
 
     def remove(self) -> None:
         """Remove the module hooks (the capture records nothing afterwards)."""

@@ -439,8 +439,8 @@ def test_checkpoint_holds_plain_data_and_resumes_bit_for_bit():
     resumed = _cnn(torch.Generator().manual_seed(0))
     resumed.load_state_dict(checkpoint["model"])
     opt2 = precond.ekfac(resumed, lr=0.05, every=2, factor_every=2, state_dtype=F64)
-    opt2.load_state_dict(checkpoint["opt"])
-    opt2.kfac_capture.steps = 3  # the factor-update phase is the capture's, not the checkpoint's
+    opt2.load_state_dict(checkpoint["opt"])  # also the capture's step count: factors are recorded on the same steps
+    assert opt2.kfac_capture.steps == 3
     train(resumed, opt2, data[3:])
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
