@@ -158,7 +158,8 @@ class Buckets:
 
     def split(self, bucket: Bucket, positions: Sequence[int], state: dict[torch.Tensor, dict[str, Any]]) -> Bucket:
         """Move the members at ``positions`` to a bucket of their own (returned); the rest stay in ``bucket``."""
-        keep = [i for i in range(len(bucket.params)) if i not in set(positions)]
+        chosen_set = set(positions)
+        keep = [i for i in range(len(bucket.params)) if i not in chosen_set]
         parts = []
         for chosen in (list(positions), keep):
             index = torch.tensor(chosen, device=bucket.params[0].device)

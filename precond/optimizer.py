@@ -18,7 +18,7 @@ from precond.fallbacks import FallbackCounter
 from precond.gradient_check import largest_entries, verdict
 from precond.layout import Layout
 from precond.overlap import BackwardOverlap
-from precond.param_groups import check_group, check_hyperparameters, named, params_list
+from precond.param_groups import check_hyperparameters, named, params_list
 from precond.precision import tf32_matmuls
 from precond.preconditioner import Preconditioner
 from precond.refresh_schedule import RefreshSchedule
@@ -184,7 +184,7 @@ class Optimizer(torch.optim.Optimizer):
         if overrides:
             base = param_group.get(_CONFIG_KEY, self.defaults[_CONFIG_KEY])
             param_group[_CONFIG_KEY] = attrs.evolve(base, **overrides)
-        check_group({**self.defaults, **param_group})
+        check_hyperparameters({**self.defaults, **param_group})
         for item in param_group["params"]:
             name, p = item if named(item) else (None, item)
             if isinstance(p, torch.Tensor) and p.is_complex():
@@ -513,7 +513,7 @@ class Optimizer(torch.optim.Optimizer):
             returned = hook(self, state_dict)
             if returned is not None:
                 state_dict = returned
-        groups, state = restore(self.param_groups, state_dict, self._name, check_group)
+        groups, state = restore(self.param_groups, state_dict, self._name, check_hyperparameters)
         self._schedule.discard()
         self._buckets.invalidate()
         self.param_groups, self.state = groups, state

@@ -18,9 +18,11 @@ def check_lr(lr: Any, read_tensor: bool) -> None:
     """``lr`` must be a finite number ≥ 0 or a one-element floating tensor (its value is read only when
     ``read_tensor``: at construction; at ``step()`` it joins the gradients' finiteness check instead)."""
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"lr as a tensor must hold one floating-point value, got shape {tuple(lr.shape)} and "
-                             f"dtype {lr.dtype}; pass a float or e.g. torch.tensor(1e-3)")
+        if lr.numel() != 1:  # torch.optim's wording
+            raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise ValueError(f"lr as a tensor must hold a floating-point value, got dtype {lr.dtype}; pass a float or "
+                             "e.g. torch.tensor(1e-3)")
         if not read_tensor:
             return
         value = float(lr.detach().reshape(()).item())
@@ -69,11 +71,3 @@ def params_list(params: Any, what: str = "params") -> list[Any]:
 
 def named(item: Any) -> bool:
     return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-
-
-def check_group(group: dict[str, Any]) -> None:
-    """A complete param group's settings (a tensor lr must hold one number, as in ``torch.optim``)."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}")
-    check_hyperparameters(group)
