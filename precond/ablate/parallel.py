@@ -40,6 +40,8 @@ def worker_devices(device: torch.device, workers: int, cuda_devices: int) -> lis
 
 def _start(config: AblationConfig, devices: Any, workers: int, log: Callable[[str], None]) -> None:
     device_ = torch.device(devices.get())  # each worker takes the next device of the list
+    if device_.type == "cuda":
+        torch.cuda.set_device(device_)  # streams, events and default allocations of this worker on its own GPU
     # the configuration's count (1 per run on the CPU by default); on a GPU without one, the processes share the cores
     torch.set_num_threads(config.threads_on(device_) or max(1, (os.cpu_count() or 1) // workers))
     _worker.update(config=config, device=device_, data=config.task.load(device_), workers=workers, log=log)

@@ -93,6 +93,7 @@ class StepTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.times: list[float] = []
         self._marks: list[Any] = []
 
@@ -100,7 +101,7 @@ class StepTimer:
         """A step boundary (call before the first step and after each)."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the training device's stream, not cuda:0's
             self._marks.append(event)
         else:
             self._marks.append(time.perf_counter())
@@ -108,6 +109,8 @@ class StepTimer:
     def collect(self) -> None:
         """Turn the boundaries marked so far into step times (after a synchronisation on CUDA); keep the last."""
         if self.cuda:
+            if self._marks:
+                self._marks[-1].synchronize()
             self.times += [a.elapsed_time(b) for a, b in zip(self._marks[:-1], self._marks[1:])]
         else:
             self.times += [1e3 * (b - a) for a, b in zip(self._marks[:-1], self._marks[1:])]
