@@ -506,3 +506,17 @@ def test_plots_keep_the_working_variants_readable_when_one_blows_up(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         files = plots.write_plots(summaries, tmp_path, title="synthetic")
         assert all(path.stat().st_size > 0 for path in files.values())
+
+
+def test_a_pinned_library_fingerprint_keeps_finished_runs_after_a_library_change(tmp_path, monkeypatch):
+    from precond.ablate import attempt, runner
+    first = run_ablation(tiny_config(tmp_path, variants=("adamw",)), log=quiet)
+    made_by = first.records[0]["library"]
+    monkeypatch.setattr(attempt, "library_fingerprint", lambda: "0123456789ab")  # the source changed since
+    monkeypatch.setattr(runner, "library_fingerprint", lambda: "0123456789ab")
+    pinned = run_ablation(tiny_config(tmp_path, variants=("adamw",), library=made_by), log=quiet)
+    assert (pinned.executed, pinned.skipped) == (0, 1)
+    unpinned = run_ablation(tiny_config(tmp_path, variants=("adamw",)), log=quiet)
+    assert unpinned.executed == 1 and unpinned.records[0]["library"] == "0123456789ab"  # states the code that ran it
+    with pytest.raises(ValueError, match="12 lower-case hex digits"):
+        tiny_config(tmp_path, library="latest")

@@ -60,9 +60,10 @@ def run_key(config: AblationConfig, variant: Variant, lr: float, seed: int, devi
     """The identity of one run: the optimizer (not its label), lr, seed, the task's data and model settings,
     the training protocol, the device type and the library's source, and on the CPU the number of threads (a
     CPU run's floating-point results depend on it: reductions are split per thread). Changing any of them makes
-    it a new run."""
+    it a new run. A configuration's pinned ``library`` stands in for the current source's fingerprint."""
     identity = {"variant": variant.spec(), "lr": lr, "seed": seed, "task": config.task.settings(),
-                "training": protocol(config.training), "device": device.type, "library": library_fingerprint()}
+                "training": protocol(config.training), "device": device.type,
+                "library": config.library or library_fingerprint()}
     if device.type == "cpu":
         identity["threads"] = config.threads_on(device)
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -23,6 +23,7 @@ one is refused with the list of known keys. Example (``ablations/demo.toml``)::
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -43,7 +44,7 @@ DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (n
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
 _OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes",
-             "progress", "workers", "threads", "extend_lrs", "baselines")
+             "progress", "workers", "threads", "extend_lrs", "baselines", "library")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -78,6 +79,11 @@ class AblationConfig:
         low=0, integer=True, meaning="learning rates the workbench may add to a variant's grid to bracket its best"))
     """How many learning rates a variant's grid may gain to bracket its best lr (:mod:`precond.ablate.bracket`);
     0 keeps every grid as given (an edge is then reported as not bracketed)."""
+    library: Optional[str] = attrs.field(default=None, validator=lambda _, __, value: _fingerprint(value))
+    """The library fingerprint the runs are keyed by (12 hex digits, as in each record's ``library``); ``None``:
+    the current source's. Pin it to keep reusing finished runs after a library change that leaves these
+    variants' updates unchanged (e.g. a new opt-in option: ``tests/test_trajectories.py`` proves the default
+    trajectories bit-identical); runs trained afterwards still record the fingerprint of the code that made them."""
     baselines: Optional[tuple[str, ...]] = None
     """The variants the summary's paired differences are taken against (the best of them); ``None``: the peers of
     other libraries present (``precond.ablate.peers.BASELINES``), else the best variant."""
@@ -154,7 +160,14 @@ class AblationConfig:
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
             progress=bool(data.get("progress", True)), workers=data.get("workers", 1), threads=data.get("threads"),
-            extend_lrs=data.get("extend_lrs", 2), baselines=_names("baselines", data.get("baselines")))
+            extend_lrs=data.get("extend_lrs", 2), baselines=_names("baselines", data.get("baselines")),
+            library=data.get("library"))
+
+
+def _fingerprint(value: Any) -> None:
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{12}", value)):
+        raise ValueError(f"library must be a library fingerprint: the 12 lower-case hex digits of a record's "
+                         f"'library' field in runs.jsonl, got {value!r}")
 
 
 def _names(key: str, value: Any) -> Optional[tuple[str, ...]]:

@@ -64,6 +64,9 @@ def run_ablation(
         return _report_only(config, device, store, log)
     for variant, reason in config.skipped():
         log(f"ablation: skipping {variant.name}: {reason}")
+    if config.library is not None and config.library != library_fingerprint():
+        log(f"ablation: runs keyed by the pinned library fingerprint {config.library}; this source's is "
+            f"{library_fingerprint()} (each new record states the one that trained it)")
 
     def lookup(variant: Any, lr: float, seed: int) -> Optional[dict[str, Any]]:
         return store.get(run_key(config, variant, lr, seed, device))
