@@ -24,9 +24,10 @@ from typing import Any
 import attrs
 import torch
 
+from precond.blocking import Blocks
 from precond.buckets import map_leaves
 from precond.layout import Layout
-from precond.state import ParamState, read_step
+from precond.state import BLOCKS, ParamState, read_step
 
 CONFIG_KEY = "preconditioner"
 PART_PACKAGES = ("structures", "estimators", "bases", "precond.appliers", "precond.preconditioner")
@@ -133,6 +134,22 @@ def check_state(storage: dict[str, Any], layout: Layout, name: str) -> None:
                 "model, or with the parameters in another order?")
 
 
+def check_blocked_state(storage: dict[str, Any], blocks: Blocks, name: str) -> None:
+    """Refuse a saved state of a parameter cut into ``blocks`` unless it holds exactly one state per block
+    (``{"blocks": {"0": …, …}}``), each fitting its block's layout (:func:`check_state`)."""
+    if isinstance(storage, dict) and not storage:
+        return
+    saved = storage.get(BLOCKS) if isinstance(storage, dict) else None
+    expected = {str(i) for i in range(blocks.count)}
+    if not isinstance(saved, dict) or set(saved) != expected:
+        found = "no blocks" if not isinstance(saved, dict) else f"blocks {sorted(saved, key=str)}"
+        raise ValueError(f"the saved state of parameter {name} does not fit it: the parameter is cut into "
+                         f"{blocks.count} blocks ({blocks.describe()}), the checkpoint has {found}; was it made with "
+                         "another max_dim or large= setting, or for another model?")
+    for i, layout in enumerate(blocks.layouts):
+        check_state(saved[str(i)], layout, f"{name} (block {i})")
+
+
 def _restore_state(value: Any, p: torch.Tensor) -> Any:
     """A loaded per-parameter state on ``p``'s device, in its saved dtype (float32 factors of bfloat16 weights stay
     float32); 0-d tensors (the step count) stay where they are, as in ``torch.optim``."""
@@ -181,7 +198,11 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
     for saved_id, value in saved_state.items():
         if saved_id in owner:
             p, group = owner[saved_id]
-            check_state(value, group[CONFIG_KEY].plan(p.shape), name_of(p))
+            blocks = group[CONFIG_KEY].blocks(p.shape)
+            if blocks is None:
+                check_state(value, group[CONFIG_KEY].plan(p.shape), name_of(p))
+            else:
+                check_blocked_state(value, blocks, name_of(p))
 
     state: defaultdict = defaultdict(dict)
     for saved_id, value in saved_state.items():
