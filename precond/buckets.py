@@ -1,7 +1,8 @@
 """Stacking parameters of equal layout: one batched state per bucket, per-parameter views into it.
 
-A bucket holds the parameters of one param group, shape, dtype and device that have seen the same number of updates
-(its one step counter). Each parameter's ``optimizer.state[p]`` keeps its usual nested dict (``precond.state``),
+A bucket holds the parameters of one param group, layout, dtype and device that have seen the same number of updates
+(its one step counter); a parameter cut into blocks (``precond.blocking``) takes part as its blocks, each a member
+of its own. Each parameter's ``optimizer.state[p]`` keeps its usual nested dict (``precond.state``),
 but its tensors are *views* of slice ``i`` of the bucket's stacked tensors, so the per-parameter state
 (``state_dict``, ``part_state``) and the batched math share memory.
 
@@ -186,7 +187,8 @@ class Buckets:
             index = torch.tensor(chosen, device=bucket.params[0].device)
             params = [bucket.params[i] for i in chosen]
             storage = map_leaves(bucket.storage, lambda t: t.index_select(0, index))
-            parts.append(self._bucket(bucket.key, params, bucket.group, storage, bucket.step, [state[p] for p in params]))
+            states = [state[p] for p in params]
+            parts.append(self._bucket(bucket.key, params, bucket.group, storage, bucket.step, states))
         self.items[self.items.index(bucket):self.items.index(bucket) + 1] = parts
         self._split = True
         return parts[0]

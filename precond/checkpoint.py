@@ -114,6 +114,10 @@ def check_state(storage: dict[str, Any], layout: Layout, name: str) -> None:
     ``S_k`` and ``Q_k`` must be ``d_k × d_k``, ``λ_k`` of length ``d_k`` and the momentum of the viewed shape."""
     if isinstance(storage, dict) and not storage:  # a parameter the optimizer has not stepped yet
         return
+    if isinstance(storage, dict) and BLOCKS in storage:
+        raise ValueError(f"the saved state of parameter {name} is cut into {len(storage[BLOCKS])} blocks, but the "
+                         f"parameter of shape {layout.shape} is planned whole here; was the checkpoint made with "
+                         "another max_dim or large= setting, or for another model?")
     try:
         read_step(storage)
         ps = ParamState.of(storage, layout)
