@@ -96,16 +96,26 @@ class Members:
     def __init__(self) -> None:
         self._views: dict[int, tuple[torch.Tensor, tuple, Blocks, list[torch.Tensor]]] = {}
         self._owner: dict[int, tuple[torch.Tensor, torch.Tensor, int, Layout]] = {}  # id(view) → (view, p, i, layout)
+        self._plans: dict[int, tuple[torch.Tensor, Any, torch.Size, Optional[Blocks]]] = {}
         self.changed = False
+
+    def _blocks(self, p: torch.Tensor, preconditioner: "Preconditioner") -> Optional[Blocks]:
+        """``preconditioner.blocks(p.shape)``, remembered per parameter (asked every step, hashing nothing)."""
+        known = self._plans.get(id(p))
+        if known is not None and known[0] is p and known[1] is preconditioner and known[2] == p.shape:
+            return known[3]
+        blocks = preconditioner.blocks(p.shape)
+        self._plans[id(p)] = (p, preconditioner, p.shape, blocks)
+        return blocks
 
     def pieces(self, p: torch.Tensor, preconditioner: "Preconditioner") -> Optional[list[torch.Tensor]]:
         """The piece views of ``p``, or None when its plan does not block it."""
-        blocks = preconditioner.blocks(p.shape)
+        blocks = self._blocks(p, preconditioner)
         if blocks is None:
             return None
         where = (p.data_ptr(), tuple(p.shape), p.stride(), p.dtype, p.device)
         cached = self._views.get(id(p))
-        if cached is not None and cached[0] is p and cached[1] == where and cached[2] == blocks:
+        if cached is not None and cached[0] is p and cached[1] == where and cached[2] is blocks:
             return cached[3]
         if cached is not None:
             for old in cached[3]:
