@@ -72,6 +72,11 @@ class Optimizer(torch.optim.Optimizer):
     updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
     and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
 
+    A parameter that its structure cuts into blocks (``NMode(max_dim=b, large="block")``, Meta's blocking) is
+    stepped as its blocks, each a parameter of its own (``precond.blocking``): its state is
+    ``state[p] = {"blocks": {"0": …, …}}`` and :meth:`layout` gives its ``Blocks``. Not with ``overlap_backward`` or
+    ``distributed`` (refused at construction).
+
     ``distributed`` (optional, ``precond.DataParallel(...)``): spread the work and (``mode="owner"``) the state over
     the ranks of a process group, with the same updates (``precond.distributed``, ``docs/scaling.md``); then
     ``stats()`` is a collective, and in owner mode each rank's ``state_dict()`` holds only the parameters it owns
