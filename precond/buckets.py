@@ -1,7 +1,8 @@
 """Stacking parameters of equal layout: one batched state per bucket, per-parameter views into it.
 
-A bucket holds the parameters of one param group, shape, dtype and device that have seen the same number of updates
-(its one step counter). Each parameter's ``optimizer.state[p]`` keeps its usual nested dict (``precond.state``),
+A bucket holds the parameters of one param group, layout, dtype and device that have seen the same number of updates
+(its one step counter); a parameter cut into blocks (``precond.blocking``) takes part as its blocks, each a member
+of its own. Each parameter's ``optimizer.state[p]`` keeps its usual nested dict (``precond.state``),
 but its tensors are *views* of slice ``i`` of the bucket's stacked tensors, so the per-parameter state
 (``state_dict``, ``part_state``) and the batched math share memory.
 
@@ -108,20 +109,41 @@ class Bucket:
         self.write_back(sub, index)
 
 
-def _bucket(key: Hashable, params: list[torch.Tensor], group: dict[str, Any], storage: dict[str, Any], step: int,
-            states: Sequence[dict[str, Any]]) -> Bucket:
-    _assign_views(storage, states)
-    return Bucket(key, params, group["preconditioner"].plan(params[0].shape), storage, step, group)
+Members = Callable[[dict[str, Any]], list[torch.Tensor]]
+LayoutOf = Callable[[dict[str, Any], torch.Tensor], Layout]
+States = Any
+"""The per-member state dicts: ``state[p]`` and ``state.get(p)`` (``optimizer.state``, or
+:class:`precond.blocking.MemberStates` where a member may be a block of a parameter)."""
+
+
+def _whole(group: dict[str, Any]) -> list[torch.Tensor]:
+    return list(group["params"])
+
+
+def _plan(group: dict[str, Any], p: torch.Tensor) -> Layout:
+    return group["preconditioner"].plan(p.shape)
 
 
 class Buckets:
     """The optimizer's buckets: built from the per-parameter states, grown by new parameters, split by partial
-    steps, merged again when their step counts meet. ``key(group_index, p)`` says which parameters may stack."""
+    steps, merged again when their step counts meet. ``key(group_index, p)`` says which members may stack.
 
-    def __init__(self, key: Callable[[int, torch.Tensor], Hashable]) -> None:
+    A *member* is a parameter, or a block of one (a view, ``precond.blocking``): ``members(group)`` lists a group's
+    members and ``layout_of(group, member)`` gives a member's layout (by default every parameter is a member, planned
+    whole)."""
+
+    def __init__(self, key: Callable[[int, torch.Tensor], Hashable], members: Members = _whole,
+                 layout_of: LayoutOf = _plan) -> None:
         self.key = key
+        self.members = members
+        self.layout_of = layout_of
         self.items: Optional[list[Bucket]] = None
         self._split = False
+
+    def _bucket(self, key: Hashable, params: list[torch.Tensor], group: dict[str, Any], storage: dict[str, Any],
+                step: int, states: Sequence[dict[str, Any]]) -> Bucket:
+        _assign_views(storage, states)
+        return Bucket(key, params, self.layout_of(group, params[0]), storage, step, group)
 
     @property
     def built(self) -> bool:
@@ -134,11 +156,11 @@ class Buckets:
         """Forget the buckets (after ``load_state_dict``): they are rebuilt from the per-parameter states."""
         self.items = None
 
-    def rebuild(self, param_groups: Sequence[dict[str, Any]], state: dict[torch.Tensor, dict[str, Any]]) -> None:
-        """Stack the per-parameter states, one bucket per key and step count."""
+    def rebuild(self, param_groups: Sequence[dict[str, Any]], state: States) -> None:
+        """Stack the per-member states, one bucket per key and step count."""
         batches: dict[tuple, tuple[dict[str, Any], list[torch.Tensor]]] = {}
         for i, group in enumerate(param_groups):
-            for p in group["params"]:
+            for p in self.members(group):
                 if state.get(p):
                     if not isinstance(state[p][STEP], torch.Tensor):  # an older checkpoint's plain number
                         state[p][STEP] = new_step() + read_step(state[p])
@@ -146,17 +168,17 @@ class Buckets:
         self.items = []
         for (key, step), (group, params) in batches.items():
             states = [state[p] for p in params]
-            self.items.append(_bucket(key, params, group, stack_states(states), step, states))
+            self.items.append(self._bucket(key, params, group, stack_states(states), step, states))
 
     def add(self, key: Hashable, params: list[torch.Tensor], group: dict[str, Any], storage: dict[str, Any],
             states: Sequence[dict[str, Any]]) -> Bucket:
         """A new bucket of fresh parameters at step 0 (their per-parameter states become views of ``storage``)."""
-        bucket = _bucket(key, params, group, storage, 0, states)
+        bucket = self._bucket(key, params, group, storage, 0, states)
         if self.items is not None:
             self.items.append(bucket)
         return bucket
 
-    def split(self, bucket: Bucket, positions: Sequence[int], state: dict[torch.Tensor, dict[str, Any]]) -> Bucket:
+    def split(self, bucket: Bucket, positions: Sequence[int], state: States) -> Bucket:
         """Move the members at ``positions`` to a bucket of their own (returned); the rest stay in ``bucket``."""
         chosen_set = set(positions)
         keep = [i for i in range(len(bucket.params)) if i not in chosen_set]
@@ -165,12 +187,13 @@ class Buckets:
             index = torch.tensor(chosen, device=bucket.params[0].device)
             params = [bucket.params[i] for i in chosen]
             storage = map_leaves(bucket.storage, lambda t: t.index_select(0, index))
-            parts.append(_bucket(bucket.key, params, bucket.group, storage, bucket.step, [state[p] for p in params]))
+            states = [state[p] for p in params]
+            parts.append(self._bucket(bucket.key, params, bucket.group, storage, bucket.step, states))
         self.items[self.items.index(bucket):self.items.index(bucket) + 1] = parts
         self._split = True
         return parts[0]
 
-    def consolidate(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
+    def consolidate(self, state: States) -> None:
         """Merge buckets that share a key and a step count (after partial steps brought them level again)."""
         if not self._split or self.items is None:
             return
@@ -185,6 +208,6 @@ class Buckets:
                 continue
             params = [p for b in buckets for p in b.params]
             storage = _combine([b.storage for b in buckets], torch.cat)
-            items.append(_bucket(key, params, buckets[0].group, storage, step, [state[p] for p in params]))
+            items.append(self._bucket(key, params, buckets[0].group, storage, step, [state[p] for p in params]))
         self.items = items
 

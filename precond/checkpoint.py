@@ -24,9 +24,10 @@ from typing import Any
 import attrs
 import torch
 
+from precond.blocking import Blocks
 from precond.buckets import map_leaves
 from precond.layout import Layout
-from precond.state import ParamState, read_step
+from precond.state import BLOCKS, ParamState, read_step
 
 CONFIG_KEY = "preconditioner"
 PART_PACKAGES = ("structures", "estimators", "bases", "precond.appliers", "precond.preconditioner")
@@ -113,6 +114,10 @@ def check_state(storage: dict[str, Any], layout: Layout, name: str) -> None:
     ``S_k`` and ``Q_k`` must be ``d_k × d_k``, ``λ_k`` of length ``d_k`` and the momentum of the viewed shape."""
     if isinstance(storage, dict) and not storage:  # a parameter the optimizer has not stepped yet
         return
+    if isinstance(storage, dict) and BLOCKS in storage:
+        raise ValueError(f"the saved state of parameter {name} is cut into {len(storage[BLOCKS])} blocks, but the "
+                         f"parameter of shape {layout.shape} is planned whole here; was the checkpoint made with "
+                         "another max_dim or large= setting, or for another model?")
     try:
         read_step(storage)
         ps = ParamState.of(storage, layout)
@@ -131,6 +136,22 @@ def check_state(storage: dict[str, Any], layout: Layout, name: str) -> None:
                 f"the saved state of parameter {name} does not fit it: {what} is {found}, but the parameter of shape "
                 f"{layout.shape} (viewed as {layout.view_shape}) needs {shape}; was the checkpoint made for another "
                 "model, or with the parameters in another order?")
+
+
+def check_blocked_state(storage: dict[str, Any], blocks: Blocks, name: str) -> None:
+    """Refuse a saved state of a parameter cut into ``blocks`` unless it holds exactly one state per block
+    (``{"blocks": {"0": …, …}}``), each fitting its block's layout (:func:`check_state`)."""
+    if isinstance(storage, dict) and not storage:
+        return
+    saved = storage.get(BLOCKS) if isinstance(storage, dict) else None
+    expected = {str(i) for i in range(blocks.count)}
+    if not isinstance(saved, dict) or set(saved) != expected:
+        found = "no blocks" if not isinstance(saved, dict) else f"blocks {sorted(saved, key=str)}"
+        raise ValueError(f"the saved state of parameter {name} does not fit it: the parameter is cut into "
+                         f"{blocks.count} blocks ({blocks.describe()}), the checkpoint has {found}; was it made with "
+                         "another max_dim or large= setting, or for another model?")
+    for i, layout in enumerate(blocks.layouts):
+        check_state(saved[str(i)], layout, f"{name} (block {i})")
 
 
 def _restore_state(value: Any, p: torch.Tensor) -> Any:
@@ -181,7 +202,11 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
     for saved_id, value in saved_state.items():
         if saved_id in owner:
             p, group = owner[saved_id]
-            check_state(value, group[CONFIG_KEY].plan(p.shape), name_of(p))
+            blocks = group[CONFIG_KEY].blocks(p.shape)
+            if blocks is None:
+                check_state(value, group[CONFIG_KEY].plan(p.shape), name_of(p))
+            else:
+                check_blocked_state(value, blocks, name_of(p))
 
     state: defaultdict = defaultdict(dict)
     for saved_id, value in saved_state.items():

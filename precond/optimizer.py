@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import attrs
 import torch
 
+from precond.blocking import Blocks, Members, MemberStates
 from precond.buckets import Bucket, Buckets
 from precond.captured import CapturedSteps
 from precond.checkpoint import allow_parts, describe, restore
@@ -22,7 +23,7 @@ from precond.param_groups import check_hyperparameters, named, params_list
 from precond.precision import tf32_matmuls
 from precond.preconditioner import Preconditioner
 from precond.refresh_schedule import RefreshSchedule
-from precond.state import STEP, new_step
+from precond.state import BLOCKS, STEP, new_step
 
 _CONFIG_KEY = "preconditioner"
 _PART_KEYS = ("structure", "estimator", "basis", "applier", "first_step")
@@ -70,6 +71,11 @@ class Optimizer(torch.optim.Optimizer):
     preconditioning inside the backward pass, as soon as its gradients are final (``precond.overlap``: the same
     updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
     and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
+
+    A parameter that its structure cuts into blocks (``NMode(max_dim=b, large="block")``, Meta's blocking) is
+    stepped as its blocks, each a parameter of its own (``precond.blocking``): its state is
+    ``state[p] = {"blocks": {"0": …, …}}`` and :meth:`layout` gives its ``Blocks``. Not with ``overlap_backward`` or
+    ``distributed`` (refused at construction).
 
     ``distributed`` (optional, ``precond.DataParallel(...)``): spread the work and (``mode="owner"``) the state over
     the ranks of a process group, with the same updates (``precond.distributed``, ``docs/scaling.md``); then
@@ -129,16 +135,19 @@ class Optimizer(torch.optim.Optimizer):
         self.stack = options["stack"]
         self.tf32 = options["tf32"]
         self._schedule = RefreshSchedule(stagger=options["stagger"], asynchronous=options["async_refresh"])
-        self._buckets = Buckets(self._bucket_key)
+        self._members = Members()
+        self._buckets = Buckets(self._bucket_key, self._members.of_group, self._member_layout)
         self._fallbacks = FallbackCounter()
         self.capture = options.get("capture", False)
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
         self.overlap_backward = options.get("overlap_backward", False)
+        self._distributed_config = options.get("distributed")
+        for group in self.param_groups:
+            self._check_blocking(group)
         self._overlap = BackwardOverlap(self) if self.overlap_backward else None
         if self._overlap is not None:
             self._overlap.register([p for group in self.param_groups for p in group["params"]])
         # [distributed] the optional fifth part (precond.DataParallel): None is the single-process path
-        self._distributed_config = options.get("distributed")
         self._distributed = None if self._distributed_config is None else self._distributed_config.attach(self)
 
     def _options(self) -> dict[str, Any]:
@@ -191,6 +200,12 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"parameter {name or self._name(p)} is complex; precond supports real parameters only")
         super().add_param_group(param_group)
         added = self.param_groups[-1]
+        if hasattr(self, "_members"):  # a group added after construction (during it, _configure checks them all)
+            try:
+                self._check_blocking(added)
+            except ValueError:
+                self.param_groups.pop()
+                raise
         self._names.update(zip(map(id, added["params"]), added.get("param_names", ())))
         allow_parts(added[_CONFIG_KEY])
         if getattr(self, "_overlap", None) is not None:
@@ -198,17 +213,45 @@ class Optimizer(torch.optim.Optimizer):
 
     # --- helpers ---------------------------------------------------------------------------------
     def _name(self, p: torch.Tensor) -> str:
+        owner = self._members.owner(p) if hasattr(self, "_members") else None
+        if owner is not None:
+            return f"{self._name(owner[0])} (block {owner[1]})"
         return self._names.get(id(p), f"of shape {tuple(p.shape)}")
 
-    def layout(self, p: torch.Tensor) -> Layout:
-        """The plan of parameter ``p`` (its group's structure applied to its shape)."""
+    def _check_blocking(self, group: dict[str, Any]) -> None:
+        """Refuse blocked parameters (``NMode(large="block")``) with the options that do not handle them yet."""
+        if not (self.overlap_backward or self._distributed_config is not None):
+            return
+        blocked = [self._name(p) for p in group["params"] if group[_CONFIG_KEY].blocks(p.shape) is not None]
+        if blocked:
+            option = "overlap_backward=True" if self.overlap_backward else "distributed=..."
+            raise ValueError(f"parameter(s) {', '.join(blocked)} are cut into blocks (a structure with "
+                             f"large='block'), which {option} does not support yet: leave {option.split('=')[0]} "
+                             "off, or give those parameters large='none'/'diagonal' or a max_dim above their modes")
+
+    @property
+    def _states(self) -> MemberStates:
+        """The state dict of every member the buckets stack (a parameter, or a block of one)."""
+        return self._members.states(self.state)
+
+    def _member_layout(self, group: dict[str, Any], member: torch.Tensor) -> Layout:
+        return self._members.layout(member, group[_CONFIG_KEY])
+
+    def layout(self, p: torch.Tensor) -> Union[Layout, Blocks]:
+        """The plan of parameter ``p`` (its group's structure applied to its shape): a :class:`Layout`, or for a
+        parameter cut into blocks (``NMode(large="block")``) its :class:`precond.blocking.Blocks`."""
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
-                return group[_CONFIG_KEY].plan(p.shape)
+                blocks = group[_CONFIG_KEY].blocks(p.shape)
+                return group[_CONFIG_KEY].plan(p.shape) if blocks is None else blocks
         raise KeyError("parameter is not managed by this optimizer")
 
     def part_state(self, p: torch.Tensor, part: str) -> dict[str, Any]:
-        """One part's state of parameter ``p``: ``part`` is ``"estimator"``, ``"basis"`` or ``"applier"``."""
+        """One part's state of parameter ``p``: ``part`` is ``"estimator"``, ``"basis"`` or ``"applier"``. For a
+        parameter cut into blocks, the same per block: ``{"0": part state of block 0, …}``."""
+        blocks = self.state[p].get(BLOCKS)
+        if blocks is not None:
+            return {i: state.get(part, {}) for i, state in blocks.items()}
         return self.state[p].get(part, {})
 
     def buckets(self) -> tuple[Bucket, ...]:
@@ -247,7 +290,7 @@ class Optimizer(torch.optim.Optimizer):
         size = torch.empty((), dtype=self.state_dtype).element_size()
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
-                layout = group[_CONFIG_KEY].plan(p.shape)
+                layout = self.layout(p)
                 numel = layout.state_numel()
                 total += numel
                 lines.append(f"group {i} {self._name(p)}: {layout.describe()}  factors {numel * size / 2**20:.2f} MiB")
@@ -327,10 +370,15 @@ class Optimizer(torch.optim.Optimizer):
         if work is None:
             return
         self._schedule.flush()
-        fresh = [(group, p, grad) for group, p, grad in work if not self.state[p]]
+        work = self._members.expand(work)  # a blocked parameter: one entry per block (precond.blocking)
+        if self._members.changed:  # a blocked parameter's storage was replaced: its views were made again
+            self._members.changed = False
+            self._buckets.invalidate()
+        states = self._states
+        fresh = [(group, p, grad) for group, p, grad in work if not states[p]]
         if not self._buckets.built:
-            self._buckets.rebuild(self.param_groups, self.state)
-        self._buckets.consolidate(self.state)
+            self._buckets.rebuild(self.param_groups, states)
+        self._buckets.consolidate(states)
         moves = self._initialize(fresh) if fresh else []
         self._apply_moves(moves)
         if self._captured is not None:
@@ -343,7 +391,7 @@ class Optimizer(torch.optim.Optimizer):
             if not present:
                 continue
             if len(present) < len(bucket.params):
-                bucket = self._buckets.split(bucket, present, self.state)
+                bucket = self._buckets.split(bucket, present, states)
             bucket_grads = [grads[id(p)] for p in bucket.params]
             if self._captured is not None and self._captured.applies_to(bucket):
                 self._captured.update(self, bucket, bucket_grads)
@@ -363,7 +411,11 @@ class Optimizer(torch.optim.Optimizer):
             self._apply(bucket.group, bucket.params, update, bucket.layout)
 
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
-        return (group_index, tuple(p.shape), p.dtype, p.device, None if self.stack else id(p))
+        """Members stack when they share a group, a layout (a parameter's plan of its shape, or a block's layout:
+        blocks of a parameter and parameters of the block's shape stack together when viewed alike), a dtype and a
+        device."""
+        layout = self._member_layout(self.param_groups[group_index], p)
+        return (group_index, layout, p.dtype, p.device, None if self.stack else id(p))
 
     def _initialize(
         self, fresh: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]
@@ -379,14 +431,15 @@ class Optimizer(torch.optim.Optimizer):
             group = items[0][0]
             params = [p for _, p, _ in items]
             preconditioner: Preconditioner = group[_CONFIG_KEY]
-            layout = preconditioner.plan(params[0].shape)
+            layout = self._member_layout(group, params[0])
             grad = torch.stack([layout.view(g) for _, _, g in items]).to(self.state_dtype)
             ps = preconditioner.init_state(grad, layout, self._fallbacks, tuple(params))
             if group["momentum"] > 0:
                 ps.momentum = torch.zeros_like(grad)
+            states = self._states
             for p in params:
-                self.state[p][STEP] = new_step()
-            bucket = self._buckets.add(key, params, group, ps.storage(), [self.state[p] for p in params])
+                states[p][STEP] = new_step()
+            bucket = self._buckets.add(key, params, group, ps.storage(), [states[p] for p in params])
             if preconditioner.updates_on_first_gradient:
                 moves.append((bucket, self._advance(bucket, [g for _, _, g in items])))
         return moves
@@ -409,7 +462,8 @@ class Optimizer(torch.optim.Optimizer):
         if bucket.preconditioner.folds_at(step) and not bucket.preconditioner.folds_before_apply:
             self._refresh(bucket, step)
         bucket.step = step
-        torch._foreach_add_([self.state[p][STEP] for p in bucket.params], 1)
+        states = self._states
+        torch._foreach_add_([states[p][STEP] for p in bucket.params], 1)
 
     def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: Step,
                    fold: Optional[bool] = None) -> torch.Tensor:
@@ -459,12 +513,12 @@ class Optimizer(torch.optim.Optimizer):
             self._schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
 
     def _refresh_units(self) -> list[tuple[tuple[int, int], int, int]]:
-        """Every refreshable mode of every parameter, in parameter order: ``((id(p), k), d_k, T)``."""
+        """Every refreshable mode of every member (parameter or block), in parameter order: ``((id(p), k), d_k, T)``."""
         units = []
         for group in self.param_groups:
             preconditioner: Preconditioner = group[_CONFIG_KEY]
-            for p in group["params"]:
-                layout = preconditioner.plan(p.shape)
+            for p in self._members.of_group(group):
+                layout = self._member_layout(group, p)
                 for k in preconditioner.refreshable_modes(layout):
                     units.append(((id(p), k), layout.view_shape[k], preconditioner.basis.every))
         return units

@@ -22,7 +22,9 @@ from precond.state import ParamState
 
 @runtime_checkable
 class Structure(Protocol):
-    """Which modes of the (viewed) weight get a dense factor: ``plan(shape) -> Layout``."""
+    """Which modes of the (viewed) weight get a dense factor: ``plan(shape) -> Layout``. A structure may also cut a
+    weight into blocks preconditioned separately: an optional ``blocks(shape) -> Optional[precond.blocking.Blocks]``
+    (None: ``plan`` covers the weight whole), as ``NMode(large="block")``."""
 
     def plan(self, shape: Sequence[int]) -> Layout: ...
 

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 import torch
 
+from precond.blocking import Blocks
 from precond.ema import Step
 from precond.fallbacks import FallbackCounter
 from precond.layout import Layout
@@ -16,12 +17,24 @@ from precond.refresh import Refresh, is_due, refresh_index
 from precond.state import ParamState
 
 
-@functools.lru_cache(maxsize=1024)
-def _plan(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Layout:
-    layout = preconditioner.structure.plan(shape)
+def _factorless(preconditioner: "Preconditioner", layout: Layout) -> Layout:
     if not preconditioner.basis.needs_factors:  # Q_k = I: dense modes keep only their spectrum
         layout = layout.with_kinds(tuple("diagonal" if kind == "dense" else kind for kind in layout.kinds))
     return layout
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Layout:
+    return _factorless(preconditioner, preconditioner.structure.plan(shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _blocks(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Optional[Blocks]:
+    cut = getattr(preconditioner.structure, "blocks", None)
+    blocks = None if cut is None else cut(shape)
+    if blocks is None:
+        return None
+    return blocks.with_layouts([_factorless(preconditioner, layout) for layout in blocks.layouts])
 
 
 @attrs.frozen
@@ -63,6 +76,11 @@ class Preconditioner:
 
     def plan(self, shape: Sequence[int]) -> Layout:
         return _plan(self, tuple(shape))
+
+    def blocks(self, shape: Sequence[int]) -> Optional[Blocks]:
+        """The blocks of a weight the structure cuts into blocks (its optional ``blocks(shape)``, e.g.
+        ``NMode(large="block")``), each preconditioned as a parameter of its own; None when it is planned whole."""
+        return _blocks(self, tuple(shape))
 
     # --- the first gradient -------------------------------------------------------------------
     def init_state(self, grad: torch.Tensor, layout: Layout, counter: Optional[FallbackCounter] = None,

@@ -7,7 +7,9 @@ with their own param groups, and reprs and logs name the method. The lower-case 
 same classes under the names of the first release.
 
 Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim``, ``first_step`` and
-``order`` (the preconditioner's; see :class:`precond.Preconditioner`) and passes any other keyword (``nesterov``,
+``order`` (the preconditioner's; see :class:`precond.Preconditioner`), ``large`` (its structure's: what a mode above
+``max_dim`` gets; ``large="block"`` cuts it into blocks of ``max_dim`` with factors of their own, as Meta's
+Distributed Shampoo, see ``precond.blocking``) and passes any other keyword (``nesterov``,
 ``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``, …) to
 :class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's EMA weight ρ.
 All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
@@ -35,17 +37,29 @@ _PRECONDITIONER_OPTIONS = ("first_step", "order")
 """Keywords every preset accepts for its preconditioner rather than the optimizer: ``first_step="update"`` (use the
 first gradient at once, as Meta's Shampoo) and ``order="fold_then_apply"`` (Meta's step order)."""
 
+_STRUCTURE_OPTIONS = ("large",)
+"""Keywords every preset accepts for its structure: ``large`` (what a mode above ``max_dim`` gets: ``"none"``,
+``"diagonal"``, or ``"block"``, Meta's blocking, for the ``NMode`` presets)."""
+
 
 def _settings(lr: float, betas: Betas, weight_decay: float, defaults: dict[str, Any],
               options: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's keywords of a preset; ``options`` (the caller's) override the preset's ``defaults``."""
-    chosen = {k: v for k, v in options.items() if k not in _PRECONDITIONER_OPTIONS}
+    chosen = {k: v for k, v in options.items() if k not in (*_PRECONDITIONER_OPTIONS, *_STRUCTURE_OPTIONS)}
     return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **chosen})
 
 
 def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Preconditioner:
-    """The preset's preconditioner with the caller's ``first_step``/``order``, if given."""
-    return attrs.evolve(preconditioner, **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
+    """The preset's preconditioner with the caller's ``first_step``/``order`` and structure ``large``, if given."""
+    structure = preconditioner.structure
+    if "large" in options:
+        if options["large"] == "block" and not hasattr(structure, "blocks"):
+            raise ValueError(f"large='block' cuts modes above max_dim into blocks, which {type(structure).__name__} "
+                             "(this preset's structure) does not do; use a preset with NMode (shampoo, soap, "
+                             "kl_shampoo, …) or large='none'/'diagonal'")
+        structure = attrs.evolve(structure, large=options["large"])
+    return attrs.evolve(preconditioner, structure=structure,
+                        **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
 
 
 class KLShampoo(Optimizer):

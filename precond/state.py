@@ -8,6 +8,7 @@ Storage, per parameter (``optimizer.state[p]``, what ``state_dict`` saves; uncha
      "applier": {**the applier's own tensors (e.g. a graft's "v")},
      "momentum": m (only with momentum > 0)}
 
+A parameter cut into blocks (``precond.blocking``) keeps ``{"blocks": {"i": the storage above of block i}}``.
 ``k`` is the viewed mode as a string; a mode without a factor (or spectrum) has no entry. Inside a bucket every
 tensor carries a leading batch axis ``B`` and each parameter's entries are views of its slice.
 :class:`ParamState` gives the parts lists indexed by mode (``None`` where absent) that are *views* of the storage:
@@ -26,6 +27,8 @@ from precond.layout import Layout
 Tensors = list[Optional[torch.Tensor]]
 STEP = "step"
 MOMENTUM = "momentum"
+BLOCKS = "blocks"
+"""A blocked parameter's state (``precond.blocking``): ``{"blocks": {"0": state of block 0, …}}``."""
 
 
 def _keyed(tensors: Tensors) -> dict[str, torch.Tensor]:
