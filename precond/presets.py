@@ -9,8 +9,8 @@ same classes under the names of the first release.
 Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim``, ``first_step`` and
 ``order`` (the preconditioner's; see :class:`precond.Preconditioner`) and passes any other keyword (``nesterov``,
 ``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``,
-``rotation_dtype``, …) to
-:class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's EMA weight ρ.
+``rotation_dtype``, …) to :class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's
+EMA weight ρ.
 All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
 above ``max_dim`` is left without a dense factor (embeddings and LM heads work: only their small side is
 preconditioned), and a vector parameter (bias, norm scale) gets a diagonal spectrum.
