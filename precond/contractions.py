@@ -11,11 +11,19 @@ identity mode: it is carried through untouched.
 
 Expressions are built once per (shapes, identity pattern) with ``opt_einsum.contract_expression`` and
 cached, so the path search is paid once per layout.
+
+Low-precision rotations (``operand_dtype``, ``precond.Optimizer(rotation_dtype=...)``): the mode products run one
+mode after another (dense modes in order), each with both operands rounded to ``operand_dtype`` (bfloat16 or
+float16) and accumulated and written in ``x``'s dtype: ``Y ← fl(Y) ×_k fl(Q_k)``, where ``fl`` rounds to
+``operand_dtype``. On CUDA that is one ``torch.bmm(..., out_dtype=float32)`` per mode (tensor cores, float32
+accumulation); elsewhere the rounded operands are multiplied in ``x``'s dtype, which is the same arithmetic (a
+product of two bfloat16 or float16 numbers is exact in float32).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence
 
 import opt_einsum
@@ -52,25 +60,33 @@ def _rotation_expression(shape: tuple[int, ...], dense: tuple[bool, ...], invers
     return opt_einsum.contract_expression(equation, *shapes)
 
 
-def rotate(x: torch.Tensor, bases: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+def rotate(x: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
+           operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rotate into the eigenbases: ``R = X ×_1 Q_1 ⋯ ×_N Q_N``, i.e. ``Q_kᵀ`` applied along each mode.
 
     ``x`` has shape ``(B, d_1, …, d_N)``; ``bases[k]`` is ``(B, d_k, d_k)`` or ``None`` (identity mode).
+    ``operand_dtype`` (bfloat16 or float16): low-precision operands, ``x``'s dtype for accumulation and result
+    (module docstring); ``None`` (default): one einsum in ``x``'s dtype.
     """
-    return _apply(x, bases, inverse=False)
+    return _apply(x, bases, inverse=False, operand_dtype=operand_dtype)
 
 
-def unrotate(y: torch.Tensor, bases: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """Rotate back from the eigenbases: ``U = Y ×_1 Q_1ᵀ ⋯ ×_N Q_Nᵀ`` (inverse of :func:`rotate`)."""
-    return _apply(y, bases, inverse=True)
+def unrotate(y: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
+             operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rotate back from the eigenbases: ``U = Y ×_1 Q_1ᵀ ⋯ ×_N Q_Nᵀ`` (inverse of :func:`rotate`); ``operand_dtype``
+    as there."""
+    return _apply(y, bases, inverse=True, operand_dtype=operand_dtype)
 
 
-def _apply(x: torch.Tensor, bases: Sequence[Optional[torch.Tensor]], inverse: bool) -> torch.Tensor:
+def _apply(x: torch.Tensor, bases: Sequence[Optional[torch.Tensor]], inverse: bool,
+           operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if len(bases) != x.ndim - 1:
         raise ValueError(f"got {len(bases)} bases for a tensor of order {x.ndim - 1} (plus batch axis)")
     dense = tuple(q is not None for q in bases)
     if not any(dense):
         return x
+    if operand_dtype is not None:
+        return _apply_low(x, bases, inverse, operand_dtype)
     expr = _rotation_expression(tuple(x.shape), dense, inverse)
     return expr(x, *[q for q in bases if q is not None], backend="torch")
 
@@ -129,3 +145,49 @@ def scale(x: torch.Tensor, vectors: Sequence[Optional[torch.Tensor]]) -> torch.T
         if v is not None:
             x = x * _broadcast_view(v, order, k)
     return x
+
+
+def _apply_low(x: torch.Tensor, bases: Sequence[Optional[torch.Tensor]], inverse: bool,
+               operand_dtype: torch.dtype) -> torch.Tensor:
+    """``fl(⋯fl(fl(X) ×_1 fl(Q_1)) ⋯) ×_N fl(Q_N)`` over the dense modes in order (``Q_kᵀ`` when ``inverse``), each
+    product accumulated and returned in ``x.dtype`` (``fl``: rounding to ``operand_dtype``)."""
+    out_dtype = x.dtype
+    y = x
+    for k, q in enumerate(bases):
+        if q is None:
+            continue
+        q = q.to(operand_dtype)
+        y = _mode_product_low(y, q.mT if inverse else q, k, operand_dtype, out_dtype)
+    return y
+
+
+def _mode_product_low(x: torch.Tensor, a: torch.Tensor, k: int, operand_dtype: torch.dtype,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """``fl(X) ×_k A`` (``A`` already in ``operand_dtype``, ``(B, d_k, d_k)``) as one batched matmul: ``X`` is seen
+    as ``(B, P, d_k, S)`` (``P``, ``S``: the sizes of the modes before and after ``k``)."""
+    shape = x.shape
+    batch, d = shape[0], shape[k + 1]
+    before, after = math.prod(shape[1:k + 1]), math.prod(shape[k + 2:])
+    if after == 1:  # last mode: X_(B,P,d) @ A
+        out = _bmm(x.reshape(batch, before, d).to(operand_dtype), a, out_dtype)
+    elif before == 1:  # first mode: Aᵀ @ X_(B,d,S)
+        out = _bmm(a.mT, x.reshape(batch, d, after).to(operand_dtype), out_dtype)
+    else:  # a middle mode: bring it last (one copy, fused with the rounding), multiply, put it back
+        moved = x.reshape(batch, before, d, after).transpose(2, 3)
+        moved = moved.to(operand_dtype, memory_format=torch.contiguous_format).reshape(batch, before * after, d)
+        out = _bmm(moved, a, out_dtype).reshape(batch, before, after, d).transpose(2, 3)
+    return out.reshape(shape)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` of two ``operand_dtype`` stacks, accumulated and returned in ``out_dtype``."""
+    if a.device.type == "cuda" and out_dtype == torch.float32 and _cuda_out_dtype():
+        return torch.bmm(a, b, out_dtype=out_dtype)
+    return torch.bmm(a.to(out_dtype), b.to(out_dtype))  # exact products, accumulated in out_dtype
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_out_dtype() -> bool:
+    """Whether this torch has ``bmm(..., out_dtype=)`` (CUDA: float32 results of bfloat16/float16 operands; torch
+    ≥ 2.8). Read from the operator's overloads, so no kernel runs (this may first be asked inside a graph capture)."""
+    return "dtype" in torch.ops.aten.bmm.overloads()

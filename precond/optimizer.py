@@ -72,10 +72,19 @@ class Optimizer(torch.optim.Optimizer):
     updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
     and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
 
+<<<<<<< HEAD
     A parameter that its structure cuts into blocks (``NMode(max_dim=b, large="block")``, Meta's blocking) is
     stepped as its blocks, each a parameter of its own (``precond.blocking``): its state is
     ``state[p] = {"blocks": {"0": …, …}}`` and :meth:`layout` gives its ``Blocks``. Not with ``overlap_backward`` or
     ``distributed`` (refused at construction).
+=======
+    ``rotation_dtype`` (opt-in, a group hyperparameter: ``torch.bfloat16`` or ``torch.float16``; ``None``, the
+    default, changes nothing): the applier's rotations of the direction into the eigenbasis and back
+    (``M ×_k Q_k`` and ``R ×_k Q_kᵀ``, most of a step's matmul work) take operands rounded to that dtype and
+    accumulate in ``state_dtype`` (``precond.contractions``); the bases, factors, spectra and every other product stay
+    in ``state_dtype``. It works with ``capture``, ``overlap_backward`` and ``distributed`` (they run the same
+    apply); ``docs/benchmarks.md`` ("bf16 rotations") measures its effect on the final loss.
+>>>>>>> bf16rot
 
     ``distributed`` (optional, ``precond.DataParallel(...)``): spread the work and (``mode="owner"``) the state over
     the ranks of a process group, with the same updates (``precond.distributed``, ``docs/scaling.md``); then
@@ -102,6 +111,7 @@ class Optimizer(torch.optim.Optimizer):
         capture: Union[bool, str] = False,
         overlap_backward: bool = False,
         distributed: Optional[Any] = None,
+        rotation_dtype: Optional[torch.dtype] = None,
     ) -> None:
         if on_nonfinite not in ("raise", "skip", "ignore"):
             raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}")
@@ -122,7 +132,8 @@ class Optimizer(torch.optim.Optimizer):
         self._names: dict[int, str] = {}
         params = params_list(params)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        decay_order=decay_order, bias_correction=bias_correction, preconditioner=preconditioner)
+                        decay_order=decay_order, bias_correction=bias_correction, rotation_dtype=rotation_dtype,
+                        preconditioner=preconditioner)
         super().__init__(params, defaults)
         self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
                              async_refresh=async_refresh, tf32=tf32, capture=capture,
@@ -480,14 +491,16 @@ class Optimizer(torch.optim.Optimizer):
             if group["bias_correction"]:
                 source = source / bias_correction(beta1, step)
         preconditioner = bucket.preconditioner
+        rotation_dtype = group.get("rotation_dtype")
         if not preconditioner.folds_before_apply:
-            return preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold)
+            return preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold,
+                                               rotation_dtype=rotation_dtype)
         # Meta's order: fold step t's gradient, refresh (and install) what is due at t, then precondition with them
         preconditioner.fold(bucket.state, grad, layout, step, fold)
         if preconditioner.folds_at(step):
             self._refresh(bucket, step)
             self._schedule.flush()
-        return preconditioner.apply(bucket.state, grad, source, layout, step)
+        return preconditioner.apply(bucket.state, grad, source, layout, step, rotation_dtype)
 
     def _refresh(self, bucket: Bucket, step: int) -> None:
         """Refresh the modes of ``bucket``'s members that the schedule says are due after ``step``."""

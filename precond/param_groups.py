@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from precond.precision import check_rotation_dtype
 from precond.preconditioner import Preconditioner
 from precond.validators import is_number
 
@@ -49,6 +50,7 @@ def check_hyperparameters(group: dict[str, Any], read_tensor: bool = True) -> No
                          f"got {group['decay_order']!r}")
     if not isinstance(group["bias_correction"], bool):
         raise ValueError(f"bias_correction must be True or False, got {group['bias_correction']!r}")
+    check_rotation_dtype(group.get("rotation_dtype"))
     if not isinstance(group[CONFIG_KEY], Preconditioner):
         raise TypeError(f"preconditioner must be a precond.Preconditioner, got {type(group[CONFIG_KEY]).__name__}")
 

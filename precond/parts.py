@@ -73,13 +73,16 @@ class Basis(Protocol):
 class ApplyContext:
     """What an applier may read: the pre-step state view ``ps`` (bases, spectra, the applier's own tensors), the
     layout, the raw gradient ``grad``, the step ``t`` (an int, or a 0-d device tensor in a captured step: use
-    :func:`precond.ema.bias_correction`) and the estimator's full-size spectrum ``dense`` (or None)."""
+    :func:`precond.ema.bias_correction`), the estimator's full-size spectrum ``dense`` (or None) and
+    ``rotation_dtype``: the operand dtype of the rotations into and out of the bases (bfloat16 or float16, products
+    accumulated in the state dtype; ``None``: the state dtype, see :func:`precond.contractions.rotate`)."""
 
     ps: ParamState
     layout: Layout
     grad: torch.Tensor
     step: Step
     dense: Optional[torch.Tensor] = None
+    rotation_dtype: Optional[torch.dtype] = None
 
 
 @runtime_checkable

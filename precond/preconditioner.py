@@ -114,28 +114,31 @@ class Preconditioner:
         return self.order == "fold_then_apply"
 
     def precondition(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
-                     step: Step, fold: Optional[bool] = None) -> torch.Tensor:
+                     step: Step, fold: Optional[bool] = None,
+                     rotation_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The update for ``direction`` and the fold of ``grad``, in ``order``, without any refresh (that is
         :meth:`step`'s, or the optimizer's schedule's): :meth:`apply` then :meth:`fold` by default; :meth:`fold`
         then :meth:`apply` with ``"fold_then_apply"``. A caller that wants Meta's order with refreshes calls
         :meth:`fold`, then the due refreshes, then :meth:`apply` itself (as :meth:`step` does).
 
         ``step`` may be a 0-d device tensor (a captured step: parts only use it for bias corrections); then
-        ``fold``, the host's :meth:`folds_at` verdict for it, must be given."""
+        ``fold``, the host's :meth:`folds_at` verdict for it, must be given. ``rotation_dtype``: see :meth:`apply`."""
         if self.folds_before_apply:
             self.fold(ps, grad, layout, step, fold)
-            return self.apply(ps, grad, direction, layout, step)
-        update = self.apply(ps, grad, direction, layout, step)
+            return self.apply(ps, grad, direction, layout, step, rotation_dtype)
+        update = self.apply(ps, grad, direction, layout, step, rotation_dtype)
         self.fold(ps, grad, layout, step, fold)
         return update
 
     def apply(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
-              step: Step) -> torch.Tensor:
+              step: Step, rotation_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The update for ``direction`` from the current bases and spectra: the estimator's ``prepare`` (statistics
-        the direction must already see, e.g. SOAP's ``V``), then the applier. Folds nothing into ``S_k``/``λ_k``."""
+        the direction must already see, e.g. SOAP's ``V``), then the applier. Folds nothing into ``S_k``/``λ_k``.
+        ``rotation_dtype`` (bfloat16/float16) is handed to the applier for its rotations of ``direction`` (the
+        estimator's statistics are computed in the state dtype whatever it is)."""
         self.estimator.prepare(ps, grad, layout, step)
         ctx = ApplyContext(ps=ps, layout=layout, grad=grad, step=step,
-                           dense=self.estimator.dense_spectrum(ps, step))
+                           dense=self.estimator.dense_spectrum(ps, step), rotation_dtype=rotation_dtype)
         return self.applier.apply(direction, ctx)
 
     def fold(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: Step,
@@ -146,14 +149,14 @@ class Preconditioner:
             self.estimator.update(ps, grad, layout)
 
     def step(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout, step: int,
-             counter: Optional[FallbackCounter] = None) -> torch.Tensor:
+             counter: Optional[FallbackCounter] = None, rotation_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The whole step of one stack of parameters without an optimizer (tests, references), in ``order``:
         :meth:`apply`, :meth:`fold`, :meth:`refresh_due`; or :meth:`fold`, :meth:`refresh_due`, :meth:`apply`."""
         if self.folds_before_apply:
             self.fold(ps, grad, layout, step)
             self.refresh_due(ps, layout, step, counter)
-            return self.apply(ps, grad, direction, layout, step)
-        update = self.precondition(ps, grad, direction, layout, step)
+            return self.apply(ps, grad, direction, layout, step, rotation_dtype)
+        update = self.precondition(ps, grad, direction, layout, step, rotation_dtype=rotation_dtype)
         self.refresh_due(ps, layout, step, counter)
         return update
 

@@ -10,8 +10,9 @@ Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every 
 ``order`` (the preconditioner's; see :class:`precond.Preconditioner`), ``large`` (its structure's: what a mode above
 ``max_dim`` gets; ``large="block"`` cuts it into blocks of ``max_dim`` with factors of their own, as Meta's
 Distributed Shampoo, see ``precond.blocking``) and passes any other keyword (``nesterov``,
-``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``, …) to
-:class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's EMA weight ρ.
+``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``,
+``rotation_dtype``, …) to :class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's
+EMA weight ρ.
 All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
 above ``max_dim`` is left without a dense factor (embeddings and LM heads work: only their small side is
 preconditioned), and a vector parameter (bias, norm scale) gets a diagonal spectrum.

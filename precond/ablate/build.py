@@ -46,6 +46,7 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
         kwargs["graft"] = None
     if "applier" in options:
         kwargs["p"] = options["applier"]
+    kwargs.update(_rotation(options))
     if "beta1" in options or "beta2" in options:
         default_beta1, default_beta2 = inspect.signature(factory).parameters["betas"].default
         kwargs["betas"] = (options.get("beta1", default_beta1), options.get("beta2", default_beta2))
@@ -65,4 +66,9 @@ def composition_optimizer(params: Iterable[Any], lr: float, options: Mapping[str
     return precond.Optimizer(
         params, preconditioner=make_preconditioner(options), lr=lr, momentum=options["beta1"],
         weight_decay=options.get("weight_decay", 0.0), decay_order=options["decay_order"],
-        bias_correction=options["bias_correction"], **(fast or {}))
+        bias_correction=options["bias_correction"], **_rotation(options), **(fast or {}))
+
+
+def _rotation(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``rotation_dtype`` as ``precond.Optimizer`` takes it (a torch dtype), when the variant sets it."""
+    return {"rotation_dtype": getattr(torch, options["rotation_dtype"])} if "rotation_dtype" in options else {}

@@ -145,6 +145,19 @@ def learning_rates(value: Any) -> tuple[float, ...]:
     return rates
 
 
+ROTATION_DTYPES = ("bfloat16", "float16")
+
+
+def rotation_dtype(value: Any) -> str:
+    """``bfloat16`` or ``float16`` (``bf16``, ``fp16`` accepted): the operand dtype of the applier's rotations."""
+    text = str(value).strip().lower()
+    text = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(text, text)
+    if text not in ROTATION_DTYPES:
+        raise ValueError(f"got {value!r}; allowed: bfloat16 (bf16), float16 (fp16); leave the key out for rotations "
+                         "in the state dtype")
+    return text
+
+
 def name(value: Any) -> str:
     text = str(value).strip()
     if not text:
@@ -176,6 +189,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "bias_correction": boolean,
     "decay_order": choice(CHOICES["decay_order"]),
     "adam_lr": positive,
+    "rotation_dtype": rotation_dtype,
 }
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
@@ -202,6 +216,8 @@ MEANINGS: dict[str, str] = {
     "eps_placement": "(λ+ε)^-p (factor) or 1/(λ^p+ε) (outside)",
     "bias_correction": "bias-corrected momentum: true or false",
     "decay_order": "weight decay before or after the update",
+    "rotation_dtype": "operand dtype of the rotations into and out of the eigenbasis (precond.Optimizer's "
+                      "rotation_dtype; default: the state dtype)",
     "adam_lr": "the Adam part's learning rate of muon and torch_muon (embeddings, head, vectors; default 3e-4)",
 }
 """What a key means, for ``--list``."""

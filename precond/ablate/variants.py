@@ -28,13 +28,16 @@ key                    values                                                   
 ``lr_from``            run at the best lr of the variant named here, once tuned    unset
 ``bracket``            extend the grid until the best lr lies inside (true/false)  true
 ``adam_lr``            the Adam part's lr of ``muon`` and ``torch_muon`` only      3e-4
+``rotation_dtype``     ``bfloat16`` or ``float16`` operands for the rotations      the state dtype
+                       into and out of the eigenbasis (``rotation_dtype`` of
+                       ``precond.Optimizer``)
 =====================  ==========================================================  =====================
 
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
-``max_dim``, ``bias_correction``, ``decay_order``, and ``graft``/``applier`` where the preset has them, as
-``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``, ``torch_muon``) and ``muon``
+``max_dim``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, and ``graft``/``applier`` where the preset has
+them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``, ``torch_muon``) and ``muon``
 accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at its default is KL-Shampoo
 as in ``precond.kl_shampoo``.
 """
@@ -59,7 +62,8 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 """Defaults of a composition; ``bias_correction`` defaults to true for ``estimator=frobenius`` (SOAP's V is
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
-PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "bias_correction", "decay_order")
+PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "bias_correction", "decay_order",
+               "rotation_dtype")
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:

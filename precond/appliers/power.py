@@ -34,6 +34,9 @@ class Power:
       ``"factor"``. With ``p = ½``, ``"outside"`` and the optimizer's ``1/(1−β₁ᵗ)`` this is the official SOAP update
       ``η·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε)`` (nikhilvyas/SOAP ``correct_bias``; Adam's Algorithm 1 with ε̂), where
       ``None`` gives torch's Adam form ``m̂/(√v̂ + ε)``. ``β`` must be the spectrum's (e.g. ``DenseSpectrum.beta``).
+
+    The two rotations use ``ctx.rotation_dtype`` operands when it is set (``precond.Optimizer(rotation_dtype=...)``);
+    the scaling between them stays in the state dtype.
     """
 
     p: Exponent = attrs.field(default=0.5, validator=number(
@@ -61,7 +64,7 @@ class Power:
             return direction
         bases, spectra, dense = ctx.ps.Q, ctx.ps.lam, ctx.dense
         eps = self._eps(ctx.step, p)
-        rotated = rotate(direction, bases)
+        rotated = rotate(direction, bases, ctx.rotation_dtype)
         if dense is not None:
             rotated = (
                 rotated * (dense + eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + eps)
@@ -72,7 +75,7 @@ class Power:
             rotated = rotated / (outer([None if lam is None else lam.pow(p) for lam in spectra], rotated.shape) + eps)
         else:
             rotated = rotated / (1.0 + eps)
-        return unrotate(rotated, bases)
+        return unrotate(rotated, bases, ctx.rotation_dtype)
 
     def _eps(self, step: int, p: float) -> float:
         """ε, or ``ε_t`` on the uncorrected spectrum (``eps_uncorrected_beta``)."""

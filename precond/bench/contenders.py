@@ -32,6 +32,11 @@ LEVERS = {
                                  "capture": True},
     "kl_shampoo_fast_overlap": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
                                 "overlap_backward": True},
+    # bfloat16 rotations (rotation_dtype): time each beside the same line without it
+    "kl_shampoo_fast_sync_bf16": {"stagger": True, "basis": "cholesky", "tf32": True,
+                                  "rotation_dtype": torch.bfloat16},
+    "kl_shampoo_fast_captured_bf16": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
+                                      "capture": True, "rotation_dtype": torch.bfloat16},
 }
 
 
@@ -59,6 +64,8 @@ def factory(name: str, every: int, max_dim: int, lr: float = 1e-3, fast: bool = 
         "soap": lambda p: precond.soap(p, lr=lr, every=every, max_dim=max_dim, **ours),
         "soap_captured": lambda p: precond.soap(p, lr=lr, every=every, max_dim=max_dim, stagger=True, capture=True,
                                                 **ours),
+        "soap_bf16": lambda p: precond.soap(p, lr=lr, every=every, max_dim=max_dim, rotation_dtype=torch.bfloat16,
+                                            **ours),
         "shampoo": lambda p: precond.shampoo(p, lr=lr, every=every, max_dim=max_dim, **ours),
         "hb_kl_shampoo": lambda p: _heavyball("KLShampoo")(p, lr=lr, betas=(0.9, 0.95), precondition_frequency=every,
                                                            max_precond_dim=max_dim),
