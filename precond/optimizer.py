@@ -72,19 +72,17 @@ class Optimizer(torch.optim.Optimizer):
     updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
     and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
 
-<<<<<<< HEAD
     A parameter that its structure cuts into blocks (``NMode(max_dim=b, large="block")``, Meta's blocking) is
     stepped as its blocks, each a parameter of its own (``precond.blocking``): its state is
     ``state[p] = {"blocks": {"0": …, …}}`` and :meth:`layout` gives its ``Blocks``. Not with ``overlap_backward`` or
     ``distributed`` (refused at construction).
-=======
+
     ``rotation_dtype`` (opt-in, a group hyperparameter: ``torch.bfloat16`` or ``torch.float16``; ``None``, the
     default, changes nothing): the applier's rotations of the direction into the eigenbasis and back
     (``M ×_k Q_k`` and ``R ×_k Q_kᵀ``, most of a step's matmul work) take operands rounded to that dtype and
     accumulate in ``state_dtype`` (``precond.contractions``); the bases, factors, spectra and every other product stay
     in ``state_dtype``. It works with ``capture``, ``overlap_backward`` and ``distributed`` (they run the same
     apply); ``docs/benchmarks.md`` ("bf16 rotations") measures its effect on the final loss.
->>>>>>> bf16rot
 
     ``distributed`` (optional, ``precond.DataParallel(...)``): spread the work and (``mode="owner"``) the state over
     the ranks of a process group, with the same updates (``precond.distributed``, ``docs/scaling.md``); then
