@@ -14,6 +14,12 @@ from precond.state import ParamState
 class Estimator:
     """Base of the estimators; the call order is :class:`precond.parts.Estimator`'s. ``update`` is required."""
 
+    @property
+    def needs_whole_parameters(self) -> bool:
+        """Whether the statistics come from something other than the parameter's gradient that only knows whole
+        parameters (K-FAC's layer captures): then a structure may not cut the parameter into blocks."""
+        return False
+
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         return {}
 

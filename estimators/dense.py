@@ -52,6 +52,11 @@ class DenseSpectrum(Estimator):
     transport: Literal["permute", "keep", "reset"] = attrs.field(
         default="permute", validator=attrs.validators.in_(("permute", "keep", "reset")))
 
+    @property
+    def needs_whole_parameters(self) -> bool:
+        """As its factors' estimator (EKFAC: K-FAC's layer captures)."""
+        return getattr(self.factors, "needs_whole_parameters", False)
+
     def __attrs_post_init__(self) -> None:
         if self.transport == "reset" and self.bias_correction:
             raise ValueError("transport='reset' restarts V at the Kronecker spectrum ⊗λ_k instead of at zero, so V "

@@ -58,6 +58,11 @@ class KFAC(Estimator):
     beta: float = beta_field
     moment: Moment = attrs.field(default="per_example", validator=attrs.validators.in_(("per_example", "batch")))
 
+    @property
+    def needs_whole_parameters(self) -> bool:
+        """The factors come from whole layers' inputs and output gradients (``capture``)."""
+        return True
+
     def _sides(self, ps: ParamState, layout: Layout) -> tuple[Side, ...]:
         if not ps.params:
             raise RuntimeError("KFAC reads the statistics its capture recorded for the state's parameters, but this "

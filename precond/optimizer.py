@@ -228,10 +228,18 @@ class Optimizer(torch.optim.Optimizer):
         return self._names.get(id(p), f"of shape {tuple(p.shape)}")
 
     def _check_blocking(self, group: dict[str, Any]) -> None:
-        """Refuse blocked parameters (``NMode(large="block")``) with the options that do not handle them yet."""
-        if not (self.overlap_backward or self._distributed_config is not None):
+        """Refuse blocked parameters (``NMode(large="block")``) with the options and parts that do not handle them:
+        K-FAC's statistics come from whole layers (``KFACCapture``), so its estimator cannot see a block."""
+        preconditioner = group[_CONFIG_KEY]
+        layer_statistics = getattr(preconditioner.estimator, "needs_whole_parameters", False)
+        if not (self.overlap_backward or self._distributed_config is not None or layer_statistics):
             return
-        blocked = [self._name(p) for p in group["params"] if group[_CONFIG_KEY].blocks(p.shape) is not None]
+        blocked = [self._name(p) for p in group["params"] if preconditioner.blocks(p.shape) is not None]
+        if blocked and layer_statistics:
+            raise ValueError(f"parameter(s) {', '.join(blocked)} are cut into blocks (a structure with "
+                             f"large='block'), but {type(preconditioner.estimator).__name__} builds its factors from "
+                             "whole layers' inputs and output gradients: use structures.LayerMatrix (as precond.kfac "
+                             "does) or a max_dim above the layer's modes")
         if blocked:
             option = "overlap_backward=True" if self.overlap_backward else "distributed=..."
             raise ValueError(f"parameter(s) {', '.join(blocked)} are cut into blocks (a structure with "

@@ -562,3 +562,19 @@ def test_checkpoint_of_other_blocks_is_refused():
         trained([(6, 3), (3, 3)]).load_state_dict(saved)
     with pytest.raises(ValueError, match=r"\(block 0\) does not fit it: S_1 is \(3, 3\)"):
         trained([(9, 2), (3, 3)]).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("spectrum", [False, True], ids=["kfac", "ekfac"])
+def test_blocking_a_layer_whose_factors_come_from_its_hooks_is_refused(spectrum):
+    """K-FAC's A and G come from the whole layer's inputs and output gradients: a block of its weight has none."""
+    import bases
+    import estimators
+    model = torch.nn.Linear(7, 5)
+    capture = precond.KFACCapture(model)
+    estimator = estimators.KFAC(capture)
+    if spectrum:
+        estimator = estimators.DenseSpectrum(factors=estimator)
+    blocked = precond.Preconditioner(structures.NMode(max_dim=3, large="block"), estimator, bases.Eigh(every=1),
+                                     precond.Power(p=0.5 if spectrum else 1.0))
+    with pytest.raises(ValueError, match="whole layers.*LayerMatrix"):
+        precond.Optimizer([model.weight], lr=0.1, preconditioner=blocked)
