@@ -520,3 +520,12 @@ def test_a_pinned_library_fingerprint_keeps_finished_runs_after_a_library_change
     assert unpinned.executed == 1 and unpinned.records[0]["library"] == "0123456789ab"  # states the code that ran it
     with pytest.raises(ValueError, match="12 lower-case hex digits"):
         tiny_config(tmp_path, library="latest")
+
+
+@pytest.mark.parametrize("text", ["shampoo,max_dim=4,large=block", "structure=nmode,max_dim=4,large=block"])
+def test_variants_can_ask_for_meta_blocking(text):
+    from precond.ablate.build import build_optimizer
+    from precond.ablate.variants import parse_variant
+    weight = torch.nn.Parameter(torch.randn(9, 3))
+    optimizer = build_optimizer(parse_variant(text), [weight], 1e-3)
+    assert optimizer.layout(weight).splits == ((4, 4, 1), (3,))  # 9 cut as torch.split(·, 4); 3 ≤ 4 whole

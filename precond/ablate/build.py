@@ -40,7 +40,8 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
             fast: Mapping[str, Any]) -> torch.optim.Optimizer:
     factory = getattr(precond, preset)
     kwargs: dict[str, Any] = {key: options[key] for key in
-                              ("eps", "weight_decay", "every", "max_dim", "bias_correction", "decay_order", "graft")
+                              ("eps", "weight_decay", "every", "max_dim", "large", "bias_correction", "decay_order",
+                               "graft")
                               if key in options}
     if "graft" in kwargs and kwargs["graft"] == "none":
         kwargs["graft"] = None

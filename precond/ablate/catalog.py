@@ -27,8 +27,9 @@ import structures
 Options = Mapping[str, Any]
 Builder = Callable[[Options], Any]
 
-LARGE_MODES = ("none", "diagonal")
-"""What a structure gives a mode larger than ``max_dim``: nothing (identity) or a diagonal spectrum."""
+LARGE_MODES = ("none", "diagonal", "block")
+"""What a structure gives a mode larger than ``max_dim``: nothing (identity), a diagonal spectrum, or blocks of
+``max_dim`` with factors of their own (Meta's blocking, ``precond.blocking``)."""
 
 
 def _structure(cls: type) -> Builder:

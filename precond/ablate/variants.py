@@ -8,8 +8,8 @@ key                    values                                                   
 =====================  ==========================================================  =====================
 ``structure``          ``nmode`` ``kronecker`` ``one_sided`` ``diagonal``          ``nmode``
 ``max_dim``            a positive integer or ``none``                              4096
-``large``              a mode above ``max_dim`` gets ``none`` (identity) or a      ``none``
-                       ``diagonal`` spectrum
+``large``              a mode above ``max_dim`` gets ``none`` (identity), a        ``none``
+                       ``diagonal`` spectrum, or ``block``: blocks of ``max_dim``
 ``estimator``          ``kl`` ``shampoo`` ``frobenius`` ``frobenius_factored``     ``kl``
                        ``kl_soap``
 ``basis``              ``eigh`` ``qr`` ``cholesky_qr`` ``identity``                ``qr``
@@ -36,10 +36,10 @@ key                    values                                                   
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
-``max_dim``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, and ``graft``/``applier`` where the preset has
-them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``, ``torch_muon``) and ``muon``
-accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at its default is KL-Shampoo
-as in ``precond.kl_shampoo``.
+``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, and ``graft``/``applier`` where
+the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
+``torch_muon``) and ``muon`` accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at
+its default is KL-Shampoo as in ``precond.kl_shampoo``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 """Defaults of a composition; ``bias_correction`` defaults to true for ``estimator=frobenius`` (SOAP's V is
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
-PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "bias_correction", "decay_order",
-               "rotation_dtype")
+PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
+               "decay_order", "rotation_dtype")
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
