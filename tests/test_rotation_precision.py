@@ -346,3 +346,36 @@ def test_distributed_ranks_equal_one_process_with_low_precision_rotations():
             for rank, result in enumerate(results):
                 actual = result[r.case_name(preset, mode)]
                 assert all(torch.equal(a, b) for a, b in zip(actual, expected)), f"{preset} {mode} rank {rank}"
+
+
+def test_torch_distributed_checkpoint_keeps_the_rotation_dtype_and_resumes_bitwise(tmp_path):
+    """``rotation_dtype`` is a torch.dtype inside the param groups: DCP (single process) saves and restores it."""
+    import warnings
+
+    from precond.distributed import checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        return model, precond.SOAP(model.parameters(), lr=1e-2, every=2, rotation_dtype=torch.bfloat16)
+
+    def train(model, optimizer, steps, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(8, 6, generator=generator)).pow(2).mean().backward()
+            optimizer.step()
+
+    model, optimizer = make()
+    train(model, optimizer, 3, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        checkpoint.save(model, optimizer, str(tmp_path))
+        train(model, optimizer, 3, 2)
+        resumed, reloaded = make()
+        reloaded.param_groups[0]["rotation_dtype"] = torch.float16  # overwritten by the checkpoint's
+        checkpoint.load(resumed, reloaded, str(tmp_path))
+    assert reloaded.param_groups[0]["rotation_dtype"] is torch.bfloat16
+    train(resumed, reloaded, 3, 2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
