@@ -479,7 +479,8 @@ class Optimizer(torch.optim.Optimizer):
         """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient. ``step`` may be
         a device tensor (a captured step), whose host-side decision ``fold`` is then given."""
         group, layout = bucket.group, bucket.layout
-        grad = torch.stack([layout.view(g) for g in grads]).to(self.state_dtype)
+        grad = layout.stack(grads)
+        grad = grad if grad.dtype == self.state_dtype else grad.to(self.state_dtype)
         beta1 = group["momentum"]
         source = grad
         if beta1 > 0:
@@ -541,7 +542,8 @@ class Optimizer(torch.optim.Optimizer):
         parameters' dtype last (one arithmetic path for a float and a tensor ``lr``; ``lr`` overrides the group's)."""
         lr, wd = group["lr"] if lr is None else lr, group["weight_decay"]
         scaled = update * (lr.to(device=update.device, dtype=update.dtype) if isinstance(lr, torch.Tensor) else lr)
-        steps = [layout.unview(u) for u in scaled.to(params[0].dtype).unbind(0)]
+        scaled = scaled if scaled.dtype == params[0].dtype else scaled.to(params[0].dtype)
+        steps = layout.unstack(scaled) if isinstance(layout, Layout) else [layout.unview(u) for u in scaled.unbind(0)]
         if wd and group["decay_order"] == "before":
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_sub_(params, steps)
