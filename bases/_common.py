@@ -12,4 +12,4 @@ every_field = attrs.field(default=10, validator=number(low=1, integer=True, mean
 
 def nonzero_factor(factor: torch.Tensor) -> torch.Tensor:
     """``(B, 1, 1)`` mask: True where the factor has any nonzero entry (no host synchronisation)."""
-    return factor.abs().amax(dim=(-2, -1), keepdim=True) > 0
+    return torch.linalg.vector_norm(factor, ord=float("inf"), dim=(-2, -1), keepdim=True) > 0  # max |S| > 0

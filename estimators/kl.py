@@ -246,6 +246,6 @@ class KL(Estimator):
         lam = ps.lam[k]
         if self.refresh_spectrum == "reset":
             lam.copy_(refresh.spectrum(ps.S[k]))
-        else:
+        elif refresh.permutation is not None:
             lam.copy_(permute_columns(lam, refresh.permutation))
         lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))

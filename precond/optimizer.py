@@ -147,6 +147,7 @@ class Optimizer(torch.optim.Optimizer):
         self._members = Members()
         self._buckets = Buckets(self._bucket_key, self._members.of_group, self._member_layout)
         self._fallbacks = FallbackCounter()
+        self._indices: dict[tuple, torch.Tensor] = {}  # refresh positions as device tensors (_index)
         self.capture = options.get("capture", False)
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
         self.overlap_backward = options.get("overlap_backward", False)
@@ -514,7 +515,7 @@ class Optimizer(torch.optim.Optimizer):
             if self._distributed is not None and self._distributed.refresh(self, bucket, k, due, refresh_index):
                 continue  # [distributed] replicate mode: one rank computes it, every rank installs it
             device = bucket.params[0].device
-            index = None if len(due) == len(keys) else torch.tensor(due, device=device)
+            index = None if len(due) == len(keys) else self._index(due, device)
             factor, basis = bucket.refresh_inputs(k, index)
             if self._schedule.asynchronous:
                 factor = factor.clone()  # a snapshot: the next step's fold must not reach the side stream
@@ -523,6 +524,14 @@ class Optimizer(torch.optim.Optimizer):
                 return preconditioner.compute_refresh(factor, basis, self._fallbacks, refresh_index)
 
             self._schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
+
+    def _index(self, positions: list[int], device: torch.device) -> torch.Tensor:
+        """``torch.tensor(positions)`` on ``device``, made once per distinct list (staggered refreshes repeat the same
+        few every ``T`` steps): no host-to-device copy per refresh."""
+        key = (tuple(positions), device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(positions, device=device)
+        return self._indices[key]
 
     def _refresh_units(self) -> list[tuple[tuple[int, int], int, int]]:
         """Every refreshable mode of every member (parameter or block), in parameter order: ``((id(p), k), d_k, T)``."""
