@@ -12,6 +12,8 @@ from typing import Union
 
 import torch
 
+from precond.reductions import max_abs
+
 _last = threading.local()
 """The last gradient :func:`nonzero_gradient` read (a weak reference and its version counter) and its mask, per
 thread: the estimator, a dense spectrum and a graft all ask for the same gradient within one step."""
@@ -21,13 +23,14 @@ def nonzero_gradient(grad: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: the gradient of each batch entry has a nonzero entry (no host sync; a NaN entry counts as not
     nonzero, as ``NaN > 0`` is false).
 
-    ``max |g| > 0`` from one reduction (``vector_norm(ord=∞)``). The mask of the most recent gradient is kept (per
-    thread) and returned again while that same tensor is alive and unchanged (its version counter), so the parts of
-    one step that each fold this gradient share one reduction."""
+    ``max |g| > 0`` (:func:`precond.reductions.max_abs`, one reduction on CUDA). The mask of the most recent
+    gradient is kept (per thread) and returned again while that same tensor is alive and unchanged (its version
+    counter), so the parts of one step that each fold this gradient share one reduction. Do not modify it."""
     ref, version, mask = getattr(_last, "entry", (None, -1, None))
     if ref is not None and ref() is grad and not grad.is_inference() and version == grad._version:
         return mask
-    mask = torch.linalg.vector_norm(grad, ord=float("inf"), dim=tuple(range(1, grad.ndim))) > 0
+    dims = tuple(range(1, grad.ndim))
+    mask = (max_abs(grad, dims) if dims else grad.abs()) > 0
     if not grad.is_inference():
         _last.entry = (weakref.ref(grad), grad._version, mask)
     return mask

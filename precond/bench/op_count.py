@@ -37,12 +37,14 @@ class OpCount:
         return self.total - self.refresh
 
 
-def _top_level(event) -> bool:
+def top_level(event) -> bool:
+    """A profiler event of an ``aten::`` operation that no other ``aten::`` operation encloses."""
     return event.name.startswith("aten::") and (event.cpu_parent is None
                                                 or not event.cpu_parent.name.startswith("aten::"))
 
 
-def _in_refresh(event) -> bool:
+def in_refresh(event) -> bool:
+    """A profiler event inside a :func:`tagged_refreshes` range."""
     parent = event.cpu_parent
     while parent is not None:
         if parent.name == REFRESH:
@@ -52,10 +54,11 @@ def _in_refresh(event) -> bool:
 
 
 @contextlib.contextmanager
-def _tagged_refreshes(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Wrap the optimizer's refresh entry points in a profiler range named :data:`REFRESH` (instance attributes,
-    removed again on exit; nothing else of the optimizer changes)."""
-    targets = [(optimizer, "_refresh"), (optimizer._schedule, "flush")]
+def tagged_refreshes(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Wrap a ``precond.Optimizer``'s refresh entry points in a profiler range named :data:`REFRESH` (instance
+    attributes, removed again on exit; nothing else of the optimizer changes). Another optimizer is left alone."""
+    schedule = getattr(optimizer, "_schedule", None)
+    targets = [(optimizer, "_refresh"), (schedule, "flush")] if hasattr(optimizer, "_refresh") and schedule else []
 
     def tagged(method: Callable) -> Callable:
         @functools.wraps(method)
@@ -77,13 +80,13 @@ def count_step_ops(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
                    grads: Sequence[Sequence[torch.Tensor]]) -> OpCount:
     """Profile one ``optimizer.step()`` per entry of ``grads`` (the gradients of ``params`` for that step, made by the
     caller) and count the top-level aten operations of the steps (a ``precond.Optimizer``)."""
-    with _tagged_refreshes(optimizer), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with tagged_refreshes(optimizer), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g
             optimizer.step()
-    top = [e for e in prof.events() if _top_level(e)]
-    refresh = sum(1 for e in top if _in_refresh(e))
+    top = [e for e in prof.events() if top_level(e)]
+    refresh = sum(1 for e in top if in_refresh(e))
     return OpCount(total=len(top) / len(grads), refresh=refresh / len(grads))
 
 
