@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from precond.reductions import max_abs
 from precond.validators import number
 
 every_field = attrs.field(default=10, validator=number(low=1, integer=True, meaning="the refresh period T"))
@@ -12,4 +13,4 @@ every_field = attrs.field(default=10, validator=number(low=1, integer=True, mean
 
 def nonzero_factor(factor: torch.Tensor) -> torch.Tensor:
     """``(B, 1, 1)`` mask: True where the factor has any nonzero entry (no host synchronisation)."""
-    return factor.abs().amax(dim=(-2, -1), keepdim=True) > 0
+    return max_abs(factor, (-2, -1), keepdim=True) > 0

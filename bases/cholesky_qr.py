@@ -12,6 +12,7 @@ from bases.eigh import descending_eigh
 from bases.qr_power_step import power_step
 from precond.fallbacks import FallbackCounter
 from precond.precision import full_precision
+from precond.reductions import max_abs
 from precond.refresh import Refresh
 from precond.validators import number, positive
 
@@ -26,14 +27,17 @@ def cholesky_orthonormalize(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """
     y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
     eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-    ok = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    ok: Optional[torch.Tensor] = None
+    gram = y.mT @ y
     for tolerance in (0.1, 1e-3):  # pass 1 must be roughly orthogonal already (cond(Y) small enough), pass 2 exact
-        chol, info = torch.linalg.cholesky_ex(y.transpose(-2, -1) @ y)
-        ok &= info == 0
-        chol = torch.where((info == 0).view(-1, 1, 1), chol, eye)
-        y = torch.linalg.solve_triangular(chol, y.transpose(-2, -1), upper=False).transpose(-2, -1)  # Y L^{-T}
-        error = (y.transpose(-2, -1) @ y - eye).abs().amax(dim=(-2, -1))
-        ok &= torch.isfinite(error) & (error < tolerance)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        factored = info == 0
+        ok = factored if ok is None else ok & factored
+        chol = torch.where(factored.view(-1, 1, 1), chol, eye)
+        y = torch.linalg.solve_triangular(chol, y.mT, upper=False).mT  # Y L^{-T}
+        gram = y.mT @ y  # checks this pass, and is the next pass's Gram matrix
+        # max |YᵀY − I|; NaN and ∞ compare False, so this also requires a finite error
+        ok &= max_abs(gram - eye, (-2, -1)) < tolerance
     return y, ok
 
 
@@ -66,13 +70,18 @@ class CholeskyQR:
         if index < self.warmup:
             return Refresh(basis=power_step(factor, basis))
         work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
-        s = factor.to(work_dtype)
+        s, q = _as(factor, work_dtype), _as(basis, work_dtype)
         d = s.shape[-1]
         trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1)
         with full_precision():
-            product = s @ basis.to(work_dtype) + (self.shift * trace / d) * basis.to(work_dtype)
+            product = s @ q + (self.shift * trace / d) * q
             new, ok = cholesky_orthonormalize(product)
         if counter is not None:
             counter.count_on_device("cholesky_qr_kept_old_basis", ~ok)
-        keep = ~ok.view(-1, 1, 1) | ~nonzero_factor(factor)
-        return Refresh(basis=torch.where(keep, basis, new.to(basis.dtype)))
+        use = ok.view(-1, 1, 1) & nonzero_factor(factor)
+        return Refresh(basis=torch.where(use, _as(new, basis.dtype), basis))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (``x`` itself when it has it: no operation issued)."""
+    return x if x.dtype == dtype else x.to(dtype)

@@ -30,6 +30,13 @@ from precond.state import ParamState, Tensors
 from precond.validators import nonnegative, number
 
 
+def _each(op, tensors: Tensors) -> Tensors:
+    """``op`` (a ``torch._foreach_*`` function) over the tensors that are not ``None``, in one call; ``None`` stays."""
+    present = [t for t in tensors if t is not None]
+    results = iter(op(present) if present else ())
+    return [None if t is None else next(results) for t in tensors]
+
+
 @attrs.frozen
 class KL(Estimator):
     """KL-Shampoo's factor and eigenvalue estimator (Eq. 4–6, Fig. 3 right, Claim 3).
@@ -109,7 +116,7 @@ class KL(Estimator):
             inverse: Tensors = [None] * layout.order
             inv_sqrt: Tensors = [None] * layout.order
         else:
-            inverse = [None if lam is None else lam.reciprocal() for lam in spectra]
+            inverse = _each(torch._foreach_reciprocal, spectra)  # one op for every mode's λ_j^{-1}
             inv_sqrt = [None if lam is None else lam.rsqrt() for lam in spectra]
         with_factor = [k for k, f in enumerate(factors) if f is not None and spectra[k] is not None]
         partial = {k: rotate(grad, [q if j != k else None for j, q in enumerate(bases)]) for k in with_factor}
@@ -142,9 +149,9 @@ class KL(Estimator):
             fold(spectra[k], diag, self.beta, active)
         if self.rebalance and not first:
             self._rebalance(spectra, factors)
-        for k in updates:
-            if not first:
-                spectra[k].clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+        if updates and not first:  # λ_k ≥ floor, every mode in one op
+            torch._foreach_clamp_min_([spectra[k] for k in updates],
+                                      [spectrum_floor(self.floor, layout.view_shape[k]) for k in updates])
 
     def _prototype_3d_update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, active: torch.Tensor) -> None:
         """``order="prototype"`` on a 3-mode layout (0-based modes 0, 1, 2 here; see the class docstring)."""
@@ -239,6 +246,6 @@ class KL(Estimator):
         lam = ps.lam[k]
         if self.refresh_spectrum == "reset":
             lam.copy_(refresh.spectrum(ps.S[k]))
-        else:
+        elif refresh.permutation is not None:
             lam.copy_(permute_columns(lam, refresh.permutation))
         lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))

@@ -95,9 +95,12 @@ class Bucket:
             mine.index_copy_(0, index, theirs)
 
     def refresh_inputs(self, k: int, index: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(S_k, Q_k)`` of the entries ``index`` (all when None: the live tensors, no copy)."""
-        state = self.state if index is None else self.select(index, k)
-        return self.preconditioner.refresh_inputs(state, k)
+        """``(S_k, Q_k)`` of the entries ``index`` (all when None: the live tensors, no copy; else copies of just
+        those two)."""
+        factor, basis = self.preconditioner.refresh_inputs(self.state, k)
+        if index is None:
+            return factor, basis
+        return factor.index_select(0, index), basis.index_select(0, index)
 
     def install_refresh(self, k: int, index: Optional[torch.Tensor], result: Refresh) -> None:
         """Install ``result`` for the entries ``index`` (all when None), reading their state as it is now."""

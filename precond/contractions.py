@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import opt_einsum
 import torch
 
-__all__ = ["rotate", "unrotate", "gram", "grams", "scale", "outer", "mode_product"]
+__all__ = ["rotate", "unrotate", "gram", "grams", "scale", "outer", "broadcast_outer", "mode_product"]
 
 _BATCH = "Z"
 
@@ -126,7 +126,12 @@ def _broadcast_view(v: torch.Tensor, order: int, k: int) -> torch.Tensor:
 
 def outer(vectors: Sequence[Optional[torch.Tensor]], shape: Sequence[int]) -> torch.Tensor:
     """Rank-one tensor ``⊗_k v_k`` of shape ``(B, d_1, …, d_N)``; a ``None`` entry is a vector of ones."""
-    order = len(shape) - 1
+    return broadcast_outer(vectors, len(shape) - 1).expand(*shape)
+
+
+def broadcast_outer(vectors: Sequence[Optional[torch.Tensor]], order: int) -> torch.Tensor:
+    """:func:`outer` before its final ``expand``: the product of the vectors' broadcast views, of size 1 along the
+    modes whose entry is ``None`` (the same values wherever it is broadcast against a full tensor)."""
     result = None
     for k, v in enumerate(vectors):
         if v is None:
@@ -135,7 +140,7 @@ def outer(vectors: Sequence[Optional[torch.Tensor]], shape: Sequence[int]) -> to
         result = view if result is None else result * view
     if result is None:
         raise ValueError("outer() needs at least one vector")
-    return result.expand(*shape)
+    return result
 
 
 def scale(x: torch.Tensor, vectors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:

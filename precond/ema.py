@@ -6,22 +6,45 @@ gradient must not decay the statistics; ``docs/design.md``, "Step order").
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Union
 
 import torch
 
+from precond.reductions import max_abs
+
+_last = threading.local()
+"""The last gradient :func:`nonzero_gradient` read (a weak reference and its version counter) and its mask, per
+thread: the estimator, a dense spectrum and a graft all ask for the same gradient within one step."""
+
 
 def nonzero_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: the gradient of each batch entry has a nonzero entry (no host sync)."""
-    return grad.reshape(grad.shape[0], -1).abs().amax(dim=1) > 0
+    """``(B,)`` bool: the gradient of each batch entry has a nonzero entry (no host sync; a NaN entry counts as not
+    nonzero, as ``NaN > 0`` is false).
+
+    ``max |g| > 0`` (:func:`precond.reductions.max_abs`, one reduction on CUDA). The mask of the most recent
+    gradient is kept (per thread) and returned again while that same tensor is alive and unchanged (its version
+    counter), so the parts of one step that each fold this gradient share one reduction. Do not modify it."""
+    ref, version, mask = getattr(_last, "entry", (None, -1, None))
+    if ref is not None and ref() is grad and not grad.is_inference() and version == grad._version:
+        return mask
+    dims = tuple(range(1, grad.ndim))
+    mask = (max_abs(grad, dims) if dims else grad.abs()) > 0
+    if not grad.is_inference():
+        _last.entry = (weakref.ref(grad), grad._version, mask)
+    return mask
 
 
 def fold_weights(beta: float, active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(B,)`` weights of the new term for :func:`fold`: ``1−β`` (or 1 for a sum) where ``active``, else 0.
 
-    Computed once per update and shared by every fold of it.
-    """
-    return active.to(dtype) * (1.0 if beta == 1.0 else 1.0 - beta)
+    Computed once per update and shared by every fold of it (one ``where`` in the default dtype, where the constant
+    rounds to the same number as ``active.to(dtype) * (1−β)``; that product in any other dtype)."""
+    weight = 1.0 if beta == 1.0 else 1.0 - beta
+    if dtype == torch.get_default_dtype():
+        return torch.where(active, weight, 0.0)
+    return active.to(dtype) * weight
 
 
 def gradient_weights(beta: float, grad: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ class FallbackCounter:
 
     def count_on_device(self, rung: str, failures: torch.Tensor) -> None:
         """Add the number of True entries of ``failures`` to ``rung`` without synchronising."""
-        total = failures.sum().to(torch.int64)
+        total = failures.sum(dtype=torch.int64)
         if rung in self.device_counts and self.device_counts[rung].device == total.device:
             self.device_counts[rung] += total
         else:

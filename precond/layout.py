@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Literal
+from typing import Literal, Sequence
 
 import attrs
 import einops
@@ -78,6 +78,21 @@ class Layout:
             return tensor.reshape((*tensor.shape[: tensor.ndim - len(self.view_shape)], *self.shape))
         left, right = self.pattern.split("->")
         return einops.rearrange(tensor, f"{right.strip()} -> {left.strip()}", **self.axis_lengths)
+
+    def stack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parameter-shaped tensors → one viewed stack ``(B, *view_shape)`` (the same values as stacking each
+        :meth:`view`): when the view is a plain reshape and the tensors are contiguous, one ``stack`` and one
+        ``reshape`` (a view) instead of one ``reshape`` per tensor."""
+        if self.keeps_order and all(t.is_contiguous() for t in tensors):
+            return torch.stack(list(tensors)).reshape(len(tensors), *self.view_shape)
+        return torch.stack([self.view(t) for t in tensors])
+
+    def unstack(self, stacked: torch.Tensor) -> Sequence[torch.Tensor]:
+        """A viewed stack ``(B, *view_shape)`` → its ``B`` entries in the parameter's shape (the same values as
+        :meth:`unview` of each entry): one ``reshape`` and one ``unbind`` when the view is a plain reshape."""
+        if self.keeps_order:
+            return stacked.reshape(stacked.shape[0], *self.shape).unbind(0)
+        return [self.unview(t) for t in stacked.unbind(0)]
 
     @functools.cached_property
     def keeps_order(self) -> bool:

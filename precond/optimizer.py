@@ -147,6 +147,7 @@ class Optimizer(torch.optim.Optimizer):
         self._members = Members()
         self._buckets = Buckets(self._bucket_key, self._members.of_group, self._member_layout)
         self._fallbacks = FallbackCounter()
+        self._indices: dict[tuple, torch.Tensor] = {}  # refresh positions as device tensors (_index)
         self.capture = options.get("capture", False)
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
         self.overlap_backward = options.get("overlap_backward", False)
@@ -487,7 +488,8 @@ class Optimizer(torch.optim.Optimizer):
         """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient. ``step`` may be
         a device tensor (a captured step), whose host-side decision ``fold`` is then given."""
         group, layout = bucket.group, bucket.layout
-        grad = torch.stack([layout.view(g) for g in grads]).to(self.state_dtype)
+        grad = layout.stack(grads)
+        grad = grad if grad.dtype == self.state_dtype else grad.to(self.state_dtype)
         beta1 = group["momentum"]
         source = grad
         if beta1 > 0:
@@ -521,7 +523,7 @@ class Optimizer(torch.optim.Optimizer):
             if self._distributed is not None and self._distributed.refresh(self, bucket, k, due, refresh_index):
                 continue  # [distributed] replicate mode: one rank computes it, every rank installs it
             device = bucket.params[0].device
-            index = None if len(due) == len(keys) else torch.tensor(due, device=device)
+            index = None if len(due) == len(keys) else self._index(due, device)
             factor, basis = bucket.refresh_inputs(k, index)
             if self._schedule.asynchronous:
                 factor = factor.clone()  # a snapshot: the next step's fold must not reach the side stream
@@ -530,6 +532,14 @@ class Optimizer(torch.optim.Optimizer):
                 return preconditioner.compute_refresh(factor, basis, self._fallbacks, refresh_index)
 
             self._schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
+
+    def _index(self, positions: list[int], device: torch.device) -> torch.Tensor:
+        """``torch.tensor(positions)`` on ``device``, made once per distinct list (staggered refreshes repeat the same
+        few every ``T`` steps): no host-to-device copy per refresh."""
+        key = (tuple(positions), device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(positions, device=device)
+        return self._indices[key]
 
     def _refresh_units(self) -> list[tuple[tuple[int, int], int, int]]:
         """Every refreshable mode of every member (parameter or block), in parameter order: ``((id(p), k), d_k, T)``."""
@@ -549,7 +559,8 @@ class Optimizer(torch.optim.Optimizer):
         parameters' dtype last (one arithmetic path for a float and a tensor ``lr``; ``lr`` overrides the group's)."""
         lr, wd = group["lr"] if lr is None else lr, group["weight_decay"]
         scaled = update * (lr.to(device=update.device, dtype=update.dtype) if isinstance(lr, torch.Tensor) else lr)
-        steps = [layout.unview(u) for u in scaled.to(params[0].dtype).unbind(0)]
+        scaled = scaled if scaled.dtype == params[0].dtype else scaled.to(params[0].dtype)
+        steps = layout.unstack(scaled) if isinstance(layout, Layout) else [layout.unview(u) for u in scaled.unbind(0)]
         if wd and group["decay_order"] == "before":
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_sub_(params, steps)

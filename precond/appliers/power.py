@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 import attrs
 import torch
 
-from precond.contractions import outer, rotate, scale, unrotate
+from precond.contractions import broadcast_outer, rotate, scale, unrotate
 from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import ApplyContext
@@ -72,7 +72,8 @@ class Power:
         elif self.eps_placement == "factor":
             rotated = scale(rotated, [None if lam is None else (lam + eps).pow(-p) for lam in spectra])
         elif any(lam is not None for lam in spectra):
-            rotated = rotated / (outer([None if lam is None else lam.pow(p) for lam in spectra], rotated.shape) + eps)
+            powers = [None if lam is None else lam.pow(p) for lam in spectra]
+            rotated = rotated / (broadcast_outer(powers, rotated.ndim - 1) + eps)
         else:
             rotated = rotated / (1.0 + eps)
         return unrotate(rotated, bases, ctx.rotation_dtype)

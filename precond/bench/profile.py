@@ -1,4 +1,5 @@
-"""``python -m precond.bench.profile``: where one contender's ``step()`` spends its time (torch profiler table)."""
+"""``python -m precond.bench.profile``: where one contender's ``step()`` spends its time (torch profiler table; the
+gradients are drawn outside the profiled region, so the table and the op count are ``step()``'s alone)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,8 @@ import argparse
 import torch
 
 from precond.bench.contenders import factory
+from precond.bench.op_count import in_refresh, tagged_refreshes, top_level
 from precond.bench.shapes import PRESETS
-
-
-def top_level_ops(prof) -> int:
-    """Number of ``aten::`` calls not nested in another ``aten::`` call: what the optimizer itself issued."""
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,15 +32,19 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(args.steps):
-            for p in params:
-                p.grad = torch.randn_like(p) * 1e-3
+    grads = [[torch.randn_like(p) * 1e-3 for p in params] for _ in range(args.steps)]  # drawn before profiling
+    with tagged_refreshes(optimizer), torch.profiler.profile(activities=activities) as prof:
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    print(f"{args.optimizer}: {top_level_ops(prof) / args.steps:.0f} top-level aten ops per step "
-          f"(each launches at most a kernel or two on CUDA; views included)")
+    top = [e for e in prof.events() if top_level(e)]
+    refresh = sum(1 for e in top if in_refresh(e))
+    print(f"{args.optimizer}: {len(top) / args.steps:.1f} top-level aten ops per step() "
+          f"({refresh / args.steps:.1f} of them in basis refreshes; each launches at most a kernel or two on CUDA; "
+          "views included; precond.bench.op_count counts the same)")
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))

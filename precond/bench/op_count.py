@@ -1,0 +1,131 @@
+"""``python -m precond.bench.op_count``: how many top-level aten operations one ``step()`` issues.
+
+A step of the fast configurations is bound by launch and dispatch overhead (``docs/benchmarks.md``), so the number of
+operations it issues is a deterministic measure of that overhead that needs no GPU. An operation is *top-level* when
+no other ``aten::`` operation encloses it (what the optimizer's Python code called; ``aten::einsum`` counts once, its
+``bmm`` and views inside it do not). Views count too (they launch no kernel but cost dispatch time).
+
+The gradients are drawn before profiling, so only ``step()`` is counted. Operations issued by a basis refresh (the
+optimizer's ``_refresh``, and the installation of pending asynchronous refreshes at the start of a step) are counted
+apart: with ``stagger`` some refresh is due at most steps, and ``steady`` (the rest) is what a step without any
+refresh due issues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+from typing import Callable, Iterator, Sequence
+
+import attrs
+import torch
+
+REFRESH = "precond::refresh"
+
+
+@attrs.frozen
+class OpCount:
+    """Top-level aten operations per step, averaged over the counted steps: ``total`` and its ``refresh`` part."""
+
+    total: float
+    refresh: float
+
+    @property
+    def steady(self) -> float:
+        """The operations of a step without a refresh: ``total − refresh``."""
+        return self.total - self.refresh
+
+
+def top_level(event) -> bool:
+    """A profiler event of an ``aten::`` operation that no other ``aten::`` operation encloses."""
+    return event.name.startswith("aten::") and (event.cpu_parent is None
+                                                or not event.cpu_parent.name.startswith("aten::"))
+
+
+def in_refresh(event) -> bool:
+    """A profiler event inside a :func:`tagged_refreshes` range."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == REFRESH:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+@contextlib.contextmanager
+def tagged_refreshes(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Wrap a ``precond.Optimizer``'s refresh entry points in a profiler range named :data:`REFRESH` (instance
+    attributes, removed again on exit; nothing else of the optimizer changes). Another optimizer is left alone."""
+    schedule = getattr(optimizer, "_schedule", None)
+    targets = [(optimizer, "_refresh"), (schedule, "flush")] if hasattr(optimizer, "_refresh") and schedule else []
+
+    def tagged(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(REFRESH):
+                return method(*args, **kwargs)
+        return run
+
+    for owner, name in targets:
+        setattr(owner, name, tagged(getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name in targets:
+            delattr(owner, name)
+
+
+def count_step_ops(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                   grads: Sequence[Sequence[torch.Tensor]]) -> OpCount:
+    """Profile one ``optimizer.step()`` per entry of ``grads`` (the gradients of ``params`` for that step, made by the
+    caller) and count the top-level aten operations of the steps (a ``precond.Optimizer``)."""
+    with tagged_refreshes(optimizer), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            optimizer.step()
+    top = [e for e in prof.events() if top_level(e)]
+    refresh = sum(1 for e in top if in_refresh(e))
+    return OpCount(total=len(top) / len(grads), refresh=refresh / len(grads))
+
+
+def measure(name: str, shapes: Sequence[tuple[int, ...]], every: int = 10, max_dim: int = 2048, steps: int = 5,
+            warmup: int | None = None, seed: int = 0) -> OpCount:
+    """:func:`count_step_ops` for the contender ``name`` (``precond.bench.contenders``) on the CPU after ``warmup``
+    steps (default ``2T + 2``)."""
+    from precond.bench.contenders import factory
+
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    optimizer = factory(name, every, max_dim)(params)
+
+    def gradients() -> list[torch.Tensor]:
+        return [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
+
+    for _ in range(2 * every + 2 if warmup is None else warmup):
+        for p, g in zip(params, gradients()):
+            p.grad = g
+        optimizer.step()
+    return count_step_ops(optimizer, params, [gradients() for _ in range(steps)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from precond.bench.shapes import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m precond.bench.op_count", description=__doc__.split("\n")[0])
+    parser.add_argument("--optimizers", default="kl_shampoo_fast_sync,kl_shampoo_fast_captured,soap")
+    parser.add_argument("--shapes", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--max-dim", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10, help="counted steps (default 10 = T: every stagger phase)")
+    args = parser.parse_args(argv)
+    print("| optimizer | top-level aten ops per step | of which refresh | steady (no refresh) |")
+    print("| --- | --- | --- | --- |")
+    for name in args.optimizers.split(","):
+        count = measure(name, PRESETS[args.shapes], args.every, args.max_dim, args.steps)
+        print(f"| {name} | {count.total:.1f} | {count.refresh:.1f} | {count.steady:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

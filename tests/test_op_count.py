@@ -1,0 +1,77 @@
+"""Regression guard on the number of operations a step issues (GitHub issue #11, "fewer, fatter kernels").
+
+The fast configuration's step is bound by launch and dispatch overhead on a GPU, so every extra small operation
+(a per-step dtype cast, a tensor re-created from a Python number, one reshape per parameter) costs time there. The
+count is deterministic and needs no GPU: top-level aten operations of ``step()``, counted with the torch profiler by
+``precond.bench.op_count``, on a tiny fixed model in ``kl_shampoo_fast_sync``'s configuration (stagger, Cholesky-QR
+refreshes, TF32, no finiteness check), averaged over one refresh period.
+
+Before the change that added this test (commit 3565c9a's code) the same measurement gave 190 operations per step
+without the refreshes (``steady``) and 329 with them (``total``); after it, 167 and 269.5. The bounds are those
+counts plus about 5 %: a change that re-introduces per-step copies or per-parameter operations fails here. A change
+that *lowers* the count should lower the bounds too. Two of the devices that lowered it (the gradient mask shared
+within a step, one reshape per bucket) are checked for the same results as what they replaced.
+"""
+
+import torch
+
+import bases
+import precond
+from precond.bench.op_count import count_step_ops
+
+SHAPES = [(8, 6), (8, 6), (6,), (4, 3, 2)]  # a stacked bucket of two matrices, a vector, a 3-mode tensor
+EVERY = 4
+STEADY_BOUND = 175  # 167 measured
+TOTAL_BOUND = 283  # 269.5 measured
+
+
+def test_a_steady_step_issues_no_more_operations_than_measured():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+        optimizer = precond.kl_shampoo([{"params": params, "basis": bases.CholeskyQR(every=EVERY)}], lr=1e-3,
+                                       every=EVERY, stagger=True, tf32=True, on_nonfinite="ignore")
+
+        def gradients():
+            return [torch.randn(s, generator=gen) for s in SHAPES]
+
+        for _ in range(3 * EVERY + 2):  # past the Householder warm-up refreshes: Cholesky-QR from here on
+            for p, g in zip(params, gradients()):
+                p.grad = g
+            optimizer.step()
+        count = count_step_ops(optimizer, params, [gradients() for _ in range(EVERY)])  # every stagger phase once
+    finally:
+        torch.set_num_threads(threads)
+    assert count.refresh > 0, "the staggered refreshes were not told apart from the rest of the step"
+    assert count.steady <= STEADY_BOUND, f"{count.steady} operations per step without refreshes (bound {STEADY_BOUND})"
+    assert count.total <= TOTAL_BOUND, f"{count.total} operations per step with the refreshes (bound {TOTAL_BOUND})"
+
+
+def test_the_shared_gradient_mask_follows_in_place_changes():
+    """The all-zero mask is reused for the same unchanged gradient only: an in-place change is seen at once."""
+    from precond.ema import nonzero_gradient
+
+    grad = torch.zeros(3, 4, 5)
+    grad[1, 2, 3] = -2.0
+    assert nonzero_gradient(grad).tolist() == [False, True, False]
+    assert nonzero_gradient(grad).tolist() == [False, True, False]  # the reused mask
+    grad[2, 0, 0] = 1e-30
+    grad[1].zero_()
+    assert nonzero_gradient(grad).tolist() == [False, False, True]
+    assert nonzero_gradient(torch.zeros(3, 4, 5)).tolist() == [False, False, False]  # another tensor, same shape
+
+
+def test_stacking_a_bucket_in_one_reshape_gives_the_per_tensor_views():
+    """``Layout.stack``/``unstack`` (one reshape per bucket) equal stacking each ``view`` / ``unview`` of each entry,
+    for contiguous and non-contiguous members."""
+    import structures
+
+    layout = structures.NMode(max_dim=8).plan((6, 1, 4))
+    members = [torch.randn(6, 1, 4), torch.randn(4, 1, 6).transpose(0, 2)]  # the second is not contiguous
+    for tensors in (members[:1] * 2, members):
+        stacked = layout.stack(tensors)
+        assert torch.equal(stacked, torch.stack([layout.view(t) for t in tensors]))
+        for back, t in zip(layout.unstack(stacked), tensors):
+            assert torch.equal(back, t)
