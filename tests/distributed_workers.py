@@ -24,8 +24,11 @@ MISSING = {2: (1,), 4: (0, 3), 5: (1, 2)}  # step → parameters without a gradi
 
 
 def parity_cases() -> list[dict[str, Any]]:
-    return [{"preset": p, "stack": s, "stagger": g, "mode": m}
-            for p, s, g, m in itertools.product(PRESETS, (True, False), (False, True), ("owner", "replicate"))]
+    """Every preset × stack × stagger × mode, and owner mode's ``placement="by_kind"`` (other owners) stacked."""
+    cases = [{"preset": p, "stack": s, "stagger": g, "mode": m}
+             for p, s, g, m in itertools.product(PRESETS, (True, False), (False, True), ("owner", "replicate"))]
+    return cases + [{"preset": p, "stack": True, "stagger": g, "mode": "owner", "placement": "by_kind"}
+                    for p, g in itertools.product(PRESETS, (False, True))]
 
 
 def case_name(case: dict[str, Any]) -> str:
@@ -64,7 +67,7 @@ def trajectory(case: dict[str, Any], distributed=None, shapes=SHAPES, dtype=torc
 
 
 def _config(case: dict[str, Any], **kwargs) -> precond.DataParallel:
-    return precond.DataParallel(mode=case["mode"], **kwargs)
+    return precond.DataParallel(mode=case["mode"], placement=case.get("placement", "balanced"), **kwargs)
 
 
 # --- what the ranks run ------------------------------------------------------------------------------

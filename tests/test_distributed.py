@@ -343,6 +343,60 @@ def test_gpt2_small_owner_plan_halves_state_and_work_at_two_ranks():
         assert abs(share - 0.5) <= slack / 2, share
 
 
+def _gpt2_small_entries():
+    from precond.bench.shapes import PRESETS
+    from precond.distributed.runtime import entries_of
+
+    params = [torch.nn.Parameter(torch.empty(shape, device="meta")) for shape in PRESETS["gpt2-small"]]
+    return entries_of(precond.kl_shampoo(params, max_dim=2048))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_by_kind_placement_puts_fewer_buckets_on_each_rank(world):
+    """GPT-2 small (9 kinds: shapes that stack): ``placement="by_kind"`` leaves no rank with more kinds (buckets,
+    so launches) than the balanced plan's busiest, fewer in all, and the loads within list scheduling's bound over
+    the units of Eq. (4)."""
+    entries = _gpt2_small_entries()
+    kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in entries]
+
+    def kinds_per_rank(owner):
+        return [len({k for k, o in zip(kinds, owner) if o == r}) for r in range(world)]
+
+    balanced = kinds_per_rank(owners.owner_plan(entries, world))
+    by_kind_owner = owners.owner_plan(entries, world, placement="by_kind")
+    by_kind = kinds_per_rank(by_kind_owner)
+    assert max(by_kind) <= max(balanced) and sum(by_kind) < sum(balanced), (by_kind, balanced)
+    costs = [owners.parameter_cost(e.layout, e.preconditioner.refreshable_modes(e.layout), 10) for e in entries]
+    sizes = [owners.state_size(e.layout) for e in entries]
+    scores = [c / sum(costs) + s / sum(sizes) for c, s in zip(costs, sizes)]
+    unit = owners.kind_units(scores, kinds, world)
+    units = max(unit) + 1
+    unit_scores = [2 / units + sum(s for s, u in zip(scores, unit) if u == v) for v in range(units)]
+    loads = [sum(unit_scores[v] for v in range(units) if by_kind_owner[unit.index(v)] == r) for r in range(world)]
+    assert max(loads) <= sum(unit_scores) / world + max(unit_scores) + 1e-9
+
+
+def test_parity_cases_of_by_kind_placement_use_other_owners():
+    """The ``placement="by_kind"`` parity cases are not the balanced plan again: at W=3 the stacked (4, 6) pair
+    (parameters 1 and 2) shares one owner, where the balanced plan gives it two."""
+    from precond.distributed.runtime import entries_of
+
+    entries = entries_of(w.make_optimizer({"preset": "shampoo"}, w.make_params()))
+    balanced, by_kind = owners.owner_plan(entries, 3), owners.owner_plan(entries, 3, placement="by_kind")
+    assert balanced[1] != balanced[2] and by_kind[1] == by_kind[2]
+
+
+def test_kind_units_cut_only_kinds_above_the_average_load():
+    """Eq. (4)'s units: a kind of 12 items worth 6 of a total 8 at W=4 (average 2) is cut into ⌈6/2⌉ = 3 units of 4
+    consecutive items; a kind below the average stays whole; a fixed item is a unit of its own."""
+    scores = [0.5] * 12 + [1.0, 1.0]
+    kinds = ["mlp"] * 12 + ["embedding", "embedding"]
+    unit = owners.kind_units(scores, kinds, 4)
+    assert unit[:12] == [0] * 4 + [1] * 4 + [2] * 4 and unit[12:] == [3, 3]
+    unit = owners.kind_units(scores, kinds, 4, fixed={13: 0})
+    assert unit[13] == 0 and unit[12] not in unit[:12] and len(set(unit)) == 5
+
+
 def test_refresh_units_of_one_offset_are_spread():
     units = [((i, 0), 8, 4, i % 2) for i in range(8)]
     owner = owners.refresh_owners(units, 2)
@@ -358,6 +412,10 @@ def test_data_parallel_refuses_bad_input():
         precond.DataParallel(mode="zero3")
     with pytest.raises(ValueError, match="chunk_elements"):
         precond.DataParallel(chunk_elements=0)
+    with pytest.raises(ValueError, match="placement"):
+        precond.DataParallel(placement="kinds")
+    with pytest.raises(ValueError, match="replicate.*use mode='owner'"):
+        precond.DataParallel(mode="replicate", placement="by_kind")
     with pytest.raises(RuntimeError, match="init_process_group"):
         precond.shampoo([torch.nn.Parameter(torch.zeros(3, 3))], distributed=precond.DataParallel())
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import precond
+from precond.bench.op_count import count_step_ops
 from precond.bench.shapes import PRESETS as SHAPES
 from precond.bench.training import GPT2_SMALL, GPT_TINY
 from precond.distributed import state_bytes, traffic
@@ -44,7 +45,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _optimizer(args, params, mode: str, comm: str) -> torch.optim.Optimizer:
-    distributed = None if mode == "single" else precond.DataParallel(mode=mode, comm_dtype=COMM[comm])
+    placement = args.placement if mode == "owner" else "balanced"
+    distributed = None if mode == "single" else precond.DataParallel(mode=mode, comm_dtype=COMM[comm],
+                                                                      placement=placement)
     return getattr(precond, args.preset)(params, lr=1e-4, every=args.every, max_dim=args.max_dim, stagger=True,
                                          distributed=distributed)
 
@@ -92,6 +95,11 @@ def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, 
         "state_bytes": state_bytes(optimizer),
         "finite": bool(all(torch.isfinite(p).all() for p in params)),
     }
+    if args.count_ops:
+        grads = [[torch.randn(p.shape, device=device, generator=gen) * 1e-3 for p in params]
+                 for _ in range(args.every)]  # T steps: every stagger phase once
+        ops = count_step_ops(optimizer, params, grads)
+        result.update(ops_per_step=ops.total, ops_per_step_steady=ops.steady)
     if device.type == "cuda":
         result["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
     del optimizer, params
@@ -147,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               else torch.device("cpu"))
     measure = measure_training if args.train else measure_step
     meta = {"world": world, "backend": dist.get_backend(), "torch": torch.__version__, "preset": args.preset,
-            "every": args.every, "max_dim": args.max_dim, "steps": args.steps, "warmup": args.warmup,
+            "every": args.every, "max_dim": args.max_dim, "placement": args.placement, "steps": args.steps,
+            "warmup": args.warmup,
             "what": "train" if args.train else "step", "shapes": None if args.train else args.shapes,
             "model": args.model if args.train else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -202,6 +211,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3T)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2T + 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--placement", choices=("balanced", "by_kind"), default="balanced",
+                   help="owner mode's DataParallel(placement=...)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count this rank's top-level aten ops per step() over T more steps "
+                        "(precond.bench.op_count)")
     p.add_argument("--json", default="bench_distributed.json")
     return p
 

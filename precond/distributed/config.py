@@ -37,6 +37,11 @@ class DataParallel:
       stagger plan's offsets, so each refresh step's work is split) and their results broadcast in the state dtype
       (``comm_dtype`` is not used). Saves refresh time, not memory; checkpoints as in one process.
 
+    ``placement`` (owner mode): ``"balanced"`` (default) spreads every kind of parameter (param group, shape,
+    dtype) over the ranks for the best balance of work and state; ``"by_kind"`` keeps each kind on as few ranks as
+    the balance allows, so each rank has fewer buckets and launches fewer kernels per step (for launch-bound steps;
+    ``precond.distributed.owners``). The updates are the same either way.
+
     ``group``: the process group (None: the default group). ``chunk_elements``: owner mode exchanges the updates
     in one collective per chunk of about this many parameter entries (bounding the transient buffers).
     ``torch.distributed`` must be initialised before the optimizer is built.
@@ -45,9 +50,17 @@ class DataParallel:
     mode: Literal["owner", "replicate"] = attrs.field(
         default="owner", validator=attrs.validators.in_(("owner", "replicate")))
     group: Any | None = None
+    placement: Literal["balanced", "by_kind"] = attrs.field(
+        default="balanced", validator=attrs.validators.in_(("balanced", "by_kind")))
     comm_dtype: torch.dtype = attrs.field(default=torch.float32, validator=_comm_dtype)
     chunk_elements: int = attrs.field(default=2**27, validator=number(
         low=1, integer=True, meaning="parameter entries per exchange collective"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode == "replicate" and self.placement != "balanced":
+            raise ValueError(f"placement={self.placement!r} chooses the owner of each parameter, and "
+                             "mode='replicate' has none (every rank keeps every state): use mode='owner', or leave "
+                             "placement at its default")
 
     def attach(self, optimizer: Any):
         """The runtime of this configuration for ``optimizer`` (called by ``precond.Optimizer``)."""

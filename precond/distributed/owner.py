@@ -52,7 +52,8 @@ class OwnerRuntime(Runtime):
     def _plan(self, optimizer) -> None:
         previous = getattr(self, "_owner_of_param", {})  # a re-plan (add_param_group) keeps the owners it had
         self.owner = owner_plan(self.entries, self.world,
-                                {e.index: previous[id(e.param)] for e in self.entries if id(e.param) in previous})
+                                {e.index: previous[id(e.param)] for e in self.entries if id(e.param) in previous},
+                                self.config.placement)
         self._owner_of_param = {id(e.param): rank for e, rank in zip(self.entries, self.owner)}
         self.chunks: list[Chunk] = []
         self.chunk_of: dict[int, int] = {}

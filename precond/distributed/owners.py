@@ -26,10 +26,23 @@ longest-processing-time rule (Graham 1969: the largest load is at most the avera
 Distributed Shampoo's ``distribute_buffer_sizes`` balances bytes greedily too). Equal shapes thus go round the
 ranks, so each rank stacks its share of a repeated layer into one batched call, unless a dominant parameter on
 one rank makes the others take more of them.
+
+``placement="by_kind"`` trades some of that balance for fewer kernel launches per rank: a step issues a fixed
+number of launches per bucket whatever its batch size, so a rank holding a share of *every* kind launches as many
+kernels as one process and a launch-bound step barely shrinks with ``W``. There the units balanced are whole kinds
+(the sum of their members' scores), and a kind larger than the average load ``Σσ/W`` is cut into
+``⌈σ_kind / (Σσ/W)⌉`` units of consecutive members (sizes differing by at most one), so each kind lands on as few
+ranks as the balance allows. A unit's score adds its share of the launches to Eq. (3), weighted as much as the work
+and the state together (the placement is meant for launch-bound steps),
+
+    σ(u) = Σ_{p ∈ u} σ(p)  +  2 / (number of units)                                            (4)
+
+and the same rule then gives the largest load at most the average plus the largest unit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 from precond.layout import Layout
@@ -78,17 +91,62 @@ def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | Non
     return owner
 
 
-def owner_plan(entries: Sequence, world: int, fixed: Mapping[int, int] | None = None) -> list[int]:
+LAUNCH_WEIGHT = 2.0
+"""Eq. (4): the weight of a unit's share of the launches beside Eq. (3)'s two shares (work and state)."""
+
+
+def kind_units(scores: Sequence[float], kinds: Sequence[Hashable], world: int,
+               fixed: Mapping[int, int] | None = None) -> list[int]:
+    """``placement="by_kind"``: the unit of each item — one per kind, a kind above the average load ``Σσ/W`` cut
+    into ``⌈σ_kind/(Σσ/W)⌉`` units of consecutive items; an item of ``fixed`` is a unit of its own."""
+    fixed = fixed or {}
+    average = (sum(scores) or 1.0) / world
+    members: dict[Hashable, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        if i not in fixed:
+            members.setdefault(kind, []).append(i)
+    unit = [0] * len(scores)
+    count = 0
+    for i in fixed:
+        unit[i], count = count, count + 1
+    for items in members.values():
+        pieces = min(len(items), max(1, math.ceil(sum(scores[i] for i in items) / average - 1e-9)))
+        base, extra = divmod(len(items), pieces)
+        start = 0
+        for piece in range(pieces):
+            size = base + (piece < extra)
+            for i in items[start:start + size]:
+                unit[i] = count
+            start, count = start + size, count + 1
+    return unit
+
+
+def owner_plan(entries: Sequence, world: int, fixed: Mapping[int, int] | None = None,
+               placement: str = "balanced") -> list[int]:
     """The owner of each parameter (``precond.distributed.runtime.Entry``: layout, preconditioner, group index):
-    Eq. (3) scores balanced by :func:`balance`, one kind per (param group, shape, dtype). ``fixed``: entries that
-    keep their owner (parameters already stepped when a param group is added: their state stays where it is)."""
+    Eq. (3) scores balanced by :func:`balance`, one kind per (param group, shape, dtype); with ``placement="by_kind"``
+    over the units of :func:`kind_units` instead of single parameters. ``fixed``: entries that keep their owner
+    (parameters already stepped when a param group is added: their state stays where it is)."""
     costs = [parameter_cost(e.layout, e.preconditioner.refreshable_modes(e.layout), e.preconditioner.basis.every)
              for e in entries]
     sizes = [state_size(e.layout) for e in entries]
     total_cost, total_size = sum(costs) or 1.0, sum(sizes) or 1
     scores = [c / total_cost + s / total_size for c, s in zip(costs, sizes)]
     kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in entries]
-    return balance(scores, world, kinds, fixed)
+    if placement == "balanced":
+        return balance(scores, world, kinds, fixed)
+    unit = kind_units(scores, kinds, world, fixed)
+    units = max(unit, default=-1) + 1
+    unit_scores = [LAUNCH_WEIGHT / units] * units  # each unit's share of the buckets, so of the launches: Eq. (4)
+    unit_kinds: list[Hashable] = [None] * units
+    unit_fixed: dict[int, int] = {}
+    for i, u in enumerate(unit):
+        unit_scores[u] += scores[i]
+        unit_kinds[u] = kinds[i]
+        if fixed and i in fixed:
+            unit_fixed[u] = fixed[i]
+    owner_of_unit = balance(unit_scores, world, unit_kinds, unit_fixed)
+    return [owner_of_unit[u] for u in unit]
 
 
 def refresh_owners(units: Sequence[tuple[Hashable, int, int, int]], world: int) -> dict[Hashable, int]:
