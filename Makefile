@@ -41,7 +41,7 @@ clean:
 
 # `make demo`: on top of the test setup, the demo extra (matplotlib, tqdm), then the CPU ablation of
 # ablations/demo.toml (kl_shampoo, shampoo with and without grafting, soap, AdamW on a tiny byte-level GPT;
-# about 9 minutes on 2 cores, one thread per run). The table and plots land in results/; a second `make demo` reuses
+# about 4.5 minutes on 2 cores, two runs at a time, one thread each). The table and plots land in results/; a second `make demo` reuses
 # the finished runs.
 .PHONY: demo
 $(VENV)/.demo-installed: $(VENV)/.installed
