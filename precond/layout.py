@@ -82,17 +82,24 @@ class Layout:
     def stack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Parameter-shaped tensors → one viewed stack ``(B, *view_shape)`` (the same values as stacking each
         :meth:`view`): when the view is a plain reshape and the tensors are contiguous, one ``stack`` and one
-        ``reshape`` (a view) instead of one ``reshape`` per tensor."""
+        ``reshape`` (a view) instead of one ``reshape`` per tensor; no ``reshape`` when the view is the shape itself."""
         if self.keeps_order and all(t.is_contiguous() for t in tensors):
-            return torch.stack(list(tensors)).reshape(len(tensors), *self.view_shape)
+            stacked = torch.stack(list(tensors))
+            return stacked if self.is_identity else stacked.reshape(len(tensors), *self.view_shape)
         return torch.stack([self.view(t) for t in tensors])
 
     def unstack(self, stacked: torch.Tensor) -> Sequence[torch.Tensor]:
         """A viewed stack ``(B, *view_shape)`` → its ``B`` entries in the parameter's shape (the same values as
-        :meth:`unview` of each entry): one ``reshape`` and one ``unbind`` when the view is a plain reshape."""
+        :meth:`unview` of each entry): one ``reshape`` and one ``unbind`` when the view is a plain reshape, the
+        ``unbind`` alone when it is the shape itself."""
         if self.keeps_order:
-            return stacked.reshape(stacked.shape[0], *self.shape).unbind(0)
+            return (stacked if self.is_identity else stacked.reshape(stacked.shape[0], *self.shape)).unbind(0)
         return [self.unview(t) for t in stacked.unbind(0)]
+
+    @functools.cached_property
+    def is_identity(self) -> bool:
+        """The view is the parameter's shape itself (a plain reshape to the same shape: nothing to do)."""
+        return self.keeps_order and tuple(self.view_shape) == tuple(self.shape)
 
     @functools.cached_property
     def keeps_order(self) -> bool:

@@ -148,6 +148,7 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets = Buckets(self._bucket_key, self._members.of_group, self._member_layout)
         self._fallbacks = FallbackCounter()
         self._indices: dict[tuple, torch.Tensor] = {}  # refresh positions as device tensors (_index)
+        self._counts: Optional[list[torch.Tensor]] = None  # step counts to advance at the end of step() (_finish)
         self.capture = options.get("capture", False)
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
         self.overlap_backward = options.get("overlap_backward", False)
@@ -387,6 +388,20 @@ class Optimizer(torch.optim.Optimizer):
         work = self._gather()  # may refuse or skip the step: nothing is touched before it
         if work is None:
             return
+        self._counts = []  # the step counts that _finish advances, in one op at the end (_count_steps)
+        try:
+            self._run_buckets(work, started)
+        finally:
+            self._count_steps()
+
+    def _count_steps(self) -> None:
+        """Add 1 to every step count that :meth:`_finish` collected during this ``step()`` (one ``_foreach_add_``
+        over all buckets instead of one per bucket) and go back to counting at once."""
+        counts, self._counts = self._counts, None
+        if counts:
+            torch._foreach_add_(counts, 1)
+
+    def _run_buckets(self, work: list, started: list[tuple[Bucket, torch.Tensor]]) -> None:
         self._schedule.flush()
         work = self._members.expand(work)  # a blocked parameter: one entry per block (precond.blocking)
         if self._members.changed:  # a blocked parameter's storage was replaced: its views were made again
@@ -476,12 +491,17 @@ class Optimizer(torch.optim.Optimizer):
         return self._advance(bucket, grads)
 
     def _finish(self, bucket: Bucket, step: int) -> None:
-        """After the update of ``step``: the due refreshes, then the step counts."""
+        """After the update of ``step``: the due refreshes, then the step counts (inside ``step()`` collected and
+        advanced with all the others at its end, :meth:`_count_steps`)."""
         if bucket.preconditioner.folds_at(step) and not bucket.preconditioner.folds_before_apply:
             self._refresh(bucket, step)
         bucket.step = step
         states = self._states
-        torch._foreach_add_([states[p][STEP] for p in bucket.params], 1)
+        counts = [states[p][STEP] for p in bucket.params]
+        if self._counts is not None:  # inside step(): added with every other bucket's at its end
+            self._counts.extend(counts)
+        else:  # a gradient hook (overlap_backward): at once
+            torch._foreach_add_(counts, 1)
 
     def _direction(self, bucket: Bucket, grads: list[torch.Tensor], step: Step,
                    fold: Optional[bool] = None) -> torch.Tensor:
