@@ -23,7 +23,7 @@ import torch
 from estimators._common import FloorSpec, beta_field, floor_validator, permute_columns, spectrum_floor, sum_except
 from estimators.base import Estimator
 from precond.contractions import gram, mode_product, rotate, scale
-from precond.ema import fold, gradient_weights
+from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState, Tensors
@@ -143,10 +143,8 @@ class KL(Estimator):
             if shift is not None:
                 diag = diag + shift
             updates[k] = (delta, diag)
-        for k, (delta, diag) in updates.items():  # writes only after every read (Jacobi)
-            if delta is not None:
-                fold(factors[k], delta, self.beta, active)
-            fold(spectra[k], diag, self.beta, active)
+        pairs = [(factors[k], delta) for k, (delta, _) in updates.items() if delta is not None]
+        fold_all(pairs + [(spectra[k], diag) for k, (_, diag) in updates.items()], self.beta, active)  # after reads
         if self.rebalance and not first:
             self._rebalance(spectra, factors)
         if updates and not first:  # λ_k ≥ floor, every mode in one op

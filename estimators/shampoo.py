@@ -10,7 +10,7 @@ import torch
 from estimators._common import beta_field, sum_of_squares_except
 from estimators.base import Estimator
 from precond.contractions import gram
-from precond.ema import fold, gradient_weights, nonzero_gradient
+from precond.ema import fold_all, gradient_weights, nonzero_gradient
 from precond.layout import Layout
 from precond.refresh import Refresh, rayleigh_quotients
 from precond.state import ParamState
@@ -71,15 +71,13 @@ class Shampoo(Estimator):
         """Fold ``grad`` (``(B, *view)``) into the factors (dense modes) or spectra (diagonal modes), in place."""
         active = self._weights(ps, grad, first)
         bases, factors = ps.Q, ps.S
-        for k, lam in enumerate(ps.lam):
-            if lam is None:
-                continue
-            if factors[k] is not None:
-                fold(factors[k], gram(grad, k), self.beta, active)
-                if self.spectrum == "every_step" and bases[k] is not None and not first:
-                    lam.copy_(rayleigh_quotients(factors[k], bases[k]).clamp_min(0))
-            else:
-                fold(lam, sum_of_squares_except(grad, k), self.beta, active)
+        modes = [k for k, lam in enumerate(ps.lam) if lam is not None]
+        fold_all([(factors[k], gram(grad, k)) if factors[k] is not None else (ps.lam[k], sum_of_squares_except(grad, k))
+                  for k in modes], self.beta, active)  # every mode's fold in one op
+        if self.spectrum == "every_step" and not first:  # each reads only its own mode's new factor
+            for k in modes:
+                if factors[k] is not None and bases[k] is not None:
+                    ps.lam[k].copy_(rayleigh_quotients(factors[k], bases[k]).clamp_min(0))
 
     def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
         for k, refresh in refreshes.items():

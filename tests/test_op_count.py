@@ -75,3 +75,26 @@ def test_stacking_a_bucket_in_one_reshape_gives_the_per_tensor_views():
         assert torch.equal(stacked, torch.stack([layout.view(t) for t in tensors]))
         for back, t in zip(layout.unstack(stacked), tensors):
             assert torch.equal(back, t)
+
+
+def test_folding_many_statistics_in_one_op_gives_each_fold():
+    """``fold_all`` (one ``_foreach`` op per update) equals :func:`fold` of each pair, bit for bit, for an EMA and
+    for a plain sum, with tensors of several orders sharing one weight vector (an all-zero entry keeps its value)."""
+    from precond.ema import fold, fold_all, fold_weights
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 5, 5), (3, 5), (3, 4, 2, 2), (3, 7)]
+    active = torch.tensor([True, False, True])
+    for beta in (0.95, 0.5, 1.0):
+        weights = fold_weights(beta, active, torch.float32)
+        olds = [torch.randn(s, generator=gen) for s in shapes]
+        news = [torch.randn(s, generator=gen) for s in shapes]
+        original = [o.clone() for o in olds]
+        expected = [o.clone() for o in olds]
+        for old, new in zip(expected, news):
+            fold(old, new, beta, weights)
+        fold_all(list(zip(olds, news)), beta, weights)
+        for got, want, before in zip(olds, expected, original):
+            assert torch.equal(got, want)
+            assert torch.equal(got[1], before[1])  # the entry without a gradient is left alone
+            assert not torch.equal(got[0], before[0])
