@@ -116,8 +116,9 @@ class KL(Estimator):
             inverse: Tensors = [None] * layout.order
             inv_sqrt: Tensors = [None] * layout.order
         else:
-            inverse = _each(torch._foreach_reciprocal, spectra)  # one op for every mode's λ_j^{-1}
-            inv_sqrt = [None if lam is None else lam.rsqrt() for lam in spectra]
+            broadcast = ps.broadcast_spectra()  # λ_j in the shape scale() broadcasts: no view per use
+            inverse = _each(torch._foreach_reciprocal, broadcast)  # one op for every mode's λ_j^{-1}
+            inv_sqrt = [None if lam is None else lam.rsqrt() for lam in broadcast]
         with_factor = [k for k, f in enumerate(factors) if f is not None and spectra[k] is not None]
         partial = {k: rotate(grad, [q if j != k else None for j, q in enumerate(bases)]) for k in with_factor}
         if with_factor:
@@ -223,8 +224,8 @@ class KL(Estimator):
             return None
         shift = torch.full_like(reference[:, :1], self.damping)
         for j, r in enumerate(inv_sqrt):
-            if j != k and r is not None:
-                shift = shift * (r * r).mean(dim=-1, keepdim=True)
+            if j != k and r is not None:  # r may come in its broadcast shape (B, 1, …, d_j, …, 1)
+                shift = shift * (r * r).flatten(1).mean(dim=-1, keepdim=True)
         return shift
 
     def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:

@@ -119,6 +119,10 @@ def grams(x: torch.Tensor, modes: Sequence[int]) -> dict[int, torch.Tensor]:
 
 
 def _broadcast_view(v: torch.Tensor, order: int, k: int) -> torch.Tensor:
+    """``v`` (``(B, d_k)``) viewed to broadcast along mode ``k`` of an order-``order`` tensor; a ``v`` already of
+    that order (e.g. ``ParamState.broadcast_spectra``) is returned as it is."""
+    if v.ndim == order + 1:
+        return v
     shape = [v.shape[0]] + [1] * order
     shape[k + 1] = v.shape[1]
     return v.view(shape)
@@ -144,7 +148,8 @@ def broadcast_outer(vectors: Sequence[Optional[torch.Tensor]], order: int) -> to
 
 
 def scale(x: torch.Tensor, vectors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """``X ⊙ ⊗_k v_k`` (broadcast, no full-size outer product is materialised); ``None`` entries are ones."""
+    """``X ⊙ ⊗_k v_k`` (broadcast, no full-size outer product is materialised); ``None`` entries are ones. A
+    ``v_k`` is ``(B, d_k)`` or already in its broadcast shape ``(B, 1, …, d_k, …, 1)``."""
     order = x.ndim - 1
     for k, v in enumerate(vectors):
         if v is not None:

@@ -58,6 +58,21 @@ class ParamState:
     params: tuple[torch.Tensor, ...] = ()
     """The parameters whose state this is, in batch order (empty for a copied subset, e.g. a refresh's): for parts
     whose statistics come from elsewhere than the gradient (K-FAC's layer inputs, captured by module hooks)."""
+    _broadcast: dict[int, tuple[torch.Tensor, torch.Tensor]] = attrs.field(factory=dict, init=False, repr=False)
+
+    def broadcast_spectra(self) -> Tensors:
+        """``λ_k`` viewed as ``(B, 1, …, d_k, …, 1)`` (mode ``k`` of a ``(B, *view)`` tensor; ``None`` stays), the
+        shape in which ``precond.contractions.scale`` broadcasts it. The views share ``λ_k``'s storage (in-place
+        writes show through) and are made once, then kept while ``lam[k]`` is the same tensor: no view op per step."""
+        order, out = len(self.lam), []
+        for k, lam in enumerate(self.lam):
+            kept = self._broadcast.get(k)
+            if lam is not None and (kept is None or kept[0] is not lam):
+                shape = [lam.shape[0]] + [1] * order
+                shape[k + 1] = lam.shape[-1]
+                kept = self._broadcast[k] = (lam, lam.view(shape))
+            out.append(None if lam is None else kept[1])
+        return out
 
     @classmethod
     def of(cls, storage: dict[str, Any], layout: Layout, params: tuple[torch.Tensor, ...] = ()) -> "ParamState":

@@ -98,3 +98,25 @@ def test_folding_many_statistics_in_one_op_gives_each_fold():
             assert torch.equal(got, want)
             assert torch.equal(got[1], before[1])  # the entry without a gradient is left alone
             assert not torch.equal(got[0], before[0])
+
+
+def test_kept_broadcast_views_of_the_spectra_follow_the_state():
+    """``ParamState.broadcast_spectra`` (views made once per state) shows in-place writes to ``λ_k``, is made again
+    when ``λ_k`` is replaced, and scales like the ``(B, d_k)`` spectra it views (reference: explicit broadcasting)."""
+    from precond.contractions import scale
+    from precond.state import ParamState
+
+    gen = torch.Generator().manual_seed(4)
+    lam = [torch.rand(2, 3, generator=gen) + 0.5, None, torch.rand(2, 5, generator=gen) + 0.5]
+    ps = ParamState(Q=[None] * 3, S=[None] * 3, lam=lam)
+    views = ps.broadcast_spectra()
+    assert views[1] is None and views[0].shape == (2, 3, 1, 1) and views[2].shape == (2, 1, 1, 5)
+    x = torch.randn(2, 3, 4, 5, generator=gen)
+    reference = x * lam[0][:, :, None, None] * lam[2][:, None, None, :]
+    assert torch.equal(scale(x, views), reference)
+    assert torch.equal(scale(x, views), scale(x, lam))
+    lam[0].mul_(2.0)  # in place: the kept view sees it
+    assert torch.equal(ps.broadcast_spectra()[0][:, :, 0, 0], lam[0])
+    assert ps.broadcast_spectra()[2] is views[2]  # kept
+    ps.lam[2] = torch.ones(2, 5)  # replaced: a new view of the new tensor
+    assert torch.equal(ps.broadcast_spectra()[2], torch.ones(2, 1, 1, 5))

@@ -62,7 +62,7 @@ class Power:
         p = self.exponent(ctx.layout)
         if p == 0.0:
             return direction
-        bases, spectra, dense = ctx.ps.Q, ctx.ps.lam, ctx.dense
+        bases, spectra, dense = ctx.ps.Q, ctx.ps.broadcast_spectra(), ctx.dense  # λ_k already in broadcast shape
         eps = self._eps(ctx.step, p)
         rotated = rotate(direction, bases, ctx.rotation_dtype)
         if dense is not None:
