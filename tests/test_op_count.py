@@ -120,3 +120,19 @@ def test_kept_broadcast_views_of_the_spectra_follow_the_state():
     assert ps.broadcast_spectra()[2] is views[2]  # kept
     ps.lam[2] = torch.ones(2, 5)  # replaced: a new view of the new tensor
     assert torch.equal(ps.broadcast_spectra()[2], torch.ones(2, 1, 1, 5))
+
+
+def test_the_one_op_batch_norm_equals_the_norm_of_each_flattened_entry():
+    """``batch_norm`` (one reduction over the non-batch dimensions of a contiguous stack) gives the norm of each
+    flattened entry bit for bit, for several orders and sizes, contiguous or not."""
+    from precond.appliers._norms import batch_norm
+
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(3, 7), (2, 64, 48), (1, 300, 129), (4, 3, 5, 6), (2, 5)]:
+        x = torch.randn(shape, generator=gen) * 100.0
+        for t in (x, x.transpose(-1, -2)):
+            want = torch.stack([entry.flatten().pow(2).sum().sqrt() for entry in t.double()]).float()
+            got = batch_norm(t)
+            assert got.shape == (shape[0], *[1] * (len(shape) - 1))
+            assert torch.equal(got.flatten(), torch.linalg.vector_norm(t.reshape(shape[0], -1), dim=1))
+            assert torch.allclose(got.flatten(), want, rtol=1e-6)
