@@ -18,6 +18,7 @@ from precond.ema import Step, bias_correction
 from precond.fallbacks import FallbackCounter
 from precond.gradient_check import largest_entries, verdict
 from precond.layout import Layout
+from precond.moves import PendingMoves, move
 from precond.overlap import BackwardOverlap
 from precond.param_groups import check_hyperparameters, named, params_list
 from precond.precision import tf32_matmuls
@@ -149,6 +150,7 @@ class Optimizer(torch.optim.Optimizer):
         self._fallbacks = FallbackCounter()
         self._indices: dict[tuple, torch.Tensor] = {}  # refresh positions as device tensors (_index)
         self._counts: Optional[list[torch.Tensor]] = None  # step counts to advance at the end of step() (_finish)
+        self._pending: Optional[PendingMoves] = None  # parameter moves held back within step() (_apply_moves)
         self.capture = options.get("capture", False)
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
         self.overlap_backward = options.get("overlap_backward", False)
@@ -389,9 +391,13 @@ class Optimizer(torch.optim.Optimizer):
         if work is None:
             return
         self._counts = []  # the step counts that _finish advances, in one op at the end (_count_steps)
+        self._pending = PendingMoves() if self._distributed is None else None  # the moves, made together
         try:
             self._run_buckets(work, started)
         finally:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                pending.flush()
             self._count_steps()
 
     def _count_steps(self) -> None:
@@ -436,12 +442,16 @@ class Optimizer(torch.optim.Optimizer):
             self._distributed.finish(self)
 
     def _apply_moves(self, moves: list[tuple[Bucket, torch.Tensor]]) -> None:
-        """Move the parameters of each ``(bucket, update)`` (and empty the list, freeing the updates at once)."""
+        """Move the parameters of each ``(bucket, update)`` and empty the list: at once, or inside ``step()`` held back
+        and made with the other buckets' moves (a bounded number of update entries, ``precond.moves``)."""
         while moves:
             bucket, update = moves.pop(0)
             if self._distributed is not None and self._distributed.stage(self, bucket, update):  # [distributed]
                 continue
-            self._apply(bucket.group, bucket.params, update, bucket.layout)
+            if self._pending is not None:  # inside step(): with the other buckets' moves (precond.moves)
+                self._pending.add(bucket.group, bucket.params, update, bucket.layout)
+            else:
+                self._apply(bucket.group, bucket.params, update, bucket.layout)
 
     def _bucket_key(self, group_index: int, p: torch.Tensor) -> tuple:
         """Members stack when they share a group, a layout (a parameter's plan of its shape, or a block's layout:
@@ -577,15 +587,7 @@ class Optimizer(torch.optim.Optimizer):
                lr: Union[float, torch.Tensor, None] = None) -> None:
         """Decoupled weight decay and ``W ← W − η U``: ``η U`` is formed in the state dtype and cast to the
         parameters' dtype last (one arithmetic path for a float and a tensor ``lr``; ``lr`` overrides the group's)."""
-        lr, wd = group["lr"] if lr is None else lr, group["weight_decay"]
-        scaled = update * (lr.to(device=update.device, dtype=update.dtype) if isinstance(lr, torch.Tensor) else lr)
-        scaled = scaled if scaled.dtype == params[0].dtype else scaled.to(params[0].dtype)
-        steps = layout.unstack(scaled) if isinstance(layout, Layout) else [layout.unview(u) for u in scaled.unbind(0)]
-        if wd and group["decay_order"] == "before":
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_sub_(params, steps)
-        if wd and group["decay_order"] == "after":
-            torch._foreach_mul_(params, 1 - lr * wd)
+        move(group, [(params, update, layout)], lr)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

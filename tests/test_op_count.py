@@ -136,3 +136,38 @@ def test_the_one_op_batch_norm_equals_the_norm_of_each_flattened_entry():
             assert got.shape == (shape[0], *[1] * (len(shape) - 1))
             assert torch.equal(got.flatten(), torch.linalg.vector_norm(t.reshape(shape[0], -1), dim=1))
             assert torch.allclose(got.flatten(), want, rtol=1e-6)
+
+
+def test_moves_held_back_and_made_together_equal_each_bucket_moved_alone():
+    """``PendingMoves`` (one ``_foreach`` op per group for many buckets, flushed at ``limit``) moves every parameter
+    exactly as ``move`` of each bucket alone: two groups (decay before / after), a float and a tensor ``lr``, a
+    bfloat16 bucket, a reshaped view; reference: ``W ← W − η U`` with decay written out per tensor."""
+    import structures
+    from precond.moves import PendingMoves, move
+
+    gen = torch.Generator().manual_seed(6)
+    g1 = {"lr": 0.1, "weight_decay": 0.01, "decay_order": "before"}
+    g2 = {"lr": torch.tensor(0.05), "weight_decay": 0.2, "decay_order": "after"}
+    specs = [(g1, (4, 3), torch.float32), (g2, (5,), torch.float32), (g1, (2, 1, 3), torch.bfloat16),
+             (g2, (4, 3), torch.float32)]
+    buckets = []
+    for group, shape, dtype in specs:
+        layout = structures.NMode(max_dim=8).plan(shape)
+        params = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2)]
+        buckets.append((group, params, torch.randn(2, *layout.view_shape, generator=gen), layout))
+    for limit in (1, 10, 1 << 22):
+        alone = [[p.clone() for p in params] for _, params, _, _ in buckets]
+        together = [[p.clone() for p in params] for _, params, _, _ in buckets]
+        for (group, _, update, layout), params in zip(buckets, alone):
+            move(group, [(params, update, layout)])
+        pending = PendingMoves(limit=limit)
+        for (group, _, update, layout), params in zip(buckets, together):
+            pending.add(group, params, update, layout)
+        pending.flush()
+        for (group, originals, update, layout), a, b in zip(buckets, alone, together):
+            lr, wd = group["lr"], group["weight_decay"]
+            for p, w, u, got in zip(originals, a, update, b):
+                step = (u * lr).to(p.dtype).reshape(p.shape)
+                want = p * (1 - lr * wd) - step if group["decay_order"] == "before" else (p - step) * (1 - lr * wd)
+                assert torch.equal(got, w)
+                assert torch.equal(got, want.to(p.dtype))
