@@ -48,8 +48,18 @@ def fold_weights(beta: float, active: torch.Tensor, dtype: torch.dtype) -> torch
 
 
 def gradient_weights(beta: float, grad: torch.Tensor) -> torch.Tensor:
-    """:func:`fold_weights` for the entries of ``grad`` (``(B, …)``) that are not all zero."""
-    return fold_weights(beta, nonzero_gradient(grad), grad.dtype)
+    """:func:`fold_weights` for the entries of ``grad`` (``(B, …)``) that are not all zero.
+
+    The weights of the most recent mask (per thread) are returned again for the same kept mask of
+    :func:`nonzero_gradient`, ``β`` and dtype: statistics of one gradient with one ``β`` (SOAP's factors and ``V``)
+    share one ``where``. Do not modify them."""
+    mask = nonzero_gradient(grad)
+    ref, key, weights = getattr(_last, "weights", (None, None, None))
+    if ref is not None and ref() is mask and key == (beta, grad.dtype):
+        return weights
+    weights = fold_weights(beta, mask, grad.dtype)
+    _last.weights = (weakref.ref(mask), (beta, grad.dtype), weights)
+    return weights
 
 
 def fold(old: torch.Tensor, new: torch.Tensor, beta: float, weights: torch.Tensor) -> None:

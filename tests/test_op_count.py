@@ -177,3 +177,19 @@ def test_moves_held_back_and_made_together_equal_each_bucket_moved_alone():
                 want = p * (1 - lr * wd) - step if group["decay_order"] == "before" else (p - step) * (1 - lr * wd)
                 assert torch.equal(got, w)
                 assert torch.equal(got, want.to(p.dtype))
+
+
+def test_shared_fold_weights_follow_the_gradient_and_beta():
+    """``gradient_weights`` is reused only for the same unchanged gradient, ``β`` and dtype; reference: the weights
+    written out, ``1−β`` where an entry has a nonzero value, else 0."""
+    from precond.ema import gradient_weights
+
+    grad = torch.zeros(3, 4)
+    grad[0, 1] = 2.0
+    first = gradient_weights(0.9, grad)
+    assert gradient_weights(0.9, grad) is first
+    assert torch.equal(first, torch.tensor([1.0 - 0.9, 0.0, 0.0]))
+    assert torch.equal(gradient_weights(0.5, grad), torch.tensor([0.5, 0.0, 0.0]))  # another β
+    grad[2, 0] = -1.0  # in place: a new mask, new weights
+    assert torch.equal(gradient_weights(0.9, grad), torch.tensor([1.0 - 0.9, 0.0, 1.0 - 0.9]))
+    assert torch.equal(gradient_weights(0.9, grad.double()), torch.tensor([0.1, 0.0, 0.1], dtype=torch.float64))
