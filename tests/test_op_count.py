@@ -192,4 +192,5 @@ def test_shared_fold_weights_follow_the_gradient_and_beta():
     assert torch.equal(gradient_weights(0.5, grad), torch.tensor([0.5, 0.0, 0.0]))  # another β
     grad[2, 0] = -1.0  # in place: a new mask, new weights
     assert torch.equal(gradient_weights(0.9, grad), torch.tensor([1.0 - 0.9, 0.0, 1.0 - 0.9]))
-    assert torch.equal(gradient_weights(0.9, grad.double()), torch.tensor([0.1, 0.0, 0.1], dtype=torch.float64))
+    want = torch.tensor([1.0 - 0.9, 0.0, 1.0 - 0.9], dtype=torch.float64)
+    assert torch.equal(gradient_weights(0.9, grad.double()), want)  # another dtype
