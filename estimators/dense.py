@@ -16,7 +16,7 @@ from precond.parts import Estimator as EstimatorProtocol
 from precond.parts import slot
 from precond.refresh import Refresh
 from precond.state import ParamState
-from precond.validators import number
+from precond.validators import number, one_of
 
 
 def permute_mode(x: torch.Tensor, k: int, permutation: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class DenseSpectrum(Estimator):
         low=0, high=1, high_open=True, meaning="β₂ of the dense second moment V"))
     bias_correction: bool = True
     transport: Literal["permute", "keep", "reset"] = attrs.field(
-        default="permute", validator=attrs.validators.in_(("permute", "keep", "reset")))
+        default="permute", validator=one_of(("permute", "keep", "reset")))
 
     @property
     def needs_whole_parameters(self) -> bool:

@@ -35,6 +35,7 @@ from precond.kfac_capture import KFACCapture, Side
 from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState
+from precond.validators import one_of
 
 Moment = Literal["per_example", "batch"]
 
@@ -56,7 +57,7 @@ class KFAC(Estimator):
 
     capture: KFACCapture = attrs.field(validator=attrs.validators.instance_of(KFACCapture))
     beta: float = beta_field
-    moment: Moment = attrs.field(default="per_example", validator=attrs.validators.in_(("per_example", "batch")))
+    moment: Moment = attrs.field(default="per_example", validator=one_of(("per_example", "batch")))
 
     @property
     def needs_whole_parameters(self) -> bool:

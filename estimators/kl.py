@@ -27,7 +27,7 @@ from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState, Tensors
-from precond.validators import nonnegative, number
+from precond.validators import nonnegative, number, one_of
 
 
 def _each(op, tensors: Tensors) -> Tensors:
@@ -81,15 +81,15 @@ class KL(Estimator):
     damping: float = attrs.field(default=0.0, validator=nonnegative)
     floor: FloorSpec = attrs.field(default="dimension", validator=floor_validator)
     refresh_spectrum: Literal["keep", "reset"] = attrs.field(
-        default="keep", validator=attrs.validators.in_(("keep", "reset"))
+        default="keep", validator=one_of(("keep", "reset"))
     )
     rebalance: bool = False
     damping_into: Literal["factor_and_spectrum", "spectrum"] = attrs.field(
-        default="factor_and_spectrum", validator=attrs.validators.in_(("factor_and_spectrum", "spectrum"))
+        default="factor_and_spectrum", validator=one_of(("factor_and_spectrum", "spectrum"))
     )
     floor_at_init: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     order: Literal["jacobi", "prototype"] = attrs.field(
-        default="jacobi", validator=attrs.validators.in_(("jacobi", "prototype"))
+        default="jacobi", validator=one_of(("jacobi", "prototype"))
     )
 
     def __attrs_post_init__(self) -> None:

@@ -14,6 +14,7 @@ from precond.ema import fold_all, gradient_weights, nonzero_gradient
 from precond.layout import Layout
 from precond.refresh import Refresh, rayleigh_quotients
 from precond.state import ParamState
+from precond.validators import one_of
 
 
 @attrs.frozen
@@ -40,7 +41,7 @@ class Shampoo(Estimator):
 
     beta: float = beta_field
     spectrum: Literal["refresh", "every_step"] = attrs.field(
-        default="refresh", validator=attrs.validators.in_(("refresh", "every_step"))
+        default="refresh", validator=one_of(("refresh", "every_step"))
     )
     bias_correction: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precond.validators import number
+from precond.validators import number, one_of
 
 __all__ = ["KFACCapture", "LossTerms"]
 
@@ -121,7 +121,7 @@ class KFACCapture:
     fresh capture with the same settings loads it.
     """
 
-    reduction: Literal["mean", "sum"] = attrs.field(validator=attrs.validators.in_(("mean", "sum")))
+    reduction: Literal["mean", "sum"] = attrs.field(validator=one_of(("mean", "sum")))
     loss_terms: LossTerms = attrs.field(validator=_loss_terms_valid)
     factor_every: int = attrs.field(validator=number(low=1, integer=True, meaning="the factor update period"))
 

@@ -15,6 +15,7 @@ from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
 from precond.refresh import Refresh, is_due, refresh_index
 from precond.state import ParamState
+from precond.validators import one_of
 
 
 def _factorless(preconditioner: "Preconditioner", layout: Layout) -> Layout:
@@ -68,10 +69,10 @@ class Preconditioner:
     basis: Basis = attrs.field(validator=slot(Basis))
     applier: Applier = attrs.field(validator=slot(Applier))
     first_step: Literal["fill", "update"] = attrs.field(
-        default="fill", validator=attrs.validators.in_(("fill", "update"))
+        default="fill", validator=one_of(("fill", "update"))
     )
     order: Literal["apply_then_fold", "fold_then_apply"] = attrs.field(
-        default="apply_then_fold", validator=attrs.validators.in_(("apply_then_fold", "fold_then_apply"))
+        default="apply_then_fold", validator=one_of(("apply_then_fold", "fold_then_apply"))
     )
 
     def plan(self, shape: Sequence[int]) -> Layout:

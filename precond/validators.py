@@ -56,6 +56,21 @@ def number(*, low: Optional[float] = None, high: Optional[float] = None, low_ope
     return check
 
 
+def one_of(choices: tuple[Any, ...], *, optional: bool = False, meaning: str = "") -> Validator:
+    """A validator for one of ``choices`` (``optional``: ``None`` too); the message names the field, what it means
+    and every allowed value (``attrs.validators.in_`` puts its attribute's repr into the error instead)."""
+    allowed = ", ".join(map(repr, choices)) + (" or None" if optional else "")
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if optional and value is None:
+            return
+        if not any(value == choice and type(value) is type(choice) for choice in choices):
+            label = f"{attribute.name} ({meaning})" if meaning else attribute.name
+            raise ValueError(f"{label} must be one of {allowed}, got {value!r}")
+
+    return check
+
+
 nonnegative = number(low=0)
 positive = number(low=0, low_open=True)
 unit_interval = number(low=0, high=1)

@@ -7,6 +7,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 
 from precond.layout import ModeKind
+from precond.validators import one_of
 
 LargeModePolicy = Literal["none", "diagonal"]
 
@@ -45,11 +46,11 @@ def positive_or_none(instance, attribute, value) -> None:
 
 
 max_dim_field = attrs.field(default=None, validator=positive_or_none)
-large_field = attrs.field(default="none", validator=attrs.validators.in_(("none", "diagonal")))
+large_field = attrs.field(default="none", validator=one_of(("none", "diagonal")))
 
 
 VectorPolicy = Literal["diagonal", "dense"]
-vectors_field = attrs.field(default="diagonal", validator=attrs.validators.in_(("diagonal", "dense")))
+vectors_field = attrs.field(default="diagonal", validator=one_of(("diagonal", "dense")))
 
 
 def vector_kinds(kinds: tuple[ModeKind, ...], vectors: VectorPolicy) -> tuple[ModeKind, ...]:
@@ -61,7 +62,7 @@ def vector_kinds(kinds: tuple[ModeKind, ...], vectors: VectorPolicy) -> tuple[Mo
 
 
 MergeDirection = Literal["first", "last"]
-merge_field = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(("first", "last"))))
+merge_field = attrs.field(default=None, validator=one_of(("first", "last"), optional=True))
 
 
 def merged_groups(sizes: Sequence[int], max_dim: int, direction: MergeDirection) -> list[list[int]]:

@@ -10,6 +10,7 @@ import attrs
 
 from precond.blocking import Blocks, split_sizes
 from precond.layout import Layout
+from precond.validators import one_of
 from structures._common import (
     MergeDirection,
     VectorPolicy,
@@ -45,7 +46,7 @@ class NMode:
 
     max_dim: Optional[int] = max_dim_field
     large: Literal["none", "diagonal", "block"] = attrs.field(
-        default="none", validator=attrs.validators.in_(("none", "diagonal", "block")))
+        default="none", validator=one_of(("none", "diagonal", "block")))
     vectors: VectorPolicy = vectors_field
     merge: Optional[MergeDirection] = merge_field
 

@@ -7,6 +7,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 
 from precond.layout import Layout
+from precond.validators import one_of
 from structures._common import (
     LargeModePolicy,
     VectorPolicy,
@@ -29,7 +30,7 @@ class OneSided:
 
     max_dim: Optional[int] = max_dim_field
     side: Literal["smaller", "first", "last"] = attrs.field(
-        default="smaller", validator=attrs.validators.in_(("smaller", "first", "last"))
+        default="smaller", validator=one_of(("smaller", "first", "last"))
     )
     large: LargeModePolicy = large_field
     vectors: VectorPolicy = vectors_field

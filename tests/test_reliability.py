@@ -306,3 +306,42 @@ def test_soak_ten_thousand_steps_with_nan_batches_and_extreme_phases(preset):
     assert _all_finite(model, opt)
     assert stats["nonfinite_skipped"] == 10
     assert math.isfinite(sum(float(p.sum()) for p in model.parameters()))
+
+
+def _choice_fields():
+    """Every field of a part whose validator is :func:`precond.validators.one_of` (found by trying a bad value)."""
+    import attrs
+
+    classes = PARTS + [precond.Graft, precond.Normalize, precond.NewtonSchulz, precond.Preconditioner,
+                       precond.DataParallel, estimators.KFAC]
+    out = []
+    for cls in classes:
+        for field in attrs.fields(cls):
+            if getattr(field.validator, "__qualname__", "").startswith("one_of."):
+                out.append((cls, field.name))
+    return out
+
+
+def test_choice_fields_are_found():
+    names = {(cls.__name__, field) for cls, field in _choice_fields()}
+    assert {("NMode", "large"), ("Power", "eps_placement"), ("DataParallel", "placement"),
+            ("Preconditioner", "order")} <= names, names
+
+
+@pytest.mark.parametrize("cls,field", _choice_fields(), ids=lambda v: getattr(v, "__name__", v))
+def test_every_choice_field_names_the_field_and_its_allowed_values(cls, field):
+    """A misspelt option (``NMode(large="blok")``) says which field, every allowed value and what was given; the
+    message is a sentence, not attrs' tuple with the attribute's repr."""
+    required = {
+        precond.Graft: lambda: {"inner": precond.Power()},
+        precond.Normalize: lambda: {"inner": precond.Power()},
+        precond.Preconditioner: lambda: {"structure": structures.NMode(), "estimator": estimators.KL(),
+                                         "basis": bases.Eigh(), "applier": precond.Power()},
+        estimators.KFAC: lambda: {"capture": precond.KFACCapture(torch.nn.Linear(2, 2))},
+    }
+    wrapped = required.get(cls, dict)()
+    with pytest.raises(ValueError) as error:
+        cls(**wrapped, **{field: "misspelt"})
+    message = str(error.value)
+    assert message.startswith(f"{field} ") and "must be one of" in message and "'misspelt'" in message
+    assert "Attribute(" not in message

@@ -15,7 +15,7 @@ from precond.ablate import divergence, memory
 from precond.ablate.schedule import SCHEDULES, multiplier
 from precond.ablate.variants import Variant
 from precond.tasks.base import Data, Task, stream
-from precond.validators import number
+from precond.validators import number, one_of
 
 EvalCallback = Callable[[int, Optional[float], float, float], None]
 """Called after each evaluation with ``(step, mean train loss since the last one, val loss, train seconds)``."""
@@ -46,7 +46,7 @@ class Training:
     eval_batches: int = attrs.field(default=4, validator=number(
         low=1, integer=True, meaning="fixed batches of each validation"))
     schedule: Literal["cosine", "linear", "constant"] = attrs.field(
-        default="cosine", validator=attrs.validators.in_(SCHEDULES))
+        default="cosine", validator=one_of(SCHEDULES))
     warmup: float = attrs.field(default=0.05, validator=number(
         low=0, high=1, meaning="share of the steps spent warming the learning rate up"))
     min_lr_ratio: float = attrs.field(default=0.1, validator=number(

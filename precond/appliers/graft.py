@@ -11,7 +11,7 @@ from precond.appliers._norms import batch_norm
 from precond.ema import bias_correction, fold, gradient_weights
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
-from precond.validators import number, positive
+from precond.validators import number, one_of, positive
 
 
 @attrs.frozen
@@ -34,7 +34,7 @@ class Graft:
 
     inner: Applier = attrs.field(validator=slot(Applier))
     onto: Literal["adam", "rmsprop", "sgd"] = attrs.field(
-        default="adam", validator=attrs.validators.in_(("adam", "rmsprop", "sgd"))
+        default="adam", validator=one_of(("adam", "rmsprop", "sgd"))
     )
     beta: float = attrs.field(default=0.999, validator=number(
         low=0, high=1, high_open=True, meaning="EMA weight of the graft's second moment v"))

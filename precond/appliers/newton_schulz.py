@@ -11,7 +11,7 @@ import torch
 
 from precond.layout import Layout
 from precond.parts import ApplyContext
-from precond.validators import is_number, number
+from precond.validators import is_number, number, one_of
 
 Triple = tuple[float, float, float]
 Coefficients = Triple | tuple[Triple, ...] | Literal["polar_express"]
@@ -102,12 +102,12 @@ class NewtonSchulz:
     steps: int = attrs.field(default=5, validator=number(
         low=1, integer=True, meaning="the number of Newton–Schulz iterations T"))
     coefficients: Coefficients = attrs.field(default=JORDAN, converter=_coefficients)
-    dtype: torch.dtype = attrs.field(default=torch.bfloat16, validator=attrs.validators.in_(
+    dtype: torch.dtype = attrs.field(default=torch.bfloat16, validator=one_of(
         (torch.bfloat16, torch.float16, torch.float32, torch.float64)))
     eps: float = attrs.field(default=1e-7, validator=number(
         low=0, low_open=True, meaning="floor of the normalising Frobenius norm in (1)"))
     scale: Literal["none", "original", "match_rms_adamw"] = attrs.field(
-        default="none", validator=attrs.validators.in_(SCALES))
+        default="none", validator=one_of(SCALES))
 
     @property
     def margin(self) -> float:

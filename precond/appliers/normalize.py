@@ -12,7 +12,7 @@ from precond.appliers._norms import batch_norm
 from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
-from precond.validators import number, positive
+from precond.validators import number, one_of, positive
 
 
 def _betas(instance, attribute, value) -> None:
@@ -42,7 +42,7 @@ class Normalize:
 
     inner: Applier = attrs.field(validator=slot(Applier))
     rms: float = attrs.field(default=0.2, validator=positive)
-    where: Literal["dense", "all"] = attrs.field(default="dense", validator=attrs.validators.in_(("dense", "all")))
+    where: Literal["dense", "all"] = attrs.field(default="dense", validator=one_of(("dense", "all")))
     keep_bias_correction: Optional[tuple[float, float]] = attrs.field(
         default=None, converter=lambda v: tuple(v) if isinstance(v, list) else v, validator=_betas)
 

@@ -11,7 +11,7 @@ from precond.contractions import broadcast_outer, rotate, scale, unrotate
 from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import ApplyContext
-from precond.validators import nonnegative, number
+from precond.validators import nonnegative, number, one_of
 
 Exponent = Union[float, Literal["1/(2N)"]]
 
@@ -43,7 +43,7 @@ class Power:
         low=0, high=1, also=("1/(2N)",), meaning="the root applied per factor"))
     eps: float = attrs.field(default=1e-8, validator=nonnegative)
     eps_placement: Literal["factor", "outside"] = attrs.field(
-        default="factor", validator=attrs.validators.in_(("factor", "outside"))
+        default="factor", validator=one_of(("factor", "outside"))
     )
     eps_uncorrected_beta: Optional[float] = attrs.field(default=None, validator=number(
         low=0, high=1, high_open=True, optional=True,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from precond.validators import number
+from precond.validators import number, one_of
 
 COMM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -48,10 +48,10 @@ class DataParallel:
     """
 
     mode: Literal["owner", "replicate"] = attrs.field(
-        default="owner", validator=attrs.validators.in_(("owner", "replicate")))
+        default="owner", validator=one_of(("owner", "replicate")))
     group: Any | None = None
     placement: Literal["balanced", "by_kind"] = attrs.field(
-        default="balanced", validator=attrs.validators.in_(("balanced", "by_kind")))
+        default="balanced", validator=one_of(("balanced", "by_kind")))
     comm_dtype: torch.dtype = attrs.field(default=torch.float32, validator=_comm_dtype)
     chunk_elements: int = attrs.field(default=2**27, validator=number(
         low=1, integer=True, meaning="parameter entries per exchange collective"))

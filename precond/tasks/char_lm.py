@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from precond.tasks.base import SAMPLINGS, Batch, TokenWindows
 from precond.tasks.corpus import fingerprint, read_corpus, split_tokens
 from precond.tasks.gpt import TinyGPT
-from precond.validators import number
+from precond.validators import number, one_of
 
 VOCAB = 256
 """Byte-level vocabulary: every byte value is a token, so any text file works."""
@@ -50,7 +50,7 @@ class CharLM:
     heads: int = attrs.field(default=4, validator=number(low=1, integer=True, meaning="attention heads"))
     context: int = attrs.field(default=64, validator=number(low=1, integer=True, meaning="tokens per sequence"))
     batch_size: int = attrs.field(default=16, validator=number(low=1, integer=True, meaning="sequences per step"))
-    sampling: str = attrs.field(default="random", validator=attrs.validators.in_(SAMPLINGS))
+    sampling: str = attrs.field(default="random", validator=one_of(SAMPLINGS))
 
     def __attrs_post_init__(self) -> None:
         if self.width % self.heads:
