@@ -18,13 +18,14 @@ printed as a table and written to ``--json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ import torch.distributed as dist
 import precond
 from precond.bench.op_count import count_step_ops
 from precond.bench.shapes import PRESETS as SHAPES
+from precond.bench.timing import sync
 from precond.bench.training import GPT2_SMALL, GPT_TINY
 from precond.distributed import state_bytes, traffic
 from precond.tasks.gpt import TinyGPT
@@ -39,9 +41,31 @@ from precond.tasks.gpt import TinyGPT
 COMM = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed_iteration(device: torch.device, optimizer: torch.optim.Optimizer,
+                    backward: Callable[[], Any]) -> tuple[float, float, Any]:
+    """One training iteration started together on every rank (a barrier): ``backward()`` (forward and backward),
+    then ``optimizer.step()`` and ``zero_grad``; returns (iteration ms, ``step()`` ms, what ``backward`` returned),
+    each time ended by a device synchronisation."""
+    sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    returned = backward()
+    sync(device)
+    middle = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    end = time.perf_counter()
+    return (end - start) * 1e3, (end - middle) * 1e3, returned
+
+
+def _language_model_backward(model: torch.nn.Module, tokens: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """Next-token cross-entropy of ``tokens`` (forward under ``autocast``), backpropagated; the loss."""
+    with autocast:
+        logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss
 
 
 def _optimizer(args, params, mode: str, comm: str) -> torch.optim.Optimizer:
@@ -69,7 +93,7 @@ def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, 
     params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for s in SHAPES[args.shapes]]
     for p in params:
         p.grad = torch.empty_like(p)
-    _sync(device)
+    sync(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -78,11 +102,11 @@ def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, 
     for i in range(args.warmup + args.steps):
         for p in params:
             p.grad.normal_(generator=gen).mul_(1e-3)
-        _sync(device)
+        sync(device)
         dist.barrier()
         start = time.perf_counter()
         optimizer.step()
-        _sync(device)
+        sync(device)
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
             moved.append(traffic(optimizer) if mode != "single" else {"collectives": 0, "bytes_sent": 0,
@@ -124,21 +148,11 @@ def measure_training(args, device: torch.device, mode: str, comm: str) -> dict[s
     times, step_times = [], []
     for i in range(args.warmup + args.steps):
         tokens = torch.randint(0, size["vocab"], (args.batch, length + 1), device=device, generator=gen)
-        _sync(device)
-        dist.barrier()
-        start = time.perf_counter()
-        with autocast:
-            logits = wrapped(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        _sync(device)
-        middle = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        iteration, step, loss = timed_iteration(
+            device, optimizer, functools.partial(_language_model_backward, wrapped, tokens, autocast))
         if i >= args.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-            step_times.append((time.perf_counter() - middle) * 1e3)
+            times.append(iteration)
+            step_times.append(step)
     result = {"iteration_ms_median": statistics.median(times), "step_ms_median": statistics.median(step_times),
               "tokens_per_s_per_rank": args.batch * length / (statistics.median(times) / 1e3),
               "state_bytes": state_bytes(optimizer), "final_loss": float(loss)}

@@ -44,6 +44,7 @@ On CPU (the same code path on gloo; what ``tests/test_fully_shard_parity.py`` ru
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -51,7 +52,6 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from typing import Any, Optional
 
 import torch
@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 import precond
+from precond.bench.distributed import timed_iteration
 from precond.bench.training import GPT2_SMALL, GPT_TINY
 from precond.distributed import state_bytes
 from precond.tasks.gpt import TinyGPT
@@ -226,9 +227,8 @@ def parity(args, size: dict[str, int], preset: str, device: torch.device, mesh) 
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _backward(model: torch.nn.Module, batch: torch.Tensor) -> None:
+    loss_of(model, batch).backward()
 
 
 def timing(args, size: dict[str, int], preset: str, device: torch.device, mesh) -> dict[str, Any]:
@@ -244,18 +244,10 @@ def timing(args, size: dict[str, int], preset: str, device: torch.device, mesh) 
     for i in range(args.warmup + args.timed):
         batch = tokens(10_000 + i, world * args.batch, args.length, size["vocab"], args.seed)
         batch = batch[rank * args.batch:(rank + 1) * args.batch].to(device)
-        _sync(device)
-        dist.barrier()
-        start = time.perf_counter()
-        loss_of(model, batch).backward()
-        _sync(device)
-        middle = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        iteration, step, _ = timed_iteration(device, optimizer, functools.partial(_backward, model, batch))
         if i >= args.warmup:
-            iterations.append((time.perf_counter() - start) * 1e3)
-            steps.append((time.perf_counter() - middle) * 1e3)
+            iterations.append(iteration)
+            steps.append(step)
     out: dict[str, Any] = {
         "iteration_ms_median": statistics.median(iterations) if iterations else None,
         "step_ms_median": statistics.median(steps) if steps else None,

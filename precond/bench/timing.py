@@ -12,7 +12,8 @@ import torch
 from precond.bench.contenders import Factory
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU), so a host clock read after it times that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -46,7 +47,7 @@ def time_steps(make: Factory, shapes: Sequence[tuple[int, ...]], device: torch.d
     params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype, generator=gen) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.empty_like(p)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -57,10 +58,10 @@ def time_steps(make: Factory, shapes: Sequence[tuple[int, ...]], device: torch.d
             if p.grad is None:  # some peers set p.grad to None after their step
                 p.grad = torch.empty_like(p)
             p.grad.normal_(generator=gen).mul_(1e-3)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         optimizer.step()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     result = {
