@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import opt_einsum
 import torch
 
-__all__ = ["rotate", "unrotate", "gram", "grams", "scale", "outer", "broadcast_outer", "mode_product"]
+__all__ = ["rotate", "unrotate", "gram", "grams", "scale", "outer", "broadcast_outer", "broadcast_view", "mode_product"]
 
 _BATCH = "Z"
 
@@ -118,7 +118,7 @@ def grams(x: torch.Tensor, modes: Sequence[int]) -> dict[int, torch.Tensor]:
     return {k: gram(x, k) for k in modes}
 
 
-def _broadcast_view(v: torch.Tensor, order: int, k: int) -> torch.Tensor:
+def broadcast_view(v: torch.Tensor, order: int, k: int) -> torch.Tensor:
     """``v`` (``(B, d_k)``) viewed to broadcast along mode ``k`` of an order-``order`` tensor; a ``v`` already of
     that order (e.g. ``ParamState.broadcast_spectra``) is returned as it is."""
     if v.ndim == order + 1:
@@ -140,7 +140,7 @@ def broadcast_outer(vectors: Sequence[Optional[torch.Tensor]], order: int) -> to
     for k, v in enumerate(vectors):
         if v is None:
             continue
-        view = _broadcast_view(v, order, k)
+        view = broadcast_view(v, order, k)
         result = view if result is None else result * view
     if result is None:
         raise ValueError("outer() needs at least one vector")
@@ -153,7 +153,7 @@ def scale(x: torch.Tensor, vectors: Sequence[Optional[torch.Tensor]]) -> torch.T
     order = x.ndim - 1
     for k, v in enumerate(vectors):
         if v is not None:
-            x = x * _broadcast_view(v, order, k)
+            x = x * broadcast_view(v, order, k)
     return x
 
 

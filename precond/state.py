@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import attrs
 import torch
 
+from precond.contractions import broadcast_view
 from precond.layout import Layout
 
 Tensors = list[Optional[torch.Tensor]]
@@ -68,9 +69,7 @@ class ParamState:
         for k, lam in enumerate(self.lam):
             kept = self._broadcast.get(k)
             if lam is not None and (kept is None or kept[0] is not lam):
-                shape = [lam.shape[0]] + [1] * order
-                shape[k + 1] = lam.shape[-1]
-                kept = self._broadcast[k] = (lam, lam.view(shape))
+                kept = self._broadcast[k] = (lam, broadcast_view(lam, order, k))
             out.append(None if lam is None else kept[1])
         return out
 
