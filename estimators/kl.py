@@ -22,19 +22,12 @@ import torch
 
 from estimators._common import FloorSpec, beta_field, floor_validator, permute_columns, spectrum_floor, sum_except
 from estimators.base import Estimator
-from precond.contractions import gram, mode_product, rotate, scale
+from precond.contractions import each, gram, mode_product, rotate, scale
 from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState, Tensors
 from precond.validators import nonnegative, number, one_of
-
-
-def _each(op, tensors: Tensors) -> Tensors:
-    """``op`` (a ``torch._foreach_*`` function) over the tensors that are not ``None``, in one call; ``None`` stays."""
-    present = [t for t in tensors if t is not None]
-    results = iter(op(present) if present else ())
-    return [None if t is None else next(results) for t in tensors]
 
 
 @attrs.frozen
@@ -117,7 +110,7 @@ class KL(Estimator):
             inv_sqrt: Tensors = [None] * layout.order
         else:
             broadcast = ps.broadcast_spectra()  # λ_j in the shape scale() broadcasts: no view per use
-            inverse = _each(torch._foreach_reciprocal, broadcast)  # one op for every mode's λ_j^{-1}
+            inverse = each(torch._foreach_reciprocal, broadcast)  # one op for every mode's λ_j^{-1}
             inv_sqrt = [None if lam is None else lam.rsqrt() for lam in broadcast]
         with_factor = [k for k, f in enumerate(factors) if f is not None and spectra[k] is not None]
         partial = {k: rotate(grad, [q if j != k else None for j, q in enumerate(bases)]) for k in with_factor}

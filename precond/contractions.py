@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 import opt_einsum
 import torch
 
-__all__ = ["rotate", "unrotate", "gram", "grams", "scale", "outer", "broadcast_outer", "broadcast_view", "mode_product"]
+__all__ = ["rotate", "unrotate", "gram", "grams", "scale", "outer", "broadcast_outer", "broadcast_view", "each",
+           "mode_product"]
 
 _BATCH = "Z"
 
@@ -116,6 +117,14 @@ def gram(x: torch.Tensor, k: int) -> torch.Tensor:
 def grams(x: torch.Tensor, modes: Sequence[int]) -> dict[int, torch.Tensor]:
     """``Gram_k(X)`` for every ``k`` in ``modes``."""
     return {k: gram(x, k) for k in modes}
+
+
+def each(op, tensors: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    """``op`` (a ``torch._foreach_*`` function) over the tensors that are not ``None``, in one call; a ``None``
+    (a mode without a spectrum) stays ``None`` in its place."""
+    present = [t for t in tensors if t is not None]
+    results = iter(op(present) if present else ())
+    return [None if t is None else next(results) for t in tensors]
 
 
 def broadcast_view(v: torch.Tensor, order: int, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 import attrs
 import torch
 
-from precond.contractions import broadcast_outer, rotate, scale, unrotate
+from precond.contractions import broadcast_outer, each, rotate, scale, unrotate
 from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import ApplyContext
@@ -72,11 +72,10 @@ class Power:
         elif self.eps_placement == "factor":
             rotated = scale(rotated, [None if lam is None else (lam + eps).pow(-p) for lam in spectra])
         elif any(lam is not None for lam in spectra):
-            present = [lam for lam in spectra if lam is not None]
             # λ^½ as one _foreach_sqrt over the modes: torch's pow(x, 0.5) is its sqrt kernel (CPU and CUDA), so
             # the same numbers in one op
-            roots = iter(torch._foreach_sqrt(present) if p == 0.5 else [lam.pow(p) for lam in present])
-            powers = [None if lam is None else next(roots) for lam in spectra]
+            powers = (each(torch._foreach_sqrt, spectra) if p == 0.5
+                      else [None if lam is None else lam.pow(p) for lam in spectra])
             rotated = rotated / (broadcast_outer(powers, rotated.ndim - 1) + eps)
         else:
             rotated = rotated / (1.0 + eps)
