@@ -9,6 +9,7 @@ fewer parameters than one process's stacks, and CPU kernels give each stacked en
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -395,6 +396,26 @@ def test_kind_units_cut_only_kinds_above_the_average_load():
     assert unit[:12] == [0] * 4 + [1] * 4 + [2] * 4 and unit[12:] == [3, 3]
     unit = owners.kind_units(scores, kinds, 4, fixed={13: 0})
     assert unit[13] == 0 and unit[12] not in unit[:12] and len(set(unit)) == 5
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 6), st.lists(st.integers(0, 4), min_size=1, max_size=40),
+       st.lists(st.sampled_from([0.5, 1.0, 3.0, 20.0]), min_size=5, max_size=5))
+def test_kind_units_are_runs_of_one_kind_cut_by_the_closed_form(world, kinds, kind_scores):
+    """Each unit holds one kind only; a kind of total σ_K is cut into min(n_K, ⌈σ_K / (Σσ/W)⌉) units of consecutive
+    members whose sizes differ by at most one (closed form), and by_kind's owners follow their units."""
+    scores = [kind_scores[k] for k in kinds]
+    unit = owners.kind_units(scores, kinds, world)
+    average = sum(scores) / world
+    for kind in set(kinds):
+        members = [i for i, k in enumerate(kinds) if k == kind]
+        units = [unit[i] for i in members]
+        expected = min(len(members), max(1, math.ceil(sum(scores[i] for i in members) / average - 1e-9)))
+        assert len(set(units)) == expected
+        assert units == sorted(units)  # consecutive members, in order
+        sizes = [units.count(u) for u in set(units)]
+        assert max(sizes) - min(sizes) <= 1
+        assert all(kinds[i] == kind for i, u in enumerate(unit) if u in set(units))
 
 
 def test_refresh_units_of_one_offset_are_spread():
