@@ -398,6 +398,22 @@ def test_steady_time_counts_the_first_step_at_the_median():
     assert wallclock.equal_time([[record], [old, old]]) == pytest.approx(1.0)
 
 
+def test_steady_time_moves_a_compilation_after_the_first_step_into_startup():
+    """HeavyBall under torch.compile spends tens of seconds in its second step and again at its first refresh
+    (docs/results/gpu_long): those one-time costs go to ``startup``, not into the steady step time."""
+    from precond.ablate import wallclock
+    steady = ([50.0] * 9 + [350.0]) * 23  # a refresh every 10 steps; 225 steps keep 20 refreshes after the window
+    times = [900.0, 30_000.0] + steady[2:10] + [6_000.0] + steady[11:225]
+    record = {"curve": {"step": [0, 100, 200], "val": [5.0, 4.0, 3.0], "seconds": [0.0, 40.0, 50.0]},
+              "step_ms": times}
+    assert wallclock.ms_per_step(record) == pytest.approx(80.0)  # (9 × 50 + 350) / 10, by hand
+    window_excess = sum(times[:25]) - 25 * 80.0
+    assert wallclock.startup(record) == pytest.approx(window_excess / 1e3)
+    window_at_steady = 25 * 0.080  # the first 25 steps at the steady mean, then the measured steps
+    assert wallclock.steady_seconds(record) == pytest.approx(
+        [0.0, window_at_steady + sum(times[25:100]) / 1e3, window_at_steady + sum(times[25:200]) / 1e3])
+
+
 def test_the_per_second_table_compares_at_the_fastest_variants_time():
     from precond.ablate.report import time_table
     from precond.ablate.summary import reference_of, summarize

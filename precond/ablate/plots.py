@@ -152,7 +152,7 @@ def _against_time(plt: Any, summaries: Sequence[VariantSummary], path: Path, tit
         axes.axvline(equal_time, color="0.4", linestyle=":", linewidth=1)
     if target is not None:
         axes.axhline(target, color="0.4", linestyle=":", linewidth=1)
-    axes.set_xlabel("steady training time (s): first step at the median step time, evaluation excluded")
+    axes.set_xlabel("steady training time (s): startup window at the steady step time, evaluation excluded")
     axes.set_ylabel("validation loss (mean over seeds)")
     axes.set_title(f"loss against wall-clock time · {title}", fontsize=10)
     _save(plt, figure, [axes], path, legend=True)

@@ -118,12 +118,13 @@ def _mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
 def time_table(summaries: Sequence[VariantSummary], target: Optional[float],
                reference: Optional[VariantSummary] = None) -> tuple[str, Optional[float]]:
     """The per-second table (:mod:`precond.ablate.wallclock`) and the equal time it compares at: time per step,
-    the first step's extra time, the steady training time of a run, the validation loss reached at the equal time
-    (mean ± std over seeds, paired difference to ``reference``) and the time to ``target``."""
+    the startup window's extra time (compilation, first refreshes), the steady training time of a run, the
+    validation loss reached at the equal time (mean ± std over seeds, paired difference to ``reference``) and the
+    time to ``target``."""
     healthy = [s for s in summaries if s.best_runs]
     equal = wallclock.equal_time([s.best_runs for s in healthy])
     at = f"{equal:.1f} s" if equal is not None else "—"
-    header = ["variant", "ms / step", "first step extra (s)", "train time (s)", f"val loss at {at}"]
+    header = ["variant", "ms / step", "startup extra (s)", "train time (s)", f"val loss at {at}"]
     if reference is not None:
         header.append(f"Δ vs {reference.name} at {at} (95% CI)")
     header.append("time to target (s)")
@@ -231,8 +232,9 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
         sections.append(_tuning_section(tunings, config.extend_lrs))
     sections.append("## Per step\n\n" + table)
     sections.append("## Per second\n\n"
-                    + (f"Steady training time (each run's first step counted at its median step time; its extra "
-                       f"time in its own column); the loss at {equal:.1f} s, the fastest variant's whole run, is "
+                    + (f"Steady training time (each run's first min(25, steps/4) steps, where compilation and "
+                       f"first refreshes fall, counted at its steady mean step time; their extra time in its own "
+                       f"column); the loss at {equal:.1f} s, the fastest variant's whole run, is "
                        f"that of the last validation made by then (slower variants are mid-schedule there).\n\n"
                        if equal is not None else "") + seconds)
     sections.append("## Every learning rate\n\n" + lr_table(summaries))

@@ -1,12 +1,15 @@
 """Loss against training time: the time axis of a run, loss at an equal time, time to a target loss.
 
 Every run records the time of each step (``step_ms``: forward, backward, ``step()``, schedule; evaluation
-excluded). The first step carries one-time costs that a long training run does not pay again: compiling
-(HeavyBall under ``torch.compile`` on CUDA), allocating the optimizer's state, the first preconditioner. The time
-axis here is therefore the **steady** training time: the cumulative step times with the first step counted at
-the median step time, and the first step's excess reported apart (``startup``). Later refreshes (every T steps),
-recompilations and stalls stay in: they are what a run costs. A record made before step times were kept falls back
-to its measured cumulative training time (``curve["seconds"]``).
+excluded). The first steps carry one-time costs that a long training run does not pay again: compiling (HeavyBall
+under ``torch.compile`` on CUDA compiles at its second step and again at its first preconditioner refresh, 30–50 s
+in ``docs/results/gpu_long``), allocating the optimizer's state, the first preconditioner. The time axis here is
+therefore the **steady** training time. The first ``W = min(ONE_TIME_STEPS, n // 4)`` of a run's ``n`` steps (at
+least one) are its startup window; the mean of the later steps is the steady step time ``t̄``; each step of the
+window is counted at ``t̄`` and the window's excess, ``Σ_{i<W} t_i − W t̄``, is reported apart (``startup``). Later
+refreshes (every T steps), recompilations and stalls stay in: they are what a run costs, and the window holds two
+refreshes of a T = 10 run, so replacing it by the mean keeps their share. A record made before step times were kept
+falls back to its measured cumulative training time (``curve["seconds"]``).
 
 - :func:`loss_at`: the validation loss of the last evaluation made by ``seconds`` (a measured value; evaluations
   are every ``eval_every`` steps, so it lags the run by less than that);
@@ -26,20 +29,33 @@ from typing import Any
 Record = dict[str, Any]
 
 
+ONE_TIME_STEPS = 25
+"""The longest startup window: two refreshes at T = 10 and HeavyBall's two compilations (steps 2 and 11)."""
+
+
+def _window(times: Sequence[float]) -> int:
+    return max(1, min(ONE_TIME_STEPS, len(times) // 4))
+
+
+def _steady_ms(times: Sequence[float]) -> float:
+    return statistics.mean(times[_window(times):])
+
+
 def startup(record: Record) -> float | None:
-    """Seconds the first step took beyond the median step (``None`` without step times)."""
+    """Seconds the startup window took beyond the steady step time (``None`` without step times)."""
     times = record.get("step_ms") or []
     if len(times) < 2:
         return None
-    return max(0.0, (times[0] - statistics.median(times[1:])) / 1e3)
+    window = _window(times)
+    return max(0.0, (sum(times[:window]) - window * _steady_ms(times)) / 1e3)
 
 
 def ms_per_step(record: Record) -> float | None:
-    """Mean milliseconds per step after the first; for a record made before step times were kept, its training
-    time over its steps (first step included); ``None`` when neither is known."""
+    """The steady step time: mean milliseconds per step after the startup window; for a record made before step
+    times were kept, its training time over its steps (startup included); ``None`` when neither is known."""
     times = record.get("step_ms") or []
     if len(times) >= 2:
-        return statistics.mean(times[1:])
+        return _steady_ms(times)
     if record.get("train_seconds") and record.get("steps_done"):
         return 1e3 * record["train_seconds"] / record["steps_done"]
     return None
@@ -51,7 +67,8 @@ def steady_seconds(record: Record) -> list[float]:
     times = record.get("step_ms") or []
     if len(times) < 2:
         return [float(s) for s in curve["seconds"]]
-    steady = [statistics.median(times[1:]), *times[1:]]
+    window = _window(times)
+    steady = [_steady_ms(times)] * window + list(times[window:])
     cumulative, total = [0.0], 0.0
     for t in steady:
         total += t / 1e3
