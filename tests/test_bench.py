@@ -43,3 +43,19 @@ def test_floor_counts_the_matrix_products_of_a_step(shape, max_dim):
     with FlopCounterMode(display=False) as counter:
         opt.step()
     assert counter.get_total_flops() == floor.step_flops(shape, max_dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_time_counts_kernel_time_within_the_wall_time():
+    """precond.bench.device_time on CUDA: kernel time is positive and at most the wall time (busy ≤ 1), and the
+    largest kernel of a matmul-heavy step is a matrix product."""
+    from precond.bench.device_time import profile_steps
+
+    params = [torch.nn.Parameter(torch.randn(512, 512, device="cuda")) for _ in range(4)]
+    optimizer = precond.kl_shampoo(params, lr=1e-3, every=2)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    profile = profile_steps(optimizer, params, grads, torch.device("cuda"))
+    assert 0 < profile["kernel_ms_per_step"] <= profile["wall_ms_per_step"]
+    assert 0 < profile["busy"] <= 1 and profile["comm_kernel_ms_per_step"] == 0
+    assert profile["top_kernels"] and all(ms > 0 for _, ms in profile["top_kernels"])

@@ -481,7 +481,12 @@ def test_distributed_bench_runs_under_torchrun_on_two_processes(tmp_path):
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-               "precond.bench.distributed", *w.BENCH_ARGS, "--json", str(out)]
+               "precond.bench.distributed", *w.BENCH_ARGS, "--profile", "--json", str(out)]
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    _check_bench_report(json.loads(out.read_text()), 2, "step")
+    report = json.loads(out.read_text())
+    _check_bench_report(report, 2, "step")
+    for ranks in report["results"].values():  # --profile: each rank's wall time; no device kernels on gloo/CPU
+        for r in ranks:
+            profile = r["profile"]
+            assert profile["wall_ms_per_step"] > 0 and profile["kernel_ms_per_step"] == 0 == profile["busy"]

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import precond
+from precond.bench.device_time import profile_steps
 from precond.bench.op_count import count_step_ops
 from precond.bench.shapes import PRESETS as SHAPES
 from precond.bench.timing import sync
@@ -124,6 +125,10 @@ def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, 
                  for _ in range(args.every)]  # T steps: every stagger phase once
         ops = count_step_ops(optimizer, params, grads)
         result.update(ops_per_step=ops.total, ops_per_step_steady=ops.steady)
+    if args.profile:
+        grads = [[torch.randn(p.shape, device=device, generator=gen) * 1e-3 for p in params]
+                 for _ in range(args.every)]
+        result["profile"] = profile_steps(optimizer, params, grads, device)
     if device.type == "cuda":
         result["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
     del optimizer, params
@@ -230,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--count-ops", action="store_true",
                    help="also count this rank's top-level aten ops per step() over T more steps "
                         "(precond.bench.op_count)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile T more steps: this rank's kernel and collective time against its wall time "
+                        "(precond.bench.device_time)")
     p.add_argument("--json", default="bench_distributed.json")
     return p
 
