@@ -94,6 +94,7 @@ def edges(rank: int, world: int) -> dict[str, Any]:
     out["uneven"] = trajectory(shampoo, _config(shampoo), shapes=[(40, 5), (2, 3), (3,)], missing={})[0]
     # small chunks: several collectives per step
     out["chunks"] = trajectory(shampoo, _config(shampoo, chunk_elements=7))[0]
+    out["pipelined"] = _pipelined()
     # tensor lr
     out["tensor-lr"] = _tensor_lr(shampoo)
     out["nonfinite"] = _nonfinite(rank)
@@ -108,6 +109,20 @@ def edges(rank: int, world: int) -> dict[str, Any]:
             case = {"preset": "kl_shampoo", "mode": mode, "stagger": True}
             out[f"subgroup-{mode}"] = trajectory(case, _config(case, group=sub))[0]
     return out
+
+
+def _pipelined() -> dict[str, Any]:
+    """One chunk per kind (``PIPELINE_ELEMENTS`` lowered to 1), some gradients missing: chunks start while later
+    kinds are still computed. The parameters, and how many collectives started early at the last step."""
+    from precond.distributed import owner, traffic
+
+    case = {"preset": "kl_shampoo", "mode": "owner", "placement": "by_kind"}
+    kept, owner.PIPELINE_ELEMENTS = owner.PIPELINE_ELEMENTS, 1
+    try:
+        params, optimizer = trajectory(case, _config(case))
+    finally:
+        owner.PIPELINE_ELEMENTS = kept
+    return {"params": params, "chunks": len(optimizer._distributed.chunks), **traffic(optimizer)}
 
 
 def _added_group(distributed) -> list[torch.Tensor]:

@@ -98,6 +98,20 @@ def test_edge_cases_equal_one_process(runs, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_chunks_start_while_later_kinds_compute_and_change_nothing(runs, world):
+    """Owner mode with one chunk per kind: each chunk's exchange starts as soon as this rank staged its updates
+    (before the end of the step on some rank), and the parameters equal one process bitwise."""
+    expected = _single({"preset": "kl_shampoo"})[0]
+    early = 0
+    for rank, result in enumerate(runs[world]):
+        pipelined = result["edges"]["pipelined"]
+        _assert_bitwise(pipelined["params"], expected, f"pipelined chunks at rank {rank} of {world}")
+        assert pipelined["chunks"] > 1 and pipelined["collectives"] >= pipelined["chunks"]
+        early += pipelined["early_collectives"]
+    assert early > 0, "no chunk was exchanged before the end of the step"
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_bf16_communication_rounds_only_the_update(runs, world):
     """Updates sent in bfloat16: every rank still agrees bitwise, and each step's update differs from the float32
     one by bf16 rounding (relative 2⁻⁸ of |ηU|) — measured on the parameters after 7 steps against one process."""

@@ -110,13 +110,14 @@ def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, 
         sync(device)
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
-            moved.append(traffic(optimizer) if mode != "single" else {"collectives": 0, "bytes_sent": 0,
-                                                                       "bytes_received": 0})
+            moved.append(traffic(optimizer) if mode != "single" else {"collectives": 0, "early_collectives": 0,
+                                                                       "bytes_sent": 0, "bytes_received": 0})
     result = {
         "step_ms_median": statistics.median(times), "step_ms_mean": statistics.fmean(times), "step_ms_max": max(times),
         "bytes_sent_per_step": statistics.fmean(m["bytes_sent"] for m in moved),
         "bytes_received_per_step": statistics.fmean(m["bytes_received"] for m in moved),
         "collectives_per_step": statistics.fmean(m["collectives"] for m in moved),
+        "early_collectives_per_step": statistics.fmean(m.get("early_collectives", 0) for m in moved),
         "state_bytes": state_bytes(optimizer),
         "finite": bool(all(torch.isfinite(p).all() for p in params)),
     }

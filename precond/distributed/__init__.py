@@ -32,6 +32,7 @@ def owner_of(optimizer: Any, p: torch.Tensor) -> int:
 
 def traffic(optimizer: Any) -> dict[str, int]:
     """What this rank sent and received in the optimizer's collectives during the last step: ``collectives``,
+    ``early_collectives`` (owner mode: those started while the step was still computing, overlapping it),
     ``bytes_sent``, ``bytes_received`` (as issued, padding included)."""
     return dict(_runtime(optimizer).traffic)
 

@@ -27,9 +27,10 @@ class DataParallel:
     be averaged over the ranks (DDP does that), as for any optimizer.
 
     - ``mode="owner"`` (default; update-parallel, ZeRO-1-like): each parameter has one owner rank, chosen by a
-      greedy balance of estimated cost; only the owner keeps its state and computes its update; once per step the
-      updates are all-gathered (in ``comm_dtype``; bfloat16 halves the bytes and rounds the update to 8 bits of
-      mantissa) and every rank applies weight decay and the update. State memory and compute ÷ ``W``. Each rank's
+      greedy balance of estimated cost; only the owner keeps its state and computes its update; the updates are
+      all-gathered chunk by chunk as the owners finish them (in ``comm_dtype``; bfloat16 halves the bytes and rounds
+      the update to 8 bits of mantissa) and every rank applies weight decay and the update. State memory and
+      compute ÷ ``W``. Each rank's
       ``state_dict()`` holds only the parameters it owns (``{}`` for the others): checkpoint with
       ``torch.distributed.checkpoint`` (``precond.distributed.checkpoint``), which saves every owner's share
       and loads at any world size.
@@ -43,7 +44,8 @@ class DataParallel:
     ``precond.distributed.owners``). The updates are the same either way.
 
     ``group``: the process group (None: the default group). ``chunk_elements``: owner mode exchanges the updates
-    in one collective per chunk of about this many parameter entries (bounding the transient buffers).
+    in one collective per chunk of at most about this many parameter entries (bounding the transient buffers;
+    chunks also end between kinds of parameters, so that each starts while later kinds are computed).
     ``torch.distributed`` must be initialised before the optimizer is built.
     """
 

@@ -2,12 +2,20 @@
 
 Every parameter gets an owner rank (``owners.balance`` on Eq. (1) of ``owners.py``). Only the owner keeps that
 parameter's state (factors, spectra, bases, momentum, the applier's tensors) and computes its update ``U`` (before
-``lr`` and weight decay). At the end of the step the owners' updates are exchanged in flat slots (one collective per
-chunk of about ``chunk_elements`` parameter entries, in ``comm_dtype``): rank ``r``'s slot holds, for each
-parameter it owns, a flag (1 = it has an update this step) and then the updates, grouped by (param group, shape,
-dtype) so that each run is one batched view. Then every rank applies the same decay and ``W ← W − η U`` to every
-parameter (``Optimizer._apply``, the single-process arithmetic), so all ranks stay bitwise equal to each other and,
-with ``comm_dtype`` equal to the state dtype, to one process.
+``lr`` and weight decay). The owners' updates are exchanged in flat slots, one collective per chunk (in
+``comm_dtype``): rank ``r``'s slot holds, for each parameter of the chunk it owns, a flag (1 = it has an update this
+step) and then the updates, grouped by (param group, shape, dtype) so that each run is one batched view. Then every
+rank applies the same decay and ``W ← W − η U`` to every parameter (``Optimizer._apply``, the single-process
+arithmetic), so all ranks stay bitwise equal to each other and, with ``comm_dtype`` equal to the state dtype, to one
+process.
+
+Chunks follow the order in which a rank steps its buckets: parameters of one kind (param group, layout, dtype:
+what stacks into one bucket) are kept together, kinds in the order of their first parameter, and a chunk ends at a
+kind boundary once it holds ``PIPELINE_ELEMENTS`` entries (or at ``chunk_elements``). A chunk's collective is
+started as soon as this rank has staged every update it will put in it (and every earlier chunk has started), so the
+exchange of the first kinds runs on the communication stream while the later kinds are still computed; the chunks
+not started by then start at the end of the step, and the parameters move once all have arrived. Flags are written
+on the device, so starting a chunk never waits for the device.
 
 The slot sizes depend only on the parameter list, never on which gradients are present, so every rank issues the
 same collectives in the same order, including a rank that owns nothing or whose parameters have no gradient.
@@ -20,7 +28,11 @@ import torch
 
 from precond.distributed.exchange import FlatExchange
 from precond.distributed.owners import owner_plan
-from precond.distributed.runtime import Entry, Runtime
+from precond.distributed.runtime import Entry, Runtime, Work
+
+PIPELINE_ELEMENTS = 2**20
+"""Entries from which a chunk may end at a kind boundary: smaller kinds share a collective (a collective costs a
+launch and a latency, ~10–50 µs); larger ones each get theirs and are exchanged while later kinds compute."""
 
 
 @attrs.define
@@ -59,9 +71,13 @@ class OwnerRuntime(Runtime):
         self.chunk_of: dict[int, int] = {}
         members: list[Entry] = []
         filled = 0
+        self._kind_position: dict[tuple, int] = {}
+        for e in self.entries:
+            self._kind_position.setdefault(self._kind(e), e.index)
         for e in sorted(self.entries, key=self._chunk_order):
             if members and (filled + e.layout.numel > self.config.chunk_elements
-                            or self._chunk_order(e)[0] != self._chunk_order(members[-1])[0]):
+                            or self._chunk_order(e)[0] != self._chunk_order(members[-1])[0]
+                            or self._ends_chunk(members, filled, e)):
                 self._add_chunk(members)
                 members, filled = [], 0
             members.append(e)
@@ -69,11 +85,22 @@ class OwnerRuntime(Runtime):
         if members:
             self._add_chunk(members)
         self._exchanges: dict[int, FlatExchange] = {}
-        self._flags: dict[int, list[float]] = {}
+        self._waiting: list[int] = []
+        self._started = 0
+
+    @staticmethod
+    def _kind(entry: Entry) -> tuple:
+        """What stacks into one bucket: the parameters of one kind are stepped together."""
+        return (entry.group_index, entry.layout, entry.param.dtype)
 
     def _chunk_order(self, entry: Entry) -> tuple:
-        """Chunks are cut in this order, and a new one starts where its first item changes."""
-        return (0, entry.index)
+        """Chunks are cut in this order, and a new one starts where its first item changes: kinds in the order of
+        their first parameter (the order of the optimizer's buckets), parameters in order within a kind."""
+        return (0, self._kind_position[self._kind(entry)], entry.index)
+
+    def _ends_chunk(self, members: list[Entry], filled: int, entry: Entry) -> bool:
+        """Whether ``entry`` starts a new chunk at a kind boundary (see the module docstring)."""
+        return filled >= PIPELINE_ELEMENTS and self._kind(entry) != self._kind(members[-1])
 
     def _slot_size(self, entry: Entry) -> int:
         """Slot elements of one parameter's update."""
@@ -113,7 +140,15 @@ class OwnerRuntime(Runtime):
     # --- the step ------------------------------------------------------------------------------------
     def begin(self, optimizer) -> None:
         self._drop_foreign_state(optimizer)
-        self._exchanges, self._flags = {}, {}
+        self._exchanges, self._waiting, self._started = {}, [], 0
+
+    def gathered(self, optimizer, work: Work) -> Work | None:
+        """The base verdict, then how many updates this rank will stage in each chunk (those it steps)."""
+        mine = super().gathered(optimizer, work)
+        self._waiting = [0] * len(self.chunks)
+        for _, p, _ in mine or []:
+            self._waiting[self.chunk_of[self.index[id(p)]]] += 1
+        return mine
 
     def _drop_foreign_state(self, optimizer) -> None:
         """State of a parameter another rank owns (e.g. after ``load_state_dict`` of a full single-process
@@ -128,43 +163,60 @@ class OwnerRuntime(Runtime):
 
     def _exchange(self, c: int) -> FlatExchange:
         if c not in self._exchanges:
-            self._exchanges[c] = FlatExchange(self.chunks[c].sizes, self.config.comm_dtype, self.device,
-                                              self.group, self.rank)
-            self._flags[c] = [0.0] * sum(len(run.entries) for run in self.chunks[c].runs[self.rank])
+            exchange = FlatExchange(self.chunks[c].sizes, self.config.comm_dtype, self.device, self.group, self.rank)
+            exchange.own()[:self._flag_count(c)].zero_()
+            self._exchanges[c] = exchange
         return self._exchanges[c]
 
+    def _flag_count(self, c: int) -> int:
+        return sum(len(run.entries) for run in self.chunks[c].runs[self.rank])
+
     def stage(self, optimizer, bucket, update: torch.Tensor) -> bool:
-        """Copy the owner's update of each member of ``bucket`` into its place in this rank's slot."""
+        """Copy the owner's update of each member of ``bucket`` into its place in this rank's slot, set its flag,
+        and start every chunk that is now complete."""
         places = []
         for p in bucket.params:
             index = self.index[id(p)]
             c = self.chunk_of[index]
+            if c < self._started:
+                raise RuntimeError(f"internal error: an update of {optimizer._name(p)} arrived after its chunk's "
+                                   "exchange started (precond.distributed.owner)")
             flag, offset = self.chunks[c].where[index]
             places.append((c, flag, offset))
         numel = bucket.layout.numel
-        first_c, _, first = places[0]
-        if all(c == first_c and o == first + i * numel for i, (c, _, o) in enumerate(places)):
+        first_c, first_flag, first = places[0]
+        if all(c == first_c and o == first + i * numel and f == first_flag + i
+               for i, (c, f, o) in enumerate(places)):
             slot = self._exchange(first_c).own()
             slot[first:first + len(places) * numel].view(update.shape).copy_(update)
+            slot[first_flag:first_flag + len(places)].fill_(1.0)
         else:
-            for (c, _, offset), u in zip(places, update.unbind(0)):
-                self._exchange(c).own()[offset:offset + numel].view(u.shape).copy_(u)
-        for c, flag, _ in places:
-            self._flags[c][flag] = 1.0
+            for (c, flag, offset), u in zip(places, update.unbind(0)):
+                slot = self._exchange(c).own()
+                slot[offset:offset + numel].view(u.shape).copy_(u)
+                slot[flag:flag + 1].fill_(1.0)
+        for c, _, _ in places:
+            if c < len(self._waiting):
+                self._waiting[c] -= 1
+        self._start_ready()
         return True
 
-    def finish(self, optimizer) -> None:
-        """Exchange every chunk's slots (all launched before the first is waited for), then move every parameter
-        whose owner had an update."""
-        exchanges = [self._exchange(c) for c in range(len(self.chunks))]
-        for c, exchange in enumerate(exchanges):
-            flags = self._flags[c]
-            if flags:
-                exchange.own()[:len(flags)].copy_(torch.tensor(flags, dtype=exchange.dtype))
+    def _start_ready(self, everything: bool = False) -> None:
+        """Start the chunks, in order, whose updates from this rank are all staged (all of them at the end)."""
+        while self._started < len(self.chunks) and (everything or self._waiting[self._started] <= 0):
+            exchange = self._exchange(self._started)
             exchange.start()
             self.record(*exchange.elements_moved, exchange.dtype)
-        for c, exchange in enumerate(exchanges):
-            slots = exchange.wait()
+            self.traffic["early_collectives"] += not everything
+            self._started += 1
+
+    def finish(self, optimizer) -> None:
+        """Start the chunks not started yet, then move every parameter whose owner had an update."""
+        if len(self._waiting) != len(self.chunks):  # no verdict this step (nothing to wait for): all at the end
+            self._waiting = [0] * len(self.chunks)
+        self._start_ready(everything=True)
+        for c in range(len(self.chunks)):
+            slots = self._exchanges[c].wait()
             counts = [sum(len(run.entries) for run in runs) for runs in self.chunks[c].runs]
             present = torch.cat([slot[:n] for slot, n in zip(slots, counts)]).tolist() if sum(counts) else []
             base = 0
@@ -172,7 +224,7 @@ class OwnerRuntime(Runtime):
                 for run in runs:
                     self._apply_run(optimizer, slot, run, present[base + run.flag:base + run.flag + len(run.entries)])
                 base += counts[rank]
-        self._exchanges, self._flags = {}, {}
+        self._exchanges, self._waiting, self._started = {}, [], 0
 
     @staticmethod
     def _apply_run(optimizer, slot: torch.Tensor, run: Run, present: list[float]) -> None:

@@ -190,4 +190,4 @@ class Runtime:
 
 
 def new_traffic() -> dict[str, int]:
-    return {"collectives": 0, "bytes_sent": 0, "bytes_received": 0}
+    return {"collectives": 0, "early_collectives": 0, "bytes_sent": 0, "bytes_received": 0}

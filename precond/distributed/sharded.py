@@ -93,6 +93,13 @@ class ShardedOwnerRuntime(OwnerRuntime):
     def _chunk_order(self, e: Entry) -> tuple:
         return (str(e.param.dtype), e.index)
 
+    def _ends_chunk(self, members: list[Entry], filled: int, entry: Entry) -> bool:
+        return False  # one exchange at the end of the step, cut by dtype and size only
+
+    def begin(self, optimizer) -> None:
+        super().begin(optimizer)
+        self._flags: dict[int, list[float]] = {}
+
     # --- 1. gradients to their owners ----------------------------------------------------------------------
     def select(self, optimizer, work: Work) -> Work:
         grads = {id(p): grad for _, p, grad in work}
