@@ -45,6 +45,45 @@ def test_cholesky_qr_gives_the_qr_basis(d, batch, seed, noise):
     torch.testing.assert_close(got.transpose(-2, -1) @ got, eye, rtol=0, atol=1e-12)
 
 
+@given(d=st.integers(2, 24), seed=seeds, error=st.sampled_from([1e-4, 1e-3, 1e-2]))
+def test_an_inexact_first_gram_matrix_leaves_the_cholesky_qr2_basis_unchanged(d, seed, error):
+    """The claim behind ``fast_grams`` (``bases.cholesky_qr.cholesky_orthonormalize``), in float64: pass 1 factored
+    from a Gram matrix perturbed by a relative ``error`` (as TF32 rounds it) still gives, after an exact pass 2,
+    Householder QR's Q factor (diag(R) > 0), because ``Y L₁⁻ᵀ L₂⁻ᵀ`` stays ``Y`` times an upper triangular matrix.
+    It needs ``Y`` well conditioned after column scaling (near the eigenbasis, the regime after warm-up); elsewhere
+    the factorisation fails and the refresh keeps its old basis (tested above)."""
+    gen = torch.Generator().manual_seed(seed)
+    s, u = _spd_with_basis(d, gen)
+    y = s @ torch.linalg.qr(u + 1e-5 * torch.randn(d, d, generator=gen, dtype=F64))[0]  # near the eigenbasis
+    y = y / torch.linalg.vector_norm(y, dim=0, keepdim=True)
+    noise = torch.randn(d, d, generator=gen, dtype=F64)
+    gram = y.T @ y
+    inexact = gram + error * (noise + noise.T) / 2 * gram.diagonal().sqrt().outer(gram.diagonal().sqrt())
+    first = torch.linalg.solve_triangular(torch.linalg.cholesky(inexact), y.T, upper=False).T
+    second = torch.linalg.solve_triangular(torch.linalg.cholesky(first.T @ first), first.T, upper=False).T
+    torch.testing.assert_close(second, sign_fixed_qr(y), rtol=0, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_fast_grams_give_the_float32_basis_on_cuda():
+    """``tf32=True`` (two TF32 Gram matrices in Cholesky-QR2) gives the full-float32 refresh's basis to float32
+    round-off on CUDA, and accepts it."""
+    gen = torch.Generator().manual_seed(0)
+    factors, current = [], []
+    for _ in range(3):
+        s, u = _spd_with_basis(256, gen)
+        factors.append(s)
+        current.append(torch.linalg.qr(u + 1e-3 * torch.randn(256, 256, generator=gen, dtype=F64))[0])
+    s, q = (torch.stack(x).float().cuda() for x in (factors, current))
+    refresher = bases.CholeskyQR(warmup=0)
+    with precond.precision.tf32_matmuls(False):
+        exact = refresher.refresh(s, q, index=5).basis
+    with precond.precision.tf32_matmuls(True):
+        fast = refresher.refresh(s, q, index=5).basis
+    assert not torch.equal(exact, q) and not torch.equal(fast, q)  # both refreshed (no kept old basis)
+    torch.testing.assert_close(fast, exact, rtol=0, atol=2e-5)
+
+
 def test_cholesky_qr_converges_like_qr_in_float32():
     gen = torch.Generator().manual_seed(0)
     s, u = _spd_with_basis(24, gen, torch.float32)
