@@ -10,6 +10,7 @@ import fractions
 from typing import Any, Callable, Optional, Union
 
 import precond
+from precond import precision
 from precond.ablate import catalog, peers
 
 STRUCTURES = catalog.names("structure")
@@ -145,7 +146,8 @@ def learning_rates(value: Any) -> tuple[float, ...]:
     return rates
 
 
-ROTATION_DTYPES = ("bfloat16", "float16")
+ROTATION_DTYPES = tuple(str(dtype).removeprefix("torch.") for dtype in precision.ROTATION_DTYPES)
+"""The names of :data:`precond.precision.ROTATION_DTYPES`: ``bfloat16``, ``float16``."""
 
 
 def rotation_dtype(value: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from precond.bench.timing import sync
+from precond.bench.timing import profiler_activities, step_with, sync
 
 
 def _kernels(prof: torch.profiler.profile) -> list[tuple[str, float]]:
@@ -36,16 +36,10 @@ def profile_steps(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tenso
     """Eq. (1) for ``len(grads)`` steps of ``optimizer`` on ``params`` (``grads``: each step's gradients, made by
     the caller): milliseconds per step of wall time, kernel time and collective-kernel time, the busy fraction and
     the ``top`` kernels by device time (name, ms per step)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     sync(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=profiler_activities(device)) as prof:
         start = time.perf_counter()
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g
-            optimizer.step()
+        step_with(optimizer, params, grads)
         sync(device)
         wall = (time.perf_counter() - start) * 1e3 / len(grads)
     totals: dict[str, float] = {}

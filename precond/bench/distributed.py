@@ -37,6 +37,7 @@ from precond.bench.shapes import PRESETS as SHAPES
 from precond.bench.timing import sync
 from precond.bench.training import GPT2_SMALL, GPT_TINY
 from precond.distributed import state_bytes, traffic
+from precond.distributed.runtime import new_traffic
 from precond.tasks.gpt import TinyGPT
 
 COMM = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -85,6 +86,11 @@ def _configurations(args) -> list[tuple[str, str]]:
     return out
 
 
+def _gradients(params: list[torch.Tensor], steps: int, gen: torch.Generator) -> list[list[torch.Tensor]]:
+    """Fresh gradients of ``params`` for ``steps`` steps, drawn before the steps are counted or profiled."""
+    return [[torch.randn(p.shape, device=p.device, generator=gen) * 1e-3 for p in params] for _ in range(steps)]
+
+
 def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, Any]:
     """This rank's numbers for ``optimizer.step()`` on the ``--shapes`` parameters."""
     gc.collect()
@@ -110,26 +116,21 @@ def measure_step(args, device: torch.device, mode: str, comm: str) -> dict[str, 
         sync(device)
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
-            moved.append(traffic(optimizer) if mode != "single" else {"collectives": 0, "early_collectives": 0,
-                                                                       "bytes_sent": 0, "bytes_received": 0})
+            moved.append(traffic(optimizer) if mode != "single" else new_traffic())
     result = {
         "step_ms_median": statistics.median(times), "step_ms_mean": statistics.fmean(times), "step_ms_max": max(times),
         "bytes_sent_per_step": statistics.fmean(m["bytes_sent"] for m in moved),
         "bytes_received_per_step": statistics.fmean(m["bytes_received"] for m in moved),
         "collectives_per_step": statistics.fmean(m["collectives"] for m in moved),
-        "early_collectives_per_step": statistics.fmean(m.get("early_collectives", 0) for m in moved),
+        "early_collectives_per_step": statistics.fmean(m["early_collectives"] for m in moved),
         "state_bytes": state_bytes(optimizer),
         "finite": bool(all(torch.isfinite(p).all() for p in params)),
     }
-    if args.count_ops:
-        grads = [[torch.randn(p.shape, device=device, generator=gen) * 1e-3 for p in params]
-                 for _ in range(args.every)]  # T steps: every stagger phase once
-        ops = count_step_ops(optimizer, params, grads)
+    if args.count_ops:  # over T steps: every stagger phase once
+        ops = count_step_ops(optimizer, params, _gradients(params, args.every, gen))
         result.update(ops_per_step=ops.total, ops_per_step_steady=ops.steady)
     if args.profile:
-        grads = [[torch.randn(p.shape, device=device, generator=gen) * 1e-3 for p in params]
-                 for _ in range(args.every)]
-        result["profile"] = profile_steps(optimizer, params, grads, device)
+        result["profile"] = profile_steps(optimizer, params, _gradients(params, args.every, gen), device)
     if device.type == "cuda":
         result["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
     del optimizer, params

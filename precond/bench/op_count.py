@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 import attrs
 import torch
 
+from precond.bench.timing import step_with
+
 REFRESH = "precond::refresh"
 
 
@@ -81,13 +83,15 @@ def count_step_ops(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
     """Profile one ``optimizer.step()`` per entry of ``grads`` (the gradients of ``params`` for that step, made by the
     caller) and count the top-level aten operations of the steps (a ``precond.Optimizer``)."""
     with tagged_refreshes(optimizer), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g
-            optimizer.step()
+        step_with(optimizer, params, grads)
+    return counted(prof, len(grads))
+
+
+def counted(prof: torch.profiler.profile, steps: int) -> OpCount:
+    """The top-level aten operations per step of a profile of ``steps`` steps made under :func:`tagged_refreshes`."""
     top = [e for e in prof.events() if top_level(e)]
     refresh = sum(1 for e in top if in_refresh(e))
-    return OpCount(total=len(top) / len(grads), refresh=refresh / len(grads))
+    return OpCount(total=len(top) / steps, refresh=refresh / steps)
 
 
 def measure(name: str, shapes: Sequence[tuple[int, ...]], every: int = 10, max_dim: int = 2048, steps: int = 5,

@@ -8,8 +8,9 @@ import argparse
 import torch
 
 from precond.bench.contenders import factory
-from precond.bench.op_count import in_refresh, tagged_refreshes, top_level
+from precond.bench.op_count import counted, tagged_refreshes
 from precond.bench.shapes import PRESETS
+from precond.bench.timing import profiler_activities, step_with, sync
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,22 +29,14 @@ def main(argv: list[str] | None = None) -> None:
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         optimizer.step()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
     grads = [[torch.randn_like(p) * 1e-3 for p in params] for _ in range(args.steps)]  # drawn before profiling
-    with tagged_refreshes(optimizer), torch.profiler.profile(activities=activities) as prof:
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    top = [e for e in prof.events() if top_level(e)]
-    refresh = sum(1 for e in top if in_refresh(e))
-    print(f"{args.optimizer}: {len(top) / args.steps:.1f} top-level aten ops per step() "
-          f"({refresh / args.steps:.1f} of them in basis refreshes; each launches at most a kernel or two on CUDA; "
+    sync(device)
+    with tagged_refreshes(optimizer), torch.profiler.profile(activities=profiler_activities(device)) as prof:
+        step_with(optimizer, params, grads)
+        sync(device)
+    ops = counted(prof, args.steps)
+    print(f"{args.optimizer}: {ops.total:.1f} top-level aten ops per step() "
+          f"({ops.refresh:.1f} of them in basis refreshes; each launches at most a kernel or two on CUDA; "
           "views included; precond.bench.op_count counts the same)")
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))

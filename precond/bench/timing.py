@@ -18,6 +18,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_with(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+              grads: Sequence[Sequence[torch.Tensor]]) -> None:
+    """One ``optimizer.step()`` per entry of ``grads`` (the gradients of ``params`` for that step, made by the caller
+    beforehand, so that a profile or a count of the steps holds ``step()`` alone)."""
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        optimizer.step()
+
+
+def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerActivity]:
+    """What the torch profiler records on ``device``: host operators, and on CUDA the kernels too."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of distinct tensor storages held in ``optimizer.state`` (views of one stack counted once)."""
     seen: dict[int, int] = {}

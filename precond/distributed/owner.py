@@ -164,12 +164,13 @@ class OwnerRuntime(Runtime):
     def _exchange(self, c: int) -> FlatExchange:
         if c not in self._exchanges:
             exchange = FlatExchange(self.chunks[c].sizes, self.config.comm_dtype, self.device, self.group, self.rank)
-            exchange.own()[:self._flag_count(c)].zero_()
+            exchange.own()[:self._flag_count(c, self.rank)].zero_()
             self._exchanges[c] = exchange
         return self._exchanges[c]
 
-    def _flag_count(self, c: int) -> int:
-        return sum(len(run.entries) for run in self.chunks[c].runs[self.rank])
+    def _flag_count(self, c: int, rank: int) -> int:
+        """Flags at the head of ``rank``'s slot of chunk ``c``: one per parameter of the chunk it owns."""
+        return sum(len(run.entries) for run in self.chunks[c].runs[rank])
 
     def stage(self, optimizer, bucket, update: torch.Tensor) -> bool:
         """Copy the owner's update of each member of ``bucket`` into its place in this rank's slot, set its flag,
@@ -196,8 +197,7 @@ class OwnerRuntime(Runtime):
                 slot[offset:offset + numel].view(u.shape).copy_(u)
                 slot[flag:flag + 1].fill_(1.0)
         for c, _, _ in places:
-            if c < len(self._waiting):
-                self._waiting[c] -= 1
+            self._waiting[c] -= 1
         self._start_ready()
         return True
 
@@ -212,12 +212,10 @@ class OwnerRuntime(Runtime):
 
     def finish(self, optimizer) -> None:
         """Start the chunks not started yet, then move every parameter whose owner had an update."""
-        if len(self._waiting) != len(self.chunks):  # no verdict this step (nothing to wait for): all at the end
-            self._waiting = [0] * len(self.chunks)
         self._start_ready(everything=True)
         for c in range(len(self.chunks)):
             slots = self._exchanges[c].wait()
-            counts = [sum(len(run.entries) for run in runs) for runs in self.chunks[c].runs]
+            counts = [self._flag_count(c, rank) for rank in range(self.world)]
             present = torch.cat([slot[:n] for slot, n in zip(slots, counts)]).tolist() if sum(counts) else []
             base = 0
             for rank, (slot, runs) in enumerate(zip(slots, self.chunks[c].runs)):
