@@ -11,7 +11,7 @@ from bases._common import every_field, nonzero_factor
 from bases.eigh import descending_eigh
 from bases.qr_power_step import power_step
 from precond.fallbacks import FallbackCounter
-from precond.precision import full_precision, tf32_matmuls
+from precond.precision import full_precision, in_dtype, tf32_matmuls
 from precond.reductions import max_abs
 from precond.refresh import Refresh
 from precond.validators import number, positive
@@ -83,7 +83,7 @@ class CholeskyQR:
         if index < self.warmup:
             return Refresh(basis=power_step(factor, basis))
         work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
-        s, q = _as(factor, work_dtype), _as(basis, work_dtype)
+        s, q = in_dtype(factor, work_dtype), in_dtype(basis, work_dtype)
         d = s.shape[-1]
         trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1)
         fast_grams = torch.backends.cuda.matmul.allow_tf32  # the optimizer's tf32 setting, outside the refresh
@@ -93,9 +93,4 @@ class CholeskyQR:
         if counter is not None:
             counter.count_on_device("cholesky_qr_kept_old_basis", ~ok)
         use = ok.view(-1, 1, 1) & nonzero_factor(factor)
-        return Refresh(basis=torch.where(use, _as(new, basis.dtype), basis))
-
-
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in ``dtype`` (``x`` itself when it has it: no operation issued)."""
-    return x if x.dtype == dtype else x.to(dtype)
+        return Refresh(basis=torch.where(use, in_dtype(new, basis.dtype), basis))

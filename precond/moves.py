@@ -14,6 +14,7 @@ from typing import Any, Sequence, Union
 import torch
 
 from precond.layout import Layout
+from precond.precision import in_dtype
 
 Move = tuple[list[torch.Tensor], torch.Tensor, Any]
 """``(params, update, layout)``: a bucket's parameters, its update ``(B, *view)`` and its ``Layout`` (or any object
@@ -32,7 +33,7 @@ def move(group: dict[str, Any], moves: Sequence[Move], lr: Union[float, torch.Te
         scaled = torch._foreach_mul(updates, lr)  # u * lr for each, one op
     params, steps = [], []
     for (members, _, layout), s in zip(moves, scaled):
-        s = s if s.dtype == members[0].dtype else s.to(members[0].dtype)
+        s = in_dtype(s, members[0].dtype)
         params += members
         steps += layout.unstack(s) if isinstance(layout, Layout) else [layout.unview(u) for u in s.unbind(0)]
     if wd and group["decay_order"] == "before":

@@ -21,7 +21,7 @@ from precond.layout import Layout
 from precond.moves import PendingMoves, move
 from precond.overlap import BackwardOverlap
 from precond.param_groups import check_hyperparameters, named, params_list
-from precond.precision import tf32_matmuls
+from precond.precision import in_dtype, tf32_matmuls
 from precond.preconditioner import Preconditioner
 from precond.refresh_schedule import RefreshSchedule
 from precond.state import BLOCKS, STEP, new_step
@@ -518,8 +518,7 @@ class Optimizer(torch.optim.Optimizer):
         """The preconditioned (momentum) direction of a bucket (``(B, *view)``); folds the gradient. ``step`` may be
         a device tensor (a captured step), whose host-side decision ``fold`` is then given."""
         group, layout = bucket.group, bucket.layout
-        grad = layout.stack(grads)
-        grad = grad if grad.dtype == self.state_dtype else grad.to(self.state_dtype)
+        grad = in_dtype(layout.stack(grads), self.state_dtype)
         beta1 = group["momentum"]
         source = grad
         if beta1 > 0:

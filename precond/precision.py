@@ -20,6 +20,12 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``: ``x`` itself when it has it, with no operation issued (``Tensor.to`` would still dispatch
+    one ``aten::to``, a cost on the launch-bound step; ``precond.bench.op_count``)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def full_precision() -> contextlib.AbstractContextManager:
     """Float32 products without TF32 (``S Q`` before an orthonormalisation: TF32 would cost the basis its accuracy)."""
     return tf32_matmuls(False)
