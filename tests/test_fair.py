@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from precond.ablate import AblationConfig, parse_variant, run_ablation
 from precond.ablate import peers as peer_table
@@ -396,6 +398,26 @@ def test_steady_time_counts_the_first_step_at_the_median():
     old = {"curve": record["curve"]}  # made before step times were kept: the measured times
     assert wallclock.steady_seconds(old) == [0.0, 9.0, 9.5]
     assert wallclock.equal_time([[record], [old, old]]) == pytest.approx(1.0)
+
+
+@given(times=st.lists(st.floats(1.0, 5e4), min_size=2, max_size=120))
+def test_steady_time_is_the_window_at_the_later_mean_plus_the_later_steps(times):
+    """Closed form of the steady time (``precond.ablate.wallclock``'s docstring): with ``W = max(1, min(25, n // 4))``
+    and ``t̄`` the mean of the steps after the window, the whole run is ``W t̄ + Σ_{i≥W} t_i``, the per-step time
+    is ``t̄``, the startup is ``max(0, Σ_{i<W} t_i − W t̄)``, and the axis never decreases."""
+    from precond.ablate import wallclock
+    n = len(times)
+    window = max(1, min(25, n // 4))
+    later = times[window:]
+    mean = sum(later) / len(later)
+    record = {"curve": {"step": list(range(n + 1)), "val": [1.0] * (n + 1), "seconds": [0.0] * (n + 1)},
+              "step_ms": times}
+    axis = wallclock.steady_seconds(record)
+    assert axis[-1] == pytest.approx((window * mean + sum(later)) / 1e3, rel=1e-9)
+    assert all(b >= a for a, b in zip(axis, axis[1:]))
+    assert wallclock.ms_per_step(record) == pytest.approx(mean, rel=1e-9)
+    assert wallclock.startup(record) == pytest.approx(max(0.0, sum(times[:window]) - window * mean) / 1e3,
+                                                      rel=1e-9, abs=1e-9)
 
 
 def test_steady_time_moves_a_compilation_after_the_first_step_into_startup():
