@@ -382,6 +382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"FAILED: max |Δparam| against {args.tolerance_reference} {worst:.3e} > tolerance "
                       f"{args.tolerance:.3e}", flush=True)
                 failed = True
+        gc.collect()  # FSDP2's modules sit in reference cycles: free them (and their gloo work) while the group lives
         verdict = [failed]
         dist.broadcast_object_list(verdict, src=0)  # every rank exits alike (torchrun ends the others otherwise)
         failed = verdict[0]
