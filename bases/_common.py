@@ -6,9 +6,10 @@ import attrs
 import torch
 
 from precond.reductions import max_abs
-from precond.validators import number
+from precond.validators import number, plain_number
 
-every_field = attrs.field(default=10, validator=number(low=1, integer=True, meaning="the refresh period T"))
+every_field = attrs.field(default=10, converter=plain_number,
+                          validator=number(low=1, integer=True, meaning="the refresh period T"))
 
 
 def nonzero_factor(factor: torch.Tensor) -> torch.Tensor:

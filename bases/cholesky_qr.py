@@ -14,7 +14,7 @@ from precond.fallbacks import FallbackCounter
 from precond.precision import full_precision, in_dtype, tf32_matmuls
 from precond.reductions import max_abs
 from precond.refresh import Refresh
-from precond.validators import number, positive
+from precond.validators import number, plain_number, positive
 
 
 def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +70,10 @@ class CholeskyQR:
 
     every: int = every_field
     warmup: int = attrs.field(
-        default=2, validator=number(low=0, integer=True, meaning="exact QR steps before the Cholesky-QR refreshes")
+        default=2, converter=plain_number,
+        validator=number(low=0, integer=True, meaning="exact QR steps before the Cholesky-QR refreshes")
     )
-    shift: float = attrs.field(default=1e-5, validator=positive)
+    shift: float = attrs.field(default=1e-5, converter=plain_number, validator=positive)
     needs_factors = True
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:

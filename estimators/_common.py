@@ -7,9 +7,10 @@ from typing import Optional, Union
 import attrs
 import torch
 
-from precond.validators import number
+from precond.validators import number, plain_number
 
-beta_field = attrs.field(default=0.95, validator=number(low=0, high=1, meaning="EMA weight ρ on the old statistic"))
+beta_field = attrs.field(default=0.95, converter=plain_number,
+                         validator=number(low=0, high=1, meaning="EMA weight ρ on the old statistic"))
 
 
 def sum_except(x: torch.Tensor, k: int) -> torch.Tensor:

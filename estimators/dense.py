@@ -16,7 +16,7 @@ from precond.parts import Estimator as EstimatorProtocol
 from precond.parts import slot
 from precond.refresh import Refresh
 from precond.state import ParamState
-from precond.validators import number, one_of
+from precond.validators import number, one_of, plain_number
 
 
 def permute_mode(x: torch.Tensor, k: int, permutation: torch.Tensor) -> torch.Tensor:
@@ -40,13 +40,13 @@ class DenseSpectrum(Estimator):
     starts from the factored estimate (EKFAC, George et al. 2018, as Thrandis/EKFAC-pytorch); ``V`` then never
     starts from zero and ``bias_correction`` must be off.
 
-    What ``V`` averages is ``R⊙R`` unless the factor estimator has a ``rotated_moment`` hook
-    (:meth:`estimators.base.Estimator.rotated_moment`) that gives another second moment in the basis (K-FAC: the
-    per-example gradients its module hooks see).
+    What ``V`` averages is ``R⊙R`` unless the factor estimator's ``rotated_moment`` hook
+    (:class:`precond.parts.Estimator`; :meth:`estimators.base.Estimator.rotated_moment` returns ``None``) gives
+    another second moment in the basis (K-FAC: the per-example gradients its module hooks see).
     """
 
     factors: EstimatorProtocol = attrs.field(factory=Shampoo, validator=slot(EstimatorProtocol))
-    beta: float = attrs.field(default=0.95, validator=number(
+    beta: float = attrs.field(default=0.95, converter=plain_number, validator=number(
         low=0, high=1, high_open=True, meaning="β₂ of the dense second moment V"))
     bias_correction: bool = True
     transport: Literal["permute", "keep", "reset"] = attrs.field(
@@ -55,7 +55,7 @@ class DenseSpectrum(Estimator):
     @property
     def needs_whole_parameters(self) -> bool:
         """As its factors' estimator (EKFAC: K-FAC's layer captures)."""
-        return getattr(self.factors, "needs_whole_parameters", False)
+        return self.factors.needs_whole_parameters
 
     def __attrs_post_init__(self) -> None:
         if self.transport == "reset" and self.bias_correction:
@@ -68,8 +68,7 @@ class DenseSpectrum(Estimator):
     def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
         self.factors.prepare(ps, grad, layout, step)
         rotated = rotate(grad, ps.Q)
-        hook = getattr(self.factors, "rotated_moment", None)
-        custom = hook(ps, grad, rotated, layout) if hook is not None else None
+        custom = self.factors.rotated_moment(ps, grad, rotated, layout)
         if custom is None:
             fold(ps.estimator["V"], rotated * rotated, self.beta, gradient_weights(self.beta, grad))
         else:

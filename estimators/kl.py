@@ -27,7 +27,7 @@ from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState, Tensors
-from precond.validators import nonnegative, number, one_of
+from precond.validators import nonnegative, number, one_of, plain_number
 
 
 @attrs.frozen
@@ -69,10 +69,10 @@ class KL(Estimator):
     """
 
     beta: float = beta_field
-    init_lambda: Optional[float] = attrs.field(default=0.1, validator=number(
+    init_lambda: Optional[float] = attrs.field(default=0.1, converter=plain_number, validator=number(
         low=0, low_open=True, optional=True, meaning="λ_k at step 0; None takes the first eigenvalues"))
-    damping: float = attrs.field(default=0.0, validator=nonnegative)
-    floor: FloorSpec = attrs.field(default="dimension", validator=floor_validator)
+    damping: float = attrs.field(default=0.0, converter=plain_number, validator=nonnegative)
+    floor: FloorSpec = attrs.field(default="dimension", converter=plain_number, validator=floor_validator)
     refresh_spectrum: Literal["keep", "reset"] = attrs.field(
         default="keep", validator=one_of(("keep", "reset"))
     )

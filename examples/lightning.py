@@ -12,6 +12,8 @@
   ``weights_only=True``, which works because ``import precond`` lists the part classes as safe. (The resume is
   from before the unfreeze: resumed after it, Lightning's callback restores the param groups but leaves the
   backbone frozen, so no optimizer resumes exactly there, ``torch.optim.AdamW`` included.)
+- ``Muon`` with ``BackboneFinetuning``: the unfrozen backbone's group is routed as at construction (its matrices to
+  Newton–Schulz, its biases to the Adam part, two param groups), and resumes bit for bit too.
 
 Needs the ``integrations`` extra (``pip install lightning``; CPU is enough).
 Run: python examples/lightning.py
@@ -65,6 +67,8 @@ class Regression(L.LightningModule):
             schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-2, total_steps=EPOCHS * BATCHES,
                                                            base_momentum=0.85, max_momentum=0.95)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        if self.optimizer == "muon_backbone_finetuning":
+            return precond.Muon(trainable, lr=1e-2, adam_lr=1e-2)
         return precond.SOAP(trainable, lr=1e-2, every=2)
 
 
@@ -80,7 +84,7 @@ def fit(optimizer: str, root: pathlib.Path, name: str, ckpt_path: pathlib.Path |
     model = Regression(optimizer)
     callbacks = [ModelCheckpoint(dirpath=root / name, every_n_epochs=1, save_top_k=-1, filename="{epoch}"),
                  LearningRateMonitor(logging_interval="step", log_momentum=True)]
-    if optimizer == "soap_backbone_finetuning":
+    if optimizer.endswith("backbone_finetuning"):
         callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=2))
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, callbacks=callbacks,
                         logger=CSVLogger(root / "logs", name=name, version=0), log_every_n_steps=1,
@@ -101,7 +105,7 @@ def logged_columns(root: pathlib.Path, name: str) -> list[str]:
 def main(root: pathlib.Path) -> dict[str, object]:
     """Both scenarios; returns what the test checks."""
     result: dict[str, object] = {}
-    for optimizer in ("kl_shampoo_one_cycle", "soap_backbone_finetuning"):
+    for optimizer in ("kl_shampoo_one_cycle", "soap_backbone_finetuning", "muon_backbone_finetuning"):
         full = fit(optimizer, root, f"{optimizer}-full")
         checkpoint = root / f"{optimizer}-full" / f"epoch={RESUME_EPOCH}.ckpt"
         resumed = fit(optimizer, root, f"{optimizer}-resumed", ckpt_path=checkpoint)
@@ -127,4 +131,5 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as directory:
         outcome = main(pathlib.Path(directory))
     assert outcome["kl_shampoo_one_cycle"] == 0.0 and outcome["soap_backbone_finetuning"] == 0.0
+    assert outcome["muon_backbone_finetuning"] == 0.0
     assert outcome["control"] > 0.0

@@ -26,10 +26,11 @@ MODEL_PRESETS = ("ekfac", "kfac")
 """Presets called with the model, whose modules they hook: ``precond.kfac(model, lr=...)``."""
 
 PRESET_CLASSES = {"eshampoo": "EShampoo", "idealized_kl_shampoo": "IdealizedKLShampoo", "kl_shampoo": "KLShampoo",
-                  "kl_soap": "KLSOAP", "one_sided_shampoo": "OneSidedShampoo", "shampoo": "Shampoo", "soap": "SOAP"}
-"""The preset classes (``torch.optim.Optimizer`` subclasses taking ``params, lr, betas, weight_decay, eps, every,
-max_dim, **options``) by the lower-case name that is another name of the same class (``muon``, with its two parts,
-is a function)."""
+                  "kl_soap": "KLSOAP", "muon": "Muon", "one_sided_shampoo": "OneSidedShampoo", "shampoo": "Shampoo",
+                  "soap": "SOAP"}
+"""The preset classes (``torch.optim.Optimizer`` subclasses) by the lower-case name that is another name of the same
+class. All take ``params, lr, betas, weight_decay, eps, every, max_dim, **options`` but ``Muon``, whose two parts
+take ``params, lr, momentum, nesterov, weight_decay, …, adam_lr, adam_betas, …, adam_params, **options``."""
 
 _PUBLIC = {
     "DataParallel": "precond.distributed",

@@ -52,18 +52,31 @@ def _field_default(field: Any) -> Any:
 def same_config(saved: Any, obj: Any) -> bool:
     """Whether a saved description matches the configuration ``obj``; a field the saved description lacks (a
     checkpoint older than that option) matches when ``obj`` has the field's default value."""
+    return not config_differences(saved, obj)
+
+
+def config_differences(saved: Any, obj: Any, path: str = "") -> list[str]:
+    """Where a saved description and the configuration ``obj`` differ, one line per field (``"applier.floor:
+    saved 0 …, current 'roundoff'"``); a field the saved description lacks stands for its default value."""
+    where = path or "the preconditioner"
     if not attrs.has(type(obj)):
-        return saved == obj
+        return [] if saved == obj else [f"{where}: saved {saved!r}, current {obj!r}"]
     if not isinstance(saved, dict) or saved.get("class") != type(obj).__qualname__:
-        return False
+        found = saved.get("class") if isinstance(saved, dict) else saved
+        return [f"{where}: saved {found!r}, current {type(obj).__qualname__}"]
+    out = []
     for f in attrs.fields(type(obj)):
-        value = getattr(obj, f.name)
+        value, inner = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
         if f.name in saved:
-            if not same_config(saved[f.name], value):
-                return False
-        elif f.default is attrs.NOTHING or describe(value) != describe(_field_default(f)):
-            return False
-    return set(saved) <= {"class", *(f.name for f in attrs.fields(type(obj)))}
+            out += config_differences(saved[f.name], value, inner)
+        elif f.default is attrs.NOTHING:
+            out.append(f"{inner}: not in the checkpoint, current {describe(value)!r}")
+        elif describe(value) != describe(_field_default(f)):
+            out.append(f"{inner}: saved {describe(_field_default(f))!r} (the checkpoint predates this option: its "
+                       f"default), current {describe(value)!r}")
+    unknown = set(saved) - {"class", *(f.name for f in attrs.fields(type(obj)))}
+    out += [f"{path + '.' if path else ''}{name}: in the checkpoint, unknown to this version" for name in sorted(unknown)]
+    return out
 
 
 # --- weights_only loading of param_groups ------------------------------------------------------------------------
@@ -180,11 +193,12 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
             raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
                              f"group: group {i} has {len(saved['params'])} saved parameters and "
                              f"{len(group['params'])} here")
-        if not same_config(saved.get(CONFIG_KEY), group[CONFIG_KEY]):
+        differences = config_differences(saved.get(CONFIG_KEY), group[CONFIG_KEY])
+        if differences:
             raise ValueError(
-                "the checkpoint was made with another preconditioner configuration:\n"
-                f"  saved:   {saved.get(CONFIG_KEY)}\n  current: {describe(group[CONFIG_KEY])}\n"
-                "build the optimizer with the saved configuration before loading")
+                f"the checkpoint was made with another preconditioner configuration (group {i}):\n  "
+                + "\n  ".join(differences) + "\nbuild the optimizer with the saved configuration before loading "
+                "(e.g. pass the saved value of each field above to the preset or part)")
 
     new_groups = []
     for group, saved in zip(groups, saved_groups):

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import attrs
 import torch
 
+from precond import compatibility
 from precond.blocking import Blocks, Members, MemberStates
 from precond.buckets import Bucket, Buckets
 from precond.captured import CapturedSteps
@@ -20,7 +21,7 @@ from precond.gradient_check import largest_entries, verdict
 from precond.layout import Layout
 from precond.moves import PendingMoves, move
 from precond.overlap import BackwardOverlap
-from precond.param_groups import check_hyperparameters, named, params_list
+from precond.param_groups import check_hyperparameters, named, params_list, plain_hyperparameters
 from precond.precision import in_dtype, tf32_matmuls
 from precond.preconditioner import Preconditioner
 from precond.refresh_schedule import RefreshSchedule
@@ -28,6 +29,38 @@ from precond.state import BLOCKS, STEP, new_step
 
 _CONFIG_KEY = "preconditioner"
 _PART_KEYS = ("structure", "estimator", "basis", "applier", "first_step")
+
+COMPILE_REFUSAL = (
+    "precond.Optimizer.step cannot be compiled with torch.compile: the step runs Python control flow (buckets, "
+    "refresh schedules, host-side checks) that TorchDynamo does not trace. For a faster step use capture=True (each "
+    "bucket's steady-state update replayed as one CUDA graph, precond.captured). To compile the rest of training, "
+    "compile the model (torch.compile(model)) and call optimizer.step() outside the compiled function, or call "
+    "torch.compiler.disable(optimizer.step)() inside it")
+
+
+def _refusal() -> bool:
+    """Raise :data:`COMPILE_REFUSAL` (a no-op ``False`` outside TorchDynamo's tracing).
+
+    Marked by ``torch.compiler.assume_constant_result`` (when an optimizer is built), so TorchDynamo runs it for real
+    while tracing and the error reaches the user as it is: a plain ``raise`` would become a graph break (an error of
+    its own with ``fullgraph=True``), then run eagerly, where the check is false. A ``UserError`` (TorchDynamo's
+    "valid in eager, not supported here", a ``RuntimeError``) is re-raised unchanged, where any other exception would
+    be wrapped as an internal error of TorchDynamo's."""
+    if torch.compiler.is_compiling():
+        try:
+            from torch._dynamo.exc import UserError, UserErrorType
+        except ImportError:  # pragma: no cover - a torch without TorchDynamo's user errors
+            raise RuntimeError(COMPILE_REFUSAL) from None
+        raise UserError(UserErrorType.ANTI_PATTERN, COMPILE_REFUSAL)
+    return False
+
+
+def _refuse_compilation(*hook_args: Any) -> None:
+    """Refuse ``torch.compile`` of ``step()``: the first step pre-hook of every :class:`Optimizer` (before any other
+    hook, K-FAC's statistics exchange, is traced) and the first line of :meth:`Optimizer.step`. Eagerly it costs one
+    flag check."""
+    if torch.compiler.is_compiling():
+        _refusal()
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -68,7 +101,9 @@ class Optimizer(torch.optim.Optimizer):
     True/False forces TF32 on/off for the per-step products (refresh products always run in full float32),
     ``None`` leaves torch's global setting alone. ``capture=True`` replays each bucket's steady-state update as one
     CUDA graph (``precond.captured``: the same updates to float32 round-off, refreshes still eager);
-    ``"emulate"`` runs that path without graphs (its CPU reference). ``overlap_backward=True`` starts each bucket's
+    ``"emulate"`` runs that path without graphs (its CPU reference). ``torch.compile(optimizer.step)`` is refused
+    with :data:`COMPILE_REFUSAL` (the step is Python control flow TorchDynamo does not trace): use ``capture=True``;
+    ``torch.compile(model)`` with an eager ``step()`` works. ``overlap_backward=True`` starts each bucket's
     preconditioning inside the backward pass, as soon as its gradients are final (``precond.overlap``: the same
     updates; needs ``on_nonfinite="ignore"``, no gradient clipping or unscaling between backward and ``step()``,
     and ``with optimizer.accumulating():`` around all but the last backward of an accumulated step).
@@ -117,22 +152,17 @@ class Optimizer(torch.optim.Optimizer):
         if capture not in (False, True, "emulate"):
             raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
                              f"got {capture!r}")
-        if distributed is not None and (capture or overlap_backward):
-            raise ValueError("capture and overlap_backward are single-process paths for now: with distributed=..., "
-                             "leave them off (the distributed step exchanges the updates before moving the weights)")
-        if overlap_backward and capture:
-            raise ValueError("overlap_backward and capture are alternatives: the gradient hooks run the eager step "
-                             "(replaying captured graphs from them is not supported); pick one")
-        if overlap_backward and on_nonfinite != "ignore":
-            raise ValueError("overlap_backward=True starts each step during the backward pass, so a non-finite "
-                             "gradient could not be refused afterwards: pass on_nonfinite='ignore' with it")
+        compatibility.check(compatibility.option_features(  # the combinations that cannot work: one table
+            capture=capture, overlap_backward=overlap_backward, on_nonfinite=on_nonfinite, async_refresh=async_refresh,
+            distributed=distributed))
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {state_dtype}")
         self._names: dict[int, str] = {}
+        self._attached: list[Any] = []  # parts attached to this optimizer's steps (_keep_attached)
         params = params_list(params)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        decay_order=decay_order, bias_correction=bias_correction, rotation_dtype=rotation_dtype,
-                        preconditioner=preconditioner)
+        defaults = plain_hyperparameters(dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, decay_order=decay_order,
+            bias_correction=bias_correction, rotation_dtype=rotation_dtype, preconditioner=preconditioner))
         super().__init__(params, defaults)
         self._configure(dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
                              async_refresh=async_refresh, tf32=tf32, capture=capture,
@@ -140,6 +170,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _configure(self, options: dict[str, Any]) -> None:
         """The optimizer-wide options and the run-time machinery built from them (also after unpickling)."""
+        # torch.optim's constructor has imported TorchDynamo by now: marking costs nothing (importing precond does not)
+        torch.compiler.assume_constant_result(_refusal)
+        self.register_step_pre_hook(_refuse_compilation)  # the first hook: before K-FAC's is traced
         self.state_dtype = options["state_dtype"]
         self.on_nonfinite = options["on_nonfinite"]
         self.stack = options["stack"]
@@ -155,8 +188,7 @@ class Optimizer(torch.optim.Optimizer):
         self._captured = CapturedSteps(use_graphs=self.capture is True) if self.capture else None
         self.overlap_backward = options.get("overlap_backward", False)
         self._distributed_config = options.get("distributed")
-        for group in self.param_groups:
-            self._check_blocking(group)
+        self._check_groups(self.param_groups)
         self._overlap = BackwardOverlap(self) if self.overlap_backward else None
         if self._overlap is not None:
             self._overlap.register([p for group in self.param_groups for p in group["params"]])
@@ -175,19 +207,39 @@ class Optimizer(torch.optim.Optimizer):
         asynchronous refreshes are installed first; buckets and streams are rebuilt on the copy's first step."""
         self._schedule.flush()
         params = [p for group in self.param_groups for p in group["params"]]
+        attached = [(part, [name for name, value in vars(self).items() if value is part]) for part in self._attached]
         return {**super().__getstate__(), "options": self._options(),
-                "names": [self._names.get(id(p)) for p in params]}
+                "names": [self._names.get(id(p)) for p in params], "attached": attached}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         if "options" not in state:  # torch.optim's load_state_dict passes only state and param_groups
             super().__setstate__(state)
             return
-        options, names = state.pop("options"), state.pop("names", [])
+        options, names, attached = state.pop("options"), state.pop("names", []), state.pop("attached", [])
         super().__setstate__(state)
-        self._configure(options)
         params = [p for group in self.param_groups for p in group["params"]]
         self._names = {id(p): name for p, name in zip(params, names) if name is not None}
+        self._configure(options)  # after the names: its checks name the parameters they refuse
+        self._attached = []
+        for part, attributes in attached:  # the copied part (K-FAC's capture) on this copy's steps, as the original
+            part.attach(self)
+            for attribute in attributes:  # e.g. the preset's optimizer.kfac_capture
+                setattr(self, attribute, part)
+
+    def _keep_attached(self, part: Any) -> None:
+        """Keep ``part``, whose ``attach(optimizer)`` registered hooks on this optimizer's steps (K-FAC's
+        :class:`precond.KFACCapture`, which records layer statistics for each step): a step refused or skipped
+        (``on_nonfinite``) calls ``part.discard()``, so what it recorded for that step is dropped, and a copy of this
+        optimizer (``copy.deepcopy``, pickle) attaches its copy of ``part`` again (torch.optim's copies keep no
+        hooks), with the attributes of this optimizer that hold it."""
+        if all(kept is not part for kept in self._attached):
+            self._attached.append(part)
+
+    def _discard_step(self) -> None:
+        """The step is refused or skipped before anything is touched: the attached parts drop its records."""
+        for part in self._attached:
+            part.discard()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim``; the group is checked first, so a refused group leaves the optimizer unchanged.
@@ -206,7 +258,7 @@ class Optimizer(torch.optim.Optimizer):
         if overrides:
             base = param_group.get(_CONFIG_KEY, self.defaults[_CONFIG_KEY])
             param_group[_CONFIG_KEY] = attrs.evolve(base, **overrides)
-        check_hyperparameters({**self.defaults, **param_group})
+        check_hyperparameters({**self.defaults, **plain_hyperparameters(param_group)})
         for item in param_group["params"]:
             name, p = item if named(item) else (None, item)
             if isinstance(p, torch.Tensor) and p.is_complex():
@@ -215,7 +267,7 @@ class Optimizer(torch.optim.Optimizer):
         added = self.param_groups[-1]
         if hasattr(self, "_members"):  # a group added after construction (during it, _configure checks them all)
             try:
-                self._check_blocking(added)
+                self._check_groups([added])
             except ValueError:
                 self.param_groups.pop()
                 raise
@@ -231,24 +283,13 @@ class Optimizer(torch.optim.Optimizer):
             return f"{self._name(owner[0])} (block {owner[1]})"
         return self._names.get(id(p), f"of shape {tuple(p.shape)}")
 
-    def _check_blocking(self, group: dict[str, Any]) -> None:
-        """Refuse blocked parameters (``NMode(large="block")``) with the options and parts that do not handle them:
-        K-FAC's statistics come from whole layers (``KFACCapture``), so its estimator cannot see a block."""
-        preconditioner = group[_CONFIG_KEY]
-        layer_statistics = getattr(preconditioner.estimator, "needs_whole_parameters", False)
-        if not (self.overlap_backward or self._distributed_config is not None or layer_statistics):
-            return
-        blocked = [self._name(p) for p in group["params"] if preconditioner.blocks(p.shape) is not None]
-        if blocked and layer_statistics:
-            raise ValueError(f"parameter(s) {', '.join(blocked)} are cut into blocks (a structure with "
-                             f"large='block'), but {type(preconditioner.estimator).__name__} builds its factors from "
-                             "whole layers' inputs and output gradients: use structures.LayerMatrix (as precond.kfac "
-                             "does) or a max_dim above the layer's modes")
-        if blocked:
-            option = "overlap_backward=True" if self.overlap_backward else "distributed=..."
-            raise ValueError(f"parameter(s) {', '.join(blocked)} are cut into blocks (a structure with "
-                             f"large='block'), which {option} does not support yet: leave {option.split('=')[0]} "
-                             "off, or give those parameters large='none'/'diagonal' or a max_dim above their modes")
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Refuse param groups whose parts do not work with this optimizer's options (``precond.compatibility``:
+        blocked parameters with ``overlap_backward``, ``distributed`` or K-FAC's whole-layer statistics)."""
+        options = compatibility.option_features(
+            capture=self.capture, overlap_backward=self.overlap_backward, on_nonfinite=self.on_nonfinite,
+            async_refresh=self._schedule.asynchronous, distributed=self._distributed_config)
+        compatibility.check_groups(options, groups, self._name)
 
     @property
     def _states(self) -> MemberStates:
@@ -324,7 +365,7 @@ class Optimizer(torch.optim.Optimizer):
         """The ``(group, p, grad)`` of every parameter with a gradient, checked; None when the step is skipped.
         Raises before anything is touched when the step must be refused."""
         for group in self.param_groups:  # cheap checks, no synchronisation: values may have changed since
-            check_hyperparameters(group, read_tensor=False)
+            check_hyperparameters(plain_hyperparameters(group), read_tensor=False)
         work = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -362,7 +403,9 @@ class Optimizer(torch.optim.Optimizer):
         Parameters of one group, shape, dtype and device are stacked (``stack=True``) and updated together: one
         batched contraction per bucket instead of one per tensor. A bucket whose members do not all have a
         gradient this step is split: the members with one run as one batched call (``precond.buckets``).
+        Under ``torch.compile`` it raises at once (:data:`COMPILE_REFUSAL`): use ``capture=True``.
         """
+        _refuse_compilation()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -387,8 +430,13 @@ class Optimizer(torch.optim.Optimizer):
                 self._overlap.index(list(self._buckets))
 
     def _step_buckets(self, started: list[tuple[Bucket, torch.Tensor]]) -> None:
-        work = self._gather()  # may refuse or skip the step: nothing is touched before it
+        try:
+            work = self._gather()  # may refuse or skip the step: nothing is touched before it
+        except Exception:
+            self._discard_step()
+            raise
         if work is None:
+            self._discard_step()
             return
         self._counts = []  # the step counts that _finish advances, in one op at the end (_count_steps)
         self._pending = PendingMoves() if self._distributed is None else None  # the moves, made together
@@ -497,7 +545,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _advance_checked(self, bucket: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`_advance` started from a gradient hook (``overlap_backward``): the group is checked first."""
-        check_hyperparameters(bucket.group, read_tensor=False)
+        check_hyperparameters(plain_hyperparameters(bucket.group), read_tensor=False)
         return self._advance(bucket, grads)
 
     def _finish(self, bucket: Bucket, step: int) -> None:

@@ -10,9 +10,22 @@ import torch
 
 from precond.precision import check_rotation_dtype
 from precond.preconditioner import Preconditioner
-from precond.validators import is_number
+from precond.validators import is_number, plain_number
 
 CONFIG_KEY = "preconditioner"
+NUMBER_KEYS = ("lr", "momentum", "weight_decay")
+"""The group hyperparameters that are numbers; NumPy scalars among them are stored as Python numbers."""
+
+
+def plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """Replace, in place, a NumPy real scalar among ``group``'s numbers (``lr=np.float32(1e-3)``, accepted as
+    ``torch.optim`` accepts it) by the Python number of the same value, and return ``group``: the step's arithmetic
+    is then the one of a Python float (a ``np.float32`` would round ``1 − β₁`` to float32) and a checkpoint holds no
+    NumPy object (``torch.load(..., weights_only=True)`` refuses those)."""
+    for key in NUMBER_KEYS:
+        if key in group:
+            group[key] = plain_number(group[key])
+    return group
 
 
 def check_lr(lr: Any, read_tensor: bool) -> None:

@@ -4,11 +4,20 @@ Every hook takes the typed state view :class:`precond.state.ParamState` first, t
 then the layout, then what else it needs. Tensors carry a leading batch axis ``B`` (parameters of one layout are
 stacked). A part never imports another part; what two parts share (``Refresh``, the EMA ``fold``) is in the
 kernel (``precond.refresh``, ``precond.ema``).
+
+Each protocol lists *everything* the core (and a part wrapping another, as ``estimators.DenseSpectrum``) reads of
+a part: nothing is looked up with a default behind the protocol's back, so a part that implements exactly its
+protocol works in every mode, and one that misses a member is refused when the ``Preconditioner`` is built
+(:func:`slot` names the missing members). A member a part has no use for still has to be there, with the neutral
+value its docstring gives ("a hook with a default"): ``Structure.blocks`` returning ``None``,
+``Estimator.needs_whole_parameters = False``, ``Estimator.rotated_moment`` returning ``None``, ``Basis.every =
+None`` for a basis that is never refreshed. The library's estimators inherit the neutral hooks from
+``estimators.base.Estimator``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
@@ -19,14 +28,20 @@ from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState
 
+if TYPE_CHECKING:
+    from precond.blocking import Blocks
+
 
 @runtime_checkable
 class Structure(Protocol):
-    """Which modes of the (viewed) weight get a dense factor: ``plan(shape) -> Layout``. A structure may also cut a
-    weight into blocks preconditioned separately: an optional ``blocks(shape) -> Optional[precond.blocking.Blocks]``
-    (None: ``plan`` covers the weight whole), as ``NMode(large="block")``."""
+    """Which modes of the (viewed) weight get a dense factor: ``plan(shape) -> Layout``; and ``blocks(shape) ->
+    Optional[precond.blocking.Blocks]``: the blocks a weight is cut into, each preconditioned as a parameter of its
+    own (``NMode(large="block")``), or ``None`` (the default of every structure that does not cut: ``plan`` covers
+    the weight whole)."""
 
     def plan(self, shape: Sequence[int]) -> Layout: ...
+
+    def blocks(self, shape: Sequence[int]) -> Optional["Blocks"]: ...
 
 
 @runtime_checkable
@@ -40,7 +55,17 @@ class Estimator(Protocol):
        ``V``), the applier, ``update(ps, grad, layout)`` (pre-step bases and spectra, Jacobi), and at refresh steps
        ``on_refresh(ps, k, refresh, layout)``;
     3. ``dense_spectrum(ps, step)``: a full-size spectrum for the applier, or ``None`` (Kronecker ``λ_k``).
+
+    Two members with a neutral default (``estimators.base.Estimator`` has both):
+
+    - ``needs_whole_parameters`` (default ``False``): the statistics come from something that only knows whole
+      parameters (K-FAC's layer captures), so the parameter may not be cut into blocks;
+    - ``rotated_moment(ps, grad, rotated, layout)`` (default ``None``): for a dense spectrum over these factors
+      (``estimators.DenseSpectrum``), the second moment it folds in the basis and the ``(B,)`` mask of the entries
+      that fold it; ``None`` means ``R⊙R`` of the gradient's rotation ``rotated``.
     """
+
+    needs_whole_parameters: bool
 
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]: ...
 
@@ -54,14 +79,25 @@ class Estimator(Protocol):
 
     def dense_spectrum(self, ps: ParamState, step: int) -> Optional[torch.Tensor]: ...
 
+    def rotated_moment(self, ps: ParamState, grad: torch.Tensor, rotated: torch.Tensor,
+                       layout: Layout) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
+
 
 @runtime_checkable
 class Basis(Protocol):
     """How ``Q_k`` is computed from ``S_k``: ``initialize`` once (no warm start yet), ``refresh`` every ``every``
-    steps (the ``index``-th refresh, 0-based). ``needs_factors = False`` means ``Q_k = I`` forever: no ``S_k`` is
-    kept, dense modes become diagonal and the refresher is never called (``bases.Identity``)."""
+    steps (the ``index``-th refresh, 0-based).
+
+    - ``every``: the refresh period ``T`` (an int ≥ 1: mode ``k`` is refreshed after the update of the steps with
+      ``(t + o) mod T = 0``, ``o`` its stagger offset, :func:`precond.refresh.is_due`), or ``None``: never refreshed,
+      ``Q_k`` stays what ``initialize`` gave (``bases.Identity``). It is also the ``T`` of the refresh work in the
+      owner-mode cost model (``precond.distributed.owners``).
+    - ``needs_factors = False`` means ``Q_k = I`` forever: no ``S_k`` is kept, dense modes become diagonal and
+      neither ``initialize`` nor ``refresh`` is called (``bases.Identity``, whose ``every`` is ``None``).
+    """
 
     needs_factors: bool
+    every: Optional[int]
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh: ...
 
@@ -104,14 +140,27 @@ _EXAMPLES = {
 }
 
 
+def members(protocol: type) -> tuple[str, ...]:
+    """The names a part of ``protocol`` must have: its declared attributes and its methods (sorted)."""
+    names = set(vars(protocol).get("__annotations__", {}))
+    names |= {name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")}
+    return tuple(sorted(names))
+
+
 def slot(protocol: type) -> Any:
     """attrs validator: the value must implement ``protocol`` (all its methods and attributes), else a clear error
-    that names the slot and what it expects."""
+    that names the slot, what it expects and which members the value lacks."""
 
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if isinstance(value, type) or not isinstance(value, protocol):
             what = f"the class {value.__name__} (not an instance)" if isinstance(value, type) else (
                 f"{type(value).__name__} {value!r}")
-            raise TypeError(f"{attribute.name} must be {_EXAMPLES[protocol]}, got {what}")
+            declared = vars(protocol).get("__annotations__", {})  # attributes; the other members are methods
+            missing = [] if isinstance(value, type) else [
+                name for name in members(protocol)
+                if not hasattr(value, name) or (name not in declared and getattr(value, name) is None)]
+            lacks = (f": it lacks {', '.join(missing)} (precond.parts.{protocol.__name__} lists every member a part "
+                     f"must have, with the neutral value of each optional hook)") if missing else ""
+            raise TypeError(f"{attribute.name} must be {_EXAMPLES[protocol]}, got {what}{lacks}")
 
     return check

@@ -31,8 +31,7 @@ def _plan(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Layout:
 
 @functools.lru_cache(maxsize=1024)
 def _blocks(preconditioner: "Preconditioner", shape: tuple[int, ...]) -> Optional[Blocks]:
-    cut = getattr(preconditioner.structure, "blocks", None)
-    blocks = None if cut is None else cut(shape)
+    blocks = preconditioner.structure.blocks(shape)
     if blocks is None:
         return None
     return blocks.with_layouts([_factorless(preconditioner, layout) for layout in blocks.layouts])
@@ -44,7 +43,7 @@ class Preconditioner:
 
     - ``structure`` (``structures.*``): which modes of the (viewed) weight get a dense factor;
     - ``estimator`` (``estimators.*``): how ``S_k`` and ``λ_k`` absorb each gradient;
-    - ``basis`` (``bases.*``): how ``Q_k`` is refreshed every ``basis.every`` steps;
+    - ``basis`` (``bases.*``): how ``Q_k`` is refreshed every ``basis.every`` steps (``None``: never);
     - ``applier`` (``precond.appliers.*``): how ``Q_k``, ``λ_k`` turn a direction into the update.
 
     ``first_step``: ``"fill"`` fills the statistics from the first gradient and does not move the weight
@@ -79,7 +78,7 @@ class Preconditioner:
         return _plan(self, tuple(shape))
 
     def blocks(self, shape: Sequence[int]) -> Optional[Blocks]:
-        """The blocks of a weight the structure cuts into blocks (its optional ``blocks(shape)``, e.g.
+        """The blocks of a weight the structure cuts into blocks (its ``blocks(shape)``, e.g.
         ``NMode(large="block")``), each preconditioned as a parameter of its own; None when it is planned whole."""
         return _blocks(self, tuple(shape))
 
@@ -179,8 +178,9 @@ class Preconditioner:
 
     # --- refreshes ----------------------------------------------------------------------------
     def refreshable_modes(self, layout: Layout) -> list[int]:
-        """Modes whose basis a refresher updates (dense, with a stored factor)."""
-        return list(layout.dense_modes) if self.basis.needs_factors else []
+        """Modes whose basis a refresher updates: dense, with a stored factor, and a basis that is refreshed at all
+        (``basis.every`` not ``None``). Only these are ever scheduled, so ``basis.every`` is read for them alone."""
+        return list(layout.dense_modes) if self.basis.needs_factors and self.basis.every is not None else []
 
     @staticmethod
     def refresh_inputs(ps: ParamState, k: int) -> tuple[torch.Tensor, torch.Tensor]:

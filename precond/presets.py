@@ -2,15 +2,16 @@
 
 Each preset is a class, a ``torch.optim.Optimizer`` (a :class:`precond.Optimizer` whose constructor builds the
 preset's preconditioner): ``KLShampoo``, ``IdealizedKLShampoo``, ``KLSOAP``, ``Shampoo``, ``SOAP``, ``EShampoo``,
-``OneSidedShampoo``. Clients that take an optimizer class (Hugging Face's ``optimizer_cls_and_kwargs``) build it
-with their own param groups, and reprs and logs name the method. The lower-case names (``kl_shampoo``, …) are the
-same classes under the names of the first release.
+``OneSidedShampoo``, ``Muon``. Clients that take an optimizer class (Hugging Face's ``optimizer_cls_and_kwargs``)
+build it with their own param groups, and reprs and logs name the method. The lower-case names (``kl_shampoo``, …,
+``muon``) are the same classes under the names of the first release. ``kfac`` and ``ekfac`` take the model and are
+functions.
 
-Every preset takes ``params, lr, betas=(β₁, β₂), weight_decay, eps, every (T), max_dim``, ``first_step`` and
-``order`` (the preconditioner's; see :class:`precond.Preconditioner`), ``large`` (its structure's: what a mode above
-``max_dim`` gets; ``large="block"`` cuts it into blocks of ``max_dim`` with factors of their own, as Meta's
-Distributed Shampoo, see ``precond.blocking``) and passes any other keyword (``nesterov``,
-``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``,
+Every preset but ``Muon`` (two parts, its own keywords) takes ``params, lr, betas=(β₁, β₂), weight_decay, eps,
+every (T), max_dim``, ``first_step`` and ``order`` (the preconditioner's; see :class:`precond.Preconditioner`),
+``large`` (its structure's: what a mode above ``max_dim`` gets; ``large="block"`` cuts it into blocks of ``max_dim``
+with factors of their own, as Meta's Distributed Shampoo, see ``precond.blocking``) and passes any other keyword
+(``nesterov``, ``decay_order``, ``bias_correction``, ``state_dtype``, ``on_nonfinite``, ``stagger``, ``capture``,
 ``rotation_dtype``, …) to :class:`precond.Optimizer`. ``β₁`` is the optimizer's momentum, ``β₂`` the estimator's
 EMA weight ρ.
 All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
@@ -23,13 +24,17 @@ from __future__ import annotations
 from typing import Any, Iterable, Literal, Optional
 
 import attrs
+import torch
 
 import bases
 import estimators
 import structures
-from precond.appliers import Exponent, Graft, Normalize, Power
+from precond import compatibility
+from precond.appliers import Exponent, Graft, NewtonSchulz, Normalize, Power
 from precond.optimizer import Optimizer
+from precond.param_groups import params_list
 from precond.preconditioner import Preconditioner
+from precond.routing import muon_groups
 
 Betas = tuple[float, float]
 
@@ -54,10 +59,8 @@ def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Pr
     """The preset's preconditioner with the caller's ``first_step``/``order`` and structure ``large``, if given."""
     structure = preconditioner.structure
     if "large" in options:
-        if options["large"] == "block" and not hasattr(structure, "blocks"):
-            raise ValueError(f"large='block' cuts modes above max_dim into blocks, which {type(structure).__name__} "
-                             "(this preset's structure) does not do; use a preset with NMode (shampoo, soap, "
-                             "kl_shampoo, …) or large='none'/'diagonal'")
+        compatibility.check(compatibility.structure_features(structure, options["large"]),
+                            structure=type(structure).__name__)
         structure = attrs.evolve(structure, large=options["large"])
     return attrs.evolve(preconditioner, structure=structure,
                         **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
@@ -128,12 +131,20 @@ class Shampoo(Optimizer):
     bias-corrected momentum, decoupled weight decay before the update. ``p = 1/2`` is Shampoo² (default);
     ``p = "1/(2N)"`` (1/4 for a matrix) the original; ``graft=None`` the ungrafted method of Fig. 1.
     Not reproduced: Meta's bias correction of the factors themselves.
+
+    ``floor="roundoff"`` (default; :class:`precond.Power`) raises each ``λ_k`` to ``d_k·u·max λ_k``, the round-off
+    of a float32 ``eigh``: below it an eigenvalue is noise, often 0 after the clip, and ``(0 + 1e-12)^{-½} = 10⁶``
+    would scale the ``~1e-7·|G|`` that every gradient leaks into untouched directions up to the size of the real
+    update (grafting then keeps the norm, but more than half the update pointed at noise, and a rank-deficient
+    regression stalled at 1e-2 of its loss where float64 reached 5e-8). ``floor=0`` keeps Meta's exact
+    ``(λ + ε)^{-p}``.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
                  eps: float = 1e-12, every: int = 10, max_dim: Optional[int] = 4096, p: Exponent = 0.5,
-                 graft: Optional[Literal["adam", "rmsprop", "sgd"]] = "adam", **options: Any) -> None:
-        applier = Power(p=p, eps=eps)
+                 graft: Optional[Literal["adam", "rmsprop", "sgd"]] = "adam",
+                 floor: float | Literal["roundoff"] = "roundoff", **options: Any) -> None:
+        applier = Power(p=p, eps=eps, floor=floor)
         super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.Shampoo(beta=betas[1]),
@@ -173,15 +184,28 @@ class EShampoo(Optimizer):
     Grams and a bias-corrected ``V`` in the eigenbasis (ρ = β₂ = 0.999), ``V`` not carried across refreshes ·
     exact ``eigh`` every T = 100 steps (Meta's README) · ``R/(√V̂ + ε)``, ε = 1e-12 · the first gradient is used at
     once (no fill-only step), bias-corrected momentum, decoupled weight decay before the update.
+
+    ``floor="roundoff"`` (default; :class:`precond.Power`) raises ``V̂`` to ``(u·Σ_k d_k)²·max V̂``, the round-off
+    of its own entries. Why: ``Q`` from a float32 ``eigh`` is orthogonal only to ``~d·u`` (u = 1.2e-7) and each
+    entry of ``R = G ×_k Q_k`` sums ``d`` rounded products, so a direction that no gradient touched still gets
+    ``~1e-7·|G|`` of every gradient; its ``V̂`` is that round-off squared, or exactly 0, and ``R/(√V̂ + 1e-12)``
+    divides one rounding error by another or by ε: update entries up to ``1e-7·|G|/ε``. On a 32×384 weight whose
+    gradients share a 32-dimensional row space the update RMS was 2e4 × lr (SOAP's ε = 1e-8: 2.7 × lr). A larger ε
+    only moves the threshold (SOAP's amplification grows with ``|G|/ε`` too); the floor is scale-free and leaves
+    every entry above round-off as it is. ``floor=0`` is Meta's exact update, and
+    ``precond.eshampoo(..., floor=0, state_dtype=torch.float64)`` the reference computation (in float64 the floor
+    still acts on entries that are round-off, e.g. the off-diagonal of ``R₁ = Q_Lᵀ G₁ Q_R``, diagonal in exact
+    arithmetic at the first step).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: float = 0.0,
-                 eps: float = 1e-12, every: int = 100, max_dim: Optional[int] = 4096, **options: Any) -> None:
+                 eps: float = 1e-12, every: int = 100, max_dim: Optional[int] = 4096,
+                 floor: float | Literal["roundoff"] = "roundoff", **options: Any) -> None:
         super().__init__(params, _with_options(options, Preconditioner(
             structure=structures.NMode(max_dim=max_dim),
             estimator=estimators.Frobenius(beta=betas[1], spectrum="dense", transport="keep"),
             basis=bases.Eigh(every=every),
-            applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+            applier=Power(p=0.5, eps=eps, eps_placement="outside", floor=floor),
             first_step="update",
         )), **_settings(lr, betas, weight_decay, {"bias_correction": True}, options))
 
@@ -209,11 +233,7 @@ class OneSidedShampoo(Optimizer):
 one_sided_shampoo = OneSidedShampoo
 
 
-def muon(params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-         weight_decay: float = 0.0, adjust_lr_fn: Literal["original", "match_rms_adamw", "none"] | None = None,
-         ns_steps: int = 5, ns_coefficients: Any = (3.4445, -4.7750, 2.0315), ns_dtype: Any = None,
-         eps: float = 1e-7, adam_lr: float = 3e-4, adam_betas: Betas = (0.9, 0.95), adam_eps: float = 1e-10,
-         adam_weight_decay: float | None = None, adam_params: Iterable[Any] = (), **options: Any) -> Optimizer:
+class Muon(Optimizer):
     """Muon (Jordan et al. 2024) with an Adam part for what is not a hidden matrix, in one optimizer.
 
     **Muon part** (weights with ``ndim ≥ 2``; a conv kernel is viewed ``(out, in·kh·kw)``): ``structures.Matrix`` ·
@@ -238,38 +258,84 @@ def muon(params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nester
     ``precond.muon(model.named_parameters(), adam_params=["embed.weight", "head.weight"])``. ``params`` may be
     param-group dicts: one with ``"use_muon": True`` or ``False`` goes whole to that part (its own keys, e.g.
     ``lr``, override the part's), one without is split as above with its keys applied to both halves. Every group
-    keeps ``use_muon`` (e.g. for a schedule). Other keywords (``state_dtype``, ``on_nonfinite``, ``stack``, ...) go
-    to :class:`precond.Optimizer`.
+    keeps ``use_muon`` (e.g. for a schedule). A group split in two this way becomes two param groups (the Muon half
+    first), so ``param_groups`` may hold more groups than were given. Other keywords (``state_dtype``,
+    ``on_nonfinite``, ``stack``, ...) go to :class:`precond.Optimizer`.
+
+    ``Muon`` is a class (``precond.muon`` is the same class), so clients that build an optimizer from a class and
+    their own param groups (Hugging Face's ``Trainer(optimizer_cls_and_kwargs=(precond.Muon, {...}))``) get the same
+    routing; :meth:`add_param_group` routes a group added later as construction does.
     """
-    import torch
 
-    from precond.appliers import NewtonSchulz
-    from precond.routing import muon_groups
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, adjust_lr_fn: Literal["original", "match_rms_adamw", "none"] | None = None,
+                 ns_steps: int = 5, ns_coefficients: Any = (3.4445, -4.7750, 2.0315), ns_dtype: Any = None,
+                 eps: float = 1e-7, adam_lr: float = 3e-4, adam_betas: Betas = (0.9, 0.95), adam_eps: float = 1e-10,
+                 adam_weight_decay: float | None = None, adam_params: Iterable[Any] = (), **options: Any) -> None:
+        scale = "original" if adjust_lr_fn is None else adjust_lr_fn
+        if scale not in ("original", "match_rms_adamw", "none"):
+            raise ValueError(f"adjust_lr_fn must be None or 'original' (√max(1, A/B)), 'match_rms_adamw' "
+                             f"(0.2·√max(A, B)) or 'none' (1), got {adjust_lr_fn!r}")
+        muon_part = Preconditioner(
+            structure=structures.Matrix(),
+            estimator=estimators.Stateless(),
+            basis=bases.Identity(),
+            applier=NewtonSchulz(steps=ns_steps, coefficients=ns_coefficients, eps=eps, scale=scale,
+                                 dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
+            first_step="update",
+        )
+        adam_part = Preconditioner(
+            structure=structures.Diagonal(),
+            estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
+            basis=bases.Identity(),
+            applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
+            first_step="update",
+        )
+        self._adam_settings = {"preconditioner": adam_part, "lr": adam_lr, "momentum": adam_betas[0],
+                               "nesterov": False, "bias_correction": True, "decay_order": "before",
+                               "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
+        self._adam_params = [adam_params] if isinstance(adam_params, torch.Tensor) else list(adam_params)
+        groups = muon_groups(params_list(params), self._adam_params, self._adam_settings)
+        super().__init__(groups, preconditioner=muon_part, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, **options)
 
-    scale = "original" if adjust_lr_fn is None else adjust_lr_fn
-    if scale not in ("original", "match_rms_adamw", "none"):
-        raise ValueError(f"adjust_lr_fn must be None or 'original' (√max(1, A/B)), 'match_rms_adamw' (0.2·√max(A, B)) "
-                         f"or 'none' (1), got {adjust_lr_fn!r}")
-    muon_part = Preconditioner(
-        structure=structures.Matrix(),
-        estimator=estimators.Stateless(),
-        basis=bases.Identity(),
-        applier=NewtonSchulz(steps=ns_steps, coefficients=ns_coefficients, eps=eps, scale=scale,
-                             dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
-        first_step="update",
-    )
-    adam_part = Preconditioner(
-        structure=structures.Diagonal(),
-        estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
-        basis=bases.Identity(),
-        applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
-        first_step="update",
-    )
-    adam_settings = {"preconditioner": adam_part, "lr": adam_lr, "momentum": adam_betas[0], "nesterov": False,
-                     "bias_correction": True, "decay_order": "before",
-                     "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
-    return Optimizer(muon_groups(params, adam_params, adam_settings), preconditioner=muon_part, lr=lr,
-                     momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **options)
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Route ``param_group`` as construction does, then add it (:meth:`precond.Optimizer.add_param_group`).
+
+        A group with ``"use_muon"`` goes whole to that part; one without is split: matrices (``ndim ≥ 2``) not in
+        the constructor's ``adam_params`` to Newton–Schulz, vectors, scalars and ``adam_params`` to the Adam part
+        with its settings (the group's own keys, e.g. ``lr``, override them). So Lightning's
+        ``BackboneFinetuning``, which adds the unfrozen backbone as ``{"params": [...], "lr": ...}``, gets its
+        biases and norm scales stepped by Adam. A split group becomes two param groups (the Newton–Schulz half
+        first, each with ``use_muon``); if either is refused, neither is added. ``adam_params`` names must name
+        parameters given at construction, so an embedding or head that joins later goes to Adam when its tensor
+        was in ``adam_params``, or in a group of its own with ``"use_muon": False``.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        param_group = {**param_group, "params": params_list(param_group["params"], "a param group's 'params'")}
+        halves = muon_groups([param_group], self._adam_params, self._adam_settings, other_names=True)
+        count = len(self.param_groups)
+        try:
+            for half in halves:
+                super().add_param_group(half)
+        except BaseException:
+            del self.param_groups[count:]  # the half added before the refused one
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        """As :class:`precond.Optimizer`, plus the routing of groups added later (the Adam part's settings and
+        ``adam_params``), so a copy routes as the original."""
+        return {**super().__getstate__(), "adam_settings": self._adam_settings, "adam_params": self._adam_params}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self._adam_settings = state.pop("adam_settings", getattr(self, "_adam_settings", None))
+        self._adam_params = state.pop("adam_params", getattr(self, "_adam_params", []))
+        super().__setstate__(state)
+
+
+muon = Muon
 
 
 # --- K-FAC and EKFAC: presets that take the model, whose layers they hook --------------------------------------
@@ -303,10 +369,10 @@ def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, ev
                            "lr": lr if adam_lr is None else adam_lr})
         optimizer = Optimizer(groups, preconditioner=preconditioner, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, **{"bias_correction": True, **options})
+        capture.attach(optimizer)  # also refuses what cannot be averaged over the ranks of a data-parallel run
     except Exception:
         capture.remove()
         raise
-    capture.attach(optimizer)
     optimizer.kfac_capture = capture
     return optimizer
 
@@ -338,6 +404,12 @@ def kfac(model: Any, lr: float = 1e-2, damping: float = 1e-3, beta: float = 0.95
     - Parameters of other modules, and of grouped convolutions or tied layers (``capture.skipped`` says which),
       get Adam (``adam_betas``, ``adam_eps``, ``adam_lr``, default ``lr``). A mode above ``max_dim`` keeps a
       diagonal factor.
+    - Data-parallel training (DDP, with or without ``distributed=precond.DataParallel(...)``): the capture averages
+      each step's ``A_t``, ``G_t`` over the ranks (one all-reduce at the start of ``step()``, as kfac-pytorch), so
+      the factors are those of the global batch. Its process group: the ``DataParallel``'s, else the DDP-wrapped
+      ``model``'s, else the default group when ``torch.distributed`` is initialised; set
+      ``optimizer.kfac_capture.group`` (``"local"``: no averaging) before the first step to choose another
+      (:mod:`precond.kfac_capture`).
     """
     return _kfac_optimizer(model, lambda capture: estimators.KFAC(capture, beta=beta), lr, damping, every,
                            factor_every, momentum, weight_decay, reduction, loss_terms, max_dim, adam_betas, adam_eps,
@@ -355,6 +427,9 @@ def ekfac(model: Any, lr: float = 1e-2, damping: float = 1e-3, beta: float = 0.9
     ``moment="per_example"`` averages the per-example squared gradients (the paper's ``diag(Qᵀ F Q)``; the
     per-example gradients of a ``Conv2d`` cost ``batch × out × fan_in`` memory), ``"batch"`` the step's gradient
     squared times the loss terms ``m`` (EKFAC-pytorch's running-average form). Other arguments as :func:`kfac`.
+    In data-parallel training the per-example moments are averaged over the ranks as the factors are, and ``m`` of
+    ``"batch"`` is the global count; ``DataParallel(mode="owner")``, where only a layer's owner keeps its bases,
+    refuses ``"per_example"`` (use ``"batch"`` or ``mode="replicate"``).
     """
     return _kfac_optimizer(
         model, lambda capture: estimators.EKFAC(capture, beta=beta, spectrum_beta=spectrum_beta, moment=moment),

@@ -8,21 +8,23 @@ from typing import Any
 import torch
 
 
-def muon_groups(params: Iterable[Any], adam_params: Iterable[Any],
-                adam_settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """``precond.muon``'s param groups, each with ``use_muon`` set.
+def muon_groups(params: Iterable[Any], adam_params: Iterable[Any], adam_settings: dict[str, Any],
+                other_names: bool = False) -> list[dict[str, Any]]:
+    """``precond.Muon``'s param groups, each with ``use_muon`` set.
 
     ``params`` are tensors, ``(name, tensor)`` pairs or param-group dicts. An entry (or a group without
     ``use_muon``) is split: tensors with ``ndim ≥ 2`` not in ``adam_params`` form a Muon group, the rest an Adam group
     with ``adam_settings`` (a group's own keys apply to both halves). A group with ``use_muon`` goes whole to that
     part; ``use_muon=True`` with a tensor of fewer than 2 dimensions is refused. ``adam_params`` holds tensors or
-    names of the named parameters. Empty groups are dropped; ``(name, tensor)`` pairs are kept so the optimizer's
-    messages name the parameters.
+    names of the named parameters; a name that is not among them is refused, unless ``other_names`` (a group added
+    later: the names may be those of the parameters given at construction). Empty groups are dropped;
+    ``(name, tensor)`` pairs are kept so the optimizer's messages name the parameters.
     """
     items = [params] if isinstance(params, torch.Tensor) else list(params)
     raw = items if items and isinstance(items[0], dict) else [{"params": items}]
     named = {item[0]: item[1] for group in raw for item in _members(group) if isinstance(item, tuple)}
-    to_adam = {id(_adam_tensor(entry, named)) for entry in adam_params}
+    to_adam = {id(tensor) for tensor in (_adam_tensor(entry, named, other_names) for entry in adam_params)
+               if tensor is not None}
     groups: list[dict[str, Any]] = []
     for group in raw:
         members, extra = _members(group), {k: v for k, v in group.items() if k != "params"}
@@ -48,8 +50,10 @@ def _members(group: dict[str, Any]) -> list[Any]:
     return [members] if isinstance(members, torch.Tensor) else list(members)
 
 
-def _adam_tensor(entry: Any, named: dict[str, torch.Tensor]) -> torch.Tensor:
+def _adam_tensor(entry: Any, named: dict[str, torch.Tensor], other_names: bool) -> torch.Tensor | None:
     if isinstance(entry, str):
+        if entry not in named and other_names:
+            return None
         if entry not in named:
             raise ValueError(f"adam_params names {entry!r}, which is not among the named parameters given "
                              f"({', '.join(named) if named else 'none: pass model.named_parameters() to use names'})")

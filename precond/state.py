@@ -114,10 +114,13 @@ class ParamState:
         return out
 
     def of_mode(self, k: int) -> "ParamState":
-        """What a refresh of mode ``k`` reads and writes: ``S_k``, ``λ_k``, ``Q_k`` and the estimator's own tensors
-        (a dense ``V`` follows a permuted basis); nothing of the other modes, the applier or the momentum."""
+        """What a refresh of mode ``k`` reads and writes: ``S_k``, ``Q_k``, every mode's ``λ_j`` and the estimator's
+        own tensors (a dense ``V`` follows a permuted basis, or is reset to ``⊗_j λ_j``: EKFAC resets it from the
+        current spectrum of *every* mode when one mode refreshes, so a staggered refresh of a part of a bucket
+        gives what a refresh of the whole bucket, or of a bucket of its own, gives); nothing of the other modes'
+        factors or bases, the applier or the momentum."""
         only = lambda items: [t if j == k else None for j, t in enumerate(items)]  # noqa: E731
-        return ParamState(Q=only(self.Q), S=only(self.S), lam=only(self.lam), estimator=dict(self.estimator))
+        return ParamState(Q=only(self.Q), S=only(self.S), lam=list(self.lam), estimator=dict(self.estimator))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ParamState":
         apply = lambda items: [None if t is None else fn(t) for t in items]  # noqa: E731

@@ -1,6 +1,7 @@
 """Structures: which modes of a weight get a dense Kronecker factor, and how the weight is viewed.
 
-Each structure is a frozen attrs class with one method, ``plan(shape) -> precond.Layout``.
+Each structure is a frozen attrs class with the two methods of :class:`precond.parts.Structure`:
+``plan(shape) -> precond.Layout`` and ``blocks(shape)`` (``None`` for all but ``NMode(large="block")``).
 """
 
 from structures.diagonal import Diagonal

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 
 from precond.layout import ModeKind
-from precond.validators import one_of
+from precond.validators import is_integer, one_of, plain_number
 
 LargeModePolicy = Literal["none", "diagonal"]
 
@@ -41,11 +41,11 @@ def kind_for(size: int, max_dim: Optional[int], large: LargeModePolicy) -> ModeK
 
 
 def positive_or_none(instance, attribute, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and (not is_integer(value) or value < 1):
         raise ValueError(f"{attribute.name} must be a positive integer or None (no limit), got {value!r}")
 
 
-max_dim_field = attrs.field(default=None, validator=positive_or_none)
+max_dim_field = attrs.field(default=None, converter=plain_number, validator=positive_or_none)
 large_field = attrs.field(default="none", validator=one_of(("none", "diagonal")))
 
 

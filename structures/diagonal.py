@@ -20,3 +20,7 @@ class Diagonal:
         left, kept = axis_names(shape)
         size = math.prod(shape) if len(shape) else 1
         return Layout(tuple(shape), (size,), ("none",), pattern=f"{left} -> {group([n for n, _ in kept])}")
+
+    def blocks(self, shape: Sequence[int]) -> None:
+        """Never cuts a weight into blocks: ``plan`` covers it whole (:class:`precond.parts.Structure`)."""
+        return None

@@ -50,3 +50,7 @@ class Kronecker:
         pattern, view = matrix_view(shape)
         kinds = tuple(kind_for(d, self.max_dim, self.large) for d in view)
         return Layout(tuple(shape), view, vector_kinds(kinds, self.vectors), pattern=pattern)
+
+    def blocks(self, shape: Sequence[int]) -> None:
+        """Never cuts a weight into blocks: ``plan`` covers it whole (:class:`precond.parts.Structure`)."""
+        return None

@@ -41,3 +41,7 @@ class LayerMatrix:
             pattern, view = f"{left} -> {first} {group(rest)}", (shape[0], fan_in)
         kinds = tuple("dense" if self.max_dim is None or d <= self.max_dim else "diagonal" for d in view)
         return Layout(shape, view, kinds, pattern=pattern)
+
+    def blocks(self, shape: Sequence[int]) -> None:
+        """Never cuts a weight into blocks: ``plan`` covers it whole (:class:`precond.parts.Structure`)."""
+        return None

@@ -32,3 +32,6 @@ class Matrix:
         view = (shape[0], math.prod(shape[1:]))
         return Layout(shape, view, ("none", "none"), pattern=f"{left} -> {names[0]} {rest}")
 
+    def blocks(self, shape: Sequence[int]) -> None:
+        """Never cuts a weight into blocks: ``plan`` covers it whole (:class:`precond.parts.Structure`)."""
+        return None

@@ -54,3 +54,7 @@ class OneSided:
         else:
             kinds[order[0]] = kind_for(view[order[0]], self.max_dim, self.large)
         return Layout(tuple(shape), view, vector_kinds(tuple(kinds), self.vectors), pattern=pattern)
+
+    def blocks(self, shape: Sequence[int]) -> None:
+        """Never cuts a weight into blocks: ``plan`` covers it whole (:class:`precond.parts.Structure`)."""
+        return None

@@ -283,8 +283,9 @@ def test_every_accepts_positive_integers(cls):
 
 
 def test_identity_keeps_the_identity_basis_and_has_no_period():
-    """``Q_k = I`` forever: nothing to schedule, so no ``every``; its eigenvalue estimates are ``diag(S)``."""
-    assert not hasattr(bases.Identity(), "every")
+    """``Q_k = I`` forever: nothing to schedule (``every`` is None, the protocol's "never refreshes"); its eigenvalue
+    estimates are ``diag(S)``."""
+    assert bases.Identity().every is None
     s = random_spd(4, torch.Generator().manual_seed(0)).unsqueeze(0)
     result = bases.Identity().refresh(s, torch.eye(4, dtype=torch.float64)[None])
     assert torch.equal(result.basis[0], torch.eye(4, dtype=torch.float64))

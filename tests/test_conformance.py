@@ -320,7 +320,8 @@ def test_load_nontensor_step(name):
     """``test_load_nontensor_step``: a checkpoint whose ``step`` entries are Python numbers (older torch,
     hand-converted checkpoints) loads and then steps exactly like the same checkpoint with tensor steps."""
     model = _linear()
-    opt = getattr(precond, name)(model.parameters(), lr=1e-2, every=2)
+    options = {} if name == "Muon" else {"every": 2}  # Muon refreshes nothing
+    opt = getattr(precond, name)(model.parameters(), lr=1e-2, **options)
     _train(model, opt, range(3))
     saved = copy.deepcopy(opt.state_dict())
     plain = copy.deepcopy(saved)
@@ -329,7 +330,7 @@ def test_load_nontensor_step(name):
     runs = []
     for state_dict in (saved, plain):
         twin = copy.deepcopy(model)
-        again = getattr(precond, name)(twin.parameters(), lr=1e-2, every=2)
+        again = getattr(precond, name)(twin.parameters(), lr=1e-2, **options)
         again.load_state_dict(state_dict)
         _train(twin, again, range(3, 8))
         runs.append([p.detach() for p in twin.parameters()] + [again.state[p]["step"] for p in twin.parameters()])
@@ -399,13 +400,20 @@ def test_preset_classes_are_torch_optimizers_named_after_the_method(function, na
     assert inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer) and issubclass(cls, precond.Optimizer)
     assert getattr(precond, function) is cls
     parameters = list(inspect.signature(cls).parameters)
-    assert parameters[:7] == ["params", "lr", "betas", "weight_decay", "eps", "every", "max_dim"]
+    if name == "Muon":  # its two parts: Muon's momentum, Adam's betas
+        assert parameters[:5] == ["params", "lr", "momentum", "nesterov", "weight_decay"]
+        assert {"adam_lr", "adam_betas", "adam_eps", "adam_params"} <= set(parameters)
+        kwargs = dict(momentum=0.9, adam_betas=(0.9, 0.95), adam_eps=1e-8)
+    else:
+        assert parameters[:7] == ["params", "lr", "betas", "weight_decay", "eps", "every", "max_dim"]
+        kwargs = dict(betas=(0.9, 0.95), eps=1e-8)
     assert parameters[-1] == "options"
     decay, other = _linear(), _linear(4, 2)
     groups = [{"params": list(decay.parameters()), "weight_decay": 0.1},
               {"params": list(other.parameters()), "weight_decay": 0.0}]
-    opt = cls(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)  # as transformers' create_optimizer calls it
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    opt = cls(groups, lr=1e-3, **kwargs)  # as transformers' create_optimizer calls it
+    decays = [0.1, 0.1, 0.0, 0.0] if name == "Muon" else [0.1, 0.0]  # Muon splits each group: matrix, vector
+    assert [g["weight_decay"] for g in opt.param_groups] == decays
     assert repr(opt).startswith(f"{name} (")
     assert type(opt).__name__ == name
 

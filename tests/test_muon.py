@@ -3,8 +3,11 @@ against the paper's construction, and ``precond.muon`` against ``torch.optim.Muo
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -380,3 +383,130 @@ def test_stateless_estimator_and_matrix_structure_keep_no_state():
     torch.testing.assert_close((before - p.detach()).double() / 0.1, u @ vh, atol=1e-5, rtol=0)
     state = opt.state[p]
     assert state["estimator"] == {"S": {}, "lambda": {}} and state["basis"] == {"Q": {}} and state["applier"] == {}
+
+
+# --- precond.Muon, a class (issue 21) -----------------------------------------------------------------------------
+
+def _summary(opt):
+    """The param groups as plain data: routing, shapes, hyperparameters and the part that steps them."""
+    return [(g["use_muon"], [tuple(p.shape) for p in g["params"]], g["lr"], g["momentum"], g["weight_decay"],
+             g["nesterov"], g["bias_correction"], type(g["preconditioner"].applier).__name__)
+            for g in opt.param_groups]
+
+
+def test_muon_is_a_class_that_clients_build_with_their_own_param_groups():
+    """``precond.muon`` is ``precond.Muon``, a ``precond.Optimizer`` subclass: Hugging Face's ``Trainer`` calls
+    ``optimizer_cls(grouped_parameters, **optimizer_kwargs)`` with its decay / no-decay groups, which are routed
+    (matrices to Newton–Schulz, vectors to Adam) with their weight decay kept."""
+    assert inspect.isclass(precond.muon) and precond.muon is precond.Muon
+    assert issubclass(precond.Muon, precond.Optimizer) and issubclass(precond.Muon, torch.optim.Optimizer)
+    net = _Net()
+    decay = [p for name, p in net.named_parameters() if p.ndim >= 2 and name != "embed.weight"]
+    no_decay = [p for name, p in net.named_parameters() if p.ndim < 2]
+    optimizer_cls, optimizer_kwargs = precond.muon, {"lr": 0.02, "adam_lr": 1e-3, "adam_betas": (0.9, 0.99)}
+    opt = optimizer_cls([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                        **optimizer_kwargs)
+    assert isinstance(opt, precond.Muon) and repr(opt).startswith("Muon (")
+    assert _summary(opt) == [(True, [(8, 6), (11, 8)], 0.02, 0.95, 0.1, True, False, "NewtonSchulz"),
+                             (False, [(8,), (8,), (8,)], 1e-3, 0.9, 0.0, False, True, "Power")]
+    for step in range(3):
+        opt.zero_grad()
+        _loss(net, step).backward()
+        opt.step()
+
+
+def _add_later_runs(first, later, later_options, named=False, **kwargs):
+    """Two runs of the same model: one optimizer built with ``[first, later]`` as two groups, and one built with
+    ``first`` whose ``later`` group is added with ``add_param_group`` after two steps (before them ``later`` is
+    frozen in both runs, as Lightning's ``BackboneFinetuning`` does). Returns both optimizers and both nets."""
+    runs = []
+    for add_later in (False, True):
+        net = _Net()
+        params = dict(net.named_parameters())
+        pick = (lambda names: [(n, params[n]) for n in names]) if named else (lambda names: [params[n] for n in names])
+        for name in later:
+            params[name].requires_grad_(False)
+        groups = [{"params": pick(first)}]
+        if not add_later:
+            groups.append({"params": pick(later), **later_options})
+        opt = precond.Muon(groups, **kwargs)
+        for step in range(6):
+            if step == 2:
+                for name in later:
+                    params[name].requires_grad_(True)
+                if add_later:
+                    opt.add_param_group({"params": pick(later), **later_options})
+            opt.zero_grad()
+            _loss(net, step).backward()
+            opt.step()
+        runs.append((net, opt))
+    return runs
+
+
+@pytest.mark.parametrize("later_options", [{}, {"lr": 1e-3}, {"lr": 5e-3, "use_muon": False}],
+                         ids=["defaults", "own lr", "use_muon"])
+@pytest.mark.parametrize("named", [False, True], ids=["tensors", "named"])
+def test_add_param_group_routes_as_construction_and_steps_the_same(later_options, named):
+    """A group of matrices and vectors added after construction (Lightning's ``BackboneFinetuning`` unfreezing a
+    backbone) is routed as the same group given at construction: the same param groups (a mixed group becomes a
+    Newton–Schulz group and an Adam group) and bit-identical steps. Before the routing, the added biases went to
+    the Newton–Schulz part and the next step raised (``structures.Matrix ... got shape (8,)``)."""
+    (net, opt), (twin, twin_opt) = _add_later_runs(["embed.weight", "head.weight"],
+                                                   ["hidden.weight", "hidden.bias", "norm.weight", "norm.bias"],
+                                                   later_options, named=named, adam_params=["embed.weight"]
+                                                   if named else [])
+    assert _summary(twin_opt) == _summary(opt)
+    if "use_muon" not in later_options:
+        assert [g["use_muon"] for g in twin_opt.param_groups[-2:]] == [True, False]
+        assert [tuple(p.shape) for p in twin_opt.param_groups[-1]["params"]] == [(8,), (8,), (8,)]
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(net.hidden.bias, _Net().hidden.bias)  # the added vectors moved
+
+
+def test_add_param_group_sends_adam_params_given_at_construction_to_adam():
+    """A tensor of ``adam_params`` that joins later (an LM head unfrozen later) goes to Adam with the rest of its
+    group's vectors; the names of ``adam_params``, which name parameters given at construction, are no error for a
+    later group that does not hold them, and its other matrices go to Newton–Schulz."""
+    net = _Net()
+    named = dict(net.named_parameters())
+    by_tensor = precond.Muon([named["hidden.weight"]], adam_params=[named["head.weight"]])
+    by_tensor.add_param_group({"params": [named["head.weight"], named["hidden.bias"]]})
+    assert [(g["use_muon"], [tuple(p.shape) for p in g["params"]]) for g in by_tensor.param_groups] == [
+        (True, [(8, 6)]), (False, [(11, 8), (8,)])]
+    by_name = precond.Muon([(n, named[n]) for n in ("hidden.weight", "embed.weight")], adam_params=["embed.weight"])
+    by_name.add_param_group({"params": [(n, named[n]) for n in ("head.weight", "norm.weight")]})
+    assert [(g["use_muon"], g["param_names"]) for g in by_name.param_groups] == [
+        (True, ["hidden.weight"]), (False, ["embed.weight"]), (True, ["head.weight"]), (False, ["norm.weight"])]
+
+
+def test_a_refused_half_of_an_added_group_leaves_the_optimizer_as_it_was():
+    """A group split in two is added whole or not at all: here its vector half repeats a parameter already
+    there, so the matrix half, accepted first, is taken back."""
+    net = _Net()
+    opt = precond.Muon([net.hidden.weight, net.hidden.bias])
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [net.head.weight, net.hidden.bias]})
+    assert len(opt.param_groups) == len(before)
+    assert all(g == b for g, b in zip(opt.param_groups, before))
+    with pytest.raises(ValueError, match="fewer than 2"):
+        opt.add_param_group({"params": [net.norm.weight], "use_muon": True})
+    with pytest.raises(TypeError, match="not a set"):
+        opt.add_param_group({"params": {net.norm.weight}})
+    assert len(opt.param_groups) == len(before)
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_a_copied_muon_routes_added_groups_as_the_original(copy_with):
+    """``copy.deepcopy`` and pickling keep the class, the Adam part's settings and ``adam_params`` (the copy's own
+    tensors), so a group added to the copy is routed as one added to the original."""
+    net = _Net()
+    opt = precond.Muon([net.hidden.weight], adam_params=[net.head.weight], adam_lr=1e-3)
+    copied = copy.deepcopy((net, opt)) if copy_with == "deepcopy" else pickle.loads(pickle.dumps((net, opt)))
+    for model, o in ((net, opt), copied):
+        assert type(o) is precond.Muon
+        o.add_param_group({"params": [model.head.weight, model.norm.weight, model.embed.weight]})
+    assert _summary(copied[1]) == _summary(opt)
+    assert _summary(opt)[1:] == [(True, [(11, 6)], 0.02, 0.95, 0.0, True, False, "NewtonSchulz"),
+                                 (False, [(11, 8), (8,)], 1e-3, 0.9, 0.0, False, True, "Power")]

@@ -11,7 +11,7 @@ from precond.appliers._norms import batch_norm
 from precond.ema import bias_correction, fold, gradient_weights
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
-from precond.validators import number, one_of, positive
+from precond.validators import number, one_of, plain_number, positive
 
 
 @attrs.frozen
@@ -36,10 +36,10 @@ class Graft:
     onto: Literal["adam", "rmsprop", "sgd"] = attrs.field(
         default="adam", validator=one_of(("adam", "rmsprop", "sgd"))
     )
-    beta: float = attrs.field(default=0.999, validator=number(
+    beta: float = attrs.field(default=0.999, converter=plain_number, validator=number(
         low=0, high=1, high_open=True, meaning="EMA weight of the graft's second moment v"))
-    eps: float = attrs.field(default=1e-10, validator=positive)
-    start_preconditioning_step: int = attrs.field(default=1, validator=number(
+    eps: float = attrs.field(default=1e-10, converter=plain_number, validator=positive)
+    start_preconditioning_step: int = attrs.field(default=1, converter=plain_number, validator=number(
         low=1, integer=True, meaning="first step t that uses the inner applier; before it, the graft direction alone"))
 
     def exponent(self, layout: Layout) -> float:

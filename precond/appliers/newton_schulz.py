@@ -11,7 +11,7 @@ import torch
 
 from precond.layout import Layout
 from precond.parts import ApplyContext
-from precond.validators import is_number, number, one_of
+from precond.validators import is_number, number, one_of, plain_number
 
 Triple = tuple[float, float, float]
 Coefficients = Triple | tuple[Triple, ...] | Literal["polar_express"]
@@ -99,12 +99,12 @@ class NewtonSchulz:
     The layout must be a matrix view (``structures.Matrix``); no state is kept.
     """
 
-    steps: int = attrs.field(default=5, validator=number(
+    steps: int = attrs.field(default=5, converter=plain_number, validator=number(
         low=1, integer=True, meaning="the number of Newton–Schulz iterations T"))
     coefficients: Coefficients = attrs.field(default=JORDAN, converter=_coefficients)
     dtype: torch.dtype = attrs.field(default=torch.bfloat16, validator=one_of(
         (torch.bfloat16, torch.float16, torch.float32, torch.float64)))
-    eps: float = attrs.field(default=1e-7, validator=number(
+    eps: float = attrs.field(default=1e-7, converter=plain_number, validator=number(
         low=0, low_open=True, meaning="floor of the normalising Frobenius norm in (1)"))
     scale: Literal["none", "original", "match_rms_adamw"] = attrs.field(
         default="none", validator=one_of(SCALES))

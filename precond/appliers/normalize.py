@@ -12,7 +12,7 @@ from precond.appliers._norms import batch_norm
 from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
-from precond.validators import number, one_of, positive
+from precond.validators import number, one_of, plain_number, positive
 
 
 def _betas(instance, attribute, value) -> None:
@@ -41,10 +41,11 @@ class Normalize:
     """
 
     inner: Applier = attrs.field(validator=slot(Applier))
-    rms: float = attrs.field(default=0.2, validator=positive)
+    rms: float = attrs.field(default=0.2, converter=plain_number, validator=positive)
     where: Literal["dense", "all"] = attrs.field(default="dense", validator=one_of(("dense", "all")))
     keep_bias_correction: Optional[tuple[float, float]] = attrs.field(
-        default=None, converter=lambda v: tuple(v) if isinstance(v, list) else v, validator=_betas)
+        default=None, converter=lambda v: tuple(map(plain_number, v)) if isinstance(v, (list, tuple)) else v,
+        validator=_betas)
 
     def exponent(self, layout: Layout) -> float:
         return self.inner.exponent(layout)

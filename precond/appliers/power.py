@@ -11,7 +11,7 @@ from precond.contractions import broadcast_outer, each, rotate, scale, unrotate
 from precond.ema import bias_correction
 from precond.layout import Layout
 from precond.parts import ApplyContext
-from precond.validators import nonnegative, number, one_of
+from precond.validators import nonnegative, number, one_of, plain_number
 
 Exponent = Union[float, Literal["1/(2N)"]]
 
@@ -34,20 +34,35 @@ class Power:
       ``"factor"``. With ``p = ½``, ``"outside"`` and the optimizer's ``1/(1−β₁ᵗ)`` this is the official SOAP update
       ``η·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε)`` (nikhilvyas/SOAP ``correct_bias``; Adam's Algorithm 1 with ε̂), where
       ``None`` gives torch's Adam form ``m̂/(√v̂ + ε)``. ``β`` must be the spectrum's (e.g. ``DenseSpectrum.beta``).
+    - ``floor``: a relative floor on the spectrum of every rotated mode, before ε: ``λ_k ← max(λ_k, f·max λ_k)``,
+      or ``V̂ ← max(V̂, f·max V̂)``, per parameter. ``0`` (default) keeps the spectra exact, as the references.
+      ``"roundoff"`` takes ``f`` from the round-off of the statistic itself: ``f = d_k·u`` for ``λ_k`` (the backward
+      error of ``eigh``; the rank tolerance of ``torch.linalg.matrix_rank`` and of Meta's ``PseudoInverseConfig``)
+      and ``f = (u·Σ_k d_k)²`` for ``V̂`` (the error of an entry of ``R = G ×_k Q_k``, squared). ``u`` is the unit
+      round-off of the state dtype, ``d_k`` the sizes of the modes with a basis (a diagonal spectrum is not rotated
+      and not floored; ``rotation_dtype`` is an approximation asked for and does not change ``f``). Why: with a
+      float32 basis a direction that no gradient touched still gets ``~u·‖G‖`` of every gradient (``Q`` is
+      orthogonal only to ``~d·u``, and each rotated entry sums ``d`` products), so its ``V̂`` or ``λ_k`` is
+      round-off, often exactly 0, and ``R/(√V̂ + ε)`` or ``(λ_k + ε)^{-p}`` with Meta's ``ε = 1e-12`` turns that
+      round-off into update entries up to ``~1e-7·|G|/ε`` (1e5 for ``|G| = 1``). Every entry above the round-off
+      is left as it is; unlike a larger ε the floor has no scale. In float64 it is ``d·2.2e-16`` of the largest
+      entry and still acts on the entries that are round-off there (so a reference comparison passes ``0``).
 
     The two rotations use ``ctx.rotation_dtype`` operands when it is set (``precond.Optimizer(rotation_dtype=...)``);
     the scaling between them stays in the state dtype.
     """
 
-    p: Exponent = attrs.field(default=0.5, validator=number(
+    p: Exponent = attrs.field(default=0.5, converter=plain_number, validator=number(
         low=0, high=1, also=("1/(2N)",), meaning="the root applied per factor"))
-    eps: float = attrs.field(default=1e-8, validator=nonnegative)
+    eps: float = attrs.field(default=1e-8, converter=plain_number, validator=nonnegative)
     eps_placement: Literal["factor", "outside"] = attrs.field(
         default="factor", validator=one_of(("factor", "outside"))
     )
-    eps_uncorrected_beta: Optional[float] = attrs.field(default=None, validator=number(
+    eps_uncorrected_beta: Optional[float] = attrs.field(default=None, converter=plain_number, validator=number(
         low=0, high=1, high_open=True, optional=True,
         meaning="β of the spectrum's bias correction, ε on the uncorrected V"))
+    floor: Union[float, Literal["roundoff"]] = attrs.field(default=0.0, converter=plain_number, validator=number(
+        low=0, high=1, also=("roundoff",), meaning="relative floor of each rotated spectrum"))
 
     def exponent(self, layout: Layout) -> float:
         if self.p == "1/(2N)":
@@ -64,6 +79,8 @@ class Power:
             return direction
         bases, spectra, dense = ctx.ps.Q, ctx.ps.broadcast_spectra(), ctx.dense  # λ_k already in broadcast shape
         eps = self._eps(ctx.step, p)
+        if self.floor != 0.0:
+            spectra, dense = self._floored(spectra, dense, bases)
         rotated = rotate(direction, bases, ctx.rotation_dtype)
         if dense is not None:
             rotated = (
@@ -80,6 +97,25 @@ class Power:
         else:
             rotated = rotated / (1.0 + eps)
         return unrotate(rotated, bases, ctx.rotation_dtype)
+
+    def _floored(self, spectra: list, dense: Optional[torch.Tensor],
+                 bases: list) -> tuple[list, Optional[torch.Tensor]]:
+        """The spectra of the rotated modes (those with a basis ``Q_k``) raised to ``floor`` times their largest
+        entry, per parameter (batch entry); see the class docstring. New tensors: the state is not written."""
+        sizes = [None if q is None else q.shape[-1] for q in bases]
+        if all(d is None for d in sizes):
+            return spectra, dense
+
+        def raised(t: torch.Tensor, f: float) -> torch.Tensor:
+            return torch.maximum(t, f * t.flatten(1).amax(1).view(-1, *[1] * (t.ndim - 1)))
+
+        def relative(t: torch.Tensor, size: int, power: int) -> float:
+            return (size * torch.finfo(t.dtype).eps) ** power if self.floor == "roundoff" else self.floor
+
+        if dense is not None:
+            return spectra, raised(dense, relative(dense, sum(d for d in sizes if d is not None), 2))
+        return [lam if lam is None or d is None else raised(lam, relative(lam, d, 1))
+                for lam, d in zip(spectra, sizes)], dense
 
     def _eps(self, step: int, p: float) -> float:
         """ε, or ``ε_t`` on the uncorrected spectrum (``eps_uncorrected_beta``)."""

@@ -59,10 +59,9 @@ class DataParallel:
         low=1, integer=True, meaning="parameter entries per exchange collective"))
 
     def __attrs_post_init__(self) -> None:
-        if self.mode == "replicate" and self.placement != "balanced":
-            raise ValueError(f"placement={self.placement!r} chooses the owner of each parameter, and "
-                             "mode='replicate' has none (every rank keeps every state): use mode='owner', or leave "
-                             "placement at its default")
+        from precond import compatibility
+
+        compatibility.check(compatibility.parallel_features(self.mode, self.placement))
 
     def attach(self, optimizer: Any):
         """The runtime of this configuration for ``optimizer`` (called by ``precond.Optimizer``)."""

@@ -48,9 +48,10 @@ from collections.abc import Hashable, Mapping, Sequence
 from precond.layout import Layout
 
 
-def parameter_cost(layout: Layout, refreshed: Sequence[int], every: int) -> float:
-    """Eq. (1) for one parameter of ``layout`` whose modes ``refreshed`` get a new basis every ``every`` steps."""
-    refresh = sum(layout.view_shape[k] ** 3 for k in refreshed) / every
+def parameter_cost(layout: Layout, refreshed: Sequence[int], every: int | None) -> float:
+    """Eq. (1) for one parameter of ``layout`` whose modes ``refreshed`` get a new basis every ``every`` steps;
+    ``every=None`` (a basis never refreshed, ``bases.Identity``) or no refreshed mode: no refresh term."""
+    refresh = 0.0 if every is None else sum(layout.view_shape[k] ** 3 for k in refreshed) / every
     per_step = layout.numel * (sum(layout.view_shape[k] for k in layout.dense_modes) + 1)
     return refresh + per_step
 

@@ -44,10 +44,7 @@ class ReplicateRuntime(Runtime):
     """See the module docstring."""
 
     def __init__(self, config, optimizer) -> None:
-        super().__init__(config, optimizer)
-        if optimizer._schedule.asynchronous:
-            raise ValueError("precond.DataParallel(mode='replicate') spreads the refreshes over ranks itself; "
-                             "build the optimizer with async_refresh=False")
+        super().__init__(config, optimizer)  # async_refresh is refused at construction (precond.compatibility)
         self.counter = FallbackCounter()
         self.unit_owner: dict = {}
         self.pending: list[_Pending] = []
