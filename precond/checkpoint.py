@@ -75,7 +75,8 @@ def config_differences(saved: Any, obj: Any, path: str = "") -> list[str]:
             out.append(f"{inner}: saved {describe(_field_default(f))!r} (the checkpoint predates this option: its "
                        f"default), current {describe(value)!r}")
     unknown = set(saved) - {"class", *(f.name for f in attrs.fields(type(obj)))}
-    out += [f"{path + '.' if path else ''}{name}: in the checkpoint, unknown to this version" for name in sorted(unknown)]
+    prefix = f"{path}." if path else ""
+    out += [f"{prefix}{name}: in the checkpoint, unknown to this version" for name in sorted(unknown)]
     return out
 
 

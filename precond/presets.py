@@ -66,6 +66,19 @@ def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Pr
                         **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
 
 
+def _adam_part(beta2: float, eps: float) -> Preconditioner:
+    """Adam composed from parts (the mixed presets' part for what is not a hidden matrix or hooked layer):
+    ``structures.Diagonal`` · ``Frobenius(β₂, dense)`` · ``bases.Identity`` · ``Power(½, ε, "outside")``, the first
+    gradient used at once; momentum and bias correction are the group's."""
+    return Preconditioner(
+        structure=structures.Diagonal(),
+        estimator=estimators.Frobenius(beta=beta2, spectrum="dense"),
+        basis=bases.Identity(),
+        applier=Power(p=0.5, eps=eps, eps_placement="outside"),
+        first_step="update",
+    )
+
+
 class KLShampoo(Optimizer):
     """KL-Shampoo (Lin et al. 2025, Fig. 3 right), without grafting, for weights of any order.
 
@@ -284,13 +297,7 @@ class Muon(Optimizer):
                                  dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
             first_step="update",
         )
-        adam_part = Preconditioner(
-            structure=structures.Diagonal(),
-            estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
-            basis=bases.Identity(),
-            applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
-            first_step="update",
-        )
+        adam_part = _adam_part(adam_betas[1], adam_eps)
         self._adam_settings = {"preconditioner": adam_part, "lr": adam_lr, "momentum": adam_betas[0],
                                "nesterov": False, "bias_correction": True, "decay_order": "before",
                                "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
@@ -348,13 +355,7 @@ def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, ev
 
     structure, basis = structures.LayerMatrix(max_dim=max_dim), bases.Eigh(every=every)  # refused before any hook
     applier = Power(p=1.0, eps=damping, eps_placement="outside")
-    adam = Preconditioner(
-        structure=structures.Diagonal(),
-        estimator=estimators.Frobenius(beta=adam_betas[1], spectrum="dense"),
-        basis=bases.Identity(),
-        applier=Power(p=0.5, eps=adam_eps, eps_placement="outside"),
-        first_step="update",
-    )
+    adam = _adam_part(adam_betas[1], adam_eps)
     capture = KFACCapture(model, reduction=reduction, loss_terms=loss_terms, factor_every=factor_every)
     try:
         preconditioner = Preconditioner(structure=structure, estimator=estimator_of(capture), basis=basis,

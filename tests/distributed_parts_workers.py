@@ -21,7 +21,7 @@ import torch
 
 import bases
 import precond
-from tests.distributed_workers import make_params, set_gradients
+from tests.distributed_workers import _refusal, make_params, set_gradients
 
 EVERY = 2
 STEPS = 2 * EVERY + 1
@@ -130,14 +130,6 @@ KFAC_DDP = {  # name: (preset, DataParallel mode or None: plain DDP, options, th
     "ekfac-replicate": ("ekfac", "replicate", {}, False),
     "ekfac-owner-batch": ("ekfac", "owner", {"moment": "batch"}, False),
 }
-
-
-def _refusal(build) -> str:
-    try:
-        build()
-    except (TypeError, ValueError) as error:
-        return f"{type(error).__name__}: {error}"
-    return "accepted"
 
 
 def parts_suite(rank: int, world: int) -> dict[str, Any]:

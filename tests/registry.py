@@ -113,11 +113,11 @@ PRESET_ARGUMENTS: dict[str, dict[str, Any]] = {
 }
 """Keywords beyond ``lr`` for the presets that do not take ``every``/``max_dim`` the common way (the others get
 ``every=EVERY, max_dim=MAX_DIM``): ``muon`` has neither (no factors, no refreshes). ``eshampoo`` runs with ε = 1e-6:
-it uses its first gradient at once, and Adam's first step in the eigenbasis is ``R/(√R² + ε)``, so an entry of ``R`` that is
-float64 round-off (a direction the battery's few gradients never touched) becomes round-off divided by ε. With its
-default (Meta's ε = 1e-12; the round-off floor bounds the step, ``tests/test_safe_defaults.py``) one ulp in the
-gradients moves the parameters by ~1e-4, with 1e-8 by ~1e-8: no round-off comparison of its modes could mean
-anything (``test_entry_is_well_conditioned``)."""
+it uses its first gradient at once, and Adam's first step in the eigenbasis is ``R/(√R² + ε)``, so an entry of
+``R`` that is float64 round-off (a direction the battery's few gradients never touched) becomes round-off divided by
+ε. With its default (Meta's ε = 1e-12; the round-off floor bounds the step, ``tests/test_safe_defaults.py``) one
+ulp in the gradients moves the parameters by ~1e-4, with 1e-8 by ~1e-8: no round-off comparison of its modes could
+mean anything (``test_entry_is_well_conditioned``)."""
 
 
 @dataclasses.dataclass(frozen=True)

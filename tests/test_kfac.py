@@ -477,6 +477,108 @@ def test_dense_spectrum_reset_restarts_v_at_the_kronecker_eigenvalues():
             torch.testing.assert_close(ps.estimator["V"][0], beta * v_before[0] + (1 - beta) * rotated**2)
 
 
+def _staggered_ekfac(stack: bool) -> tuple[list[torch.Tensor], int]:
+    """Six steps of a staggered EKFAC on two ``Linear(4, 5)`` (their weights one bucket with ``stack``), checking
+    after each that every refreshed weight has ``V = λ_G ⊗ λ_A``; the parameters, and the number of steps that
+    refreshed the two weights differently (a part of the bucket)."""
+    torch.manual_seed(5)
+    model = nn.ModuleDict({"a": nn.Linear(4, 5), "b": nn.Linear(4, 5)}).double()
+    opt = precond.ekfac(model, lr=0.05, every=2, stagger=True, stack=stack, state_dtype=F64)
+    weights = [model["a"].weight, model["b"].weight]
+    gen = torch.Generator().manual_seed(6)
+    partial = 0
+    for _ in range(6):
+        x = torch.randn(8, 4, generator=gen, dtype=F64)
+        opt.zero_grad()
+        (model["a"](x).tanh().square().sum() + model["b"](x).sin().sum()).backward()
+        before = [dict(opt.state[w]["basis"]["Q"]) if opt.state else None for w in weights]
+        before = [None if b is None else {k: q.clone() for k, q in b.items()} for b in before]
+        opt.step()
+        if before[0] is None:
+            continue
+        refreshed = [sorted(k for k, q in opt.state[w]["basis"]["Q"].items() if not torch.equal(q, old[k]))
+                     for w, old in zip(weights, before)]
+        partial += refreshed[0] != refreshed[1]
+        for w, modes in zip(weights, refreshed):
+            if modes:
+                lam = opt.state[w]["estimator"]["lambda"]
+                assert torch.equal(opt.state[w]["estimator"]["V"], torch.outer(lam["0"], lam["1"])), modes
+    if stack:
+        assert any(len(bucket.params) == 2 for bucket in opt.buckets()), "the two weights share a bucket"
+    opt.kfac_capture.remove()
+    return [p.detach().clone() for p in model.parameters()], partial
+
+
+def test_staggered_ekfac_resets_v_from_the_spectrum_of_every_mode():
+    """EKFAC's ``V`` restarts at ``λ_G ⊗ λ_A`` at every eigendecomposition; with ``stagger``, a refresh of mode
+    ``k`` of a part of a stacked bucket resets ``V`` from the current ``λ`` of every mode, as a refresh of a whole
+    bucket (``stack=False``: a bucket of its own) does, so both train alike. (It reset ``V`` from ``λ_k`` alone:
+    the partial refresh was handed mode ``k`` of the state only.)"""
+    stacked, partial = _staggered_ekfac(stack=True)
+    assert partial, "the two weights must refresh at different steps for this test to mean something"
+    single, _ = _staggered_ekfac(stack=False)
+    for a, b in zip(stacked, single):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+# --- copies and refused steps -----------------------------------------------------------------------------------
+
+
+def _lifecycle_model() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 3)).double()
+
+
+def _lifecycle_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(11)
+    return [(torch.randn(6, 4, generator=gen, dtype=F64), torch.randn(6, 3, generator=gen, dtype=F64))
+            for _ in range(n)]
+
+
+def _train(model: nn.Module, opt: precond.Optimizer, batches) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("preset", ["kfac", "ekfac"])
+def test_a_copy_of_model_and_optimizer_steps_exactly_like_the_original(preset, how):
+    """``copy.deepcopy((model, optimizer))`` and pickling them together give a pair whose capture hooks the copied
+    modules, keyed to the copied parameters and attached to the copied optimizer: both pairs go on bitwise like an
+    uninterrupted run. (The capture was keyed by ``id(p)`` of the original parameters — ``KeyError`` on the copy's
+    first step — and its hooks were closures that pickle refused.)"""
+    import copy
+    import pickle
+
+    batches = _lifecycle_batches(6)
+    options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64)
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches)
+    expected = [p.detach().clone() for p in model.parameters()]
+    opt.kfac_capture.remove()
+
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches[:3])
+    copier = copy.deepcopy if how == "deepcopy" else (lambda pair: pickle.loads(pickle.dumps(pair)))
+    twin_model, twin = copier((model, opt))
+    capture = twin.kfac_capture
+    assert capture is not opt.kfac_capture and capture.steps == opt.kfac_capture.steps == 3
+    estimator = twin.param_groups[0]["preconditioner"].estimator
+    assert capture is getattr(estimator, "factors", estimator).capture
+    assert [id(p) for p in capture.params] == [id(p) for p in twin.param_groups[0]["params"]]
+    assert all(twin_model[i]._forward_hooks for i in (0, 3))
+    for m, o in ((twin_model, twin), (model, opt)):
+        _train(m, o, batches[3:])
+        for p, e in zip(m.parameters(), expected):
+            assert torch.equal(p.detach(), e)
+        o.kfac_capture.remove()
+    assert not any(m._forward_hooks for m in twin_model.modules())
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
