@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 import bases
+import estimators
 import precond
+import structures
 from tests.distributed_workers import _refusal, make_params, set_gradients
 
 EVERY = 2
@@ -149,7 +151,26 @@ def parts_suite(rank: int, world: int) -> dict[str, Any]:
     for preset in ("kfac", "ekfac"):  # each rank its own statistics: what the averaging replaced
         out["local"][preset] = kfac_run(preset, rank, world, ddp=True, own_data=True, group="local")
     out["refused"] = _refusal(lambda: precond.ekfac(LayerNormNet(), distributed=precond.DataParallel(mode="owner")))
+    out["overlap"] = {"averaged": _refusal(lambda: precond.kfac(LayerNormNet(), overlap_backward=True,
+                                                                on_nonfinite="ignore")),
+                      "local": _refusal(lambda: _kfac_overlapped(group="local"))}
     return out
+
+
+def _kfac_overlapped(group: Any) -> precond.Optimizer:
+    """K-FAC's parts with ``overlap_backward=True``, the capture attached (plain DDP: no ``DataParallel``)."""
+    model = LayerNormNet()
+    capture = precond.KFACCapture(model, group=group)
+    applier = precond.Power(p=1.0, eps_placement="outside")
+    layers = precond.Preconditioner(structure=structures.LayerMatrix(), estimator=estimators.KFAC(capture),
+                                    basis=bases.Eigh(every=EVERY), applier=applier)
+    optimizer = precond.Optimizer([{"params": list(capture.params)}], preconditioner=layers, overlap_backward=True,
+                                  on_nonfinite="ignore")
+    try:
+        capture.attach(optimizer)
+    finally:
+        capture.remove()
+    return optimizer
 
 
 # --- single-process references ---------------------------------------------------------------------------------

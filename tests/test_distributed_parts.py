@@ -100,8 +100,21 @@ def test_each_ranks_own_statistics_are_far_from_the_whole_batch(runs, preset):
 
 
 def test_ekfac_per_example_moments_in_owner_mode_are_refused_at_construction(runs):
-    refused = runs[0]["refused"]
-    assert refused.startswith("ValueError") and "moment='batch'" in refused and "mode='replicate'" in refused
+    from precond import compatibility
+
+    rule = compatibility.BY_NAME["owner_per_example_moment"]
+    assert runs[0]["refused"] == f"Incompatible: {rule.message()}"  # the table's rule (a ValueError)
+
+
+def test_overlap_backward_is_refused_where_the_statistics_are_averaged(runs):
+    """Under plain DDP (no ``DataParallel``) ``precond.kfac(..., overlap_backward=True)`` is refused by its capture
+    with the run-time rule's message; with ``group="local"`` (nothing averaged) it is accepted."""
+    from precond import compatibility
+
+    rule = compatibility.BY_NAME["overlap_averaged_statistics"]
+    for result in runs:
+        assert result["overlap"]["averaged"] == f"Incompatible: {rule.message()}"
+        assert result["overlap"]["local"] == "accepted"
 
 
 def test_capture_group_is_validated():

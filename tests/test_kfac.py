@@ -8,8 +8,10 @@ Vectorisation: a weight ``W (out, fan_in)`` is flattened row-major, so K-FAC's b
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
+import pickle
 
 import attrs
 import pytest
@@ -549,9 +551,6 @@ def test_a_copy_of_model_and_optimizer_steps_exactly_like_the_original(preset, h
     modules, keyed to the copied parameters and attached to the copied optimizer: both pairs go on bitwise like an
     uninterrupted run. (The capture was keyed by ``id(p)`` of the original parameters — ``KeyError`` on the copy's
     first step — and its hooks were closures that pickle refused.)"""
-    import copy
-    import pickle
-
     batches = _lifecycle_batches(6)
     options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64)
     model = _lifecycle_model()
@@ -579,6 +578,82 @@ def test_a_copy_of_model_and_optimizer_steps_exactly_like_the_original(preset, h
     assert not any(m._forward_hooks for m in twin_model.modules())
 
 
+def _poisoned_step(model: nn.Sequential, opt: precond.Optimizer, batch) -> None:
+    """Forward and backward of ``batch``, a NaN in one gradient, and ``opt.step()``."""
+    x, y = batch
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+
+
+@pytest.mark.parametrize("preset", ["kfac", "ekfac"])
+def test_a_refused_step_keeps_no_records_and_the_redone_step_is_the_uninterrupted_one(preset):
+    """``on_nonfinite="raise"``: a NaN gradient is refused with every tensor of the model and the optimizer as it
+    was, and the capture keeps nothing of the refused step (nor counts it): the step redone with a new forward and
+    backward is the uninterrupted run's, bitwise. (The refused step's records were kept, so the redone step folded
+    them twice.)"""
+    batches = _lifecycle_batches(5)
+    options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64)
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches)
+    expected = [p.detach().clone() for p in model.parameters()]
+    opt.kfac_capture.remove()
+
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches[:2])
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {p: {path: t.clone() for path, t in _leaves(opt.state[p])} for p in opt.state}
+    with pytest.raises(FloatingPointError):
+        _poisoned_step(model, opt, batches[2])  # a recording step (factor_every=2)
+    capture = opt.kfac_capture
+    assert capture.steps == 2 and not any(capture.has_statistics(p) for p in capture.params)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert {p: dict(_leaves(opt.state[p])).keys() for p in opt.state} == {p: kept.keys() for p, kept in state.items()}
+    for p, kept in state.items():
+        after = dict(_leaves(opt.state[p]))
+        assert all(torch.equal(after[path], value) for path, value in kept.items()), "the refused step changed state"
+    _train(model, opt, batches[2:])
+    assert all(torch.equal(p.detach(), e) for p, e in zip(model.parameters(), expected))
+    capture.remove()
+
+
+@pytest.mark.parametrize("preset", ["kfac", "ekfac"])
+def test_a_skipped_step_drops_its_records_and_is_not_counted(preset):
+    """``on_nonfinite="skip"``: nothing changes and the step is not counted, by the optimizer nor by the capture
+    (whose count is the factor-update phase), so a run with a skipped NaN batch is bitwise the run without it.
+    (The capture counted the skipped step, and recorded its statistics on other steps from then on.)"""
+    batches = _lifecycle_batches(5)
+    options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64, on_nonfinite="skip")
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches)
+    expected = [p.detach().clone() for p in model.parameters()]
+    opt.kfac_capture.remove()
+
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches[:2])
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        _poisoned_step(model, opt, batches[2])
+    capture = opt.kfac_capture
+    assert capture.steps == 2 and not any(capture.has_statistics(p) for p in capture.params)
+    _train(model, opt, batches[2:])
+    assert capture.steps == 5
+    assert all(torch.equal(p.detach(), e) for p, e in zip(model.parameters(), expected))
+    capture.remove()
+
+
+def _leaves(state, path=()):
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(state, torch.Tensor):
+        yield path, state
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
@@ -601,6 +676,30 @@ def test_bad_configuration_is_refused_with_clear_messages():
     assert not layer._forward_hooks  # refused before any hook was registered
     with pytest.raises(KeyError, match="not captured"):
         KFACCapture(layer).role(torch.nn.Parameter(torch.zeros(2)))
+
+
+def test_overlap_backward_is_refused_where_the_statistics_are_averaged(monkeypatch):
+    """``attach`` refuses ``overlap_backward=True`` when the capture averages its statistics over ranks (plain DDP;
+    ``tests/test_distributed_parts.py`` sees it on 2 ranks), as an ``Incompatible`` with the run-time rule's
+    message in the table's form; one process (nothing averaged) is accepted."""
+    from precond import compatibility
+
+    layer = nn.Linear(3, 2)
+    capture = KFACCapture(layer)
+    layers = precond.Preconditioner(structure=structures.LayerMatrix(), estimator=estimators.KFAC(capture),
+                                    basis=bases.Eigh(every=1), applier=precond.Power(p=1.0, eps_placement="outside"))
+    opt = precond.Optimizer(list(layer.parameters()), preconditioner=layers, overlap_backward=True,
+                            on_nonfinite="ignore")
+    monkeypatch.setattr(capture, "averaging_group", lambda: (None, 2))  # as torch.distributed with 2 ranks
+    rule = compatibility.BY_NAME["overlap_averaged_statistics"]
+    with pytest.raises(compatibility.Incompatible) as refused:
+        capture.attach(opt)
+    assert refused.value.rule is rule and rule in compatibility.RUN_TIME_RULES and rule not in compatibility.RULES
+    assert str(refused.value) == rule.message()
+    assert isinstance(refused.value, ValueError)
+    monkeypatch.undo()
+    capture.attach(opt)  # one process: nothing to average
+    capture.remove()
 
 
 def test_kfac_needs_its_structure_and_the_state_parameters():
