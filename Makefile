@@ -39,10 +39,12 @@ example: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
-# `make demo`: on top of the test setup, the demo extra (matplotlib, tqdm), then the CPU ablation of
-# ablations/demo.toml (kl_shampoo, shampoo with and without grafting, soap, AdamW on a tiny byte-level GPT;
-# about 4.5 minutes on 2 cores, two runs at a time, one thread each). The table and plots land in results/; a second `make demo` reuses
-# the finished runs.
+# `make demo`: on top of the test setup, the demo extra (matplotlib, tqdm, scipy), then the CPU ablation of
+# ablations/demo.toml (kl_shampoo, shampoo with and without grafting, soap, AdamW on a tiny byte-level GPT; two
+# runs at a time, one thread each, then a timing pass of each variant's best lr alone that times the per-second
+# table; about 4.5 minutes of grid on a free 2-core CPU, more when other work shares it). One line per finished
+# run and a progress bar; the table, plots and the machine's load per run land in results/; a second
+# `make demo` reuses the finished runs.
 .PHONY: demo
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[demo]"

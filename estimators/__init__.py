@@ -13,6 +13,6 @@ from estimators.stateless import Stateless
 
 __all__ = ["DenseSpectrum", "EKFAC", "Estimator", "Frobenius", "KFAC", "KL", "Shampoo", "Stateless"]
 
-from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
+from precond.safe_globals import allow_package  # after the classes: weights_only loads may rebuild them
 
 allow_package(__name__)

@@ -31,8 +31,8 @@ from estimators._common import beta_field
 from estimators.base import Estimator
 from estimators.dense import DenseSpectrum
 from precond.ema import fold, fold_weights
-from precond.kfac_capture import KFACCapture, Side
 from precond.layout import Layout
+from precond.parts import LayerStatistics, Side, slot
 from precond.refresh import Refresh
 from precond.state import ParamState
 from precond.validators import one_of
@@ -44,8 +44,9 @@ Moment = Literal["per_example", "batch"]
 class KFAC(Estimator):
     """K-FAC's factor estimator (module docstring for the math).
 
-    - ``capture``: the :class:`precond.kfac_capture.KFACCapture` whose hooks record the layers' ``a`` and ``g``
-      (its ``reduction``/``loss_terms`` fix the scale of ``G``, its ``factor_every`` the factor update frequency).
+    - ``capture``: what recorded the layers' ``a`` and ``g`` (:class:`precond.parts.LayerStatistics`), a
+      :class:`precond.kfac_capture.KFACCapture` (its ``reduction``/``loss_terms`` fix the scale of ``G``, its
+      ``factor_every`` the factor update frequency).
     - ``beta`` — ρ, the EMA weight on the old factor (kfac-pytorch ``factor_decay = 0.95``; ``0`` keeps only the
       current step's statistics).
     - ``moment`` — what a dense spectrum over these factors (EKFAC) averages, see :meth:`rotated_moment`.
@@ -55,7 +56,7 @@ class KFAC(Estimator):
     :class:`structures.LayerMatrix` and the parameters of the state (``ps.params``, set by ``precond.Optimizer``).
     """
 
-    capture: KFACCapture = attrs.field(validator=attrs.validators.instance_of(KFACCapture))
+    capture: LayerStatistics = attrs.field(validator=slot(LayerStatistics))
     beta: float = beta_field
     moment: Moment = attrs.field(default="per_example", validator=one_of(("per_example", "batch")))
 
@@ -129,7 +130,7 @@ class KFAC(Estimator):
         ps.lam[k].copy_(refresh.spectrum(ps.S[k]).clamp_min(0))
 
 
-def EKFAC(capture: KFACCapture, beta: float = 0.95, spectrum_beta: float | None = None,
+def EKFAC(capture: LayerStatistics, beta: float = 0.95, spectrum_beta: float | None = None,
           moment: Moment = "per_example") -> DenseSpectrum:
     """Eigenvalue-corrected K-FAC (George et al. 2018): K-FAC's factors ``KFAC(capture, beta)`` and basis, with the
     Kronecker spectrum replaced by ``V ← ρ_V V + (1−ρ_V) m_t`` of the rotated second moment ``m_t``

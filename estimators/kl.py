@@ -206,7 +206,7 @@ class KL(Estimator):
             return
         logs = torch.stack([spectra[k].mean(dim=-1).clamp_min(1e-38).log() for k in modes])  # (modes, B)
         scales = (logs.mean(dim=0, keepdim=True) - logs).exp()
-        for k, c in zip(modes, scales):
+        for k, c in zip(modes, scales, strict=True):
             spectra[k].mul_(c.unsqueeze(-1))
             if factors[k] is not None:
                 factors[k].mul_(c.view(-1, 1, 1))

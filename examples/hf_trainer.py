@@ -59,7 +59,7 @@ def weights(run: Trainer) -> list[torch.Tensor]:
 
 
 def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 def main(root: pathlib.Path) -> dict[str, object]:

@@ -94,7 +94,7 @@ def fit(optimizer: str, root: pathlib.Path, name: str, ckpt_path: pathlib.Path |
 
 
 def max_difference(a: nn.Module, b: nn.Module) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters()))
+    return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def logged_columns(root: pathlib.Path, name: str) -> list[str]:

@@ -74,7 +74,7 @@ def main() -> None:
     second_half = train(model, optimizer, scheduler, sampler, checkpoint["step"], STEPS, "resumed      ")
 
     resumed = first_half + second_half
-    difference = max(abs(a - b) for a, b in zip(resumed, uninterrupted))
+    difference = max(abs(a - b) for a, b in zip(resumed, uninterrupted, strict=True))
     print(f"resumed run equals the uninterrupted one at all {STEPS} steps: {resumed == uninterrupted} "
           f"(largest difference {difference:.1e})")
     assert resumed == uninterrupted, "resuming from the checkpoint changed the training trajectory"

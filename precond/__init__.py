@@ -8,7 +8,7 @@
 
 The public names are resolved on first use (PEP 562), so the part packages can import ``precond.layout``,
 ``precond.contractions`` and ``precond.fallbacks`` without an import cycle. Importing ``precond`` puts the part
-classes on torch's safe globals (``precond.checkpoint``), so ``param_groups`` pickled with their live parts load with
+classes on torch's safe globals (``precond.safe_globals``), so ``param_groups`` pickled with their live parts load with
 ``torch.load(..., weights_only=True)`` (Lightning's checkpoints).
 """
 
@@ -61,7 +61,7 @@ def __dir__() -> list[str]:
 
 
 def _allow_parts_in_weights_only_loads() -> None:
-    from precond.checkpoint import allow_library_parts
+    from precond.safe_globals import allow_library_parts
 
     allow_library_parts()
 

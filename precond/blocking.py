@@ -12,79 +12,27 @@ with its own factors ``S_k^{(i)}`` (``≤ b × b``), bases, spectra, momentum, g
 Merging (``merge=...``) is decided on the whole parameter first, as Meta does; an axis above ``b`` is never merged,
 so the blocks of a merged view are the blocks of the raw axes, each viewed with the parent's grouping.
 
-:class:`Blocks` is the plan (what a structure's ``blocks(shape)`` returns); :class:`Members` is the optimizer's
-book of the *pieces*: views of each blocked parameter (``p.detach()[slices]``, so an update written into a piece
-lands in ``p``), which the buckets stack as members like any parameter (equal blocks of many parameters share one
-bucket). A blocked parameter's ``optimizer.state[p]`` is ``{"blocks": {"0": state_0, "1": state_1, …}}``, each
-``state_i`` the usual per-parameter state (``precond.state``) of block ``i``.
+:class:`Blocks` is the plan (what a structure's ``blocks(shape)`` returns; it lives in the kernel,
+``precond.layout``, with :func:`split_sizes`); :class:`Members` is the optimizer's book of the *pieces*: views of each
+blocked parameter (``p.detach()[slices]``, so an update written into a piece lands in ``p``), which the buckets stack
+as members like any parameter (equal blocks of many parameters share one bucket). A blocked parameter's
+``optimizer.state[p]`` is ``{"blocks": {"0": state_0, "1": state_1, …}}``, each ``state_i`` the usual per-parameter
+state (``precond.state``) of block ``i``.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
-import math
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import attrs
 import torch
 
-from precond.layout import Layout
+from precond.layout import Blocks, Layout, split_sizes
 from precond.state import BLOCKS
+
+__all__ = ["Blocks", "Members", "MemberStates", "split_sizes"]  # Blocks, split_sizes: the plan, in precond.layout
 
 if TYPE_CHECKING:
     from precond.preconditioner import Preconditioner
-
-
-def split_sizes(d: int, size: int) -> tuple[int, ...]:
-    """Block lengths of an axis of length ``d`` cut into blocks of ``size`` (the last one shorter): ``torch.split``'s
-    rule, e.g. ``(7, 3) → (3, 3, 1)``; an axis with ``d ≤ size`` stays whole."""
-    full, rest = divmod(d, size)
-    return (size,) * full + ((rest,) if rest else ())
-
-
-@attrs.frozen
-class Blocks:
-    """The plan of a blocked parameter: ``splits[a]`` are the block lengths along axis ``a`` of ``shape``, and
-    ``layouts[i]`` the layout of block ``i`` (row-major order over the block grid)."""
-
-    shape: tuple[int, ...]
-    splits: tuple[tuple[int, ...], ...]
-    layouts: tuple[Layout, ...]
-
-    def __attrs_post_init__(self) -> None:
-        if tuple(sum(s) for s in self.splits) != tuple(self.shape):
-            raise ValueError(f"block lengths {self.splits} do not cut the axes of {self.shape}")
-        if len(self.layouts) != math.prod(len(s) for s in self.splits):
-            raise ValueError("one layout per block is needed")
-
-    @property
-    def count(self) -> int:
-        return len(self.layouts)
-
-    def slices(self) -> list[tuple[slice, ...]]:
-        """The index of each block into the parameter (row-major order over the grid)."""
-        per_axis = []
-        for sizes in self.splits:
-            starts = itertools.accumulate((0, *sizes))
-            per_axis.append([slice(a, a + s) for a, s in zip(starts, sizes)])
-        return list(itertools.product(*per_axis))
-
-    def pieces(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The blocks of ``tensor`` (parameter-shaped) as views."""
-        return [tensor[index] for index in self.slices()]
-
-    def with_layouts(self, layouts: Sequence[Layout]) -> "Blocks":
-        return attrs.evolve(self, layouts=tuple(layouts))
-
-    def state_numel(self) -> int:
-        return sum(layout.state_numel() for layout in self.layouts)
-
-    def describe(self) -> str:
-        """``shape`` → the block grid, then each distinct block layout with its count."""
-        counts = collections.Counter(layout.describe() for layout in self.layouts)
-        grid = "x".join(str(len(s)) for s in self.splits)
-        return f"{tuple(self.shape)} blocked {grid}: " + ", ".join(f"{n} × {d}" for d, n in counts.items())
 
 
 class Members:
@@ -123,7 +71,7 @@ class Members:
             self.changed = True
         views = blocks.pieces(p.detach())
         self._views[id(p)] = (p, where, blocks, views)
-        for i, (view, layout) in enumerate(zip(views, blocks.layouts)):
+        for i, (view, layout) in enumerate(zip(views, blocks.layouts, strict=True)):
             self._owner[id(view)] = (view, p, i, layout)
         return views
 
@@ -154,7 +102,7 @@ class Members:
                 out.append((group, p, grad))
                 continue
             blocks = self._views[id(p)][2]
-            out.extend((group, view, g) for view, g in zip(views, blocks.pieces(grad)))
+            out.extend((group, view, g) for view, g in zip(views, blocks.pieces(grad), strict=True))
         return out
 
     def states(self, state: dict) -> "MemberStates":

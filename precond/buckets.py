@@ -21,16 +21,7 @@ import torch
 from precond.layout import Layout
 from precond.preconditioner import Preconditioner
 from precond.refresh import Refresh
-from precond.state import STEP, ParamState, new_step, read_step
-
-
-def map_leaves(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor leaf of a nested state (dicts of dicts of tensors)."""
-    if isinstance(state, torch.Tensor):
-        return fn(state)
-    if isinstance(state, dict):
-        return {key: map_leaves(value, fn) for key, value in state.items()}
-    return state
+from precond.state import STEP, ParamState, map_leaves, new_step, read_step
 
 
 def _combine(states: Sequence[dict[str, Any]], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> dict[str, Any]:
@@ -189,7 +180,7 @@ class Buckets:
         for chosen in (list(positions), keep):
             index = torch.tensor(chosen, device=bucket.params[0].device)
             params = [bucket.params[i] for i in chosen]
-            storage = map_leaves(bucket.storage, lambda t: t.index_select(0, index))
+            storage = map_leaves(bucket.storage, lambda t, index=index: t.index_select(0, index))
             states = [state[p] for p in params]
             parts.append(self._bucket(bucket.key, params, bucket.group, storage, bucket.step, states))
         self.items[self.items.index(bucket):self.items.index(bucket) + 1] = parts

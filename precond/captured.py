@@ -10,20 +10,20 @@ host as before; basis refreshes run eagerly after the replay (they are due only 
 LAPACK calls that cannot be captured). A graph is recaptured when its bucket changes (split, merge, reload) or when a
 group's hyperparameters other than ``lr`` change. All graphs share one memory pool (they run one after another).
 
-``use_graphs=False`` runs the same body eagerly with the same static buffers: the CPU reference of the captured path.
+``capture="emulate"`` runs the same body eagerly with the same static buffers: the CPU reference of the captured
+path. :class:`Captured` is an executor (``precond.executors``) of the step of ``precond.executors.BucketStep``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import attrs
 import torch
 
 from precond.buckets import Bucket
-
-if TYPE_CHECKING:
-    from precond.optimizer import Optimizer
+from precond.executors import Executor
+from precond.moves import move
 
 _IGNORED_IN_SIGNATURE = ("params", "lr", "preconditioner")
 
@@ -43,15 +43,17 @@ def _signature(group: dict[str, Any]) -> tuple:
         id(group["preconditioner"]),)
 
 
-class CapturedSteps:
-    """Per-bucket CUDA graphs of the steady-state step (``precond.Optimizer(capture=True)``)."""
+class Captured(Executor):
+    """Per-bucket CUDA graphs of the steady-state step (``precond.Optimizer(capture=True)``; ``"emulate"``: the same
+    body without graphs)."""
 
-    def __init__(self, use_graphs: bool = True) -> None:
-        self.use_graphs = use_graphs
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.use_graphs = engine.options["capture"] is True
         self._captured: dict[int, tuple[Bucket, _Captured]] = {}
         self._pool = None
 
-    def applies_to(self, bucket: Bucket) -> bool:
+    def takes(self, bucket: Bucket) -> bool:
         """A bucket is replayed from its second update on, on CUDA (anywhere without graphs); not with Meta's
         ``order="fold_then_apply"``, whose refreshes sit between the fold and the apply."""
         preconditioner = bucket.preconditioner
@@ -62,15 +64,19 @@ class CapturedSteps:
             and (not self.use_graphs or bucket.params[0].device.type == "cuda")
         )
 
-    def forget_missing(self, buckets: list[Bucket]) -> None:
+    def prepare(self, buckets: list[Bucket]) -> None:
         """Drop the graphs of buckets that no longer exist (split, merged or rebuilt)."""
         alive = {id(b) for b in buckets}
         for key in [k for k in self._captured if k not in alive]:
             del self._captured[key]
 
-    def update(self, optimizer: "Optimizer", bucket: Bucket, grads: list[torch.Tensor]) -> None:
+    def run(self, bucket: Bucket, grads: list[torch.Tensor]) -> None:
         """Replay (capturing first if needed) the update of ``bucket`` for step ``bucket.step + 1``: direction, fold,
-        decay and parameter update. The caller runs the due refreshes and counts the step."""
+        decay and parameter update; then the due refreshes (eagerly) and the step count."""
+        self.replay(bucket, grads)
+        self.bucket_step.finish(bucket, bucket.step + 1)
+
+    def replay(self, bucket: Bucket, grads: list[torch.Tensor]) -> None:
         entry = self._captured.get(id(bucket))
         captured = entry[1] if entry is not None and entry[0] is bucket else None
         if captured is None or captured.signature != _signature(bucket.group):
@@ -84,10 +90,10 @@ class CapturedSteps:
         else:
             captured.lr.fill_(lr)
         if not self.use_graphs:
-            self._body(optimizer, bucket, captured)
+            self._body(bucket, captured)
             return
         if captured.graph is None:
-            captured.graph = self._capture(optimizer, bucket, captured)
+            captured.graph = self._capture(bucket, captured)
         captured.graph.replay()
 
     @staticmethod
@@ -98,17 +104,16 @@ class CapturedSteps:
                          lr=torch.zeros((), dtype=torch.float64, device=device),
                          signature=_signature(bucket.group))
 
-    @staticmethod
-    def _body(optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> None:
-        update = optimizer._direction(bucket, captured.grads, captured.step, fold=True)
-        optimizer._apply(bucket.group, bucket.params, update, bucket.layout, lr=captured.lr)
+    def _body(self, bucket: Bucket, captured: _Captured) -> None:
+        update = self.bucket_step.direction(bucket, captured.grads, captured.step, fold=True)
+        move(bucket.group, [(bucket.params, update, bucket.layout)], captured.lr)
 
-    def _capture(self, optimizer: "Optimizer", bucket: Bucket, captured: _Captured) -> torch.cuda.CUDAGraph:
+    def _capture(self, bucket: Bucket, captured: _Captured) -> torch.cuda.CUDAGraph:
         """Record the body (capture runs no kernel); the caller's replay then performs this step's update."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="relaxed"):
-            self._body(optimizer, bucket, captured)
+            self._body(bucket, captured)
         return graph

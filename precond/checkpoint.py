@@ -1,11 +1,9 @@
-"""Checkpoints of ``precond.Optimizer``: the plain description of a configuration, the checks a loaded state must
-pass before anything is replaced, and the part classes that ``torch.load(..., weights_only=True)`` may rebuild.
+"""Checkpoints of ``precond.Optimizer``: the plain description of a configuration and the checks a loaded state must
+pass before anything is replaced.
 
 ``state_dict()`` stores each group's preconditioner as plain data (:func:`describe`), so an optimizer checkpoint
-never needs a class to load. ``param_groups`` themselves hold the live part objects, and parts of torch's ecosystem
-pickle them as they are (Lightning's ``BackboneFinetuning`` checkpoints a copy of ``optimizer.param_groups``, and
-Lightning loads checkpoints with ``weights_only=True``); :func:`allow_library_parts` (run on ``import precond``)
-and :func:`allow_parts` (run for every param group added) put those classes on torch's list of safe globals.
+never needs a class to load. (``param_groups`` themselves hold the live part objects, which some tools pickle as they
+are: ``precond.safe_globals`` lists their classes as safe for ``torch.load(..., weights_only=True)``.)
 
 :func:`restore` builds the param groups and state a ``load_state_dict`` installs, and refuses — before anything
 of the optimizer changes — a checkpoint of another configuration, of other group sizes or with a state whose
@@ -15,22 +13,17 @@ shapes do not fit the parameter it would be loaded into.
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 
-from precond.blocking import Blocks
-from precond.buckets import map_leaves
-from precond.layout import Layout
-from precond.state import BLOCKS, ParamState, read_step
+from precond.layout import Blocks, Layout
+from precond.state import BLOCKS, ParamState, map_leaves, read_step
 
 CONFIG_KEY = "preconditioner"
-PART_PACKAGES = ("structures", "estimators", "bases", "precond.appliers", "precond.preconditioner")
 
 
 def describe(obj: Any) -> Any:
@@ -78,48 +71,6 @@ def config_differences(saved: Any, obj: Any, path: str = "") -> list[str]:
     prefix = f"{path}." if path else ""
     out += [f"{prefix}{name}: in the checkpoint, unknown to this version" for name in sorted(unknown)]
     return out
-
-
-# --- weights_only loading of param_groups ------------------------------------------------------------------------
-def _attrs_classes(obj: Any) -> Iterable[type]:
-    """Every attrs class in the configuration tree ``obj`` (the object's own class and those of its fields)."""
-    if attrs.has(type(obj)):
-        yield type(obj)
-        for field in attrs.fields(type(obj)):
-            yield from _attrs_classes(getattr(obj, field.name))
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _attrs_classes(item)
-
-
-def allow_parts(obj: Any) -> None:
-    """Let ``torch.load(..., weights_only=True)`` rebuild the attrs classes of configuration ``obj`` (a
-    ``Preconditioner`` or a part, the library's or your own)."""
-    torch.serialization.add_safe_globals(list(set(_attrs_classes(obj))))
-
-
-def allow_package(package: str) -> None:
-    """Put every attrs class defined in the loaded modules of ``package`` on torch's safe globals."""
-    classes = set()
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == package or name.startswith(package + ".")):
-            continue
-        for value in list(vars(module).values()):
-            if isinstance(value, type) and attrs.has(value) and value.__module__ == name:
-                classes.add(value)
-    torch.serialization.add_safe_globals(sorted(classes, key=lambda c: (c.__module__, c.__qualname__)))
-
-
-def allow_library_parts() -> None:
-    """Import the part packages and put their attrs classes (and ``Preconditioner``) on torch's safe globals, so
-    that ``param_groups`` pickled by another process load with ``weights_only=True`` right after ``import precond``.
-
-    A package that is itself still being imported (``import bases`` before ``import precond``: the package imports
-    ``precond.…``, which runs this) is read as far as it has come; ``structures``, ``estimators`` and ``bases`` call
-    :func:`allow_package` once they are complete."""
-    for package in PART_PACKAGES:
-        importlib.import_module(package)
-        allow_package(package)
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
@@ -186,10 +137,30 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
     changed: a refused checkpoint leaves the optimizer as it was.
     """
     saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    _check_groups(groups, saved_groups)
+    new_groups = [_loaded_group(group, saved, check_group) for group, saved in zip(groups, saved_groups, strict=True)]
+    owner = {saved_id: (p, group) for group, saved in zip(new_groups, saved_groups, strict=True)
+             for saved_id, p in zip(saved["params"], group["params"], strict=True)}
+    for saved_id, value in saved_state.items():
+        if saved_id in owner:
+            _check_saved_state(value, *owner[saved_id], name_of)
+
+    state: defaultdict = defaultdict(dict)
+    for saved_id, value in saved_state.items():
+        if saved_id in owner:
+            p = owner[saved_id][0]
+            state[p] = _restore_state(value, p)
+        else:
+            state[saved_id] = value
+    return new_groups, state
+
+
+def _check_groups(groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
+    """Refuse saved groups of another count, another size or another preconditioner configuration."""
     if len(saved_groups) != len(groups):
         raise ValueError(f"loaded state dict has a different number of parameter groups: {len(saved_groups)} saved, "
                          f"{len(groups)} in this optimizer")
-    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+    for i, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
                              f"group: group {i} has {len(saved['params'])} saved parameters and "
@@ -201,33 +172,24 @@ def restore(groups: list[dict[str, Any]], state_dict: dict[str, Any], name_of: C
                 + "\n  ".join(differences) + "\nbuild the optimizer with the saved configuration before loading "
                 "(e.g. pass the saved value of each field above to the preset or part)")
 
-    new_groups = []
-    for group, saved in zip(groups, saved_groups):
-        settings = copy.deepcopy({key: value for key, value in saved.items() if key not in ("params", CONFIG_KEY)})
-        new_group = {**{key: value for key, value in group.items() if key != "params"}, **settings,
-                     "params": group["params"], CONFIG_KEY: group[CONFIG_KEY]}
-        if check_group is not None:
-            check_group(new_group)
-        new_groups.append(new_group)
 
-    owner = {}
-    for group, saved in zip(new_groups, saved_groups):
-        for saved_id, p in zip(saved["params"], group["params"]):
-            owner[saved_id] = (p, group)
-    for saved_id, value in saved_state.items():
-        if saved_id in owner:
-            p, group = owner[saved_id]
-            blocks = group[CONFIG_KEY].blocks(p.shape)
-            if blocks is None:
-                check_state(value, group[CONFIG_KEY].plan(p.shape), name_of(p))
-            else:
-                check_blocked_state(value, blocks, name_of(p))
+def _loaded_group(group: dict[str, Any], saved: dict[str, Any],
+                  check_group: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """The group ``group`` becomes: the saved settings over the current ones, its own parameters and
+    preconditioner; checked by ``check_group``."""
+    settings = copy.deepcopy({key: value for key, value in saved.items() if key not in ("params", CONFIG_KEY)})
+    new_group = {**{key: value for key, value in group.items() if key != "params"}, **settings,
+                 "params": group["params"], CONFIG_KEY: group[CONFIG_KEY]}
+    if check_group is not None:
+        check_group(new_group)
+    return new_group
 
-    state: defaultdict = defaultdict(dict)
-    for saved_id, value in saved_state.items():
-        if saved_id in owner:
-            p = owner[saved_id][0]
-            state[p] = _restore_state(value, p)
-        else:
-            state[saved_id] = value
-    return new_groups, state
+
+def _check_saved_state(value: Any, p: torch.Tensor, group: dict[str, Any],
+                       name_of: Callable[[torch.Tensor], str]) -> None:
+    """Refuse the saved state of ``p`` unless it fits ``p``'s plan in ``group`` (whole or cut into blocks)."""
+    blocks = group[CONFIG_KEY].blocks(p.shape)
+    if blocks is None:
+        check_state(value, group[CONFIG_KEY].plan(p.shape), name_of(p))
+    else:
+        check_blocked_state(value, blocks, name_of(p))

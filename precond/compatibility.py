@@ -7,11 +7,19 @@ use instead. :data:`RULES` is the one table: ``precond.Optimizer``, ``precond.Da
 :func:`check` at construction (and ``add_param_group``), so an unsupported combination never fails later, inside
 a step; the battery (``tests/test_battery.py``) reads the same table to know which of its combinations must be
 refused.
+
+The same features choose what runs an allowed configuration (``docs/design.md``, "Architecture"): the
+:data:`RUNTIMES` line of the first runtime whose features it has (where the step's work runs: one process, or
+spread over ranks) and the :data:`EXECUTORS` lines of every executor whose features it has (how a bucket's step is
+run: eagerly, replayed as a CUDA graph, inside the backward pass), each bucket going to the first executor that
+takes it. A new executor or runtime is one module plus one :class:`Line` here (and the rules that refuse what it
+cannot do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import importlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import attrs
@@ -31,6 +39,7 @@ PER_EXAMPLE_MOMENT = "a dense spectrum of per-example moments of whole layers"
 LARGE_BLOCK = "large='block'"
 NO_BLOCKS = "a structure without blocks"
 AVERAGED_STATISTICS = "K-FAC's statistics averaged over the ranks"
+SHARDED = "parameters sharded as DTensors (FSDP2)"
 
 
 @attrs.frozen
@@ -122,6 +131,51 @@ class Incompatible(ValueError):
         self.features = features
 
 
+# --- what runs an allowed configuration -----------------------------------------------------------------------------
+@attrs.frozen
+class Line:
+    """A runtime or an executor: chosen where the configuration has all of ``features``; ``implementation``
+    (``"module:attribute"``, imported when chosen) is built with the optimizer's engine (an executor) or with the
+    ``distributed=`` configuration and the engine (a runtime)."""
+
+    name: str
+    features: frozenset[str] = attrs.field(converter=frozenset)
+    implementation: str
+
+    def load(self) -> Any:
+        module, _, attribute = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+RUNTIMES: tuple[Line, ...] = (
+    Line("fsdp2", {OWNER, SHARDED}, "precond.distributed.sharded:ShardedOwnerRuntime"),
+    Line("owner", {OWNER}, "precond.distributed.owner:OwnerRuntime"),
+    Line("replicate", {REPLICATE}, "precond.distributed.replicate:ReplicateRuntime"),
+    Line("single", (), "precond.runtime:SingleProcess"),
+)
+"""Where a step's work runs (``precond.runtime``): the first line whose features the configuration has."""
+
+EXECUTORS: tuple[Line, ...] = (
+    Line("in_backward", {OVERLAP}, "precond.overlap:InBackward"),
+    Line("captured", {CAPTURE}, "precond.captured:Captured"),
+    Line("eager", (), "precond.executors:Eager"),
+)
+"""How a bucket's step runs (``precond.executors``): every line whose features the configuration has, in this
+order; each bucket is run by the first of them that takes it (the eager one takes every bucket)."""
+
+
+def runtime(features: Iterable[str], lines: Sequence[Line] = ()) -> Line:
+    """The :data:`RUNTIMES` line of a configuration with ``features`` (``lines``: another table, for tests)."""
+    features = frozenset(features)
+    return next(line for line in (lines or RUNTIMES) if line.features <= features)
+
+
+def executors(features: Iterable[str], lines: Sequence[Line] = ()) -> list[Line]:
+    """The :data:`EXECUTORS` lines of a configuration with ``features``, in the order they are offered a bucket."""
+    features = frozenset(features)
+    return [line for line in (lines or EXECUTORS) if line.features <= features]
+
+
 # --- what a configuration has --------------------------------------------------------------------------------------
 def option_features(capture: Any = False, overlap_backward: bool = False, on_nonfinite: str = "raise",
                     async_refresh: bool = False, distributed: Any = None) -> frozenset[str]:
@@ -136,16 +190,26 @@ def option_features(capture: Any = False, overlap_backward: bool = False, on_non
     if async_refresh:
         found.add(ASYNC)
     if distributed is not None:
-        found |= parallel_features(distributed.mode, distributed.placement)
+        found |= parallel_features(distributed.mode, getattr(distributed, "placement", "balanced"))
     return frozenset(found)
 
 
 def parallel_features(mode: str, placement: str = "balanced") -> frozenset[str]:
-    """The features of a ``precond.DataParallel(mode=..., placement=...)``."""
-    found = {DISTRIBUTED, OWNER if mode == "owner" else REPLICATE}
+    """The features of a ``precond.DataParallel(mode=..., placement=...)`` (or of another ``distributed=``
+    configuration with a ``mode``: its feature is ``f"mode={mode!r}"``, as :data:`OWNER` and :data:`REPLICATE`)."""
+    found = {DISTRIBUTED, f"mode={mode!r}"}
     if placement == "by_kind":
         found.add(BY_KIND)
     return frozenset(found)
+
+
+def parameter_features(params: Iterable[Any]) -> frozenset[str]:
+    """:data:`SHARDED` when any parameter is a DTensor (FSDP2's ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return frozenset()
+    return frozenset({SHARDED}) if any(isinstance(p, DTensor) for p in params) else frozenset()
 
 
 def group_features(group: Mapping[str, Any]) -> frozenset[str]:

@@ -47,7 +47,7 @@ def _rotation_expression(shape: tuple[int, ...], dense: tuple[bool, ...], invers
     """``einsum`` for ``X ×_k Q_k`` over the dense modes (``inverse`` uses ``Q_kᵀ``)."""
     order = len(shape) - 1
     src = _letters(order)
-    dst = [chr(ord("A") + i) if d else s for i, (s, d) in enumerate(zip(src, dense))]
+    dst = [chr(ord("A") + i) if d else s for i, (s, d) in enumerate(zip(src, dense, strict=True))]
     operands = [_BATCH + "".join(src)]
     shapes = [shape]
     for k, is_dense in enumerate(dense):

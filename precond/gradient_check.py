@@ -36,7 +36,7 @@ def verdict(work: Work, values: list[float], on_nonfinite: str, name: Callable[[
     """The decision from ``values`` (the largest ``|g|`` of each ``(group, p, grad)`` of ``work``, then each tensor
     ``lr``): raise, skip (None), or the work with huge gradients scaled down. Entries whose gradient is None (another
     rank's, in a distributed run) are judged but not returned."""
-    bad = [name(p) for (_, p, _), m in zip(work, values) if not math.isfinite(m)]
+    bad = [name(p) for (_, p, _), m in zip(work, values[:len(work)], strict=True) if not math.isfinite(m)]
     bad += [f"lr of group {i}" for i, lr in enumerate(values[len(work):]) if not math.isfinite(lr) or lr < 0]
     if bad:
         if on_nonfinite == "skip":
@@ -48,7 +48,7 @@ def verdict(work: Work, values: list[float], on_nonfinite: str, name: Callable[[
             "optimizer state was changed. Lower the learning rate, clip gradients, skip this batch, or build the "
             "optimizer with on_nonfinite='skip'.")
     out = []
-    for (group, p, grad), largest in zip(work, values):
+    for (group, p, grad), largest in zip(work, values[:len(work)], strict=True):
         if grad is None:
             continue
         if largest > GRADIENT_BOUND:

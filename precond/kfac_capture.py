@@ -74,12 +74,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from precond import compatibility
+from precond.parts import Side
 from precond.validators import is_integer, number, one_of, plain_number
 
 __all__ = ["KFACCapture", "LossTerms"]
 
 LossTerms = Literal["batch", "rows"] | int
-Side = Literal["input", "output"]
 
 
 def _loss_terms_valid(instance: Any, attribute: Any, value: Any) -> None:
@@ -294,7 +294,7 @@ class KFACCapture:
         A ``precond.Optimizer`` keeps the capture: a step it refuses or skips (``on_nonfinite``) calls
         :meth:`discard`, and a copy of it (``copy.deepcopy``, pickle; with the model, whose hooks hold the copied
         capture) attaches the copied capture again."""
-        config = getattr(optimizer, "_distributed_config", None)  # precond.Optimizer's distributed=DataParallel(...)
+        config = getattr(optimizer, "distributed", None)  # precond.Optimizer's distributed=DataParallel(...)
         self._optimizer_group = (config is not None, None if config is None else config.group)
         self._owner_mode = config is not None and config.mode == "owner"
         self._refuse_what_cannot_be_averaged(optimizer)
@@ -303,7 +303,7 @@ class KFACCapture:
         optimizer.register_load_state_dict_pre_hook(self._take_steps)
         optimizer.register_load_state_dict_post_hook(self._set_steps)
         handle = optimizer.register_step_post_hook(self._after_step)
-        keep = getattr(optimizer, "_keep_attached", None)  # precond.Optimizer
+        keep = getattr(optimizer, "keep_attached", None)  # precond.Optimizer
         if keep is not None:
             keep(self)
         return handle
@@ -359,7 +359,7 @@ class KFACCapture:
                 layout = preconditioner.plan(p.shape)
                 if len(layout.kinds) != len(sides):
                     continue  # not K-FAC's view: the estimator refuses it with its own message
-                for side, kind in zip(sides, layout.kinds):
+                for side, kind in zip(sides, layout.kinds, strict=True):
                     key = (id(layer), side, kind != "dense")
                     if kind != "none" and key not in seen:
                         seen.add(key)
@@ -400,7 +400,7 @@ class KFACCapture:
         dist.all_reduce(flat, group=group)
         factors: dict[tuple[int, str, bool], torch.Tensor | None] = {}
         offset = 0
-        for (layer, side, diagonal), shape in zip(requests, shapes):
+        for (layer, side, diagonal), shape in zip(requests, shapes, strict=True):
             size = torch.Size(shape).numel()
             total, count = flat[offset:offset + size].view(shape), flat[offset + size]
             factors[(id(layer), side, diagonal)] = total / count if bool(count > 0) else None
@@ -460,8 +460,8 @@ class KFACCapture:
         state = dict(state)
         layers, names = state.pop("_layers"), state.pop("_names")
         self.__dict__.update(state)
-        self._layers = {id(p): entry for p, entry in zip(self._params, layers)}
-        self._names = {id(p): name for p, name in zip(self._params, names)}
+        self._layers = {id(p): entry for p, entry in zip(self._params, layers, strict=True)}
+        self._names = {id(p): name for p, name in zip(self._params, names, strict=True)}
 
     def remove(self) -> None:
         """Remove the module hooks (the capture records nothing afterwards)."""
@@ -649,5 +649,5 @@ class _ForwardHook:
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if torch.compiler.is_compiling():
-            return torch.compiler.disable(self.capture._record)(self.layer, module, inputs, output)
-        return self.capture._record(self.layer, module, inputs, output)
+            return torch.compiler.disable(self.capture._record)(self.layer, module, inputs, output)  # noqa: SLF001
+        return self.capture._record(self.layer, module, inputs, output)  # noqa: SLF001 (its capture's, this module)

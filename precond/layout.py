@@ -1,8 +1,12 @@
-"""The plan a structure makes for one parameter: how it is viewed and what each mode gets."""
+"""The plan a structure makes for one parameter: how it is viewed and what each mode gets (:class:`Layout`), and,
+for a parameter a structure cuts into blocks, the plan of its blocks (:class:`Blocks`, :func:`split_sizes`; the
+rule is in ``precond.blocking``)."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import math
 import re
 from typing import Literal, Sequence
@@ -11,7 +15,7 @@ import attrs
 import einops
 import torch
 
-__all__ = ["Layout", "ModeKind"]
+__all__ = ["Blocks", "Layout", "ModeKind", "split_sizes"]
 
 ModeKind = Literal["dense", "diagonal", "none"]
 """What a mode of the viewed gradient gets:
@@ -116,16 +120,68 @@ class Layout:
 
     def describe(self) -> str:
         parts = []
-        for d, kind in zip(self.view_shape, self.kinds):
+        for d, kind in zip(self.view_shape, self.kinds, strict=True):
             parts.append({"dense": f"{d}:dense", "diagonal": f"{d}:diag", "none": f"{d}:-"}[kind])
         return f"{tuple(self.shape)} -> [{' x '.join(parts)}]"
 
     def state_numel(self) -> int:
         """Entries of the factor state this layout needs (``S_k`` and ``Q_k`` for dense modes, ``λ_k``)."""
         total = 0
-        for d, kind in zip(self.view_shape, self.kinds):
+        for d, kind in zip(self.view_shape, self.kinds, strict=True):
             if kind == "dense":
                 total += 2 * d * d + d
             elif kind == "diagonal":
                 total += d
         return total
+
+
+def split_sizes(d: int, size: int) -> tuple[int, ...]:
+    """Block lengths of an axis of length ``d`` cut into blocks of ``size`` (the last one shorter): ``torch.split``'s
+    rule, e.g. ``(7, 3) → (3, 3, 1)``; an axis with ``d ≤ size`` stays whole."""
+    full, rest = divmod(d, size)
+    return (size,) * full + ((rest,) if rest else ())
+
+
+@attrs.frozen
+class Blocks:
+    """The plan of a blocked parameter: ``splits[a]`` are the block lengths along axis ``a`` of ``shape``, and
+    ``layouts[i]`` the layout of block ``i`` (row-major order over the block grid)."""
+
+    shape: tuple[int, ...]
+    splits: tuple[tuple[int, ...], ...]
+    layouts: tuple[Layout, ...]
+
+    def __attrs_post_init__(self) -> None:
+        if tuple(sum(s) for s in self.splits) != tuple(self.shape):
+            raise ValueError(f"block lengths {self.splits} do not cut the axes of {self.shape}")
+        if len(self.layouts) != math.prod(len(s) for s in self.splits):
+            raise ValueError("one layout per block is needed")
+
+    @property
+    def count(self) -> int:
+        return len(self.layouts)
+
+    def slices(self) -> list[tuple[slice, ...]]:
+        """The index of each block into the parameter (row-major order over the grid)."""
+        per_axis = []
+        for sizes in self.splits:
+            starts = itertools.accumulate((0, *sizes))
+            # starts has one entry more than sizes (the axis's end)
+            per_axis.append([slice(a, a + s) for a, s in zip(starts, sizes, strict=False)])
+        return list(itertools.product(*per_axis))
+
+    def pieces(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The blocks of ``tensor`` (parameter-shaped) as views."""
+        return [tensor[index] for index in self.slices()]
+
+    def with_layouts(self, layouts: Sequence[Layout]) -> "Blocks":
+        return attrs.evolve(self, layouts=tuple(layouts))
+
+    def state_numel(self) -> int:
+        return sum(layout.state_numel() for layout in self.layouts)
+
+    def describe(self) -> str:
+        """``shape`` → the block grid, then each distinct block layout with its count."""
+        counts = collections.Counter(layout.describe() for layout in self.layouts)
+        grid = "x".join(str(len(s)) for s in self.splits)
+        return f"{tuple(self.shape)} blocked {grid}: " + ", ".join(f"{n} × {d}" for d, n in counts.items())

@@ -32,7 +32,7 @@ def move(group: dict[str, Any], moves: Sequence[Move], lr: Union[float, torch.Te
     else:
         scaled = torch._foreach_mul(updates, lr)  # u * lr for each, one op
     params, steps = [], []
-    for (members, _, layout), s in zip(moves, scaled):
+    for (members, _, layout), s in zip(moves, scaled, strict=True):
         s = in_dtype(s, members[0].dtype)
         params += members
         steps += layout.unstack(s) if isinstance(layout, Layout) else [layout.unview(u) for u in s.unbind(0)]

@@ -17,7 +17,7 @@ None`` for a basis that is never refreshed. The library's estimators inherit the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
@@ -29,13 +29,13 @@ from precond.refresh import Refresh
 from precond.state import ParamState
 
 if TYPE_CHECKING:
-    from precond.blocking import Blocks
+    from precond.layout import Blocks
 
 
 @runtime_checkable
 class Structure(Protocol):
     """Which modes of the (viewed) weight get a dense factor: ``plan(shape) -> Layout``; and ``blocks(shape) ->
-    Optional[precond.blocking.Blocks]``: the blocks a weight is cut into, each preconditioned as a parameter of its
+    Optional[precond.layout.Blocks]``: the blocks a weight is cut into, each preconditioned as a parameter of its
     own (``NMode(large="block")``), or ``None`` (the default of every structure that does not cut: ``plan`` covers
     the weight whole)."""
 
@@ -105,6 +105,38 @@ class Basis(Protocol):
                 index: int = 0) -> Refresh: ...
 
 
+Side = Literal["input", "output"]
+"""A layer's Kronecker factor: of its inputs (``A``, ``"input"``) or of its output gradients (``G``, ``"output"``)."""
+
+
+@runtime_checkable
+class LayerStatistics(Protocol):
+    """What an estimator whose factors come from whole layers (``estimators.KFAC``, ``EKFAC``) reads of the statistics
+    a step recorded, per parameter ``p`` (``precond.kfac_capture.KFACCapture`` records them with module hooks); the
+    estimator names this protocol, never the capture, so a part package imports only the kernel.
+
+    - ``role(p)``: ``"weight"`` or ``"bias"`` (an error for a parameter it does not know);
+    - ``factor(p, side, diagonal, dtype)``: this step's ``A_t`` or ``G_t`` of ``p``'s layer (``diag`` only with
+      ``diagonal``), or ``None`` when nothing was recorded;
+    - ``loss_scale(p)``: the loss-term count ``s`` of this step's records, or ``None``;
+    - ``rotated_moment(p, bases, dtype)``: ``s Σ_n (Q_Gᵀ ∇W_n Q_A)²`` of the per-example gradients in the bases
+      (``None`` entries: identity), shaped like the viewed parameter, or ``None``;
+    - ``mark_consumed(params)``: the estimator has folded these parameters' records.
+    """
+
+    def role(self, p: torch.Tensor) -> str: ...
+
+    def factor(self, p: torch.Tensor, side: Side, diagonal: bool = False,
+               dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]: ...
+
+    def loss_scale(self, p: torch.Tensor) -> Optional[float]: ...
+
+    def rotated_moment(self, p: torch.Tensor, bases: Sequence[Optional[torch.Tensor]],
+                       dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]: ...
+
+    def mark_consumed(self, params: Sequence[torch.Tensor]) -> None: ...
+
+
 @attrs.frozen
 class ApplyContext:
     """What an applier may read: the pre-step state view ``ps`` (bases, spectra, the applier's own tensors), the
@@ -137,6 +169,7 @@ _EXAMPLES = {
     Estimator: "an estimator such as estimators.KL(beta=0.95)",
     Basis: "a basis refresher such as bases.QRPowerStep(every=10)",
     Applier: "an applier such as precond.Power(p=0.5)",
+    LayerStatistics: "a capture of the layers' statistics such as precond.KFACCapture(model)",
 }
 
 

@@ -22,7 +22,7 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
 
 def in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``: ``x`` itself when it has it, with no operation issued (``Tensor.to`` would still dispatch
-    one ``aten::to``, a cost on the launch-bound step; ``precond.bench.op_count``)."""
+    one ``aten::to``, host time on an eager step; ``precond.bench.op_count``)."""
     return x if x.dtype == dtype else x.to(dtype)
 
 

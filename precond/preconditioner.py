@@ -8,10 +8,9 @@ from typing import Literal, Optional, Sequence
 import attrs
 import torch
 
-from precond.blocking import Blocks
 from precond.ema import Step
 from precond.fallbacks import FallbackCounter
-from precond.layout import Layout
+from precond.layout import Blocks, Layout
 from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
 from precond.refresh import Refresh, is_due, refresh_index
 from precond.state import ParamState

@@ -143,7 +143,10 @@ class Shampoo(Optimizer):
     ``Power(p)`` with ε (1e-12) added to each eigenvalue · grafted onto Adam (β 0.999, ε 1e-10) per parameter ·
     bias-corrected momentum, decoupled weight decay before the update. ``p = 1/2`` is Shampoo² (default);
     ``p = "1/(2N)"`` (1/4 for a matrix) the original; ``graft=None`` the ungrafted method of Fig. 1.
-    Not reproduced: Meta's bias correction of the factors themselves.
+    Unlike Meta's, this preset keeps the factors uncorrected, grafts from the first update (no Adam warm-up) and
+    preconditions before folding; Meta's factor bias correction (``use_bias_correction=True``) is the estimator
+    ``estimators.Shampoo(bias_correction=True)``, and Meta's whole step the composition of ``docs/conventions.md``
+    ("Composing a reference"), checked against Meta's update by ``tests/test_conventions.py``.
 
     ``floor="roundoff"`` (default; :class:`precond.Power`) raises each ``λ_k`` to ``d_k·u·max λ_k``, the round-off
     of a float32 ``eigh``: below it an eigenvalue is noise, often 0 after the clip, and ``(0 + 1e-12)^{-½} = 10⁶``

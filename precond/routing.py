@@ -32,8 +32,8 @@ def muon_groups(params: Iterable[Any], adam_params: Iterable[Any], adam_settings
             halves = [(_checked_flag(extra["use_muon"], members), members)]
         else:
             is_matrix = [_tensor(i).ndim >= 2 and id(_tensor(i)) not in to_adam for i in members]
-            halves = [(True, [i for i, m in zip(members, is_matrix) if m]),
-                      (False, [i for i, m in zip(members, is_matrix) if not m])]
+            halves = [(True, [i for i, m in zip(members, is_matrix, strict=True) if m]),
+                      (False, [i for i, m in zip(members, is_matrix, strict=True) if not m])]
         for use_muon, part in halves:
             if part:
                 base = {} if use_muon else dict(adam_settings)

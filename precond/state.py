@@ -94,7 +94,7 @@ class ParamState:
         no bases yet."""
         S: Tensors = [None] * layout.order
         lam: Tensors = [None] * layout.order
-        for k, (d, kind) in enumerate(zip(layout.view_shape, layout.kinds)):
+        for k, (d, kind) in enumerate(zip(layout.view_shape, layout.kinds, strict=True)):
             if kind == "dense" and needs_factors:
                 S[k] = torch.zeros(batch, d, d, dtype=dtype, device=device)
             if kind != "none":
@@ -132,7 +132,7 @@ class ParamState:
     def pairs(self, other: "ParamState") -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(mine, theirs)`` for every tensor ``other`` holds (``other`` a :meth:`map` of a subset of this state)."""
         out = [(a, b) for mine, theirs in ((self.Q, other.Q), (self.S, other.S), (self.lam, other.lam))
-               for a, b in zip(mine, theirs) if b is not None]
+               for a, b in zip(mine, theirs, strict=True) if b is not None]
         out += [(self.estimator[n], t) for n, t in other.estimator.items()]
         out += [(self.applier[n], t) for n, t in other.applier.items()]
         if other.momentum is not None:
@@ -149,3 +149,12 @@ def read_step(storage: dict[str, Any]) -> int:
     """The number of updates a stored state has seen (a tensor, or a plain number from an older checkpoint)."""
     step = storage[STEP]
     return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+
+
+def map_leaves(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor leaf of a nested state (dicts of dicts of tensors)."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {key: map_leaves(value, fn) for key, value in state.items()}
+    return state

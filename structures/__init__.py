@@ -13,6 +13,6 @@ from structures.one_sided import OneSided
 
 __all__ = ["Diagonal", "Kronecker", "LayerMatrix", "Matrix", "NMode", "OneSided"]
 
-from precond.checkpoint import allow_package  # after the classes: weights_only loads may rebuild them
+from precond.safe_globals import allow_package  # after the classes: weights_only loads may rebuild them
 
 allow_package(__name__)

@@ -8,8 +8,7 @@ from typing import Literal, Optional, Sequence
 
 import attrs
 
-from precond.blocking import Blocks, split_sizes
-from precond.layout import Layout
+from precond.layout import Blocks, Layout, split_sizes
 from precond.validators import one_of
 from structures._common import (
     MergeDirection,
@@ -82,7 +81,7 @@ class NMode:
 
     def blocks(self, shape: Sequence[int]) -> Optional[Blocks]:
         """With ``large="block"``, the blocks of a weight with a mode above ``max_dim`` (None otherwise: :meth:`plan`
-        covers it whole). Every axis ``d > max_dim`` is cut by :func:`precond.blocking.split_sizes`; block ``i``
+        covers it whole). Every axis ``d > max_dim`` is cut by :func:`precond.layout.split_sizes`; block ``i``
         (row-major over the grid) is viewed with the weight's grouping of its axes, its unit axes dropped, and each
         viewed mode (``≤ max_dim``) gets a dense factor (a vector's blocks follow ``vectors``)."""
         if self.large != "block":

@@ -122,7 +122,7 @@ def _pipelined() -> dict[str, Any]:
         params, optimizer = trajectory(case, _config(case))
     finally:
         owner.PIPELINE_ELEMENTS = kept
-    return {"params": params, "chunks": len(optimizer._distributed.chunks), **traffic(optimizer)}
+    return {"params": params, "chunks": len(optimizer.engine.runtime.chunks), **traffic(optimizer)}
 
 
 def _added_group(distributed) -> list[torch.Tensor]:
@@ -170,8 +170,8 @@ def _nonfinite(rank: int) -> dict[str, Any]:
             outcome = "stepped"
         except FloatingPointError as error:
             outcome = "raised" if "parameter" in str(error) or "gradient" in str(error) else str(error)
-        out[policy] = {"outcome": outcome, "unchanged": all(torch.equal(a, p) for a, p in zip(before, params)),
-                           "stats": optimizer.stats()}
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+        out[policy] = {"outcome": outcome, "unchanged": unchanged, "stats": optimizer.stats()}
     return out
 
 
@@ -323,7 +323,8 @@ def checkpoint_save(rank: int, world: int, root: str) -> dict[str, Any]:
         fresh_model = checkpoint_net()
         fresh = checkpoint_optimizer(fresh_model, preset, mode)
         fresh_keys = _tensor_keys(get_optimizer_state_dict(fresh_model, fresh, options=_options(flatten)), flatten)
-        unchanged = all(torch.equal(a, b) for a, b in zip(fresh_model.parameters(), checkpoint_net().parameters()))
+        unchanged = all(torch.equal(a, b)
+                        for a, b in zip(fresh_model.parameters(), checkpoint_net().parameters(), strict=True))
         after = run_steps(model, optimizer, range(CHECKPOINT_AT + 1, CHECKPOINT_AT + AFTER + 1))
         out[checkpoint_name(case)] = {"after": after, "keys": trained, "fresh_keys": fresh_keys,
                                       "fresh_unchanged": unchanged}

@@ -70,7 +70,8 @@ def test_every_part_name_of_the_table_is_reachable_and_trains():
     part the library names it after, and takes a finite optimizer step."""
     expected = {"structure": {"nmode": "NMode", "kronecker": "Kronecker", "one_sided": "OneSided",
                               "diagonal": "Diagonal"},
-                "basis": {"eigh": "Eigh", "qr": "QRPowerStep", "cholesky_qr": "CholeskyQR", "identity": "Identity"}}
+                "basis": {"eigh": "Eigh", "qr": "QRPowerStep", "cholesky_qr": "CholeskyQR", "refine": "Refine",
+                          "identity": "Identity"}}
     for slot, names in catalog.PARTS.items():
         for name in names:
             variant = parse_variant(f"{slot}={name},every=1")
@@ -141,7 +142,7 @@ def test_named_variants_build_presets_and_adamw():
 
 @pytest.mark.parametrize("text, expected", [
     ("estimator=kll", ["estimator", "kl, shampoo, frobenius, frobenius_factored, kl_soap"]),
-    ("basis=svd", ["basis", "eigh, qr, cholesky_qr, identity"]),
+    ("basis=svd", ["basis", "eigh, qr, cholesky_qr, refine, identity"]),
     ("large=huge", ["large", "none, diagonal"]),
     ("normalize=-1", ["normalize", "RMS", "none"]),
     ("structure=blocks", ["structure", "nmode, kronecker, one_sided, diagonal"]),
@@ -284,7 +285,7 @@ def test_tasks_are_deterministic(name, options):
     task = make_task(name, options)
     data = task.load(torch.device("cpu"))
     a, b = task.build_model(3), task.build_model(3)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     x1, y1 = data.train_batch(torch.Generator().manual_seed(5))
     x2, y2 = data.train_batch(torch.Generator().manual_seed(5))
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -529,3 +530,250 @@ def test_variants_can_ask_for_meta_blocking(text):
     weight = torch.nn.Parameter(torch.randn(9, 3))
     optimizer = build_optimizer(parse_variant(text), [weight], 1e-3)
     assert optimizer.layout(weight).splits == ((4, 4, 1), (3,))  # 9 cut as torch.split(·, 4); 3 ≤ 4 whole
+
+
+# --- per-second numbers on a busy machine (issue 24) --------------------------------------------------------------
+def _timed_record(variant, lr, ms, load=1.0, seed=0, key=None):
+    steps = [0, 20, 40]
+    return {"variant": variant, "spec": variant, "lr": lr, "seed": seed, "key": key or f"{variant}-{lr}-{seed}",
+            "final_val": 2.0 + lr, "best_val": 2.0 + lr, "diverged": False, "steps": 40, "steps_done": 40,
+            "curve": {"step": steps, "train": [None, 3.0, 2.5], "val": [5.0, 3.0, 2.0 + lr],
+                      "seconds": [0.0, 20 * ms / 1e3, 40 * ms / 1e3]},
+            "step_ms": [ms] * 40, "wall_seconds": 1.0, "train_seconds": 40 * ms / 1e3, "threads": 1,
+            "concurrent_runs": 2, "load": {"start": [load, 1.0, 1.0], "end": [load, 1.0, 1.0]},
+            "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None}}
+
+
+def test_a_spread_of_step_times_is_flagged_from_a_records_file(tmp_path):
+    """The issue's case: one AdamW run at 35 ms/step beside its siblings at 17 (other work on the machine)."""
+    from precond.ablate import timing
+    from precond.ablate.report import write_reports
+    from precond.ablate.store import RunStore
+    from precond.ablate.summary import summarize
+    lines = [_timed_record("adamw", 1e-3, 17.0), _timed_record("adamw", 2e-3, 35.0, load=3.4),
+             _timed_record("adamw", 4e-3, 17.2), _timed_record("kl_shampoo", 1e-3, 20.0),
+             _timed_record("kl_shampoo", 2e-3, 21.0, load=1.5), _timed_record("kl_shampoo", 4e-3, 22.0)]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = list(RunStore(tmp_path / "runs.jsonl"))
+    adamw, kl = summarize(records, ["adamw", "kl_shampoo"])
+    flag = timing.spread(adamw)
+    assert flag.flagged and flag.ratio == pytest.approx(35.0 / 17.0) and flag.loads == (1.0, 3.4)
+    assert not timing.spread(kl).flagged and timing.spread(kl).ratio == pytest.approx(1.1)
+    assert [s.name for s in timing.spreads([adamw, kl]) if s.flagged] == ["adamw"]
+
+    write_reports(records, tiny_config(tmp_path), torch.device("cpu"), tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## How the times were taken" in summary and "No timing pass" in summary
+    assert "| adamw | — | — | 17.0–35.0 (3 runs) | **2.06× FLAGGED** | 1.00–3.40 |" in summary
+    assert "| kl_shampoo | — | — | 20.0–22.0 (3 runs) | 1.10× |" in summary
+    assert "**⚠ adamw: step times of its grid runs spread 2.06×" in summary
+    assert "**its per-second numbers are not reliable** (no timing pass)" in summary
+    assert "⚠ kl_shampoo" not in summary
+    assert "- machine: CPU Test CPU, 2 cores" in summary
+
+
+def test_the_timing_pass_runs_alone_after_the_grid_and_times_the_per_second_table(tmp_path, monkeypatch):
+    """The grid trains in two worker processes; the timing pass then runs each variant's best lr in this process,
+    one run at a time (the wrapper below sees only this process's runs), and the per-second table uses its step
+    times (made distinctive here: 7 ms for KL-Shampoo, 3 ms for AdamW; no time is measured by the test)."""
+    from precond.ablate import attempt
+    calls, active, most = [], [0], [0]
+    real = attempt.train_run
+
+    def train_run(task, data, variant, lr, seed, training, device, *args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        try:
+            record = real(task, data, variant, lr, seed, training, device, *args, **kwargs)
+        finally:
+            active[0] -= 1
+        calls.append((variant.name, lr, kwargs.get("stop_after")))
+        record["step_ms"] = [{"kl_shampoo": 7.0, "adamw": 3.0}[variant.name]] * len(record["step_ms"])
+        return record
+
+    monkeypatch.setattr(attempt, "train_run", train_run)
+    config = tiny_config(tmp_path, lrs=(3e-3, 1e-3), workers=2, timing_steps=4)
+    result = run_ablation(config, log=quiet)
+    assert result.executed == 4 and {r["concurrent_runs"] for r in result.records} == {2}
+    assert most[0] == 1 and sorted(calls) == [("adamw", 3e-3, 4), ("kl_shampoo", 3e-3, 4)]  # 3e-3 is the best lr
+    timings = [json.loads(line) for line in (tmp_path / "timing.jsonl").read_text().splitlines()]
+    best = {r["variant"]: r["key"] for r in result.records if r["lr"] == 3e-3}
+    assert {(t["variant"], t["of"], t["pass"], t["concurrent_runs"], t["steps_done"]) for t in timings} == {
+        ("kl_shampoo", best["kl_shampoo"], "timing", 1, 4), ("adamw", best["adamw"], "timing", 1, 4)}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| adamw | 3.0 | 0.00 |" in summary and "| kl_shampoo | 7.0 | 0.00 |" in summary  # the per-second table
+    assert "timed by a **timing pass**" in summary and "trained 2 at a time" in summary
+    assert "| kl_shampoo | 7.0 | " in summary.split("## How the times were taken")[1]
+    for record in result.records + tuple(timings):  # load and machine are recorded with every run
+        assert len(record["load"]["start"]) == 3 and len(record["load"]["end"]) == 3
+        assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1 and record["machine"]["gpu"] is None
+    again = run_ablation(config, log=quiet)  # the grid and the timing runs are reused
+    assert again.executed == 0 and len(calls) == 2
+    assert "| adamw | 3.0 | 0.00 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_timing_pass_repeats_the_start_of_the_grid_run(tmp_path):
+    result = run_ablation(tiny_config(tmp_path, variants=("adamw",), timing_steps=3), log=quiet)
+    timed = json.loads((tmp_path / "timing.jsonl").read_text())
+    grid = result.records[0]
+    assert timed["of"] == grid["key"] and timed["steps_done"] == 3 and len(timed["step_ms"]) == 3
+    assert timed["curve"]["val"][:2] == grid["curve"]["val"][:2]  # steps 0 and 3: the same model, batches, lrs
+    none = run_ablation(tiny_config(tmp_path / "none", variants=("adamw",), timing_steps=0), log=quiet)
+    assert none.executed == 1 and not (tmp_path / "none" / "timing.jsonl").exists()
+    assert "No timing pass" in (tmp_path / "none" / "summary.md").read_text()
+
+
+# --- the demo teaches -------------------------------------------------------------------------------------------
+def test_every_demo_variant_says_why_and_the_diverging_one_is_expected():
+    config = AblationConfig.from_mapping(load_toml(ROOT / "ablations" / "demo.toml"))
+    assert all(variant.why for variant in config.variants)
+    assert [v.name for v in config.variants if v.expected_to_diverge] == ["shampoo (no graft)"]
+    from precond.ablate.report import variants_section
+    section = variants_section(config)
+    for variant in config.variants:
+        assert f"- **{variant.name}** (`{variant.spec()}`)" in section and variant.why in section
+    assert "*expected to diverge*" in section
+
+
+def test_an_expected_divergence_is_not_sent_back_for_wider_lrs():
+    from precond.ablate.bracket import tune
+    plain = parse_variant("shampoo,graft=none,name=plain,expect=diverge,why=shows why grafting exists")
+    assert plain.expected_to_diverge and plain.why == "shows why grafting exists"
+    blown = {"final_val": None, "diverged": True}
+    lrs, tuning = tune(plain, [1e-6, 1e-5], [0], lambda v, lr, seed: blown, limit=2)
+    assert lrs == [1e-6, 1e-5] and tuning.state == "expected" and "as expected" in tuning.message
+    assert "widen" not in tuning.message and "NOT BRACKETED" not in tuning.message
+    fine = {"final_val": 2.0, "diverged": False}
+    _, surprise = tune(plain, [1e-6], [0], lambda v, lr, seed: fine, limit=2)
+    assert surprise.state == "unexpected" and "but did not" in surprise.message
+    unmarked = parse_variant("shampoo,graft=none")
+    _, limit = tune(unmarked, [1e-6], [0], lambda v, lr, seed: blown, limit=0)
+    assert limit.state == "limit" and "widen its lrs" in limit.message
+    with pytest.raises(ValueError, match="expect"):
+        parse_variant("adamw,expect=converge")
+
+
+def test_the_log_has_one_line_per_run_and_each_warning_kind_once(tmp_path):
+    lines = []
+    run_ablation(tiny_config(tmp_path, lrs=(3e-3, 1e-3)), log=lines.append)
+    finished = [line for line in lines if line.startswith("[") and not line.startswith("[timing")]
+    assert len(finished) == 4 and all(" final val " in line and "ms/step" in line for line in finished)
+    assert not any("step 3/6" in line for line in lines)  # no line per validation
+
+    import warnings
+
+    from precond.ablate import warnlog
+    with warnlog.collect() as caught:
+        for index in range(50):
+            warnings.warn(f"refresh {index} fell back", RuntimeWarning, stacklevel=1)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)  # hidden, as Python's default filters do
+    assert len(caught) == 1 and caught[0]["count"] == 50 and caught[0]["message"] == "refresh 0 fell back"
+    digest = warnlog.Digest()
+    first = digest.add({"variant": "a", "warnings": caught}, "[1/2] a")
+    second = digest.add({"variant": "b", "warnings": caught}, "[2/2] b")
+    assert len(first) == 1 and "RuntimeWarning" in first[0] and "shown once" in first[0] and second == []
+    assert digest.total() == 100 and "| 100 | 2 | a, b |" in digest.markdown()
+
+
+def test_plots_scale_the_lr_axis_to_the_variants_that_did_not_diverge(tmp_path):
+    from precond.ablate import plots
+    from precond.ablate.summary import summarize
+    runs = [_record("kl", 1e-2, [5.6, 3.0, 1.6, 1.3]), _record("kl", 5e-3, [5.6, 3.2, 1.8, 1.5]),
+            _record("plain", 1e-6, [5.6, 5.2, 900.0, 6232.64]), _record("plain", 1e-5, [5.6, 14.0, 40.0, 80.0])]
+    summaries = summarize(runs, ["kl", "plain"])
+    assert plots.sweep_range(summaries) == pytest.approx((5e-3 / 1.6, 1e-2 * 1.6))  # not stretched to 1e-6
+    assert plots.sweep_range(summaries[1:]) == pytest.approx((1e-6 / 1.6, 1e-5 * 1.6))
+    assert (plots.seeds_text(1), plots.seeds_text(3)) == ("1 seed", "3 seeds")
+    if importlib.util.find_spec("matplotlib") is not None:
+        files = plots.write_plots(summaries, tmp_path, title="synthetic", equal_time=200.0, target=1.5)
+        assert all(path.stat().st_size > 0 for path in files.values())
+
+
+# --- statistics through scipy -----------------------------------------------------------------------------------
+OLD_T_QUANTILES = {
+    (0.9, 1): 3.0776835371752895, (0.9, 2): 1.8856180831635356, (0.9, 5): 1.475884048824355,
+    (0.9, 29): 1.3114336473013282, (0.975, 1): 12.706204736172367, (0.975, 2): 4.302652729749752,
+    (0.975, 3): 3.1824463052844294, (0.975, 4): 2.776445105198036, (0.975, 5): 2.570581835635494,
+    (0.975, 9): 2.2621571627978483, (0.975, 19): 2.093024054408488, (0.975, 29): 2.0452296421326537,
+    (0.995, 1): 63.65674116284936, (0.995, 3): 5.840909309734343, (0.995, 9): 3.2498355415928017}
+"""Quantiles of the hand-written Student t (incomplete beta by continued fraction, inverted by bisection) that
+``precond.ablate.stats`` had before it used ``scipy.stats``, computed with it before its removal; over
+p in [0.55, 0.9999] and 22 degrees of freedom it agreed with ``scipy.stats.t.ppf`` to 1.0e-12."""
+
+OLD_INTERVALS = [([0.10, 0.20, 0.05], -0.07306248501318413, 0.30639581834651747),
+                 ([-0.01, 0.02, -0.03], -0.06918276146042865, 0.05584942812709531),
+                 ([0.3, 0.1], -1.0706204736172367, 1.4706204736172366),
+                 ([0.01, 0.012, 0.008, 0.011, 0.009], 0.008036756838522272, 0.011963243161477729)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="the intervals need scipy (test extra)")
+def test_scipy_quantiles_and_intervals_agree_with_the_hand_written_ones_they_replace():
+    from precond.ablate.stats import paired_interval, t_quantile
+    for (p, df), old in OLD_T_QUANTILES.items():
+        assert t_quantile(p, df) == pytest.approx(old, rel=1e-8, abs=1e-8)
+        assert t_quantile(1 - p, df) == pytest.approx(-old, rel=1e-8, abs=1e-8)
+    for differences, low, high in OLD_INTERVALS:
+        interval = paired_interval(differences)
+        assert (interval.low, interval.high) == pytest.approx((low, high), rel=1e-8, abs=1e-8)
+    same = paired_interval([0.2, 0.2, 0.2])  # zero spread: the point itself (scipy wants a positive scale)
+    assert (same.low, same.high, same.significant) == (pytest.approx(0.2), pytest.approx(0.2), True)
+
+
+def test_without_scipy_one_seed_needs_nothing_and_several_seeds_say_how_to_install_it(monkeypatch):
+    from precond.ablate import stats
+    from precond.ablate.report import _difference
+    from precond.ablate.summary import summarize
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy now raises ImportError
+    assert stats.paired_interval([0.2]).text() == "+0.2000 (1 seed: no interval)"
+    with pytest.raises(ImportError, match="pip install scipy"):
+        stats.paired_interval([0.1, 0.2])
+    runs = [_record(name, 1e-3, [5.0, final + 0.01 * seed], seed=seed) for name, final in (("a", 2.0), ("b", 2.5))
+            for seed in (0, 1)]
+    a, b = summarize(runs, ["a", "b"])
+    assert _difference(b, a) == "+0.5000 (no interval: pip install scipy)"
+
+
+# --- TensorBoard --------------------------------------------------------------------------------------------------
+class FakeWriter:
+    made = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_logs_losses_lr_and_optimizer_stats(tmp_path, monkeypatch):
+    from precond.ablate import board
+    FakeWriter.made = []
+    monkeypatch.setattr(board, "writer_class", lambda: FakeWriter)
+    monkeypatch.setattr(precond.Optimizer, "stats", lambda self: {"eigh_jitter": 3})  # a fallback counted 3 times
+    run_ablation(tiny_config(tmp_path, tensorboard=tmp_path / "tb", timing_steps=2), log=quiet)
+    by_dir = {pathlib.Path(w.log_dir).name: w for w in FakeWriter.made}
+    assert sorted(by_dir) == ["adamw lr=0.003 seed=0", "kl_shampoo lr=0.003 seed=0"]  # the timing runs log nothing
+    assert all(pathlib.Path(w.log_dir).parent == tmp_path / "tb" and w.closed for w in FakeWriter.made)
+    for name, writer in by_dir.items():
+        steps = {tag: [step for t, _, step in writer.scalars if t == tag] for tag, _, _ in writer.scalars}
+        assert steps["lr"] == [1, 2, 3, 4, 5, 6] and steps["loss/val"] == [0, 3, 6] and steps["loss/train"] == [3, 6]
+        jitter = [(value, step) for tag, value, step in writer.scalars if tag == "stats/eigh_jitter"]
+        assert jitter == ([(3.0, 0), (3.0, 3), (3.0, 6)] if name.startswith("kl_shampoo") else [])  # AdamW: no stats()
+    record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])
+    vals = [value for tag, value, _ in by_dir["kl_shampoo lr=0.003 seed=0"].scalars if tag == "loss/val"]
+    assert vals == pytest.approx(record["curve"]["val"])
+
+
+def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from precond.ablate import board
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        board.writer_class()
+    with pytest.raises(ImportError, match="pip install tensorboard"):  # before any run is trained
+        run_ablation(tiny_config(tmp_path, tensorboard=tmp_path / "tb"), log=quiet)
+    assert not (tmp_path / "runs.jsonl").exists()
+    assert cli_main(["--variant", "adamw", "--out", str(tmp_path), "--tensorboard", str(tmp_path / "tb")]) == 2
+    assert "pip install tensorboard" in capsys.readouterr().err

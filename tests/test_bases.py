@@ -233,7 +233,8 @@ def test_eigh_refresh_equals_initialize_for_nonzero_factor(d, seed):
 
 
 # --- all-zero factors keep the previous basis ---------------------------------------------------------------------
-REFRESHERS = [bases.Eigh(every=1), bases.QRPowerStep(every=1), bases.QRPowerStep(every=1, sort=True)]
+REFRESHERS = [bases.Eigh(every=1), bases.QRPowerStep(every=1), bases.QRPowerStep(every=1, sort=True),
+              bases.Refine(every=1), bases.Refine(every=1, sort=True)]
 
 
 @settings(max_examples=30, deadline=None)
@@ -269,14 +270,14 @@ def test_zero_factor_in_a_batch_only_freezes_its_own_entry(d, seed, refresher):
 
 
 # --- configuration ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.CholeskyQR])
+@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.CholeskyQR, bases.Refine])
 @pytest.mark.parametrize("every", [0, -1, 1.5, True, "10", None])
 def test_every_must_be_a_positive_integer(cls, every):
     with pytest.raises(ValueError, match="every"):
         cls(every=every)
 
 
-@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.CholeskyQR])
+@pytest.mark.parametrize("cls", [bases.QRPowerStep, bases.Eigh, bases.CholeskyQR, bases.Refine])
 def test_every_accepts_positive_integers(cls):
     assert cls(every=1).every == 1
     assert cls(every=7).every == 7

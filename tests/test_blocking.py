@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import precond
 import structures
-from precond.blocking import Blocks
+from precond.layout import Blocks
 
 F64 = torch.float64
 
@@ -230,7 +230,8 @@ def run_reference(make, w0: torch.Tensor, grads, size: int, lr: float, wd: float
     w_blocks = [b.clone() for b in torch_split_blocks(w0, size)]
     refs = [make(tuple(b.shape), vector) for b in w_blocks]
     for g in grads:
-        w_blocks = [ref(gb, wb, lr, wd) for ref, gb, wb in zip(refs, torch_split_blocks(g, size), w_blocks)]
+        w_blocks = [ref(gb, wb, lr, wd)
+                    for ref, gb, wb in zip(refs, torch_split_blocks(g, size), w_blocks, strict=True)]
     return w_blocks
 
 
@@ -319,9 +320,9 @@ def test_blocked_equals_the_blocks_as_separate_parameters(preset):
     opt_blocked = preset(blocked, large="block", **kw)
     opt_separate = preset(separate, **kw)
     for step in grads:
-        for p, g in zip(blocked, step):
+        for p, g in zip(blocked, step, strict=True):
             p.grad = g.clone()
-        for p, g in zip(separate, (b for g in step for b in torch_split_blocks(g, max_dim))):
+        for p, g in zip(separate, (b for whole in step for b in torch_split_blocks(whole, max_dim)), strict=True):
             p.grad = g.clone()
         opt_blocked.step()
         opt_separate.step()
@@ -380,7 +381,7 @@ def test_state_dict_resumes_bit_for_bit(make):
     opt2 = make(resumed.parameters())
     opt2.load_state_dict(checkpoint["opt"])
     assert _train(resumed, opt2, 6, start=4, skip_bias_at={6}) == reference_losses
-    for a, b in zip(reference, resumed.parameters()):
+    for a, b in zip(reference, resumed.parameters(), strict=True):
         assert torch.equal(a, b.detach())
 
 
@@ -394,7 +395,7 @@ def test_copies_step_like_the_original(how):
     else:
         model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
     assert _train(model2, opt2, 4, start=4) == _train(model, opt, 4, start=4)
-    for a, b in zip(model.parameters(), model2.parameters()):
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -506,7 +507,8 @@ def test_no_block_factor_is_larger_than_max_dim(shape, max_dim):
     expected = sorted(tuple(s) for s in itertools.product(*per_axis))
     if any(d > max_dim for d in shape):
         states = list(opt.state[w]["blocks"].values())
-        assert sorted(tuple(b.shape) for b in opt._members.pieces(w, opt.param_groups[0]["preconditioner"])) == expected
+        pieces = opt.engine.runtime.members.pieces(w, opt.param_groups[0]["preconditioner"])
+        assert sorted(tuple(b.shape) for b in pieces) == expected
         assert len(states) == math.prod(len(a) for a in per_axis)
     else:  # nothing to cut: the weight is planned whole
         assert "blocks" not in opt.state[w]

@@ -36,7 +36,7 @@ def _run(preset, capture, device="cpu", dtype=F64, steps=9, **options):
 @pytest.mark.parametrize("options", [{}, {"stagger": True, "async_refresh": True}])
 def test_emulated_capture_gives_the_eager_updates(preset, options):
     eager, captured = _run(preset, False, **options), _run(preset, "emulate", **options)
-    for a, b in zip(eager, captured):
+    for a, b in zip(eager, captured, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
@@ -53,5 +53,5 @@ def test_cuda_graph_capture_gives_the_eager_updates(preset, options):
     for dtype, tolerance in ((F64, 1e-12), (torch.float32, 1e-5)):
         eager = _run(preset, False, "cuda", dtype, **options)
         captured = _run(preset, True, "cuda", dtype, **options)
-        for a, b in zip(eager, captured):
+        for a, b in zip(eager, captured, strict=True):
             torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)

@@ -92,11 +92,12 @@ class _Untouched:
 
     def check(self) -> None:
         opt = self.opt
-        assert opt.param_groups == self.groups and all(a is b for a, b in zip(opt.param_groups, self.groups))
-        for group, contents, params in zip(opt.param_groups, self.contents, self.params):
+        assert opt.param_groups == self.groups
+        assert all(a is b for a, b in zip(opt.param_groups, self.groups, strict=True))
+        for group, contents, params in zip(opt.param_groups, self.contents, self.params, strict=True):
             assert group.keys() == contents.keys()
             assert all(group[k] is v for k, v in contents.items() if k != "params")
-            assert all(a is b for a, b in zip(group["params"], params)) and len(group["params"]) == len(params)
+            assert all(a is b for a, b in zip(group["params"], params, strict=True))
         assert {p: s for p, s in opt.state.items() if s}.keys() == {p: s for p, s in self.state.items() if s}.keys()
         for p, leaves in self.state.items():
             now = _tensors(opt.state[p])
@@ -110,7 +111,7 @@ class _Untouched:
 def _assert_continues_like(model, opt, twin_model, twin_opt, steps=range(10, 14)) -> None:
     _train(model, opt, steps)
     _train(twin_model, twin_opt, steps)
-    for a, b in zip(model.parameters(), twin_model.parameters()):
+    for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
         assert torch.equal(a.detach(), b.detach())
 
 
@@ -129,7 +130,7 @@ def test_add_param_group_reads_a_generator_once(make):
         gen = torch.Generator().manual_seed(step)
         head(frozen(torch.randn(5, 3, generator=gen))).pow(2).sum().backward()
         opt.step()
-    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, head.parameters()))
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, head.parameters(), strict=True))
 
 
 # --- reliability issue: sets are refused ---------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_can_load_from_to_named_state_dict(named_first):
         second.load_state_dict(saved)
         _train(model, first, range(3, 6))
         _train(twin, second, range(3, 6))
-        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
         results[kind] = (saved["param_groups"][0].get("param_names"), second.param_groups[0].get("param_names"),
                          second.state_dict()["param_groups"][0].get("param_names"))
     assert results["KLShampoo"] == results["AdamW"]
@@ -334,7 +335,7 @@ def test_load_nontensor_step(name):
         again.load_state_dict(state_dict)
         _train(twin, again, range(3, 8))
         runs.append([p.detach() for p in twin.parameters()] + [again.state[p]["step"] for p in twin.parameters()])
-    assert all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(*runs))
+    assert all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 # --- reliability issue: a state of other shapes is refused, and refusals change nothing ---------------------------
@@ -384,7 +385,7 @@ def test_loaded_checkpoint_of_a_transposed_layer_would_have_broken_every_step():
     source_opt, target_opt = _kl(source.parameters()), _kl(target.parameters())
     _train(source, source_opt, range(3))
     state = source_opt.state_dict()["state"]
-    for p, saved in zip(target.parameters(), state.values()):
+    for p, saved in zip(target.parameters(), state.values(), strict=True):
         target_opt.state[p] = copy.deepcopy(saved)  # before its first step: the buckets are built from this state
     with pytest.raises(RuntimeError):
         _train(target, target_opt, range(3, 4))
@@ -451,10 +452,10 @@ def test_param_groups_load_with_weights_only():
         torch.save(opt.param_groups, buffer)
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=True)
-        for a, b in zip(opt.param_groups, loaded):
+        for a, b in zip(opt.param_groups, loaded, strict=True):
             assert a.keys() == b.keys(), name
             assert a["preconditioner"] == b["preconditioner"], name
-            assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), name
+            assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True)), name
 
 
 def test_param_groups_load_with_weights_only_in_a_fresh_process(tmp_path):

@@ -63,7 +63,7 @@ def _shampoo_reference(grads, beta, every, p, eps, first_step, order):
         if order == "apply_then_fold":
             updates.append(kron_apply(roots, g))
         if folds:
-            factors = [beta * s + (1 - beta) * gram for s, gram in zip(factors, grams(g))]
+            factors = [beta * s + (1 - beta) * gram for s, gram in zip(factors, grams(g), strict=True)]
             if t % every == 0:
                 roots = [matrix_power(s, p, eps) for s in factors]
         if order == "fold_then_apply":
@@ -90,7 +90,7 @@ def test_order_matches_the_dense_step_sequence(shape, seed, every, first_step, o
     ps = pc.init_state(view(grads[0]), layout)
     stream = grads if first_step == "update" else grads[1:]
     want = _shampoo_reference([g.reshape(layout.view_shape) for g in grads], beta, every, p, eps, first_step, order)
-    for t, (g, expected) in enumerate(zip(stream, want), start=1):
+    for t, (g, expected) in enumerate(zip(stream, want, strict=True), start=1):
         got = pc.step(ps, view(g), view(g), layout, t)[0]
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
 
@@ -118,7 +118,7 @@ def _meta_reference(w0, grads, every, start, c=META):
     m, v = torch.zeros_like(w), torch.zeros_like(w)
     out = []
     for t, g in enumerate(grads, start=1):
-        factors = [c["beta2"] * s + (1 - c["beta2"]) * gram for s, gram in zip(factors, grams(g))]
+        factors = [c["beta2"] * s + (1 - c["beta2"]) * gram for s, gram in zip(factors, grams(g), strict=True)]
         if t == start or (t % every == 0 and t > start):
             roots = [matrix_power(s / (1 - c["beta2"] ** t), c["p"], c["eps"]) for s in factors]
         v = c["graft_beta"] * v + (1 - c["graft_beta"]) * g * g
@@ -159,7 +159,7 @@ def test_meta_shampoo_step_sequence(shape, every, start):
     layout = pc.plan(shape)
     ps = pc.init_state(grads[0].unsqueeze(0), layout)
     w, m = w0.clone(), torch.zeros_like(w0)
-    for t, (g, expected) in enumerate(zip(grads, _meta_reference(w0, grads, every, start)), start=1):
+    for t, (g, expected) in enumerate(zip(grads, _meta_reference(w0, grads, every, start), strict=True), start=1):
         m = c["beta1"] * m + (1 - c["beta1"]) * g
         u = pc.step(ps, g.unsqueeze(0), (m / (1 - c["beta1"] ** t)).unsqueeze(0), layout, t)[0]
         w = w * (1 - c["lr"] * c["wd"]) - c["lr"] * u
@@ -176,7 +176,7 @@ def test_meta_shampoo_through_the_optimizer(every, start):
     param = torch.nn.Parameter(w0.clone())
     opt = Optimizer([param], _meta_preconditioner(every, start), lr=c["lr"], momentum=c["beta1"],
                     bias_correction=True, weight_decay=c["wd"], decay_order="before", state_dtype=F64)
-    for g, expected in zip(grads, _meta_reference(w0, grads, every, start)):
+    for g, expected in zip(grads, _meta_reference(w0, grads, every, start), strict=True):
         param.grad = g.clone()
         opt.step()
         torch.testing.assert_close(param.detach(), expected, rtol=1e-9, atol=1e-11)
@@ -249,7 +249,7 @@ def test_shampoo_factor_bias_correction(shape, seed, beta, spectrum, max_dim):
     for t, g in enumerate(grads[1:], start=1):
         pc.absorb(ps, g.unsqueeze(0), layout, t)
         if g.abs().max() > 0:
-            raw = [beta * s + (1 - beta) * gram for s, gram in zip(raw, grams(g))]
+            raw = [beta * s + (1 - beta) * gram for s, gram in zip(raw, grams(g), strict=True)]
             n += 1
         corrected = [s / (1 - beta**n) for s in raw]
         assert int(ps.estimator["count"].item()) == n
@@ -336,7 +336,7 @@ def test_merge_follows_the_reference_rules(shape, max_dim, merge, vectors, seed)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
     assert torch.equal(layout.view(x), x.reshape(layout.view_shape))
     assert torch.equal(layout.unview(layout.view(x)), x)
-    for d, kind in zip(layout.view_shape, layout.kinds):
+    for d, kind in zip(layout.view_shape, layout.kinds, strict=True):
         if d == 1:
             assert kind == "none"
         elif len(squeezed) == 1 and d <= max_dim:
@@ -460,7 +460,7 @@ def test_normalize_defaults_unchanged_and_where_all():
 # --- KL prototype: λ-only damping, unclamped λ₀, the 3-D update order ------------------------------------------
 def _kl_state(layout, gen):
     qs, lams, factors = [], [], []
-    for d, kind in zip(layout.view_shape, layout.kinds):
+    for d, kind in zip(layout.view_shape, layout.kinds, strict=True):
         qs.append(random_orthogonal(d, gen).unsqueeze(0) if kind == "dense" else None)
         lams.append(None if kind == "none" else 0.2 + torch.rand(1, d, generator=gen, dtype=F64))
         factors.append(random_spd(d, gen).unsqueeze(0) if kind == "dense" else None)

@@ -54,7 +54,7 @@ def _single(case, **kwargs):
 
 def _assert_bitwise(actual, expected, what):
     assert len(actual) == len(expected)
-    for i, (a, b) in enumerate(zip(actual, expected)):
+    for i, (a, b) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == b.dtype and a.shape == b.shape, what
         assert torch.equal(a, b), f"{what}: parameter {i} differs by up to {(a.double() - b.double()).abs().max():.3e}"
 
@@ -120,7 +120,7 @@ def test_bf16_communication_rounds_only_the_update(runs, world):
     for result in runs[world][1:]:
         _assert_bitwise(result["edges"]["bf16-comm"], first, "bf16 communication")
     start = w.make_params()
-    for got, want, p0 in zip(first, expected, start):
+    for got, want, p0 in zip(first, expected, start, strict=True):
         moved = (want - p0).abs().max().item()
         assert (got - want).abs().max().item() <= 2**-7 * moved + 1e-6
         assert not torch.equal(got, want) or moved == 0  # the rounding is real: the test can fail
@@ -144,8 +144,8 @@ def test_ddp_end_to_end_equals_one_process_on_the_concatenated_batch(runs, world
     averages are rounded differently (mean of means), so tolerance, not bits: float32's default ``assert_close``
     tolerance on a float64 model (see ``TinyNet`` for why not a float32 model)."""
     expected = _concatenated(world)
-    for rank, result in enumerate(runs[world]):
-        for got, want in zip(result["ddp"][mode], expected):
+    for result in runs[world]:
+        for got, want in zip(result["ddp"][mode], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
         _assert_bitwise(result["ddp"][mode], runs[world][0]["ddp"][mode], "ranks agree")
 
@@ -195,10 +195,10 @@ def test_fsdp_bf16_updates_round_only_the_update(runs, world):
     case = {"preset": "shampoo", "stack": True, "stagger": True}
     expected = w.trajectory(case, shapes=w.FSDP_SHAPES)[0]
     got = runs[world][0]["fsdp"][f"{w.case_name(case)}-{torch.bfloat16}"]["params"]
-    for g, e, p0 in zip(got, expected, w.make_params(w.FSDP_SHAPES)):
+    for g, e, p0 in zip(got, expected, w.make_params(w.FSDP_SHAPES), strict=True):
         moved = (e - p0).abs().max().item()
         assert (g - e).abs().max().item() <= 2**-7 * moved + 1e-6
-    assert any(not torch.equal(g, e) for g, e in zip(got, expected))
+    assert any(not torch.equal(g, e) for g, e in zip(got, expected, strict=True))
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -209,7 +209,7 @@ def test_fully_shard_model_trains_like_one_process_and_resumes_bitwise(runs, wor
     expected = w.concatenated_reference(world)
     for rank, result in enumerate(runs[world]):
         run = result["fully_sharded"]
-        for got, want in zip(run["after"], expected):
+        for got, want in zip(run["after"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
         _assert_bitwise(run["resumed"], run["after"], f"fully_shard resumed at rank {rank} of {world}")
 
@@ -287,7 +287,7 @@ def test_zero_gradient_initialisation_creates_the_whole_state_and_moves_nothing(
     model = w.checkpoint_net()
     optimizer = w.checkpoint_optimizer(model, preset, None)
     fresh = get_optimizer_state_dict(model, optimizer)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w.checkpoint_net().parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w.checkpoint_net().parameters(), strict=True))
     assert all(bool(torch.isfinite(t).all()) for state in optimizer.state.values()
                for t in torch.utils._pytree.tree_leaves(state))
     trained_model = w.checkpoint_net()
@@ -318,7 +318,7 @@ def test_balance_bounds_the_largest_load(world, kinds, kind_scores):
     scores = [kind_scores[k] for k in kinds]
     owner = owners.balance(scores, world, kinds)
     assert owner == owners.balance(scores, world, kinds)
-    loads = [sum(c for c, o in zip(scores, owner) if o == r) for r in range(world)]
+    loads = [sum(c for c, o in zip(scores, owner, strict=True) if o == r) for r in range(world)]
     assert max(loads) <= sum(scores) / world + max(scores) + 1e-9
 
 
@@ -329,7 +329,7 @@ def test_balance_spreads_equal_shapes(world):
     scores = [{"qkv": 3.0, "proj": 1.0, "mlp": 4.0}[k] for k in kinds]
     owner = owners.balance(scores, world, kinds)
     for kind in ("qkv", "proj", "mlp"):
-        counts = [sum(1 for k, o in zip(kinds, owner) if k == kind and o == r) for r in range(world)]
+        counts = [sum(1 for k, o in zip(kinds, owner, strict=True) if k == kind and o == r) for r in range(world)]
         assert max(counts) - min(counts) <= 1, (kind, counts)
 
 
@@ -354,7 +354,7 @@ def test_gpt2_small_owner_plan_halves_state_and_work_at_two_ranks():
     sizes = [owners.state_size(e.layout) for e in entries]
     costs = [owners.parameter_cost(e.layout, e.preconditioner.refreshable_modes(e.layout), 10) for e in entries]
     for values, slack in ((sizes, 0.05), (costs, 0.10)):
-        share = sum(v for v, o in zip(values, owner) if o == 0) / sum(values)
+        share = sum(v for v, o in zip(values, owner, strict=True) if o == 0) / sum(values)
         assert abs(share - 0.5) <= slack / 2, share
 
 
@@ -375,7 +375,7 @@ def test_by_kind_placement_puts_fewer_buckets_on_each_rank(world):
     kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in entries]
 
     def kinds_per_rank(owner):
-        return [len({k for k, o in zip(kinds, owner) if o == r}) for r in range(world)]
+        return [len({k for k, o in zip(kinds, owner, strict=True) if o == r}) for r in range(world)]
 
     balanced = kinds_per_rank(owners.owner_plan(entries, world))
     by_kind_owner = owners.owner_plan(entries, world, placement="by_kind")
@@ -383,10 +383,10 @@ def test_by_kind_placement_puts_fewer_buckets_on_each_rank(world):
     assert max(by_kind) <= max(balanced) and sum(by_kind) < sum(balanced), (by_kind, balanced)
     costs = [owners.parameter_cost(e.layout, e.preconditioner.refreshable_modes(e.layout), 10) for e in entries]
     sizes = [owners.state_size(e.layout) for e in entries]
-    scores = [c / sum(costs) + s / sum(sizes) for c, s in zip(costs, sizes)]
+    scores = [c / sum(costs) + s / sum(sizes) for c, s in zip(costs, sizes, strict=True)]
     unit = owners.kind_units(scores, kinds, world)
     units = max(unit) + 1
-    unit_scores = [2 / units + sum(s for s, u in zip(scores, unit) if u == v) for v in range(units)]
+    unit_scores = [2 / units + sum(s for s, u in zip(scores, unit, strict=True) if u == v) for v in range(units)]
     loads = [sum(unit_scores[v] for v in range(units) if by_kind_owner[unit.index(v)] == r) for r in range(world)]
     assert max(loads) <= sum(unit_scores) / world + max(unit_scores) + 1e-9
 
@@ -474,7 +474,8 @@ def _check_bench_report(report, world, what):
             assert sum(r["state_bytes"] for r in owner) == single  # split, nothing duplicated
             assert max(r["state_bytes"] for r in owner) < single
             half = report["results"]["owner-bfloat16"]
-            for r32, r16 in zip(owner, half):  # the all-gather payload halves (the small check all-reduce stays)
+            # the all-gather payload halves (the small check all-reduce stays)
+            for r32, r16 in zip(owner, half, strict=True):
                 assert r16["bytes_received_per_step"] < 0.6 * r32["bytes_received_per_step"]
 
 

@@ -44,12 +44,12 @@ def _reference(preset: str, **options) -> list[torch.Tensor]:
 
 def _largest_difference(actual, expected) -> float:
     assert len(actual) == len(expected)
-    return max((a - b).abs().max().item() for a, b in zip(actual, expected))
+    return max((a - b).abs().max().item() for a, b in zip(actual, expected, strict=True))
 
 
 def _assert_bitwise(actual, expected, what: str) -> None:
     assert len(actual) == len(expected)
-    for i, (a, b) in enumerate(zip(actual, expected)):
+    for i, (a, b) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == b.dtype and a.shape == b.shape, what
         assert torch.equal(a, b), f"{what}: parameter {i} differs by up to {(a - b).abs().max():.3e}"
 

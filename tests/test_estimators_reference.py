@@ -16,7 +16,7 @@ from strategies import seeds, shapes
 
 def _random_state(layout, gen, with_bases=True):
     bases, spectra, factors = [], [], []
-    for d, kind in zip(layout.view_shape, layout.kinds):
+    for d, kind in zip(layout.view_shape, layout.kinds, strict=True):
         dense = kind == "dense"
         bases.append(random_orthogonal(d, gen).unsqueeze(0) if dense and with_bases else None)
         spectra.append(None if kind == "none" else (0.2 + torch.rand(1, d, generator=gen, dtype=F64)))
@@ -44,7 +44,8 @@ def test_kl_step_matches_dense_reference(shape, seed, beta, damping, max_dim, la
     estimator.update(ParamState(Q=bases, S=factors, lam=spectra), grad.unsqueeze(0), layout)
 
     dims, kinds = layout.view_shape, layout.kinds
-    inverses = [_inverse_factor(kind, q, lam, d) for kind, q, lam, d in zip(kinds, bases, old_spectra, dims)]
+    inverses = [_inverse_factor(kind, q, lam, d)
+                for kind, q, lam, d in zip(kinds, bases, old_spectra, dims, strict=True)]
     for k, kind in enumerate(kinds):
         if kind == "none":
             assert spectra[k] is None
@@ -78,7 +79,10 @@ def test_shampoo_step_matches_dense_reference(shape, seed, beta):
     for k, kind in enumerate(layout.kinds):
         g = unfold(grad, k)
         gram = g @ g.T
-        new = (lambda old: old + gram) if beta == 1.0 else (lambda old: beta * old + (1 - beta) * gram)
+
+        def new(old: torch.Tensor, gram: torch.Tensor = gram) -> torch.Tensor:
+            return old + gram if beta == 1.0 else beta * old + (1 - beta) * gram
+
         if kind == "dense":
             torch.testing.assert_close(factors[k][0], new(old_factors[k][0]), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(spectra[k], old_spectra[k])  # "refresh" spectrum: stale until a refresh
@@ -99,7 +103,7 @@ def test_zero_gradient_leaves_statistics_alone(shape, seed):
         estimator.update(
             ParamState(Q=bases, S=factors, lam=spectra), torch.zeros(1, *layout.view_shape, dtype=F64), layout
         )
-        for new, old in zip(spectra + factors, old_spectra + old_factors):
+        for new, old in zip(spectra + factors, old_spectra + old_factors, strict=True):
             if old is not None:
                 assert torch.equal(new, old)
 

@@ -58,7 +58,7 @@ def _trajectory(name, factors):
         _fixed_gradients(model, step)
         optimizer.step()
         scheduler.step()
-        deltas.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        deltas.append([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
     return deltas
 
 
@@ -70,8 +70,8 @@ def test_the_schedule_reaches_every_peer(name):
     plain = _trajectory(name, [1.0] * len(factors))
     scheduled = _trajectory(name, factors)
     moved = False
-    for f, reference, got in zip(factors, plain, scheduled):
-        for d_ref, d in zip(reference, got):
+    for f, reference, got in zip(factors, plain, scheduled, strict=True):
+        for d_ref, d in zip(reference, got, strict=True):
             torch.testing.assert_close(d, f * d_ref, atol=1e-7, rtol=1e-4)
             moved |= bool(d_ref.abs().max() > 0)
     assert moved
@@ -414,7 +414,7 @@ def test_steady_time_is_the_window_at_the_later_mean_plus_the_later_steps(times)
               "step_ms": times}
     axis = wallclock.steady_seconds(record)
     assert axis[-1] == pytest.approx((window * mean + sum(later)) / 1e3, rel=1e-9)
-    assert all(b >= a for a, b in zip(axis, axis[1:]))
+    assert all(b >= a for a, b in zip(axis, axis[1:], strict=False))  # axis[1:] is one shorter: the pairs of neighbours
     assert wallclock.ms_per_step(record) == pytest.approx(mean, rel=1e-9)
     assert wallclock.startup(record) == pytest.approx(max(0.0, sum(times[:window]) - window * mean) / 1e3,
                                                       rel=1e-9, abs=1e-9)

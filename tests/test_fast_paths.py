@@ -194,7 +194,7 @@ def test_async_refresh_gives_exactly_the_synchronous_updates(preset):
                 p.grad = torch.randn(p.shape, generator=gen, dtype=F64)
             opt.step()
         runs.append(params)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @pytest.mark.gpu
@@ -220,7 +220,7 @@ def test_fast_paths_on_cuda_match_cpu(options):
             opt.step()
         runs[device] = [p.detach().cpu() for p in params]
     tolerance = 5e-3 if options.get("tf32") else 1e-6
-    for a, b in zip(runs["cpu"], runs["cuda"]):
+    for a, b in zip(runs["cpu"], runs["cuda"], strict=True):
         difference = (a - b).abs().max().item()
         assert difference <= tolerance * max(1.0, a.abs().max().item()), f"CPU and CUDA differ by {difference:.3g}"
 

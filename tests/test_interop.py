@@ -107,7 +107,7 @@ def test_numpy_scalar_hyperparameters_step_as_the_python_numbers_of_the_same_val
     opt, twin_opt = _build(name, model, **numpy_kwargs), _build(name, twin, **python_kwargs)
     _train(model, opt, range(5))
     _train(twin, twin_opt, range(5))
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
     assert opt.param_groups[0]["lr"] == python_kwargs["lr"] and type(opt.param_groups[0]["lr"]) is float
     for group in opt.param_groups:
@@ -123,7 +123,7 @@ def test_numpy_scalar_hyperparameters_step_as_the_python_numbers_of_the_same_val
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     _train(resumed_model, resumed, range(5, 8))
     _train(twin, twin_opt, range(5, 8))
-    for p, q in zip(resumed_model.parameters(), twin.parameters()):
+    for p, q in zip(resumed_model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -142,7 +142,7 @@ def test_numpy_scalars_in_added_groups_and_set_between_steps_step_as_python_numb
         _train(model, opt, range(2, 4))
         assert all(type(g[key]) is float for g in opt.param_groups for key in ("lr", "momentum", "weight_decay"))
         runs.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_numpy_scalars_are_stored_as_python_numbers_by_the_parts():
@@ -191,7 +191,8 @@ def test_compiling_the_step_is_refused_with_one_message_that_points_to_capture(n
     with pytest.raises(RuntimeError) as raised:
         torch.compile(opt.step, backend="eager", fullgraph=fullgraph)()
     assert str(raised.value).splitlines()[0] == COMPILE_REFUSAL and "capture=True" in COMPILE_REFUSAL
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not any(opt.state.values())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert not any(opt.state.values())
     opt.step()
     assert all(opt.state[p] for p in model.parameters())  # the eager step (a preset may only fill at first)
 
@@ -226,4 +227,4 @@ def test_a_compiled_model_and_a_compiled_training_step_with_an_eager_optimizer_s
                 opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
     for run in runs[1:]:
-        assert all(torch.equal(p, q) for p, q in zip(runs[0], run))
+        assert all(torch.equal(p, q) for p, q in zip(runs[0], run, strict=True))

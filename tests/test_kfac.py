@@ -136,7 +136,7 @@ def test_one_datum_step_is_the_damped_dense_solve(widths, bias, seed, preset, re
     loss.backward()
     grads = [p.grad.detach().reshape(-1).clone() for p in params]
     opt.step()
-    for p, w0, g in zip(params, before, grads):
+    for p, w0, g in zip(params, before, grads, strict=True):
         fisher = torch.outer(g, g)  # the empirical Fisher of one datum, exactly A⊗G
         expected = -lr * torch.linalg.solve(fisher + damping * torch.eye(g.numel(), dtype=F64), g)
         torch.testing.assert_close((p.detach() - w0).reshape(-1), expected, rtol=1e-9, atol=1e-12)
@@ -151,7 +151,7 @@ def _exact_ggn(model: nn.Module, X: torch.Tensor, hessian_scale: float) -> torch
     values = tuple(p.detach() for p in model.parameters())
 
     def outputs(*flat):
-        return torch.func.functional_call(model, dict(zip(names, flat)), (X,))
+        return torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (X,))
 
     jac = torch.func.jacrev(outputs, argnums=tuple(range(len(values))))(*values)
     J = torch.cat([j.reshape(X.shape[0] * j.shape[1], -1) for j in jac], dim=1)
@@ -191,7 +191,7 @@ def test_deep_linear_mse_type2_factors_are_the_exact_ggn_blocks(widths, reductio
     model, X, _, _, m, opt = _type2_kfac(widths, reduction)
     params = list(model.parameters())
     ggn = _exact_ggn(model, X, 2.0 / m)
-    for p, block in zip(params, _diagonal_blocks(ggn, params)):
+    for p, block in zip(params, _diagonal_blocks(ggn, params), strict=True):
         torch.testing.assert_close(_kfac_block(opt, p), block, rtol=1e-10, atol=1e-12)
 
 
@@ -205,7 +205,7 @@ def test_deep_linear_mse_type2_factors_match_curvlinops(widths, reduction):
     theirs = curvlinops.KFACLinearOperator(model, loss_fn, params, [(X, y)], fisher_type="type-2",
                                            check_deterministic=False)
     dense = theirs @ torch.eye(sum(p.numel() for p in params), dtype=F64)
-    for p, block in zip(params, _diagonal_blocks(dense, params)):
+    for p, block in zip(params, _diagonal_blocks(dense, params), strict=True):
         torch.testing.assert_close(_kfac_block(opt, p), block, rtol=1e-10, atol=1e-12)
 
 
@@ -233,7 +233,7 @@ def test_empirical_factors_and_ekfac_match_curvlinops(net, reduction):
         opt.zero_grad()
         opt.kfac_capture.remove()
         dense = operator(model, loss_fn, params, [(X, y)], fisher_type="empirical", check_deterministic=False) @ eye
-        for p, block in zip(params, _diagonal_blocks(dense, params)):
+        for p, block in zip(params, _diagonal_blocks(dense, params), strict=True):
             torch.testing.assert_close(block_of(opt, p), block, rtol=1e-8, atol=1e-10)
 
 
@@ -253,7 +253,7 @@ def test_ekfac_spectrum_is_the_per_example_fisher_in_the_kronecker_basis(net):
     opt = _ekfac(model)
     nn.functional.cross_entropy(model(X), y).backward()
     opt.step()
-    for p, block in zip(params, _diagonal_blocks(fisher, params)):
+    for p, block in zip(params, _diagonal_blocks(fisher, params), strict=True):
         q = _basis(opt, p)
         v = opt.state[p]["estimator"]["V"].reshape(-1)
         torch.testing.assert_close(v, torch.diagonal(q.T @ block @ q), rtol=1e-9, atol=1e-12)
@@ -307,7 +307,7 @@ def test_steps_follow_a_dense_reference_kfac():
         if (t - 1) % factor_every == 0:
             A1, G1 = x.T @ x / 5, 5 * h1.grad.T @ h1.grad
             A2, G2 = z1.detach().T @ z1.detach() / 5, 5 * out.grad.T @ out.grad
-            for factor, new in zip(factors, [[G1, A1], [G1], [G2, A2], [G2]]):
+            for factor, new in zip(factors, [[G1, A1], [G1], [G2, A2], [G2]], strict=True):
                 for i, n in enumerate(new):
                     factor[i] = beta * factor[i] + (1 - beta) * n
         if t == 1 or t % every == 0:
@@ -318,14 +318,15 @@ def test_steps_follow_a_dense_reference_kfac():
         if t == 1:
             inverses = new_inverses
         grads = [w1.grad, b1.grad, w2.grad, b2.grad]
-        reference = [r - lr * (inv @ g.reshape(-1)).reshape(r.shape) for r, inv, g in zip(reference, inverses, grads)]
+        reference = [r - lr * (inv @ g.reshape(-1)).reshape(r.shape)
+                     for r, inv, g in zip(reference, inverses, grads, strict=True)]
         if t > 1 and t % every == 0:
             inverses = new_inverses  # installed after the step's update, used from the next step on
         # the library
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        for p, r in zip(model.parameters(), reference):
+        for p, r in zip(model.parameters(), reference, strict=True):
             torch.testing.assert_close(p.detach(), r, rtol=1e-9, atol=1e-11)
 
 
@@ -444,7 +445,7 @@ def test_checkpoint_holds_plain_data_and_resumes_bit_for_bit():
     opt2.load_state_dict(checkpoint["opt"])  # also the capture's step count: factors are recorded on the same steps
     assert opt2.kfac_capture.steps == 3
     train(resumed, opt2, data[3:])
-    for a, b in zip(model.parameters(), resumed.parameters()):
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -499,9 +500,9 @@ def _staggered_ekfac(stack: bool) -> tuple[list[torch.Tensor], int]:
         if before[0] is None:
             continue
         refreshed = [sorted(k for k, q in opt.state[w]["basis"]["Q"].items() if not torch.equal(q, old[k]))
-                     for w, old in zip(weights, before)]
+                     for w, old in zip(weights, before, strict=True)]
         partial += refreshed[0] != refreshed[1]
-        for w, modes in zip(weights, refreshed):
+        for w, modes in zip(weights, refreshed, strict=True):
             if modes:
                 lam = opt.state[w]["estimator"]["lambda"]
                 assert torch.equal(opt.state[w]["estimator"]["V"], torch.outer(lam["0"], lam["1"])), modes
@@ -519,7 +520,7 @@ def test_staggered_ekfac_resets_v_from_the_spectrum_of_every_mode():
     stacked, partial = _staggered_ekfac(stack=True)
     assert partial, "the two weights must refresh at different steps for this test to mean something"
     single, _ = _staggered_ekfac(stack=False)
-    for a, b in zip(stacked, single):
+    for a, b in zip(stacked, single, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
@@ -572,7 +573,7 @@ def test_a_copy_of_model_and_optimizer_steps_exactly_like_the_original(preset, h
     assert all(twin_model[i]._forward_hooks for i in (0, 3))
     for m, o in ((twin_model, twin), (model, opt)):
         _train(m, o, batches[3:])
-        for p, e in zip(m.parameters(), expected):
+        for p, e in zip(m.parameters(), expected, strict=True):
             assert torch.equal(p.detach(), e)
         o.kfac_capture.remove()
     assert not any(m._forward_hooks for m in twin_model.modules())
@@ -610,13 +611,13 @@ def test_a_refused_step_keeps_no_records_and_the_redone_step_is_the_uninterrupte
         _poisoned_step(model, opt, batches[2])  # a recording step (factor_every=2)
     capture = opt.kfac_capture
     assert capture.steps == 2 and not any(capture.has_statistics(p) for p in capture.params)
-    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     assert {p: dict(_leaves(opt.state[p])).keys() for p in opt.state} == {p: kept.keys() for p, kept in state.items()}
     for p, kept in state.items():
         after = dict(_leaves(opt.state[p]))
         assert all(torch.equal(after[path], value) for path, value in kept.items()), "the refused step changed state"
     _train(model, opt, batches[2:])
-    assert all(torch.equal(p.detach(), e) for p, e in zip(model.parameters(), expected))
+    assert all(torch.equal(p.detach(), e) for p, e in zip(model.parameters(), expected, strict=True))
     capture.remove()
 
 
@@ -642,7 +643,7 @@ def test_a_skipped_step_drops_its_records_and_is_not_counted(preset):
     assert capture.steps == 2 and not any(capture.has_statistics(p) for p in capture.params)
     _train(model, opt, batches[2:])
     assert capture.steps == 5
-    assert all(torch.equal(p.detach(), e) for p, e in zip(model.parameters(), expected))
+    assert all(torch.equal(p.detach(), e) for p, e in zip(model.parameters(), expected, strict=True))
     capture.remove()
 
 

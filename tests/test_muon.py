@@ -59,7 +59,7 @@ def minimax_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
         a, b, c, _ = np.linalg.solve(system, np.ones(4))
         root = math.sqrt(9 * b * b - 20 * a * c)  # p'(x) = a + 3b x² + 5c x⁴ = 0 in y = x²
         new = sorted(math.sqrt(y) for y in ((-3 * b - root) / (10 * c), (-3 * b + root) / (10 * c)))
-        if max(abs(n - o) for n, o in zip(new, nodes)) < 1e-16:
+        if max(abs(n - o) for n, o in zip(new, nodes, strict=True)) < 1e-16:
             break
         nodes = new
     return float(a), float(b), float(c)
@@ -125,10 +125,10 @@ def test_polar_express_converges_to_the_polar_factor_in_float64():
 def test_polar_express_table_is_the_papers_construction_with_safety_factor_1_01():
     derived = polar_express_construction()
     assert len(_POLAR_EXPRESS_RAW) == 8
-    for t, (mine, published) in enumerate(zip(derived, _POLAR_EXPRESS_RAW)):
+    for t, (mine, published) in enumerate(zip(derived, _POLAR_EXPRESS_RAW, strict=True)):
         # as ℓ_t → u_t the fit grows ill-conditioned; the eighth is printed as its limit (15/8, -10/8, 3/8)
         np.testing.assert_allclose(mine, published, rtol=((1e-12,) * 6 + (1e-9, 1e-8))[t])
-    for t, ((a, b, c), (sa, sb, sc)) in enumerate(zip(_POLAR_EXPRESS_RAW, POLAR_EXPRESS)):
+    for t, ((a, b, c), (sa, sb, sc)) in enumerate(zip(_POLAR_EXPRESS_RAW, POLAR_EXPRESS, strict=True)):
         k = 1.01 if t < 7 else 1.0  # p_t(x/1.01), all but the last (Section 4.4)
         np.testing.assert_allclose((sa, sb, sc), (a / k, b / k**3, c / k**5), rtol=1e-15)
     assert precond.NewtonSchulz(coefficients="polar_express", steps=10).schedule()[7:] == [(1.875, -1.25, 0.375)] * 3
@@ -222,10 +222,10 @@ def test_muon_tracks_torch_muon_for_ten_steps_within_bf16_noise(adjust_lr_fn, ne
     }
     opt, ref = precond.muon(ours, **kw), torch.optim.Muon(theirs, **kw)
     for step in range(1, 11):
-        _set_gradients(list(zip(ours, theirs)), step)
+        _set_gradients(list(zip(ours, theirs, strict=True)), step)
         opt.step()
         ref.step()
-    for p, q, p0 in zip(ours, theirs, init):
+    for p, q, p0 in zip(ours, theirs, init, strict=True):
         bound = _bf16_noise_bound(0.02, reference_scale(adjust_lr_fn, *p.shape), 10)
         assert (p - q).abs().max() <= bound, (tuple(p.shape), float((p - q).abs().max()), bound)
         assert (p.detach() - p0).abs().max() > 10 * bound  # the parameters moved far more than the tolerance
@@ -237,10 +237,10 @@ def test_muon_differs_from_torch_muon_when_the_scale_rule_differs():
     opt = precond.muon(ours, lr=0.02, adjust_lr_fn="original")
     ref = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn="match_rms_adamw")
     for step in range(1, 11):
-        _set_gradients(list(zip(ours, theirs)), step)
+        _set_gradients(list(zip(ours, theirs, strict=True)), step)
         opt.step()
         ref.step()
-    for p, q in zip(ours, theirs):
+    for p, q in zip(ours, theirs, strict=True):
         assert (p - q).abs().max() > 3 * _bf16_noise_bound(0.02, reference_scale("original", *p.shape), 10)
 
 
@@ -251,7 +251,7 @@ def test_a_conv_kernel_steps_as_torch_muon_on_its_out_by_rest_matrix():
     opt = precond.muon([ours], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     ref = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     assert opt.layout(ours).view_shape == (4, 27)
-    for step in range(5):
+    for _ in range(5):
         g = torch.randn(4, 3, 3, 3, generator=gen)
         ours.grad, theirs.grad = g.clone(), g.reshape(4, -1).clone()
         opt.step()
@@ -289,10 +289,10 @@ def test_vectors_embeddings_and_heads_go_to_the_adam_part_as_torch_adamw():
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
     assert [len(g["params"]) for g in opt.param_groups] == [1, 5]
     for step in range(1, 11):  # gradients of each parameter from its own values only: no coupling through a loss
-        _set_gradients(list(zip(ours.parameters(), theirs.parameters())), step)
+        _set_gradients(list(zip(ours.parameters(), theirs.parameters(), strict=True)), step)
         for o in (opt, ref_muon, ref_adam):
             o.step()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         if name == "hidden.weight":
             assert (p - q).abs().max() <= _bf16_noise_bound(0.02, reference_scale("original", 8, 6), 10), name
         else:
@@ -367,7 +367,7 @@ def test_muon_state_dict_round_trip_resumes_bit_for_bit():
     resumed = precond.muon(other.named_parameters(), adam_params=["embed.weight"], ns_coefficients="polar_express")
     resumed.load_state_dict(saved["opt"])
     run(other, resumed, range(3, 6))
-    for p, q in zip(net.parameters(), other.parameters()):
+    for p, q in zip(net.parameters(), other.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -423,7 +423,8 @@ def _add_later_runs(first, later, later_options, named=False, **kwargs):
     for add_later in (False, True):
         net = _Net()
         params = dict(net.named_parameters())
-        pick = (lambda names: [(n, params[n]) for n in names]) if named else (lambda names: [params[n] for n in names])
+        pick = ((lambda names, params=params: [(n, params[n]) for n in names]) if named
+                else (lambda names, params=params: [params[n] for n in names]))
         for name in later:
             params[name].requires_grad_(False)
         groups = [{"params": pick(first)}]
@@ -459,7 +460,7 @@ def test_add_param_group_routes_as_construction_and_steps_the_same(later_options
     if "use_muon" not in later_options:
         assert [g["use_muon"] for g in twin_opt.param_groups[-2:]] == [True, False]
         assert [tuple(p.shape) for p in twin_opt.param_groups[-1]["params"]] == [(8,), (8,), (8,)]
-    for p, q in zip(net.parameters(), twin.parameters()):
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
     assert not torch.equal(net.hidden.bias, _Net().hidden.bias)  # the added vectors moved
 
@@ -489,7 +490,7 @@ def test_a_refused_half_of_an_added_group_leaves_the_optimizer_as_it_was():
     with pytest.raises(ValueError, match="more than one parameter group"):
         opt.add_param_group({"params": [net.head.weight, net.hidden.bias]})
     assert len(opt.param_groups) == len(before)
-    assert all(g == b for g, b in zip(opt.param_groups, before))
+    assert all(g == b for g, b in zip(opt.param_groups, before, strict=True))
     with pytest.raises(ValueError, match="fewer than 2"):
         opt.add_param_group({"params": [net.norm.weight], "use_muon": True})
     with pytest.raises(TypeError, match="not a set"):

@@ -1,7 +1,10 @@
 """Regression guard on the number of operations a step issues (GitHub issue #11, "fewer, fatter kernels").
 
-The fast configuration's step is bound by launch and dispatch overhead on a GPU, so every extra small operation
-(a per-step dtype cast, a tensor re-created from a Python number, one reshape per parameter) costs time there. The
+Every operation an eager step issues is one dispatch on the host and, on a GPU, one kernel launch, so every extra
+small operation (a per-step dtype cast, a tensor re-created from a Python number, one reshape per parameter) costs
+host time. That overhead bounded the uncaptured fast step in the first GPU profile (26 ms of host time against 15 ms
+of GPU time at max dim 2048); since the op cuts and with ``capture=True`` the measured step is bound by its GPU
+work (kernel efficiency, the refreshes' factorisations), not by launches (``docs/benchmarks.md``). The
 count is deterministic and needs no GPU: top-level aten operations of ``step()``, counted with the torch profiler by
 ``precond.bench.op_count``, on a tiny fixed model in ``kl_shampoo_fast_sync``'s configuration (stagger, Cholesky-QR
 refreshes, TF32, no finiteness check), averaged over one refresh period.
@@ -44,7 +47,7 @@ def test_a_steady_step_issues_no_more_operations_than_measured():
             return [torch.randn(s, generator=gen) for s in SHAPES]
 
         for _ in range(3 * EVERY + 2):  # past the Householder warm-up refreshes: Cholesky-QR from here on
-            for p, g in zip(params, gradients()):
+            for p, g in zip(params, gradients(), strict=True):
                 p.grad = g
             optimizer.step()
         count = count_step_ops(optimizer, params, [gradients() for _ in range(EVERY)])  # every stagger phase once
@@ -79,7 +82,7 @@ def test_stacking_a_bucket_in_one_reshape_gives_the_per_tensor_views():
     for tensors in (members[:1] * 2, members):
         stacked = layout.stack(tensors)
         assert torch.equal(stacked, torch.stack([layout.view(t) for t in tensors]))
-        for back, t in zip(layout.unstack(stacked), tensors):
+        for back, t in zip(layout.unstack(stacked), tensors, strict=True):
             assert torch.equal(back, t)
 
 
@@ -97,10 +100,10 @@ def test_folding_many_statistics_in_one_op_gives_each_fold():
         news = [torch.randn(s, generator=gen) for s in shapes]
         original = [o.clone() for o in olds]
         expected = [o.clone() for o in olds]
-        for old, new in zip(expected, news):
+        for old, new in zip(expected, news, strict=True):
             fold(old, new, beta, weights)
-        fold_all(list(zip(olds, news)), beta, weights)
-        for got, want, before in zip(olds, expected, original):
+        fold_all(list(zip(olds, news, strict=True)), beta, weights)
+        for got, want, before in zip(olds, expected, original, strict=True):
             assert torch.equal(got, want)
             assert torch.equal(got[1], before[1])  # the entry without a gradient is left alone
             assert not torch.equal(got[0], before[0])
@@ -164,15 +167,15 @@ def test_moves_held_back_and_made_together_equal_each_bucket_moved_alone():
     for limit in (1, 10, 1 << 22):
         alone = [[p.clone() for p in params] for _, params, _, _ in buckets]
         together = [[p.clone() for p in params] for _, params, _, _ in buckets]
-        for (group, _, update, layout), params in zip(buckets, alone):
+        for (group, _, update, layout), params in zip(buckets, alone, strict=True):
             move(group, [(params, update, layout)])
         pending = PendingMoves(limit=limit)
-        for (group, _, update, layout), params in zip(buckets, together):
+        for (group, _, update, layout), params in zip(buckets, together, strict=True):
             pending.add(group, params, update, layout)
         pending.flush()
-        for (group, originals, update, layout), a, b in zip(buckets, alone, together):
+        for (group, originals, update, _), a, b in zip(buckets, alone, together, strict=True):
             lr, wd = group["lr"], group["weight_decay"]
-            for p, w, u, got in zip(originals, a, update, b):
+            for p, w, u, got in zip(originals, a, update, b, strict=True):
                 step = (u * lr).to(p.dtype).reshape(p.shape)
                 want = p * (1 - lr * wd) - step if group["decay_order"] == "before" else (p - step) * (1 - lr * wd)
                 assert torch.equal(got, w)

@@ -31,7 +31,7 @@ def _train(model, opt, steps, start=0, dtype=torch.float32, scheduler=None):
     for i in range(start, start + steps):
         x, y = _batch(i, dtype)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
@@ -121,7 +121,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit_across_refreshes(dtype, make)
             assert s.dtype == torch.float32
         assert state["momentum"].dtype == torch.float32
     assert _train(resumed, opt2, 7, start=4, dtype=dtype) == reference_losses
-    for a, b in zip(reference_params, resumed.parameters()):
+    for a, b in zip(reference_params, resumed.parameters(), strict=True):
         assert torch.equal(a, b.detach())
 
 
@@ -160,7 +160,7 @@ def test_float32_and_float64_agree():
     opt64 = _composed_kl(m64.parameters(), state_dtype=torch.float64)
     _train(m32, opt32, 8)
     _train(m64, opt64, 8, dtype=torch.float64)
-    for a, b in zip(m32.parameters(), m64.parameters()):
+    for a, b in zip(m32.parameters(), m64.parameters(), strict=True):
         torch.testing.assert_close(a.double(), b.detach(), rtol=2e-3, atol=2e-4)
 
 
@@ -177,11 +177,11 @@ def test_zero_lr_and_first_step_fill_do_not_move_weights():
     before = [p.detach().clone() for p in model.parameters()]
     opt = _composed_kl(model.parameters())
     _train(model, opt, 1)  # the first step only fills statistics
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     opt.param_groups[0]["lr"] = 0.0
     opt.param_groups[0]["weight_decay"] = 0.0
     _train(model, opt, 2)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_per_group_preconditioner_override_and_describe():
@@ -235,5 +235,5 @@ def test_cuda_matches_cpu():
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x.to(dev)), y.to(dev)).backward()
             opt.step()
-    for a, b in zip(cpu.parameters(), gpu.parameters()):
+    for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach().cpu(), rtol=1e-3, atol=1e-4)

@@ -44,14 +44,14 @@ def _train(preset, overlap, steps=8, accumulate=1, **options):
 def test_overlapped_step_equals_the_ordinary_step(preset, options):
     ordinary, _ = _train(preset, False, **options)
     overlapped, _ = _train(preset, True, **options)
-    assert all(torch.equal(a, b) for a, b in zip(ordinary, overlapped))
+    assert all(torch.equal(a, b) for a, b in zip(ordinary, overlapped, strict=True))
 
 
 @pytest.mark.parametrize("preset", ["kl_shampoo", "soap"])
 def test_overlap_with_gradient_accumulation(preset):
     ordinary, _ = _train(preset, False, accumulate=3)
     overlapped, _ = _train(preset, True, accumulate=3)
-    assert all(torch.equal(a, b) for a, b in zip(ordinary, overlapped))
+    assert all(torch.equal(a, b) for a, b in zip(ordinary, overlapped, strict=True))
 
 
 def test_overlap_needs_on_nonfinite_ignore_and_excludes_capture():
@@ -72,7 +72,7 @@ def test_overlap_survives_deepcopy_and_covers_added_groups():
             o.zero_grad()
             m(torch.randn(4, 5, generator=gen, dtype=torch.float64)).pow(2).sum().backward()
             o.step()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copied_model.parameters(), strict=True))
     assert copied.overlap_backward
 
 
@@ -110,5 +110,5 @@ def test_overlap_on_cuda_side_streams_equals_the_ordinary_step(preset):
             model(torch.randn(32, 64, generator=gen, device="cuda", dtype=torch.float64)).pow(2).mean().backward()
             opt.step()
         runs.append([p.detach().cpu() for p in model.parameters()])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -88,7 +88,7 @@ def test_a_basis_implementing_exactly_the_protocol_refreshes_and_equals_eigh(sta
     if not stagger:
         assert sorted(basis.refreshes) == [0] * 5 + [1] * 5
     expected = _run(bases.Eigh(every=EVERY), stagger)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b), (a - b).abs().max()
 
 

@@ -74,7 +74,7 @@ def test_float16_update_is_scaled_before_the_cast(preset):
     w32 = nn.Parameter(w16.detach().float())
     options = {"graft": None} if preset == "shampoo" else {}
     opts = [_opt(preset, [w], lr=1e-9, **options) for w in (w16, w32)]
-    for step in range(4):
+    for _ in range(4):
         g = torch.randn(6, 5, generator=gen) * 1e-3
         w16.grad, w32.grad = g.half(), g.half().float()
         for opt in opts:
@@ -101,8 +101,8 @@ def test_bad_hyperparameter_set_after_construction_is_refused_at_step(preset, na
     opt.param_groups[0][name] = value
     with pytest.raises(ValueError, match=name):
         opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(before[1], _state_tensors(opt)))
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], _state_tensors(opt), strict=True))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -215,7 +215,7 @@ def test_copied_optimizer_steps_exactly_like_the_original(preset, how):
         for i in range(3, 7):
             _backward(m, i)
             o.step()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), pair[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), pair[0].parameters(), strict=True))
     options = ("state_dtype", "on_nonfinite", "stack", "stagger", "async_refresh", "tf32", "capture",
                "overlap_backward")
     assert [getattr(pair[1], name) for name in options] == [getattr(opt, name) for name in options]
@@ -236,7 +236,7 @@ def test_skip_leaves_everything_untouched_and_counts(preset):
     with pytest.warns(RuntimeWarning, match="skipped"):
         opt.step()
     after = opt.state_dict()
-    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters(), strict=True))
     for key, state in before[0]["state"].items():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):

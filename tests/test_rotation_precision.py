@@ -88,7 +88,7 @@ def _integer_data(shape, dense, seed, x_range=3, q_range=2):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(-x_range, x_range + 1, shape, generator=gen).float()
     bases = [torch.randint(-q_range, q_range + 1, (shape[0], d, d), generator=gen).float() if is_dense else None
-             for d, is_dense in zip(shape[1:], dense)]
+             for d, is_dense in zip(shape[1:], dense, strict=True)]
     return x, bases
 
 
@@ -158,7 +158,7 @@ def test_direction_is_within_a_rounding_sized_error_of_the_exact_direction(dtype
     gen = torch.Generator().manual_seed(seed)
     m = torch.randn(shape, generator=gen, dtype=F64)
     bases = [torch.stack([random_orthogonal(d, gen) for _ in range(shape[0])]) if is_dense else None
-             for d, is_dense in zip(shape[1:], dense)]
+             for d, is_dense in zip(shape[1:], dense, strict=True)]
     spectra = [0.8 + 0.45 * torch.rand(shape[0], d, generator=gen, dtype=F64) for d in shape[1:]]
     u = UNIT_ROUNDOFF[dtype]
     delta = 1.0
@@ -214,10 +214,10 @@ def test_default_is_unchanged_and_the_option_only_touches_the_rotations(preset):
     default, opt = _run(preset)
     assert opt.param_groups[0]["rotation_dtype"] is None
     explicit, _ = _run(preset, rotation_dtype=None)
-    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit, strict=True))
     low, opt_low = _run(preset, rotation_dtype=torch.bfloat16)
     start = _params()
-    for a, b, w in zip(default, low, start):
+    for a, b, w in zip(default, low, start, strict=True):
         moved = (a - w).norm()
         if w.ndim > 1:  # a vector has a diagonal spectrum and no rotation
             assert 0 < (a - b).norm() <= 0.05 * moved
@@ -244,8 +244,8 @@ def test_per_group_rotation_dtype():
     mixed, _ = _run(params=params, optimizer=precond.kl_shampoo(groups, lr=1e-2, every=3))
     low, _ = _run(rotation_dtype=torch.bfloat16)
     default, _ = _run()
-    assert all(torch.equal(a, b) for a, b in zip(mixed[:2], low[:2]))
-    assert all(torch.equal(a, b) for a, b in zip(mixed[2:], default[2:]))
+    assert all(torch.equal(a, b) for a, b in zip(mixed[:2], low[:2], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(mixed[2:], default[2:], strict=True))
 
 
 def test_deepcopy_and_state_dict_carry_the_option():
@@ -261,7 +261,7 @@ def test_deepcopy_and_state_dict_carry_the_option():
     assert loaded.param_groups[0]["rotation_dtype"] is torch.bfloat16
     after, _ = _run(params=params, optimizer=opt, steps=4, seed=2)
     resumed, _ = _run(params=twin_params, optimizer=loaded, steps=4, seed=2)
-    assert all(torch.equal(a, b) for a, b in zip(after, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(after, resumed, strict=True))
     older = copy.deepcopy(saved)  # a checkpoint from before the option: the current setting stays
     for group in older["param_groups"]:
         del group["rotation_dtype"]
@@ -279,7 +279,7 @@ def test_emulated_capture_gives_the_eager_low_precision_updates(preset):
     params = [p.detach().double() for p in _params()]
     eager, _ = _run(preset, params=[torch.nn.Parameter(p.clone()) for p in params], **options)
     captured, _ = _run(preset, params=[torch.nn.Parameter(p.clone()) for p in params], capture="emulate", **options)
-    for a, b in zip(eager, captured):
+    for a, b in zip(eager, captured, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
 
 
@@ -296,7 +296,7 @@ def test_overlapped_backward_gives_the_ordinary_low_precision_updates():
             opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    assert all(torch.equal(a, b) for a, b in zip(train(False), train(True)))
+    assert all(torch.equal(a, b) for a, b in zip(train(False), train(True), strict=True))
 
 
 @pytest.mark.gpu
@@ -326,7 +326,7 @@ def test_cuda_graph_capture_with_low_precision_rotations():
             opt.step()
         return [p.detach().cpu() for p in params]
 
-    for a, b in zip(run(False), run(True)):
+    for a, b in zip(run(False), run(True), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
@@ -345,7 +345,8 @@ def test_distributed_ranks_equal_one_process_with_low_precision_rotations():
         for mode in r.MODES:
             for rank, result in enumerate(results):
                 actual = result[r.case_name(preset, mode)]
-                assert all(torch.equal(a, b) for a, b in zip(actual, expected)), f"{preset} {mode} rank {rank}"
+                assert all(torch.equal(a, b)
+                           for a, b in zip(actual, expected, strict=True)), f"{preset} {mode} rank {rank}"
 
 
 def test_torch_distributed_checkpoint_keeps_the_rotation_dtype_and_resumes_bitwise(tmp_path):
@@ -377,5 +378,5 @@ def test_torch_distributed_checkpoint_keeps_the_rotation_dtype_and_resumes_bitwi
         checkpoint.load(resumed, reloaded, str(tmp_path))
     assert reloaded.param_groups[0]["rotation_dtype"] is torch.bfloat16
     train(resumed, reloaded, 3, 2)
-    for a, b in zip(model.parameters(), resumed.parameters()):
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -151,7 +151,7 @@ def test_the_floor_changes_nothing_above_round_off():
                     p.grad = torch.randn(p.shape, generator=gen)
                 opt.step()
         return [p.detach() for p in params]
-    assert all(torch.equal(a, b) for a, b in zip(weights("roundoff"), weights(0.0)))
+    assert all(torch.equal(a, b) for a, b in zip(weights("roundoff"), weights(0.0), strict=True))
 
 
 @pytest.mark.parametrize("floor", [-1e-3, 2.0, "round-off", float("nan"), None])

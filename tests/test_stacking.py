@@ -29,7 +29,7 @@ def test_stacked_updates_equal_per_parameter_updates(shape, copies, seed, preset
     for step in range(7):
         grads = [torch.randn(t.shape, generator=gen, dtype=F64) for t in init]
         for params, opt in runs:
-            for i, (p, g) in enumerate(zip(params, grads)):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 p.grad = None if (step, i) in skip else g.clone()
             opt.step()
         if step == 3:  # checkpoint round trip in the middle: buckets are rebuilt from per-parameter tensors
@@ -37,7 +37,7 @@ def test_stacked_updates_equal_per_parameter_updates(shape, copies, seed, preset
             fresh = getattr(precond, preset)(params, lr=1e-2, every=3, stack=True, state_dtype=F64, **schedule)
             fresh.load_state_dict(opt.state_dict())
             runs[0] = (params, fresh)
-    for a, b in zip(runs[0][0], runs[1][0]):
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
 
 

@@ -172,7 +172,7 @@ def test_layout_derived_quantities(shape, structure):
     assert layout.dense_modes == tuple(k for k, kind in enumerate(layout.kinds) if kind == "dense")
     assert layout.spectral_modes == tuple(k for k, kind in enumerate(layout.kinds) if kind != "none")
     expected_state = sum(2 * d * d + d if kind == "dense" else d if kind == "diagonal" else 0
-                         for d, kind in zip(layout.view_shape, layout.kinds))
+                         for d, kind in zip(layout.view_shape, layout.kinds, strict=True))
     assert layout.state_numel() == expected_state
 
 
@@ -180,7 +180,7 @@ def test_layout_derived_quantities(shape, structure):
 @given(shape=shapes.filter(lambda s: any(d > 3 for d in s)), large=larges)
 def test_max_dim_turns_large_modes_into_the_large_policy(shape, large):
     layout = structures.NMode(max_dim=3, large=large, vectors="dense").plan(shape)
-    for d, kind in zip(layout.view_shape, layout.kinds):
+    for d, kind in zip(layout.view_shape, layout.kinds, strict=True):
         if d > 3:
             assert kind == large
         elif d > 1:

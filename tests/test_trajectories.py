@@ -108,8 +108,8 @@ def test_checkpoints_written_by_earlier_code_still_load_and_continue(version):
         actual = cases.resumed(cases.before_the_floor(entry["case"]), entry["checkpoint"])
         expected = entry["trajectory"][cases.CHECKPOINT_AT:]
         if version == "v1":  # v1 → v2 changed the update's rounding deliberately (module docstring)
-            assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for now, then in zip(actual, expected)
-                       for a, b in zip(now, then)), name
+            assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for now, then in zip(actual, expected, strict=True)
+                       for a, b in zip(now, then, strict=True)), name
         else:
             _check(actual, expected, name, exact=False)
         if entry["case"]["preset"] in cases.FLOORED:
@@ -156,7 +156,8 @@ def test_recorded_cases_are_well_conditioned():
                     p.grad.mul_(1 + delta * torch.randn(p.grad.shape, generator=gen, dtype=p.grad.dtype))
 
         moved = cases.run(case, range(1, cases.STEPS + 1), after_gradients=perturb)
-        change = max((a - b).abs().max().item() for now, then in zip(moved, base) for a, b in zip(now, then))
+        change = max((a - b).abs().max().item()
+                     for now, then in zip(moved, base, strict=True) for a, b in zip(now, then, strict=True))
         amplification = change / (delta * cases.LR)
         assert amplification < MAX_AMPLIFICATION, f"{cases.case_name(case)}: amplification {amplification:.2e}"
         assert change > 0, f"{cases.case_name(case)}: the perturbation did not reach the trajectory"

@@ -296,11 +296,11 @@ def test_parameter_without_gradient_is_skipped(kind):
     saved = opt.state_dict()["state"]
     assert sorted(saved) == [0, 1]  # indices of the used parameters only
     # (opt.state is a defaultdict: use .get so that looking does not insert an entry)
-    for p, old in zip(unused.parameters(), unused_before):
+    for p, old in zip(unused.parameters(), unused_before, strict=True):
         assert torch.equal(p.detach(), old)
         assert not opt.state.get(p)
     assert all(opt.state.get(p) for p in used.parameters())
-    assert any(not torch.equal(p.detach(), old) for p, old in zip(used.parameters(), used_before))
+    assert any(not torch.equal(p.detach(), old) for p, old in zip(used.parameters(), used_before, strict=True))
 
 
 def test_step_without_any_gradient_is_a_no_op():

@@ -138,14 +138,14 @@ def test_graft_keeps_the_inner_direction():
     inner = precond.Power(p=0.5, eps=1e-6)
     opts = [precond.Optimizer([w], lr=1.0, momentum=0.0, state_dtype=F64, preconditioner=precond.Preconditioner(
         structures.NMode(), estimators.Shampoo(), bases.Eigh(every=1), applier, first_step="update"))
-        for w, applier in zip(weights, (inner, precond.Graft(inner)))]
+        for w, applier in zip(weights, (inner, precond.Graft(inner)), strict=True)]
     for _ in range(3):
         grad = torch.randn(shape, generator=gen, dtype=F64)
         before = [w.detach().clone() for w in weights]
-        for w, opt in zip(weights, opts):
+        for w, opt in zip(weights, opts, strict=True):
             w.grad = grad.clone()
             opt.step()
-        a, b = [(w0 - w.detach()).reshape(-1) for w0, w in zip(before, weights)]
+        a, b = [(w0 - w.detach()).reshape(-1) for w0, w in zip(before, weights, strict=True)]
         torch.testing.assert_close(torch.dot(a, b).abs(), a.norm() * b.norm(), rtol=1e-10, atol=0)
 
 

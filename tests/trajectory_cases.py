@@ -138,7 +138,7 @@ def resumed(case: dict[str, Any], checkpoint: dict[str, Any]) -> list[list[torch
     """The trajectory after :data:`CHECKPOINT_AT` of a fresh problem and optimizer loaded from ``checkpoint``."""
     problem = Problem(case)
     with torch.no_grad():
-        for p, saved in zip(problem.params, checkpoint["params"]):
+        for p, saved in zip(problem.params, checkpoint["params"], strict=True):
             p.copy_(saved)
     optimizer = problem.optimizer()
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -153,7 +153,7 @@ def record() -> dict[str, Any]:
     for case in cases():
         saved = {}
 
-        def keep(params, optimizer):
+        def keep(params, optimizer, saved=saved):
             saved["params"] = [p.detach().clone() for p in params]
             saved["optimizer"] = copy.deepcopy(optimizer.state_dict())
 

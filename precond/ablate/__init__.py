@@ -4,8 +4,11 @@
 
 A variant is a named preset (``kl_shampoo``, ``soap``, …, ``adamw``) or a composition of the library's four parts
 written ``estimator=kl,basis=qr,every=10,applier=power:0.5,graft=none`` (:mod:`precond.ablate.variants`). Runs
-are stored one JSON line each in ``<out>/runs.jsonl`` as they finish, so an interrupted or time-limited
-ablation continues where it stopped; ``runs.csv``, ``summary.md`` and two plots are rewritten at the end.
+are stored one JSON line each in ``<out>/runs.jsonl`` as they finish (with the machine's load and CPU/GPU model),
+so an interrupted or time-limited ablation continues where it stopped. After the grid, a timing pass runs each
+variant's best lr alone (``<out>/timing.jsonl``, :mod:`precond.ablate.timing`) and times the per-second table;
+``runs.csv``, ``summary.md`` and three plots are rewritten at the end. ``--tensorboard DIR`` logs every run for
+TensorBoard (:mod:`precond.ablate.board`).
 
 From Python::
 

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 import precond
-from precond.ablate import progress
+from precond.ablate import board, machine, progress, warnlog
 from precond.ablate.config import AblationConfig
 from precond.ablate.train import OutOfTime, protocol, train_run
 from precond.ablate.variants import Variant
+from precond.ablate.wallclock import ms_per_step
 
 Run = tuple[Variant, float, int, str]
 """One run of the grid: variant, learning rate, seed and resume key."""
@@ -75,36 +76,59 @@ def run_label(index: int, total: int, run: Run) -> str:
     return f"[{index}/{total}] {variant.name} lr={lr:g} seed={seed}"
 
 
+def outcome(label: str, record: dict[str, Any]) -> str:
+    """The one log line of a finished run: its final loss (or where it diverged), its time and steady step time."""
+    if record["diverged"]:
+        result = f"diverged ({(record.get('error') or '')[:90]})"
+    elif record.get("steps_done", 0) < record.get("steps", 0):  # a timing run: the first steps only
+        result = f"val {record['final_val']:.4f} at step {record['steps_done']}"
+    else:
+        result = f"final val {record['final_val']:.4f}"
+    ms = ms_per_step(record)
+    speed = "" if ms is None else f", {ms:.1f} ms/step"
+    return f"{label}: {result} in {record['wall_seconds']:.0f} s{speed}"
+
+
 def attempt_run(config: AblationConfig, data: Any, run: Run, label: str,
                 expected: float | None, deadline: float | None, device: torch.device,
-                log: Callable[[str], None], bars: bool = True, concurrent_runs: int = 1) -> dict[str, Any] | None:
+                log: Callable[[str], None], bars: bool = True, concurrent_runs: int = 1, announce: bool = True,
+                stop_after: int | None = None) -> dict[str, Any] | None:
     """Train one run of the grid and return its finished record, or ``None`` when the time budget does not allow
     it (not started because ``expected`` seconds do not fit before ``deadline``, or cut off by the deadline).
-    The caller sets the thread count; the record states it (``threads``)."""
+    The caller sets the thread count; the record states it (``threads``), the machine's load at the start and
+    the end of the run (``load``: 1-, 5- and 15-minute averages), the CPU and GPU models (``machine``), and the
+    warnings the run raised, by kind (``warnings``, :mod:`precond.ablate.warnlog`). ``announce``: log the
+    run's one line when it finishes (the parent does it for worker processes). ``stop_after``: a timing run of
+    that many steps (:mod:`precond.ablate.timing`; not logged to TensorBoard)."""
     variant, lr, seed, key = run
     if deadline is not None and expected is not None and time.monotonic() + expected > deadline:
         log(f"{label}: not started, about {expected:.0f} s needed and "
             f"{max(0.0, deadline - time.monotonic()):.0f} s left of --max-minutes {config.max_minutes:g}")
         return None
-    inner = progress.bar(config.training.steps, label, config.progress and bars, leave=False, position=1)
+    steps = config.training.steps if stop_after is None else min(stop_after, config.training.steps)
+    inner = progress.bar(steps, label, config.progress and bars, leave=False, position=1)
 
     def on_eval(step: int, train: float | None, val: float, seconds: float) -> None:
-        train_text = "" if train is None else f" train {train:.4f}"
-        log(f"{label} step {step}/{config.training.steps}{train_text} val {val:.4f} ({seconds:.1f} s)")
+        inner.set_postfix_str(f"val {val:.4f}")
 
+    scalars = None if stop_after is not None else board.open_run(config.tensorboard, variant.name, lr, seed)
+    load_before = machine.load()
     try:
-        record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
-                           on_eval=on_eval, on_step=inner.update)
+        with warnlog.collect() as caught:
+            record = train_run(config.task, data, variant, lr, seed, config.training, device, deadline,
+                               on_eval=on_eval, on_step=inner.update, stop_after=stop_after, log_scalars=scalars)
     except OutOfTime as stop:
         log(f"{label}: stopped, {stop}; this run is not recorded and will run again next time")
         return None
     finally:
         inner.close()
+        if scalars is not None:
+            scalars.close()
     record.update(key=key, task=config.task.name, task_settings=config.task.settings(),
                   training=protocol(config.training), library=library_fingerprint(),
                   concurrent_runs=concurrent_runs, threads=torch.get_num_threads(),
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    outcome = (f"diverged ({record['error'][:100]})" if record["diverged"]
-               else f"final val {record['final_val']:.4f}")
-    log(f"{label}: {outcome} in {record['wall_seconds']:.1f} s")
+                  load={"start": load_before, "end": machine.load()}, machine=machine.describe(device),
+                  warnings=caught, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if announce:
+        log(outcome(label, record))
     return record

@@ -13,6 +13,10 @@ grid may do better outside it. The rule applied to every variant (unless it says
   add at most ``limit`` lrs (``extend_lrs`` in the configuration); past it the variant is reported **not
   bracketed**, loudly, in the summary.
 
+A variant with ``expect = "diverge"`` is there to show a failure (Shampoo without grafting): its grid is kept as
+given, and the summary reports "diverged at every lr tried, as expected" rather than asking for wider lrs, or
+says loudly that it did not diverge.
+
 A variant with ``lr_from = "other"`` runs at the best lr of ``other`` once that one is settled (tuned, or at its
 limit) and is not extended itself (e.g. T = 100 at T = 10's best lr). A Muon with ``adam_lr_from = "adamw"``
 gets ``adam_lr`` = AdamW's best lr once AdamW is settled, then tunes its own grid as any variant.
@@ -52,7 +56,9 @@ class Tuning:
 
     ``state``: ``"inside"`` (best lr strictly inside the grid), ``"limit"`` (at an edge, no extension left: not
     bracketed), ``"fixed"`` (``bracket = false`` or ``lr_from``: the grid is kept as given), ``"pending"`` (runs
-    still to finish), ``"waiting"`` (``lr_from`` a variant that is not settled yet).
+    still to finish), ``"waiting"`` (``lr_from`` a variant that is not settled yet), ``"expected"`` (``expect =
+    "diverge"`` and it diverged at every lr, its grid kept as given), ``"unexpected"`` (``expect = "diverge"`` but
+    some lr did not diverge).
     """
 
     name: str
@@ -78,11 +84,13 @@ class Plan:
 
     def grid(self) -> list[tuple[Variant, float, int]]:
         """The tuned variants seed by seed, then by position in the lr lists, then by variant (as
-        ``AblationConfig.grid``); then, in the same order, the variants that are not tuned (``bracket = false`` or
-        ``lr_from``), so a time-limited ablation finishes the comparison of tuned variants first."""
+        ``AblationConfig.grid``); then, in the same order, the variants that are not tuned (``bracket = false``,
+        ``lr_from`` or ``expect = "diverge"``), so a time-limited ablation finishes the comparison of tuned variants
+        first."""
         runs = []
         for tuned in (True, False):
-            variants = [v for v in self.variants if v.lrs and (v.bracket and v.lr_from is None) == tuned]
+            variants = [v for v in self.variants
+                        if v.lrs and (v.bracket and v.lr_from is None and not v.expected_to_diverge) == tuned]
             depth = max((len(v.lrs) for v in variants), default=0)
             runs += [(variant, variant.lrs[index], seed) for seed in self.seeds for index in range(depth)
                      for variant in variants if index < len(variant.lrs)]
@@ -136,6 +144,14 @@ def tune(variant: Variant, base: Sequence[float], seeds: Sequence[int], lookup: 
             return lrs, Tuning(variant.name, tuple(lrs), added, "pending",
                                message="runs still to finish" + (f" (grid extended by {_fmt(added)})" if added else ""))
         best, new, edge = extension(means)
+        if variant.expected_to_diverge:
+            if best is None:
+                return lrs, Tuning(variant.name, tuple(lrs), added, "expected", None,
+                                   f"diverged at every lr tried ({_fmt(lrs)}), as expected (expect = \"diverge\"); "
+                                   "its grid is not extended")
+            return lrs, Tuning(variant.name, tuple(lrs), added, "unexpected", best,
+                               f"expected to diverge (expect = \"diverge\") but did not: best lr {best:g} of the "
+                               f"grid {_fmt(lrs)}, kept as given")
         if not variant.bracket:
             note = f"; the best lr is at the {edge} edge" if new and best is not None else ""
             return lrs, Tuning(variant.name, tuple(lrs), added, "fixed", best,
@@ -205,7 +221,7 @@ def _tuned_source(tunings: dict[str, Tuning], name: str) -> tuple[Optional[Tunin
     source = tunings.get(name)
     if source is None:
         return None, "is not run here"
-    if source.state == "limit" and source.best_lr is None:
+    if source.state in ("limit", "expected") and source.best_lr is None:
         return source, "diverged at every lr"
     if source.state in ("pending", "waiting") or source.best_lr is None:
         return source, "is not tuned yet"

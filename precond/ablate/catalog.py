@@ -71,6 +71,7 @@ PARTS: dict[str, dict[str, Builder]] = {
         "eigh": _basis(bases.Eigh),
         "qr": _basis(bases.QRPowerStep),
         "cholesky_qr": _basis(bases.CholeskyQR),
+        "refine": _basis(bases.Refine),
         "identity": lambda o: bases.Identity(),
     },
     "graft": {

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
-from precond.ablate import bracket, keys
+from precond.ablate import board, bracket, keys
 from precond.ablate.attempt import run_key
 from precond.ablate.config import ALLOWED_KEYS, AblationConfig, load_toml, resolve_device
 from precond.ablate.runner import RUNS_FILE, run_ablation
@@ -20,7 +20,8 @@ EPILOG = f"""\
 variants: a name ({', '.join(keys.NAMED)}) or a composition of key=value items, e.g.
   --variant kl_shampoo --variant "shampoo,graft=none,name=shampoo (no graft)"
   --variant estimator=shampoo,basis=eigh,every=10,applier=power:1/(2N),graft=adam,lr=1e-3/3e-3
-keys: {', '.join(keys.READERS)}, name, lr, lr_from, adam_lr_from, bracket (see precond/ablate/variants.py or --list)
+keys: {', '.join(keys.READERS)}, name, lr, lr_from, adam_lr_from, bracket, why, expect
+  (see precond/ablate/variants.py or --list)
 peers (skipped with a note when their library is missing): adamw, hb_kl_shampoo, hb_soap, po_soap, torch_muon
 
 examples:
@@ -30,6 +31,7 @@ examples:
   python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
   python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once, one per GPU
   python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
+  python -m precond.ablate --config ablations/demo.toml --tensorboard tb   # then: tensorboard --logdir tb
 """
 
 
@@ -77,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads per run (default 1 on the CPU, which is fastest for these small models and "
                         "immune to a busy machine; torch's own default on a GPU); part of a CPU run's resume key")
+    p.add_argument("--timing-steps", type=int, metavar="N",
+                   help="steps of the timing pass after the grid: each variant's best lr runs alone, one at a time, "
+                        "and times the per-second table (default 200; 0: time it from the grid's runs)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="log each run's losses, lr and optimizer.stats() to DIR for TensorBoard (needs "
+                        "pip install tensorboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished, train nothing")
     p.add_argument("--report-only", action="store_true",
@@ -103,7 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
               "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
               "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
               "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes,
-              "workers": args.workers, "threads": args.threads, "extend_lrs": args.extend_lrs}
+              "workers": args.workers, "threads": args.threads, "extend_lrs": args.extend_lrs,
+              "timing_steps": args.timing_steps, "tensorboard": args.tensorboard}
     data.update({key: value for key, value in direct.items() if value is not None})
     if args.no_progress:
         data["progress"] = False
@@ -115,7 +124,8 @@ def describe_choices() -> str:
     lines += [f"  {key}: {keys.describe(key)}" for key in keys.READERS]
     lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3), lr_from (run at another variant's "
                  "best lr), adam_lr_from (a Muon's adam_lr = another variant's best lr), bracket (true/false: "
-                 "extend the grid until the best lr is inside)")
+                 "extend the grid until the best lr is inside), why (alias reason: why the variant is there, "
+                 "printed in the summary), expect (diverge: shown to fail, its grid is not extended)")
     for name in sorted(TASKS):
         lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))
     lines.append("configuration keys: " + ", ".join(ALLOWED_KEYS))
@@ -133,7 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = AblationConfig.from_mapping(settings_from_args(args))
         if args.lrs:  # a grid on the command line is for every variant
             config = attrs.evolve(config, variants=tuple(attrs.evolve(v, lrs=None) for v in config.variants))
-    except (ValueError, TypeError, OSError) as error:
+        if config.tensorboard is not None and not args.dry_run:
+            board.writer_class()  # a missing tensorboard is said now, not after the first run
+    except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.dry_run:

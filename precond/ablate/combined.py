@@ -52,5 +52,5 @@ class Combined(torch.optim.Optimizer):
         if not isinstance(saved, list) or len(saved) != len(self.parts):
             raise ValueError(f"this Combined optimizer has {len(self.parts)} parts; the state dict holds "
                              f"{'no parts' if not isinstance(saved, list) else len(saved)}")
-        for part, state in zip(self.parts, saved):
+        for part, state in zip(self.parts, saved, strict=True):
             part.load_state_dict(state)

@@ -44,7 +44,7 @@ DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (n
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
 _OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes",
-             "progress", "workers", "threads", "extend_lrs", "baselines", "library")
+             "progress", "workers", "threads", "extend_lrs", "baselines", "library", "timing_steps", "tensorboard")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -87,6 +87,13 @@ class AblationConfig:
     baselines: Optional[tuple[str, ...]] = None
     """The variants the summary's paired differences are taken against (the best of them); ``None``: the peers of
     other libraries present (``precond.ablate.peers.BASELINES``), else the best variant."""
+    timing_steps: int = attrs.field(default=200, validator=number(
+        low=0, integer=True, meaning="steps of each variant's timing run after the grid (0: no timing pass)"))
+    """Steps of the timing pass (:mod:`precond.ablate.timing`): after the grid, each variant's best lr runs alone,
+    one run at a time, this many steps, and the per-second table is timed from it; 0 times it from the grid."""
+    tensorboard: Optional[Path] = attrs.field(default=None, converter=lambda value: None if value is None
+                                              else Path(value))
+    """A directory for TensorBoard logs of every run trained (:mod:`precond.ablate.board`); ``None``: none."""
 
     def __attrs_post_init__(self) -> None:
         names = [variant.name for variant in self.variants]
@@ -161,7 +168,8 @@ class AblationConfig:
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
             progress=bool(data.get("progress", True)), workers=data.get("workers", 1), threads=data.get("threads"),
             extend_lrs=data.get("extend_lrs", 2), baselines=_names("baselines", data.get("baselines")),
-            library=data.get("library"))
+            library=data.get("library"), timing_steps=data.get("timing_steps", 200),
+            tensorboard=data.get("tensorboard"))
 
 
 def _fingerprint(value: Any) -> None:

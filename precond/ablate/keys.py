@@ -196,13 +196,18 @@ READERS: dict[str, Callable[[Any], Any]] = {
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
 
+EXPECTATIONS = ("diverge",)
+"""What ``expect`` may announce: ``diverge`` (the variant is there to show a failure, e.g. Shampoo without grafting)."""
+
 LABEL_KEYS = {"name": name, "lr": learning_rates, "preset": choice(NAMED), "lr_from": name, "adam_lr_from": name,
-              "bracket": boolean}
+              "bracket": boolean, "why": name, "expect": choice(EXPECTATIONS)}
 """Keys that name a variant, choose its learning rates (``lr``; ``lr_from``: the best lr of another variant, once
 that one is tuned; ``adam_lr_from``: a Muon's ``adam_lr`` set to another variant's best lr; ``bracket``: whether
-the workbench extends the grid until the best lr lies inside it) or its preset (not part of a composition)."""
+the workbench extends the grid until the best lr lies inside it), say why it is in the ablation (``why``, printed
+in the summary), announce that it is expected to diverge (``expect = "diverge"``: its grid is not extended and
+the summary does not ask for wider lrs) or its preset (not part of a composition)."""
 
-ALIASES = {"lrs": "lr", "wd": "weight_decay"}
+ALIASES = {"lrs": "lr", "wd": "weight_decay", "reason": "why"}
 """Alternative spellings of keys."""
 
 

@@ -50,7 +50,7 @@ def _start(config: AblationConfig, devices: Any, workers: int, log: Callable[[st
 def _train(run: Run, label: str, expected: Optional[float], deadline: Optional[float]) -> Optional[dict[str, Any]]:
     local_deadline = None if deadline is None else time.monotonic() + (deadline - time.time())
     return attempt_run(_worker["config"], _worker["data"], run, label, expected, local_deadline, _worker["device"],
-                       _worker["log"], bars=False, concurrent_runs=_worker["workers"])
+                       _worker["log"], bars=False, concurrent_runs=_worker["workers"], announce=False)
 
 
 def _picklable(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -63,8 +63,10 @@ def _picklable(log: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def run_in_processes(config: AblationConfig, todo: list[Run], store: RunStore, deadline: Optional[float],
-                     device: torch.device, workers: int, log: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """Train ``todo`` in ``workers`` processes and yield each finished record as soon as it arrives. A run is
+                     device: torch.device, workers: int,
+                     log: Callable[[str], None]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Train ``todo`` in ``workers`` processes and yield each finished run's log label and record as soon as it
+    arrives (the caller logs its line: a worker prints nothing for a run that finishes). A run is
     handed to a worker only when one is free, with the expected duration known by then (the longest finished run
     of its variant, ``store`` being updated by the caller), so the time budget is judged as in a serial ablation:
     once a run does not fit or is cut off, no further run is handed out. An error in a run is raised here after
@@ -78,13 +80,17 @@ def run_in_processes(config: AblationConfig, todo: list[Run], store: RunStore, d
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
                                                 initargs=(config, devices, workers, _picklable(log))) as pool:
 
+        labels: dict[concurrent.futures.Future, str] = {}
+
         def hand_out() -> Optional[concurrent.futures.Future]:
             item = next(queue, None)
             if item is None:
                 return None
             index, run = item
-            return pool.submit(_train, run, run_label(index, len(todo), run), store.longest(run[0].spec()),
-                               wall_deadline)
+            label = run_label(index, len(todo), run)
+            future = pool.submit(_train, run, label, store.longest(run[0].spec()), wall_deadline)
+            labels[future] = label
+            return future
 
         running = {future for future in (hand_out() for _ in range(workers)) if future is not None}
         stopped = False
@@ -95,7 +101,7 @@ def run_in_processes(config: AblationConfig, todo: list[Run], store: RunStore, d
                 if record is None:
                     stopped = True  # the time budget is spent: let the runs in flight end, start no more
                     continue
-                yield record
+                yield labels.pop(future), record
                 following = None if stopped else hand_out()
                 if following is not None:
                     running.add(following)

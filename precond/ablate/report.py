@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from precond.ablate import divergence, plots, progress, wallclock
+from precond.ablate import divergence, plots, progress, timing, wallclock, warnlog
 from precond.ablate.divergence import diverged
 from precond.ablate.stats import paired_interval
 from precond.ablate.summary import Record, VariantSummary, auto_target, final_loss, paired, reference_of, summarize
@@ -72,9 +72,13 @@ def _best_lr_text(summary: VariantSummary, tuning: Optional[Any]) -> str:
 def _difference(summary: VariantSummary, reference: Optional[VariantSummary], value: Any = final_loss) -> str:
     if reference is None or not math.isfinite(summary.final_mean):
         return "—"
-    if summary is reference:
+    if summary.name == reference.name:
         return "reference"
-    interval = paired_interval(paired(summary, reference, value))
+    differences = paired(summary, reference, value)
+    try:
+        interval = paired_interval(differences)
+    except ImportError:  # several seeds without scipy: the mean, and how to get the interval
+        return f"{statistics.mean(differences):+.4f} (no interval: pip install scipy)"
     return "—" if interval is None else interval.text()
 
 
@@ -116,11 +120,17 @@ def _mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def time_table(summaries: Sequence[VariantSummary], target: Optional[float],
-               reference: Optional[VariantSummary] = None) -> tuple[str, Optional[float]]:
+               reference: Optional[VariantSummary] = None,
+               timings: Optional[dict[str, Record]] = None) -> tuple[str, Optional[float]]:
     """The per-second table (:mod:`precond.ablate.wallclock`) and the equal time it compares at: time per step,
     the startup window's extra time (compilation, first refreshes), the steady training time of a run, the
     validation loss reached at the equal time (mean ± std over seeds, paired difference to ``reference``) and the
-    time to ``target``."""
+    time to ``target``. With ``timings`` (:mod:`precond.ablate.timing`), a variant's step time and startup are its
+    timing run's and its runs are put on that clock; a variant without one is timed from its grid runs and marked
+    "grid" when others have one."""
+    timings = timings or {}
+    summaries = timing.retime(summaries, timings)
+    reference = next((s for s in summaries if reference is not None and s.name == reference.name), None)
     healthy = [s for s in summaries if s.best_runs]
     equal = wallclock.equal_time([s.best_runs for s in healthy])
     at = f"{equal:.1f} s" if equal is not None else "—"
@@ -147,8 +157,14 @@ def time_table(summaries: Sequence[VariantSummary], target: Optional[float],
         else:
             target_text = f"{statistics.mean(reached):.1f}" + (
                 f" ({len(reached)}/{len(runs)} seeds)" if len(reached) < len(runs) else "")
-        ms, extra = _mean_of([wallclock.ms_per_step(r) for r in runs]), _mean_of([wallclock.startup(r) for r in runs])
-        row = [summary.name, "—" if ms is None else f"{ms:.1f}", "—" if extra is None else f"{extra:.2f}",
+        timed = timings.get(summary.name)
+        if timed is not None and wallclock.ms_per_step(timed) is not None:
+            ms, extra, mark = wallclock.ms_per_step(timed), wallclock.startup(timed), ""
+        else:
+            ms = _mean_of([wallclock.ms_per_step(r) for r in runs])
+            extra = _mean_of([wallclock.startup(r) for r in runs])
+            mark = " (grid)" if timings else ""
+        row = [summary.name, ("—" if ms is None else f"{ms:.1f}") + mark, "—" if extra is None else f"{extra:.2f}",
                f"{statistics.mean(wallclock.total_seconds(r) for r in runs):.1f}", loss_text]
         if reference is not None:
             row.append(_difference(summary, reference, at_equal) if reference.best_runs else "—")
@@ -165,6 +181,7 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
     settings = {k: v for k, v in config.task.settings().items() if k != "task"}
     params = records[0].get("params") if records else None
     threads = sorted({r["threads"] for r in records if r.get("threads") is not None})
+    machines = sorted({_machine_text(r["machine"]) for r in records if r.get("machine")})
     plural = "s" if threads != [1] else ""
     threads_text = f" ({'/'.join(map(str, threads))} CPU thread{plural} per run)" if threads else ""
     target_text = "—" if target is None else f"{target:.4f}" + (
@@ -185,9 +202,26 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
         f"target val loss {target_text}; times are training time without evaluation; a run diverged when a "
         f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
         f"- memory: {memory}",
+        *([f"- machine: {'; '.join(machines)}"] if machines else []),
         *[f"- **skipped: {variant.name}**: {reason}; its runs were not made" for variant, reason in config.skipped()],
         "",
     ])
+
+
+def _machine_text(machine: dict[str, Any]) -> str:
+    cores = f", {machine['cores']} cores" if machine.get("cores") else ""
+    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
+    return f"CPU {machine.get('cpu') or 'unknown'}{cores}{gpu}"
+
+
+def variants_section(config: Any) -> str:
+    """Why each variant is in the ablation (its ``why``), and which are expected to diverge."""
+    lines = ["## The variants", ""]
+    for variant in config.variants:
+        note = " — *expected to diverge*" if variant.expected_to_diverge else ""
+        why = f": {variant.why}" if variant.why else ""
+        lines.append(f"- **{variant.name}** (`{variant.spec()}`){note}{why}")
+    return "\n".join(lines)
 
 
 def _tuning_section(tunings: dict[str, Any], extend_lrs: int) -> str:
@@ -198,7 +232,7 @@ def _tuning_section(tunings: dict[str, Any], extend_lrs: int) -> str:
     lines = ["## Tuning: is each best learning rate inside its grid?", "", rule, ""]
     for name, tuning in tunings.items():
         text = f"{name}: {tuning.message}"
-        lines.append(f"- **{text}**" if tuning.state in ("limit", "pending", "waiting") else f"- {text}")
+        lines.append(f"- **{text}**" if tuning.state in ("limit", "pending", "waiting", "unexpected") else f"- {text}")
     return "\n".join(lines)
 
 
@@ -213,10 +247,13 @@ def _reference_note(reference: Optional[VariantSummary], baselines: Sequence[str
 
 
 def write_reports(records: Sequence[Record], config: Any, device: torch.device, out: Path,
-                  tunings: Optional[dict[str, Any]] = None) -> tuple[dict[str, Path], str]:
+                  tunings: Optional[dict[str, Any]] = None,
+                  timings: Optional[dict[str, Record]] = None) -> tuple[dict[str, Path], str]:
     """Write ``runs.csv``, ``summary.md`` and (with matplotlib) ``loss_curves.png``, ``loss_vs_time.png`` and
     ``lr_sweep.png`` into ``out``; return the paths and the per-step Markdown table. ``tunings``: each variant's
-    :class:`precond.ablate.bracket.Tuning` (a section of the summary says whether each best lr is inside)."""
+    :class:`precond.ablate.bracket.Tuning` (a section of the summary says whether each best lr is inside);
+    ``timings``: each variant's timing run (:mod:`precond.ablate.timing`), which times the per-second table. The
+    warnings the runs raised are listed by kind (:mod:`precond.ablate.warnlog`)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"runs": out / "runs.jsonl", "csv": out / "runs.csv", "markdown": out / "summary.md"}
     write_csv(records, files["csv"])
@@ -224,24 +261,34 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
     target = config.target_loss if config.target_loss is not None else auto_target(summaries)
     baselines = config.baseline_names()
     reference = reference_of(summaries, baselines)
+    timings = timings or {}
+    if timings:
+        files["timing"] = out / timing.TIMING_FILE
+    digest = warnlog.Digest()
+    digest.add_all(records)
     table = markdown_table(summaries, target, device.type == "cuda", reference, tunings)
-    seconds, equal = time_table(summaries, target, reference)
+    seconds, equal = time_table(summaries, target, reference, timings)
     sections = [_preamble(config, device, records, target, config.target_loss is None) + _reference_note(
-        reference, baselines)]
+        reference, baselines), variants_section(config)]
     if tunings:
         sections.append(_tuning_section(tunings, config.extend_lrs))
     sections.append("## Per step\n\n" + table)
+    clock = ("each variant's timing run (see \"How the times were taken\")" if timings else
+             "each run's own step times")
     sections.append("## Per second\n\n"
-                    + (f"Steady training time (each run's first min(25, steps/4) steps, where compilation and "
-                       f"first refreshes fall, counted at its steady mean step time; their extra time in its own "
-                       f"column); the loss at {equal:.1f} s, the fastest variant's whole run, is "
+                    + (f"Steady training time, timed by {clock}: the first min(25, steps/4) steps, where "
+                       f"compilation and first refreshes fall, are counted at the steady mean step time, their extra "
+                       f"time in its own column; the loss at {equal:.1f} s, the fastest variant's whole run, is "
                        f"that of the last validation made by then (slower variants are mid-schedule there).\n\n"
                        if equal is not None else "") + seconds)
+    sections.append(timing.section(summaries, timings, config, records))
     sections.append("## Every learning rate\n\n" + lr_table(summaries))
+    if digest.markdown():
+        sections.append(digest.markdown())
     files["markdown"].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     try:
-        files.update(plots.write_plots(summaries, out, title=f"{config.task.name} on {device}",
-                                       equal_time=equal, target=target))
+        files.update(plots.write_plots(timing.retime(summaries, timings), out,
+                                       title=f"{config.task.name} on {device}", equal_time=equal, target=target))
     except ImportError:
         progress.log("matplotlib is not installed: no plots (pip install -e '.[demo]')")
     return files, table

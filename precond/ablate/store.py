@@ -30,7 +30,8 @@ class RunStore:
                     record = json.loads(line)
                     self._records[record["key"]] = record
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    warnings.warn(f"{self.path}:{number}: unreadable run record skipped (interrupted write?)")
+                    warnings.warn(f"{self.path}:{number}: unreadable run record skipped (interrupted write?)",
+                                  stacklevel=2)
 
     def __contains__(self, key: str) -> bool:
         return key in self._records

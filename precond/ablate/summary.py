@@ -21,7 +21,7 @@ def final_loss(record: Record) -> float:
 def time_to(record: Record, target: float) -> Optional[tuple[int, float]]:
     """``(step, train seconds)`` of the first evaluation at or below ``target``; ``None`` if never reached."""
     curve = record["curve"]
-    for step, val, seconds in zip(curve["step"], curve["val"], curve["seconds"]):
+    for step, val, seconds in zip(curve["step"], curve["val"], curve["seconds"], strict=True):
         if val is not None and val <= target:
             return step, seconds
     return None

@@ -11,7 +11,7 @@ import attrs
 import torch
 from torch import nn
 
-from precond.ablate import divergence, memory
+from precond.ablate import board, divergence, memory
 from precond.ablate.schedule import SCHEDULES, multiplier
 from precond.ablate.variants import Variant
 from precond.tasks.base import Data, Task, stream
@@ -19,6 +19,9 @@ from precond.validators import number, one_of
 
 EvalCallback = Callable[[int, Optional[float], float, float], None]
 """Called after each evaluation with ``(step, mean train loss since the last one, val loss, train seconds)``."""
+
+ScalarLog = Callable[[int, dict[str, Any]], None]
+"""Receives ``(step, {tag: value})`` (see :func:`train_run`)."""
 
 
 class OutOfTime(Exception):
@@ -111,9 +114,9 @@ class StepTimer:
         if self.cuda:
             if self._marks:
                 self._marks[-1].synchronize()
-            self.times += [a.elapsed_time(b) for a, b in zip(self._marks[:-1], self._marks[1:])]
+            self.times += [a.elapsed_time(b) for a, b in zip(self._marks[:-1], self._marks[1:], strict=True)]
         else:
-            self.times += [1e3 * (b - a) for a, b in zip(self._marks[:-1], self._marks[1:])]
+            self.times += [1e3 * (b - a) for a, b in zip(self._marks[:-1], self._marks[1:], strict=True)]
         self._marks = self._marks[-1:]
 
     def restart(self) -> None:
@@ -149,13 +152,23 @@ def evaluate(task: Task, model: nn.Module, data: Data, batches: int, device: tor
     return float(total) / batches
 
 
+def _ignore(step: int, values: dict[str, Any]) -> None:
+    pass
+
+
 def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, training: Training,
               device: torch.device, deadline: Optional[float] = None, on_eval: Optional[EvalCallback] = None,
-              on_step: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+              on_step: Optional[Callable[[], None]] = None, stop_after: Optional[int] = None,
+              log_scalars: Optional[ScalarLog] = None) -> dict[str, Any]:
     """Train one model and return its record (without the resume key): the validation curve, the final loss,
     whether it diverged, times and memory. Training stops early once it diverged: a step raised a numerical
     error, or a validation loss is not finite or above twice the initial one (:mod:`precond.ablate.divergence`).
     Raises :class:`OutOfTime` once ``time.monotonic()`` passes ``deadline``.
+
+    ``stop_after``: stop after that many steps, under the schedule of the whole run (the timing pass,
+    :mod:`precond.ablate.timing`: the same steps as the run's start, at the same learning rates).
+    ``log_scalars(step, {tag: value})`` receives the learning rate at every step and the losses and
+    ``optimizer.stats()`` at every validation (:mod:`precond.ablate.board`).
     """
     started = time.monotonic()
     model = task.build_model(seed).to(device)
@@ -169,19 +182,24 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
     memory.reset_peak(device)
     curve: dict[str, list] = {"step": [], "train": [], "val": [], "seconds": []}
     train_seconds, error = 0.0, None
+    scalars = log_scalars or _ignore
 
     def record(step: int, train_loss: Optional[float]) -> float:
         val = evaluate(task, model, data, training.eval_batches, device, training.bf16)
-        for column, value in zip(curve, (step, train_loss, val, round(train_seconds, 4))):
+        for column, value in zip(curve, (step, train_loss, val, round(train_seconds, 4)), strict=True):
             curve[column].append(value if value is None or math.isfinite(value) else None)
         if on_eval is not None:
             on_eval(step, train_loss, val, train_seconds)
+        if log_scalars is not None:  # optimizer.stats() may synchronise with the device: only when asked
+            log_scalars(step, {"loss/val": val, "loss/train": train_loss, **board.optimizer_stats(optimizer)})
         return val
 
+    last = training.steps if stop_after is None else max(1, min(stop_after, training.steps))
     initial = record(0, None)
     running, count, segment, done = torch.zeros((), device=device), 0, time.monotonic(), 0
     timer.mark()
-    for step in range(1, training.steps + 1):
+    for step in range(1, last + 1):
+        scalars(step, {"lr": optimizer.param_groups[0]["lr"]})
         with _autocast(device, training.bf16):
             loss = task.loss(model, next(batches))
         optimizer.zero_grad(set_to_none=True)
@@ -200,9 +218,9 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
         count += 1
         if on_step is not None:
             on_step()
-        if deadline is not None and step < training.steps and time.monotonic() > deadline:  # a finished run stays
+        if deadline is not None and step < last and time.monotonic() > deadline:  # a finished run stays
             raise OutOfTime(f"time budget reached at step {step} of {variant.name} lr={lr:g} seed={seed}")
-        if step % training.eval_every == 0 or step == training.steps:
+        if step % training.eval_every == 0 or step == last:
             _sync(device)
             train_seconds += time.monotonic() - segment
             timer.collect()

@@ -12,7 +12,8 @@ key                    values                                                   
                        ``diagonal`` spectrum, or ``block``: blocks of ``max_dim``
 ``estimator``          ``kl`` ``shampoo`` ``frobenius`` ``frobenius_factored``     ``kl``
                        ``kl_soap``
-``basis``              ``eigh`` ``qr`` ``cholesky_qr`` ``identity``                ``qr``
+``basis``              ``eigh`` ``qr`` ``cholesky_qr`` ``refine``                  ``qr``
+                       ``identity``
 ``every``              T, the refresh period                                       10
 ``applier``            ``power:<p>``, p = 0.5, 0.25, ``1/(2N)`` or any p in [0, 1]  ``power:0.5``
 ``normalize``          rescale the update to this RMS (``Normalize``, ASGO: 0.2)   ``none``
@@ -27,6 +28,10 @@ key                    values                                                   
 ``lr``                 this variant's learning rates, ``/``-separated: 1e-3/3e-3    the run's grid
 ``lr_from``            run at the best lr of the variant named here, once tuned    unset
 ``bracket``            extend the grid until the best lr lies inside (true/false)  true
+``why``                why the variant is in the ablation (printed in the summary)  unset
+                       (alias ``reason``)
+``expect``             ``diverge``: shown to fail (no lr extension, no advice to    unset
+                       widen its lrs; the summary says when it did not diverge)
 ``adam_lr``            the Adam part's lr of ``muon`` and ``torch_muon`` only      3e-4
 ``rotation_dtype``     ``bfloat16`` or ``float16`` operands for the rotations      the state dtype
                        into and out of the eigenbasis (``rotation_dtype`` of
@@ -105,6 +110,14 @@ class Variant:
     lr_from: Optional[str] = attrs.field(default=None, eq=False)
     bracket: bool = attrs.field(default=True, eq=False)
     adam_lr_from: Optional[str] = attrs.field(default=None, eq=False)
+    why: Optional[str] = attrs.field(default=None, eq=False)
+    """Why the variant is in the ablation (the summary prints it)."""
+    expect: Optional[str] = attrs.field(default=None, eq=False)
+    """``"diverge"`` for a variant shown to fail (see :mod:`precond.ablate.bracket`)."""
+
+    @property
+    def expected_to_diverge(self) -> bool:
+        return self.expect == "diverge"
 
     @property
     def options(self) -> dict[str, Any]:
@@ -195,7 +208,8 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     if adam_lr_from is not None and ("adam_lr" in values or not takes_adam_lr or lr_from is not None):
         raise ValueError(f"{where}: adam_lr_from sets the adam_lr of muon or torch_muon (which then tune their own "
                          f"lr); give it or adam_lr, not both, and not with lr_from")
-    extra = {"lr_from": lr_from, "bracket": bracket, "adam_lr_from": adam_lr_from}
+    extra = {"lr_from": lr_from, "bracket": bracket, "adam_lr_from": adam_lr_from, "why": values.pop("why", None),
+             "expect": values.pop("expect", None)}
     if preset is not None:
         allowed = preset_keys(preset)
         refused = [key for key in values if key not in allowed]

@@ -80,7 +80,7 @@ def loss_at(record: Record, seconds: float) -> float | None:
     """The validation loss of the last evaluation made within ``seconds`` of steady training time (the initial
     one at 0 s counts); ``None`` when that evaluation was not finite."""
     value = None
-    for elapsed, val in zip(steady_seconds(record), record["curve"]["val"]):
+    for elapsed, val in zip(steady_seconds(record), record["curve"]["val"], strict=True):
         if elapsed > seconds + 1e-9:
             break
         value = val
@@ -89,7 +89,7 @@ def loss_at(record: Record, seconds: float) -> float | None:
 
 def time_to(record: Record, target: float) -> float | None:
     """Steady seconds to the first evaluation at or below ``target``; ``None`` if never reached."""
-    for elapsed, val in zip(steady_seconds(record), record["curve"]["val"]):
+    for elapsed, val in zip(steady_seconds(record), record["curve"]["val"], strict=True):
         if val is not None and val <= target:
             return elapsed
     return None

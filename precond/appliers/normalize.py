@@ -20,7 +20,7 @@ def _betas(instance, attribute, value) -> None:
         return
     if not (isinstance(value, tuple) and len(value) == 2):
         raise ValueError(f"{attribute.name} must be None or a pair (β₁, β₂), e.g. (0.95, 0.95), got {value!r}")
-    for name, beta in zip(("β₁", "β₂"), value):
+    for name, beta in zip(("β₁", "β₂"), value, strict=True):
         number(low=0, high=1, high_open=True, meaning=f"{name} of the bias corrections to keep")(
             instance, attribute, beta
         )

@@ -27,7 +27,8 @@ class Power:
       ``(∏_k λ_k)^p + ε`` instead, ε outside the root as in the KL-Shampoo prototype.
     Modes without a spectrum are identity (``λ = 1``, no ε). With a dense spectrum ``V̂`` (SOAP's, from the
     estimator) it replaces ``⊗_k λ_k``: ``R ⊙ (V̂ + ε)^{-p}`` or ``R / (V̂^p + ε)`` (Adam's form, ``"outside"``);
-    ``"1/(2N)"`` then means ``1/2``.
+    ``"1/(2N)"`` keeps ``N`` the number of modes with a spectrum (``V̂^{-1/4}`` for a matrix, as ``(λ_1 ⊗ λ_2)^{-1/4}``;
+    ``tests/test_update_reference.py``).
     - ``eps_uncorrected_beta``: ``None`` (default) adds ε to the spectrum as given. A number β says the spectrum
       is bias-corrected, ``V̂ = V/(1−βᵗ)``, and ε is to be added to the *uncorrected* ``V`` instead: ε becomes
       ``ε_t = ε/(1−βᵗ)^p`` with ``"outside"`` (``(V^p + ε)/(1−βᵗ)^p`` in the denominator) and ``ε/(1−βᵗ)`` with
@@ -115,7 +116,7 @@ class Power:
         if dense is not None:
             return spectra, raised(dense, relative(dense, sum(d for d in sizes if d is not None), 2))
         return [lam if lam is None or d is None else raised(lam, relative(lam, d, 1))
-                for lam, d in zip(spectra, sizes)], dense
+                for lam, d in zip(spectra, sizes, strict=True)], dense
 
     def _eps(self, step: int, p: float) -> float:
         """ε, or ``ε_t`` on the uncorrected spectrum (``eps_uncorrected_beta``)."""

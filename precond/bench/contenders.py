@@ -37,12 +37,30 @@ LEVERS = {
                                   "rotation_dtype": torch.bfloat16},
     "kl_shampoo_fast_captured_bf16": {"stagger": True, "basis": "cholesky", "tf32": True, "async_refresh": True,
                                       "capture": True, "rotation_dtype": torch.bfloat16},
+    # the basis refresh A/B (issue 23, lever 1): the fast configurations with each refresher in place of Cholesky-QR
+    **{f"kl_shampoo_{basis}_fast_sync": {"stagger": True, "basis": basis, "tf32": True}
+       for basis in ("qr", "refine", "refine1", "refine_bf16")},
+    **{f"kl_shampoo_{basis}_fast": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True}
+       for basis in ("qr", "refine", "refine1", "refine_bf16")},
+    **{f"kl_shampoo_{basis}_fast_captured": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
+                                             "capture": True}
+       for basis in ("qr", "refine", "refine1", "refine_bf16")},
 }
+
+BASES: dict[str, Callable[[int], object]] = {
+    "cholesky": lambda every: bases.CholeskyQR(every=every),
+    "qr": lambda every: bases.QRPowerStep(every=every),
+    "refine": lambda every: bases.Refine(every=every),  # two sweeps, TF32 products
+    "refine1": lambda every: bases.Refine(every=every, sweeps=1),
+    "refine_bf16": lambda every: bases.Refine(every=every, precision="bfloat16"),
+}
+"""The ``basis`` of a lever line: the refresher every group gets (none named: the preset's ``QRPowerStep``)."""
 
 
 def _kl_with_levers(name: str, every: int, max_dim: int, lr: float, base: dict) -> Factory:
     options = dict(LEVERS[name])
-    groups_basis = bases.CholeskyQR(every=every) if options.pop("basis", None) == "cholesky" else None
+    basis = options.pop("basis", None)
+    groups_basis = BASES[basis](every) if basis is not None else None
 
     def make(params):
         params = list(params)

@@ -72,8 +72,8 @@ def main() -> None:
             checkpoint.load(model, optimizer, str(root / preset))
             after = _steps(model, optimizer, range(SAVE_AT + 1, SAVE_AT + AFTER + 1))
             expected = torch.load(root / f"{preset}-uninterrupted.pt")
-            report[preset] = {"bitwise": all(torch.equal(a, b) for a, b in zip(after, expected)),
-                              "max_abs": max(float((a - b).abs().max()) for a, b in zip(after, expected))}
+            report[preset] = {"bitwise": all(torch.equal(a, b) for a, b in zip(after, expected, strict=True)),
+                              "max_abs": max(float((a - b).abs().max()) for a, b in zip(after, expected, strict=True))}
         if report and dist.get_rank() == 0:
             print(json.dumps({"world": dist.get_world_size(), "backend": dist.get_backend(), "resumed": report}))
         dist.barrier()  # no rank tears the group down while another still talks to it

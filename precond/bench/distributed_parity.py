@@ -48,9 +48,9 @@ def _run(preset: str, shapes, device, distributed: Optional[precond.DataParallel
 
 
 def _difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, Any]:
-    return {"bitwise": all(torch.equal(x, y) for x, y in zip(a, b)),
-            "max_abs": max(float((x - y).abs().max()) for x, y in zip(a, b)),
-            "max_rel": max(float(((x - y).abs() / y.abs().clamp_min(1e-30)).max()) for x, y in zip(a, b))}
+    return {"bitwise": all(torch.equal(x, y) for x, y in zip(a, b, strict=True)),
+            "max_abs": max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)),
+            "max_rel": max(float(((x - y).abs() / y.abs().clamp_min(1e-30)).max()) for x, y in zip(a, b, strict=True))}
 
 
 def run(presets: tuple[str, ...], sharded_preset: str, sharded_shapes: str) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             report = {"world": dist.get_world_size(), "backend": dist.get_backend(), "ranks": gathered}
             with open(args.json, "w") as handle:
                 json.dump(report, handle, indent=1)
-            for name, row in gathered[0].items():
+            for name in gathered[0]:
                 worst = max(r[name]["max_abs"] for r in gathered)
                 bitwise = all(r[name]["bitwise"] for r in gathered)
                 print(f"{name}: bitwise {bitwise}, max |Δ| {worst:.3e}")

@@ -1,13 +1,15 @@
 """``python -m precond.bench.op_count``: how many top-level aten operations one ``step()`` issues.
 
-A step of the fast configurations is bound by launch and dispatch overhead (``docs/benchmarks.md``), so the number of
-operations it issues is a deterministic measure of that overhead that needs no GPU. An operation is *top-level* when
+Each operation an eager ``step()`` issues costs one dispatch on the host and, on a GPU, one kernel launch, so the number
+of operations it issues is a deterministic measure of that host overhead that needs no GPU. (The overhead bounded the
+uncaptured fast step in the first GPU profile; since the op cuts and with ``capture=True`` the measured step is bound
+by its GPU work, not by launches: ``docs/benchmarks.md``.) An operation is *top-level* when
 no other ``aten::`` operation encloses it (what the optimizer's Python code called; ``aten::einsum`` counts once, its
 ``bmm`` and views inside it do not). Views count too (they launch no kernel but cost dispatch time).
 
 The gradients are drawn before profiling, so only ``step()`` is counted. Operations issued by a basis refresh (the
-optimizer's ``_refresh``, and the installation of pending asynchronous refreshes at the start of a step) are counted
-apart: with ``stagger`` some refresh is due at most steps, and ``steady`` (the rest) is what a step without any
+engine's ``bucket_step.refresh``, and the installation of pending asynchronous refreshes at the start of a step) are
+counted apart: with ``stagger`` some refresh is due at most steps, and ``steady`` (the rest) is what a step without any
 refresh due issues.
 """
 
@@ -57,10 +59,11 @@ def in_refresh(event) -> bool:
 
 @contextlib.contextmanager
 def tagged_refreshes(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Wrap a ``precond.Optimizer``'s refresh entry points in a profiler range named :data:`REFRESH` (instance
-    attributes, removed again on exit; nothing else of the optimizer changes). Another optimizer is left alone."""
-    schedule = getattr(optimizer, "_schedule", None)
-    targets = [(optimizer, "_refresh"), (schedule, "flush")] if hasattr(optimizer, "_refresh") and schedule else []
+    """Wrap a ``precond.Optimizer``'s refresh entry points (its engine's ``bucket_step.refresh`` and
+    ``schedule.flush``) in a profiler range named :data:`REFRESH` (instance attributes, removed again on exit; nothing
+    else of the optimizer changes). Another optimizer is left alone."""
+    engine = getattr(optimizer, "engine", None)
+    targets = [(engine.bucket_step, "refresh"), (engine.schedule, "flush")] if engine is not None else []
 
     def tagged(method: Callable) -> Callable:
         @functools.wraps(method)
@@ -108,7 +111,7 @@ def measure(name: str, shapes: Sequence[tuple[int, ...]], every: int = 10, max_d
         return [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
 
     for _ in range(2 * every + 2 if warmup is None else warmup):
-        for p, g in zip(params, gradients()):
+        for p, g in zip(params, gradients(), strict=True):
             p.grad = g
         optimizer.step()
     return count_step_ops(optimizer, params, [gradients() for _ in range(steps)])

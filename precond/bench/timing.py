@@ -23,7 +23,7 @@ def step_with(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
     """One ``optimizer.step()`` per entry of ``grads`` (the gradients of ``params`` for that step, made by the caller
     beforehand, so that a profile or a count of the steps holds ``step()`` alone)."""
     for step_grads in grads:
-        for p, g in zip(params, step_grads):
+        for p, g in zip(params, step_grads, strict=True):
             p.grad = g
         optimizer.step()
 

@@ -57,7 +57,7 @@ def time_training(make: Factory, device: torch.device, model_size: dict[str, int
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start_wall
     if events:
-        per_step = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:])]
+        per_step = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=True)]
     else:
         per_step = [wall * 1e3 / steps] * steps
     result = {

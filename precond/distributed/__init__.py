@@ -2,7 +2,8 @@
 
 ``precond.Optimizer(..., distributed=precond.DataParallel(mode="owner"))``; see :class:`DataParallel` and
 ``docs/scaling.md``. Modules: ``config`` (the part), ``owners`` (who does what), ``exchange`` (one flat collective),
-``runtime`` (what both modes share), ``owner`` and ``replicate`` (the modes), ``checkpoint`` (DCP glue).
+``runtime`` (what both modes share), ``owner``, ``sharded`` (FSDP2) and ``replicate`` (the modes: runtimes of
+``precond.runtime``, chosen by ``precond.compatibility.RUNTIMES``), ``checkpoint`` (DCP glue).
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ __all__ = ["DataParallel", "owner_of", "state_bytes", "traffic"]
 
 
 def _runtime(optimizer: Any):
-    runtime = getattr(optimizer, "_distributed", None)
-    if runtime is None:
+    if getattr(optimizer, "distributed", None) is None:
         raise ValueError("this optimizer was built without distributed=precond.DataParallel(...)")
-    return runtime
+    return optimizer.engine.runtime
 
 
 def owner_of(optimizer: Any, p: torch.Tensor) -> int:
     """The rank that owns parameter ``p`` (owner mode; known after the first step)."""
     runtime = _runtime(optimizer)
-    runtime.prepare(optimizer)
+    runtime.prepare()
     return runtime.owner_of(p)
 
 

@@ -62,15 +62,3 @@ class DataParallel:
         from precond import compatibility
 
         compatibility.check(compatibility.parallel_features(self.mode, self.placement))
-
-    def attach(self, optimizer: Any):
-        """The runtime of this configuration for ``optimizer`` (called by ``precond.Optimizer``)."""
-        if self.mode == "owner":
-            from precond.distributed.runtime import is_dtensor
-            if any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
-                from precond.distributed.sharded import ShardedOwnerRuntime
-                return ShardedOwnerRuntime(self, optimizer)
-            from precond.distributed.owner import OwnerRuntime
-            return OwnerRuntime(self, optimizer)
-        from precond.distributed.replicate import ReplicateRuntime
-        return ReplicateRuntime(self, optimizer)

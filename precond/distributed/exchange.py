@@ -82,4 +82,4 @@ class FlatExchange:
         buffer, self._buffer, self._send = self._buffer, None, None
         if self.gathered:
             return [buffer[r * self.largest:r * self.largest + size] for r, size in enumerate(self.sizes)]
-        return [buffer[offset:offset + size] for offset, size in zip(self.offsets, self.sizes)]
+        return [buffer[offset:offset + size] for offset, size in zip(self.offsets, self.sizes, strict=True)]

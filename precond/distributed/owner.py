@@ -5,7 +5,7 @@ parameter's state (factors, spectra, bases, momentum, the applier's tensors) and
 ``lr`` and weight decay). The owners' updates are exchanged in flat slots, one collective per chunk (in
 ``comm_dtype``): rank ``r``'s slot holds, for each parameter of the chunk it owns, a flag (1 = it has an update this
 step) and then the updates, grouped by (param group, shape, dtype) so that each run is one batched view. Then every
-rank applies the same decay and ``W ← W − η U`` to every parameter (``Optimizer._apply``, the single-process
+rank applies the same decay and ``W ← W − η U`` to every parameter (``precond.moves.move``, the single-process
 arithmetic), so all ranks stay bitwise equal to each other and, with ``comm_dtype`` equal to the state dtype, to one
 process.
 
@@ -26,9 +26,10 @@ from __future__ import annotations
 import attrs
 import torch
 
+from precond import moves
 from precond.distributed.exchange import FlatExchange
 from precond.distributed.owners import owner_plan
-from precond.distributed.runtime import Entry, Runtime, Work
+from precond.distributed.runtime import DistributedRuntime, Entry, Work
 
 PIPELINE_ELEMENTS = 2**20
 """Entries from which a chunk may end at a kind boundary: smaller kinds share a collective (a collective costs a
@@ -58,15 +59,15 @@ class Chunk:
     """Entry index → (flag position, update offset) in its owner's slot."""
 
 
-class OwnerRuntime(Runtime):
+class OwnerRuntime(DistributedRuntime):
     """See the module docstring."""
 
-    def _plan(self, optimizer) -> None:
+    def _plan(self) -> None:
         previous = getattr(self, "_owner_of_param", {})  # a re-plan (add_param_group) keeps the owners it had
         self.owner = owner_plan(self.entries, self.world,
                                 {e.index: previous[id(e.param)] for e in self.entries if id(e.param) in previous},
                                 self.config.placement)
-        self._owner_of_param = {id(e.param): rank for e, rank in zip(self.entries, self.owner)}
+        self._owner_of_param = {id(e.param): rank for e, rank in zip(self.entries, self.owner, strict=True)}
         self.chunks: list[Chunk] = []
         self.chunk_of: dict[int, int] = {}
         members: list[Entry] = []
@@ -138,28 +139,29 @@ class OwnerRuntime(Runtime):
         return self.owner[self.index[id(p)]]
 
     # --- the step ------------------------------------------------------------------------------------
-    def begin(self, optimizer) -> None:
-        self._drop_foreign_state(optimizer)
+    def reset(self) -> None:
+        self._drop_foreign_state()
         self._exchanges, self._waiting, self._started = {}, [], 0
 
-    def gathered(self, optimizer, work: Work) -> Work | None:
+    def gradients(self, work: Work) -> Work | None:
         """The base verdict, then how many updates this rank will stage in each chunk (those it steps)."""
-        mine = super().gathered(optimizer, work)
+        mine = super().gradients(work)
         self._waiting = [0] * len(self.chunks)
         for _, p, _ in mine or []:
             self._waiting[self.chunk_of[self.index[id(p)]]] += 1
         return mine
 
-    def _drop_foreign_state(self, optimizer) -> None:
+    def _drop_foreign_state(self) -> None:
         """State of a parameter another rank owns (e.g. after ``load_state_dict`` of a full single-process
         checkpoint) is dropped: each rank keeps only its own."""
         dropped = False
+        state = self.host.state
         for e in self.entries:
-            if not self.mine(e) and optimizer.state.get(e.param):
-                optimizer.state[e.param] = {}
+            if not self.mine(e) and state.get(e.param):
+                state[e.param] = {}
                 dropped = True
         if dropped:
-            optimizer._buckets.invalidate()
+            self.host.forget_buckets()
 
     def _exchange(self, c: int) -> FlatExchange:
         if c not in self._exchanges:
@@ -172,15 +174,15 @@ class OwnerRuntime(Runtime):
         """Flags at the head of ``rank``'s slot of chunk ``c``: one per parameter of the chunk it owns."""
         return sum(len(run.entries) for run in self.chunks[c].runs[rank])
 
-    def stage(self, optimizer, bucket, update: torch.Tensor) -> bool:
+    def move(self, bucket, update: torch.Tensor) -> None:
         """Copy the owner's update of each member of ``bucket`` into its place in this rank's slot, set its flag,
-        and start every chunk that is now complete."""
+        and start every chunk that is now complete (the parameters move at :meth:`finish`)."""
         places = []
         for p in bucket.params:
             index = self.index[id(p)]
             c = self.chunk_of[index]
             if c < self._started:
-                raise RuntimeError(f"internal error: an update of {optimizer._name(p)} arrived after its chunk's "
+                raise RuntimeError(f"internal error: an update of {self.host.name(p)} arrived after its chunk's "
                                    "exchange started (precond.distributed.owner)")
             flag, offset = self.chunks[c].where[index]
             places.append((c, flag, offset))
@@ -192,14 +194,13 @@ class OwnerRuntime(Runtime):
             slot[first:first + len(places) * numel].view(update.shape).copy_(update)
             slot[first_flag:first_flag + len(places)].fill_(1.0)
         else:
-            for (c, flag, offset), u in zip(places, update.unbind(0)):
+            for (c, flag, offset), u in zip(places, update.unbind(0), strict=True):
                 slot = self._exchange(c).own()
                 slot[offset:offset + numel].view(u.shape).copy_(u)
                 slot[flag:flag + 1].fill_(1.0)
         for c, _, _ in places:
             self._waiting[c] -= 1
         self._start_ready()
-        return True
 
     def _start_ready(self, everything: bool = False) -> None:
         """Start the chunks, in order, whose updates from this rank are all staged (all of them at the end)."""
@@ -210,22 +211,22 @@ class OwnerRuntime(Runtime):
             self.traffic["early_collectives"] += not everything
             self._started += 1
 
-    def finish(self, optimizer) -> None:
+    def finish(self) -> None:
         """Start the chunks not started yet, then move every parameter whose owner had an update."""
         self._start_ready(everything=True)
         for c in range(len(self.chunks)):
             slots = self._exchanges[c].wait()
             counts = [self._flag_count(c, rank) for rank in range(self.world)]
-            present = torch.cat([slot[:n] for slot, n in zip(slots, counts)]).tolist() if sum(counts) else []
+            heads = [slot[:n] for slot, n in zip(slots, counts, strict=True)]
+            present = torch.cat(heads).tolist() if sum(counts) else []
             base = 0
-            for rank, (slot, runs) in enumerate(zip(slots, self.chunks[c].runs)):
+            for rank, (slot, runs) in enumerate(zip(slots, self.chunks[c].runs, strict=True)):
                 for run in runs:
-                    self._apply_run(optimizer, slot, run, present[base + run.flag:base + run.flag + len(run.entries)])
+                    self._apply_run(slot, run, present[base + run.flag:base + run.flag + len(run.entries)])
                 base += counts[rank]
         self._exchanges, self._waiting, self._started = {}, [], 0
 
-    @staticmethod
-    def _apply_run(optimizer, slot: torch.Tensor, run: Run, present: list[float]) -> None:
+    def _apply_run(self, slot: torch.Tensor, run: Run, present: list[float]) -> None:
         layout = run.entries[0].layout
         updates = slot[run.start:run.start + len(run.entries) * run.size].view(len(run.entries), *layout.view_shape)
         chosen = [i for i, flag in enumerate(present) if flag == 1.0]
@@ -234,4 +235,4 @@ class OwnerRuntime(Runtime):
         if len(chosen) < len(run.entries):
             updates = updates[chosen]
         params = [run.entries[i].param for i in chosen]
-        optimizer._apply(run.entries[0].group, params, updates.to(optimizer.state_dtype), layout)
+        moves.move(run.entries[0].group, [(params, updates.to(self.host.state_dtype), layout)])

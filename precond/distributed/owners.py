@@ -74,7 +74,7 @@ def balance(scores: Sequence[float], world: int, kinds: Sequence[Hashable] | Non
     for i, kind in enumerate(kinds):
         first.setdefault(kind, i)
     largest: dict[Hashable, float] = {}
-    for score, kind in zip(scores, kinds):
+    for score, kind in zip(scores, kinds, strict=True):
         largest[kind] = max(largest.get(kind, score), score)
     loads = [0.0] * world
     counts = [0] * world
@@ -132,7 +132,7 @@ def owner_plan(entries: Sequence, world: int, fixed: Mapping[int, int] | None = 
              for e in entries]
     sizes = [state_size(e.layout) for e in entries]
     total_cost, total_size = sum(costs) or 1.0, sum(sizes) or 1
-    scores = [c / total_cost + s / total_size for c, s in zip(costs, sizes)]
+    scores = [c / total_cost + s / total_size for c, s in zip(costs, sizes, strict=True)]
     kinds = [(e.group_index, e.layout.shape, e.param.dtype) for e in entries]
     if placement == "balanced":
         return balance(scores, world, kinds, fixed)
@@ -159,6 +159,6 @@ def refresh_owners(units: Sequence[tuple[Hashable, int, int, int]], world: int) 
         slots.setdefault((every, offset), []).append((key, d))
     out: dict[Hashable, int] = {}
     for members in slots.values():
-        for (key, _), rank in zip(members, balance([float(d) ** 3 for _, d in members], world)):
+        for (key, _), rank in zip(members, balance([float(d) ** 3 for _, d in members], world), strict=True):
             out[key] = rank
     return out

@@ -20,7 +20,7 @@ import torch
 
 from precond.distributed.exchange import FlatExchange
 from precond.distributed.owners import refresh_owners
-from precond.distributed.runtime import Runtime
+from precond.distributed.runtime import DistributedRuntime
 from precond.fallbacks import FallbackCounter
 from precond.refresh import Refresh, rayleigh_quotients
 
@@ -40,31 +40,32 @@ def _block(d: int, m: int) -> int:
     return 2 + m * (d * d + 2 * d) if m else 0
 
 
-class ReplicateRuntime(Runtime):
+class ReplicateRuntime(DistributedRuntime):
     """See the module docstring."""
 
-    def __init__(self, config, optimizer) -> None:
-        super().__init__(config, optimizer)  # async_refresh is refused at construction (precond.compatibility)
+    def __init__(self, config, host) -> None:
+        super().__init__(config, host)  # async_refresh is refused at construction (precond.compatibility)
         self.counter = FallbackCounter()
         self.unit_owner: dict = {}
         self.pending: list[_Pending] = []
 
-    def _plan(self, optimizer) -> None:
+    def _plan(self) -> None:
         self.unit_owner = {}
 
-    def _plan_units(self, optimizer) -> None:
-        units = [(key, d, every, optimizer._schedule.offset(key) or 0) for key, d, every in optimizer._refresh_units()]
+    def _plan_units(self) -> None:
+        host = self.host
+        units = [(key, d, every, host.refresh_offset(key) or 0) for key, d, every in host.refresh_units()]
         self.unit_owner = refresh_owners(units, self.world)
 
-    def begin(self, optimizer) -> None:
+    def reset(self) -> None:
         self.pending = []
 
-    def refresh(self, optimizer, bucket, k: int, due: Sequence[int], refresh_index: int) -> bool:
+    def refresh(self, bucket, k: int, due: Sequence[int], refresh_index: int) -> bool:
         keys = [(id(bucket.params[i]), k) for i in due]
         if any(key not in self.unit_owner for key in keys):
-            self._plan_units(optimizer)
+            self._plan_units()
         owners = [self.unit_owner[key] for key in keys]
-        mine = [i for i, rank in zip(due, owners) if rank == self.rank]
+        mine = [i for i, rank in zip(due, owners, strict=True) if rank == self.rank]
         result = None
         if mine:
             factor, basis = bucket.refresh_inputs(k, torch.tensor(mine, device=bucket.params[0].device))
@@ -72,15 +73,16 @@ class ReplicateRuntime(Runtime):
         self.pending.append(_Pending(bucket, k, list(due), owners, bucket.layout.view_shape[k], result))
         return True
 
-    def finish(self, optimizer) -> None:
+    def finish(self) -> None:
         if not self.pending:
             return
-        dtype = optimizer.state_dtype
+        dtype = self.host.state_dtype
         counts = [[item.owners.count(r) for r in range(self.world)] for item in self.pending]
-        sizes = [sum(_block(item.d, m[r]) for item, m in zip(self.pending, counts)) for r in range(self.world)]
+        sizes = [sum(_block(item.d, m[r]) for item, m in zip(self.pending, counts, strict=True))
+                 for r in range(self.world)]
         exchange = FlatExchange(sizes, dtype, self.device, self.group, self.rank)
         slot, offset = exchange.own(), 0
-        for item, m in zip(self.pending, counts):
+        for item, m in zip(self.pending, counts, strict=True):
             n, d = m[self.rank], item.d
             if not n:
                 continue
@@ -97,7 +99,7 @@ class ReplicateRuntime(Runtime):
         slots = exchange.wait()
         starts = [0] * self.world
         blocks = []
-        for item, m in zip(self.pending, counts):
+        for item, m in zip(self.pending, counts, strict=True):
             here = []
             for r in range(self.world):
                 here.append(slots[r][starts[r]:starts[r] + _block(item.d, m[r])])
@@ -105,7 +107,7 @@ class ReplicateRuntime(Runtime):
             blocks.append(here)
         flags = torch.cat([b[:2] for here in blocks for b in here if b.numel()]).tolist()
         position = 0
-        for item, m, here in zip(self.pending, counts, blocks):
+        for item, m, here in zip(self.pending, counts, blocks, strict=True):
             present = {}
             for r in range(self.world):
                 if m[r]:

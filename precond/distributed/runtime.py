@@ -1,16 +1,15 @@
-"""What both modes share: the parameter list in a fixed order, the finiteness verdict agreed by every rank, and
-the fallback counters summed over ranks.
+"""What the distributed modes share: the parameter list in a fixed order, the finiteness verdict agreed by every
+rank, and the fallback counters summed over ranks.
 
-A runtime is attached to one :class:`precond.Optimizer` (``distributed=``) and called by it at four points of the
-step (``precond/optimizer.py``, lines marked ``[distributed]``): :meth:`Runtime.gathered` (which gradients this
-rank steps, after one all-reduce of the largest ``|g|``), :meth:`Runtime.stage` (an update this rank computed),
-:meth:`Runtime.refresh` (a due basis refresh) and :meth:`Runtime.finish` (end of the step).
+A distributed runtime is a ``precond.runtime.Runtime`` (the interface the optimizer's engine talks to, chosen by
+``precond.compatibility.RUNTIMES``): :meth:`DistributedRuntime.gradients` (which gradients this rank steps, after one
+all-reduce of the largest ``|g|``), ``move`` (an update this rank computed), ``refresh`` (a due basis refresh) and
+``finish`` (end of the step). It reads the engine through ``precond.runtime.Host`` only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from precond.layout import Layout
+from precond.runtime import Host, Runtime
 
 Work = list[tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]]
 
@@ -46,7 +46,7 @@ def is_dtensor(p: torch.Tensor) -> bool:
 
 
 def entries_of(optimizer) -> list[Entry]:
-    """Every parameter of ``optimizer`` in the fixed order, with its layout."""
+    """Every parameter of ``optimizer`` (anything with ``param_groups``) in the fixed order, with its layout."""
     out = []
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
@@ -60,17 +60,17 @@ def signature(optimizer) -> tuple:
                  for gi, group in enumerate(optimizer.param_groups) for p in group["params"])
 
 
-class Runtime:
+class DistributedRuntime(Runtime):
     """Base of the owner and replicate runtimes (see the module docstring)."""
 
     shares_refreshes = False
     replicated_rungs: frozenset[str] = frozenset({"nonfinite_skipped"})
 
-    def __init__(self, config, optimizer) -> None:
+    def __init__(self, config, host: Host) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("precond.DataParallel needs torch.distributed.init_process_group(...) to have been "
                                "called before the optimizer is built (torchrun sets up the environment for it)")
-        self.config = config
+        super().__init__(config, host)
         self.group = config.group
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
@@ -81,16 +81,16 @@ class Runtime:
         self.index: dict[int, int] = {}
         self.device: torch.device | None = None
         self.traffic = new_traffic()
-        self.prepare(optimizer)  # refuses parameters it cannot handle now, not at the first step
+        self.prepare()  # refuses parameters it cannot handle now, not at the first step
 
     # --- the plan ------------------------------------------------------------------------------------
-    def prepare(self, optimizer) -> None:
+    def prepare(self) -> None:
         """(Re)compute the entries and this mode's plan when the parameters changed."""
-        sig = signature(optimizer)
+        sig = signature(self.host)
         if sig == self._signature:
             return
-        entries = entries_of(optimizer)
-        self._check_parameters(optimizer, entries)
+        entries = entries_of(self.host)
+        self._check_parameters(entries)
         devices = {e.param.device for e in entries}
         if len(devices) > 1:
             raise ValueError("precond.DataParallel needs every parameter of a rank on one device, "
@@ -98,38 +98,39 @@ class Runtime:
         self.device = devices.pop() if devices else torch.device("cpu")
         self.entries = entries
         self.index = {id(e.param): e.index for e in entries}
-        self._plan(optimizer)
+        self._plan()
         self._signature = sig
 
-    def _check_parameters(self, optimizer, entries: list[Entry]) -> None:
+    def _check_parameters(self, entries: list[Entry]) -> None:
         for e in entries:
             if is_dtensor(e.param):
-                raise TypeError(f"parameter {optimizer._name(e.param)} is a DTensor (FSDP2 / tensor parallel) among "
+                raise TypeError(f"parameter {self.host.name(e.param)} is a DTensor (FSDP2 / tensor parallel) among "
                                 f"plain tensors, or in {type(self.config).__name__}(mode={self.config.mode!r}), which "
                                 "steps plain tensors replicated on every rank (DDP); FSDP2 (fully_shard) parameters "
                                 "sharded Shard(0) take mode='owner' with every parameter a DTensor")
 
-    def _plan(self, optimizer) -> None:
+    def _plan(self) -> None:
         raise NotImplementedError
 
     def mine(self, entry: Entry) -> bool:
         """Whether this rank computes the update of ``entry`` (all parameters in replicate mode)."""
         return True
 
-    # --- hooks of the step ---------------------------------------------------------------------------
-    def gathered(self, optimizer, work: Work) -> Work | None:
+    # --- the step ------------------------------------------------------------------------------------
+    def gradients(self, work: Work) -> Work | None:
         """The ``(group, p, grad)`` this rank steps, after the verdict on every rank's gradients (one all-reduce of
         the largest ``|g|`` per parameter and of the tensor learning rates; NaN/Inf are sent as +inf so the max
         keeps them). None when all ranks skip the step; raises on every rank when it must be refused."""
-        self.prepare(optimizer)
+        host = self.host
+        self.prepare()
         self.traffic = new_traffic()
-        self.begin(optimizer)
+        self.reset()
         for e in self.entries:  # every rank lists every parameter (empty where it keeps no state): see checkpoint.py
-            optimizer.state[e.param]
-        mine = self.select(optimizer, work)
-        if optimizer.on_nonfinite == "ignore":
+            host.state[e.param]
+        mine = self.select(work)
+        if host.on_nonfinite == "ignore":
             return mine
-        lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], torch.Tensor)]
+        lrs = [group["lr"] for group in host.param_groups if isinstance(group["lr"], torch.Tensor)]
         values = torch.zeros(len(self.entries) + len(lrs), dtype=torch.float64, device=self.device)
         if mine:
             maxima = torch._foreach_norm([g for _, _, g in mine], float("inf"))
@@ -146,26 +147,15 @@ class Runtime:
             self.record(ring, ring, values.dtype)
         owned = {id(p): grad for _, p, grad in mine}
         entries = [(e.group, e.param, owned.get(id(e.param))) for e in self.entries]
-        return optimizer._verdict(entries, values.tolist())
+        return host.verdict(entries, values.tolist())
 
-    def begin(self, optimizer) -> None:
+    def reset(self) -> None:
         """Start of a step (after the plan is up to date, before the verdict)."""
 
-    def select(self, optimizer, work: Work) -> Work:
+    def select(self, work: Work) -> Work:
         """The gradients this rank steps, in the fixed order: its own parameters' (all in replicate mode)."""
         grads = {id(p): grad for _, p, grad in work}
         return [(e.group, e.param, grads[id(e.param)]) for e in self.entries if id(e.param) in grads and self.mine(e)]
-
-    def stage(self, optimizer, bucket, update: torch.Tensor) -> bool:
-        """An update this rank computed: True if the runtime moves the parameters itself (at :meth:`finish`)."""
-        return False
-
-    def refresh(self, optimizer, bucket, k: int, due: Sequence[int], refresh_index: int) -> bool:
-        """A due refresh: True if the runtime runs it (and installs it at :meth:`finish`)."""
-        return False
-
-    def finish(self, optimizer) -> None:
-        """End of the step: the exchange."""
 
     # --- reporting -----------------------------------------------------------------------------------
     def stats(self, counts: dict[str, int]) -> dict[str, int]:

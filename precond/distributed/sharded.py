@@ -12,7 +12,7 @@ entries) and per step:
    ``U``), so its state is that of one process;
 3. one ``all_to_all`` (in ``comm_dtype``) sends each rank its rows of ``U`` (padded alike, a flag per
    parameter), and every rank applies weight decay and ``W ← W − η U`` to its local shard with the single-process
-   arithmetic (``Optimizer._apply``), so every shard is bitwise what one process would hold.
+   arithmetic (``precond.moves.move``), so every shard is bitwise what one process would hold.
 
 Per step each rank sends and receives about ``2·numel·(W−1)/W`` elements (gradients in their dtype, updates in
 ``comm_dtype``), like a DDP all-reduce; state and preconditioner work ÷ ``W``. A parameter is counted as having a
@@ -28,6 +28,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from precond import moves
 from precond.distributed.owner import OwnerRuntime
 from precond.distributed.runtime import Entry, Work
 
@@ -48,12 +49,12 @@ def _all_to_all(output: torch.Tensor, input: torch.Tensor, out_splits: list[int]
 class ShardedOwnerRuntime(OwnerRuntime):
     """See the module docstring."""
 
-    def _check_parameters(self, optimizer, entries: list[Entry]) -> None:
+    def _check_parameters(self, entries: list[Entry]) -> None:
         from torch.distributed.tensor import DTensor, Shard
 
         group_ranks = dist.get_process_group_ranks(self.group or dist.group.WORLD)
         for e in entries:
-            p, name = e.param, optimizer._name(e.param)
+            p, name = e.param, self.host.name(e.param)
             if not isinstance(p, DTensor):
                 raise TypeError(f"parameter {name} is a plain tensor while others are DTensors; precond.DataParallel "
                                 "steps either all-DTensor (FSDP2, Shard(0)) or all-plain (DDP) parameters")
@@ -96,12 +97,12 @@ class ShardedOwnerRuntime(OwnerRuntime):
     def _ends_chunk(self, members: list[Entry], filled: int, entry: Entry) -> bool:
         return False  # one exchange at the end of the step, cut by dtype and size only
 
-    def begin(self, optimizer) -> None:
-        super().begin(optimizer)
+    def reset(self) -> None:
+        super().reset()
         self._flags: dict[int, list[float]] = {}
 
     # --- 1. gradients to their owners ----------------------------------------------------------------------
-    def select(self, optimizer, work: Work) -> Work:
+    def select(self, work: Work) -> Work:
         grads = {id(p): grad for _, p, grad in work}
         pending = []
         for chunk in self.chunks:
@@ -147,9 +148,9 @@ class ShardedOwnerRuntime(OwnerRuntime):
         return [e for run in chunk.runs[rank] for e in run.entries]
 
     # --- 3. rows of the updates back ---------------------------------------------------------------------
-    def stage(self, optimizer, bucket, update: torch.Tensor) -> bool:
+    def move(self, bucket, update: torch.Tensor) -> None:
         """Split the owner's full update of each member of ``bucket`` into the padded row blocks of its ranks."""
-        for p, u in zip(bucket.params, update.unbind(0)):
+        for p, u in zip(bucket.params, update.unbind(0), strict=True):
             e = self.entries[self.index[id(p)]]
             c = self.chunk_of[e.index]
             chunk = self.chunks[c]
@@ -164,7 +165,6 @@ class ShardedOwnerRuntime(OwnerRuntime):
                     send[r * block + offset:r * block + offset + n * self.row_numel(e)].copy_(
                         full[r * step:r * step + n].reshape(-1))
             self._flags[c][position] = 1.0
-        return True
 
     def _send(self, c: int) -> torch.Tensor:
         if c not in self._exchanges:
@@ -175,7 +175,7 @@ class ShardedOwnerRuntime(OwnerRuntime):
             self._flags[c] = [0.0] * len(self._owned(chunk, self.rank))
         return self._exchanges[c]
 
-    def finish(self, optimizer) -> None:
+    def finish(self) -> None:
         pending = []
         for c, chunk in enumerate(self.chunks):
             send = self._send(c)
@@ -199,10 +199,10 @@ class ShardedOwnerRuntime(OwnerRuntime):
                     continue
                 present = piece[:len(owned)].tolist()
                 for run in chunk.runs[o]:
-                    self._apply_shards(optimizer, piece, run, present[run.flag:run.flag + len(run.entries)])
+                    self._apply_shards(piece, run, present[run.flag:run.flag + len(run.entries)])
         self._exchanges, self._flags = {}, {}
 
-    def _apply_shards(self, optimizer, piece: torch.Tensor, run, present: list[float]) -> None:
+    def _apply_shards(self, piece: torch.Tensor, run, present: list[float]) -> None:
         e0 = run.entries[0]
         n = self.rows(e0, self.rank)
         chosen = [i for i, flag in enumerate(present) if flag == 1.0]
@@ -214,4 +214,4 @@ class ShardedOwnerRuntime(OwnerRuntime):
         if len(chosen) < len(run.entries):
             updates = updates[chosen]
         shards = [run.entries[i].param.to_local() for i in chosen]
-        optimizer._apply(e0.group, shards, updates.to(optimizer.state_dtype), _Rows)
+        moves.move(e0.group, [(shards, updates.to(self.host.state_dtype), _Rows)])

@@ -28,13 +28,15 @@ def main() -> None:
     for n, b in [(768, 12), (768, 48), (3072, 12), (3072, 24), (4096, 12), (2048, 12)]:
         y = torch.randn(b, n, n, device="cuda")
         a = y @ y.mT / n + torch.eye(n, device="cuda")
-        batched = milliseconds(lambda: torch.linalg.cholesky_ex(a))
-        looped = milliseconds(lambda: [torch.linalg.cholesky_ex(m) for m in a])
+        batched = milliseconds(lambda a=a: torch.linalg.cholesky_ex(a))
+        looped = milliseconds(lambda a=a: [torch.linalg.cholesky_ex(m) for m in a])
         chol = torch.linalg.cholesky(a)
-        solve_batched = milliseconds(lambda: torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False))
-        solve_looped = milliseconds(lambda: [torch.linalg.solve_triangular(c.mT, m, upper=True, left=False)
-                                             for c, m in zip(chol, y)])
-        inverse = milliseconds(lambda: y @ torch.linalg.inv_ex(chol.mT)[0])
+        solve_batched = milliseconds(
+            lambda chol=chol, y=y: torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False))
+        solve_looped = milliseconds(
+            lambda chol=chol, y=y: [torch.linalg.solve_triangular(c.mT, m, upper=True, left=False)
+                                    for c, m in zip(chol, y, strict=True)])
+        inverse = milliseconds(lambda chol=chol, y=y: y @ torch.linalg.inv_ex(chol.mT)[0])
         print(f"n={n} B={b}: cholesky batched {batched:.2f} ms, looped {looped:.2f} ms | trsm batched "
               f"{solve_batched:.2f}, looped {solve_looped:.2f}, inv+mm {inverse:.2f}", flush=True)
 
