@@ -17,20 +17,20 @@ COMPILE_REFUSAL = (
 
 
 def refusal() -> bool:
-    """Raise :data:`COMPILE_REFUSAL` (a no-op ``False`` outside TorchDynamo's tracing).
+    """Raise :data:`COMPILE_REFUSAL`; called only where :func:`refuse_compilation` found TorchDynamo tracing.
 
+    It raises unconditionally: TorchDynamo runs a function marked constant for real at trace time, and some
+    releases (torch 2.11) run it outside the tracing context, where ``torch.compiler.is_compiling()`` is False.
     Marked by ``torch.compiler.assume_constant_result`` (:func:`mark`, when an optimizer is built), so TorchDynamo
     runs it for real while tracing and the error reaches the user as it is: a plain ``raise`` would become a graph
     break (an error of its own with ``fullgraph=True``), then run eagerly, where the check is false. A ``UserError``
     (TorchDynamo's "valid in eager, not supported here", a ``RuntimeError``) is re-raised unchanged, where any other
     exception would be wrapped as an internal error of TorchDynamo's."""
-    if torch.compiler.is_compiling():
-        try:
-            from torch._dynamo.exc import UserError, UserErrorType
-        except ImportError:  # pragma: no cover - a torch without TorchDynamo's user errors
-            raise RuntimeError(COMPILE_REFUSAL) from None
-        raise UserError(UserErrorType.ANTI_PATTERN, COMPILE_REFUSAL)
-    return False
+    try:
+        from torch._dynamo.exc import UserError, UserErrorType
+    except ImportError:  # pragma: no cover - a torch without TorchDynamo's user errors
+        raise RuntimeError(COMPILE_REFUSAL) from None
+    raise UserError(UserErrorType.ANTI_PATTERN, COMPILE_REFUSAL)
 
 
 def mark() -> None:

@@ -63,17 +63,20 @@ def test_default_update_rms_stays_within_ten_lr(name):
 @pytest.mark.parametrize("name", ["eshampoo", "shampoo"])
 def test_meta_epsilon_without_the_floor_shows_what_the_floor_prevents(name):
     """Meta's exact handling (ε = 1e-12, ``floor=0``) stays available; in float32 the repro shows the amplification
-    (eshampoo: update RMS > 1e3 × lr; grafted Shampoo: RMS 1 × lr, but over half of the update in untouched
-    directions), and float64 state removes it. With the default floor, float32 agrees with float64 state."""
+    (eshampoo: update RMS above the 10 × lr every default meets; grafted Shampoo: RMS 1 × lr, but over half of the
+    update in untouched directions), and float64 state removes it. With the default floor, float32 agrees with
+    float64 state. How far float32 round-off is amplified depends on the machine's rounding (eshampoo measured
+    2.3e4 × lr on an AMD EPYC with MKL and torch 2.13, 22 × lr on an Intel Xeon with torch 2.11), so the test asks
+    only for more than the bound; grafting rescales Shampoo's update to RMS 1 up to float32 round-off."""
     exact = _preset(name, eps=1e-12, floor=0.0)
     rms32, outside32, _ = _repro(exact)
     rms64, outside64, _ = _repro(exact, state_dtype=F64)
     if name == "eshampoo":
-        assert rms32 > 1e3 and rms64 < 1.0
+        assert rms32 > BOUND and rms64 < 1.0
     else:
         assert outside32 > 0.5 and outside64 < 0.1
     rms, outside, _ = _repro(_preset(name))
-    assert rms < 1.0 and outside < 0.1
+    assert rms < 1.0 + 1e-6 and outside < 0.1
 
 
 def _regression(name, state_dtype=torch.float32, steps=200):
