@@ -26,7 +26,8 @@ def report(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = tmp_path_factory.mktemp("fully_shard") / "parity.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+    # --standalone: a free local port for the rendezvous (the default, 29500, clashes with any other run on the host)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "precond.bench.fully_shard_parity", "--backend", "gloo", "--device", "cpu", "--small",
                "--presets", ",".join(PRESETS), "--steps", str(STEPS), "--every", "2", "--length", "32",
                "--timed", "1", "--warmup", "1", "--timing-every", "2", "--out", str(out)]
