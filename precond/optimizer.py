@@ -217,7 +217,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
-        ``cholesky_qr_kept_old_basis`` (reading the last one synchronises with the device)."""
+        ``cholesky_qr_kept_old_basis``, ``refine_kept_old_basis`` (reading the last two synchronises with the
+        device)."""
         return self.engine.stats()
 
     def describe(self) -> str:
