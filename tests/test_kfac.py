@@ -545,6 +545,15 @@ def _train(model: nn.Module, opt: precond.Optimizer, batches) -> None:
         opt.step()
 
 
+def _uninterrupted(preset: str, batches, options) -> list[torch.Tensor]:
+    """The parameters after training a fresh lifecycle model on every batch without interruption."""
+    model = _lifecycle_model()
+    opt = getattr(precond, preset)(model, **options)
+    _train(model, opt, batches)
+    opt.kfac_capture.remove()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("preset", ["kfac", "ekfac"])
 def test_a_copy_of_model_and_optimizer_steps_exactly_like_the_original(preset, how):
@@ -554,11 +563,7 @@ def test_a_copy_of_model_and_optimizer_steps_exactly_like_the_original(preset, h
     first step — and its hooks were closures that pickle refused.)"""
     batches = _lifecycle_batches(6)
     options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64)
-    model = _lifecycle_model()
-    opt = getattr(precond, preset)(model, **options)
-    _train(model, opt, batches)
-    expected = [p.detach().clone() for p in model.parameters()]
-    opt.kfac_capture.remove()
+    expected = _uninterrupted(preset, batches, options)
 
     model = _lifecycle_model()
     opt = getattr(precond, preset)(model, **options)
@@ -596,11 +601,7 @@ def test_a_refused_step_keeps_no_records_and_the_redone_step_is_the_uninterrupte
     them twice.)"""
     batches = _lifecycle_batches(5)
     options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64)
-    model = _lifecycle_model()
-    opt = getattr(precond, preset)(model, **options)
-    _train(model, opt, batches)
-    expected = [p.detach().clone() for p in model.parameters()]
-    opt.kfac_capture.remove()
+    expected = _uninterrupted(preset, batches, options)
 
     model = _lifecycle_model()
     opt = getattr(precond, preset)(model, **options)
@@ -628,11 +629,7 @@ def test_a_skipped_step_drops_its_records_and_is_not_counted(preset):
     (The capture counted the skipped step, and recorded its statistics on other steps from then on.)"""
     batches = _lifecycle_batches(5)
     options = dict(lr=0.05, every=2, factor_every=2, state_dtype=F64, on_nonfinite="skip")
-    model = _lifecycle_model()
-    opt = getattr(precond, preset)(model, **options)
-    _train(model, opt, batches)
-    expected = [p.detach().clone() for p in model.parameters()]
-    opt.kfac_capture.remove()
+    expected = _uninterrupted(preset, batches, options)
 
     model = _lifecycle_model()
     opt = getattr(precond, preset)(model, **options)

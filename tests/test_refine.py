@@ -50,14 +50,6 @@ UNIT = {"tf32": 2.0**-11, "bfloat16": 2.0**-8}
 FLOAT32_ORTHOGONALITY = 2.0**-14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --- float64 measures and references -----------------------------------------------------------------------------
 def orthogonality(q: torch.Tensor) -> float:
     q = q.to(F64)

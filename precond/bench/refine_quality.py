@@ -26,7 +26,7 @@ import torch
 
 import bases
 from precond.bench.contenders import factory
-from precond.bench.training import GPT2_SMALL, GPT_TINY
+from precond.bench.training import GPT2_SMALL, GPT_TINY, train_step
 from precond.precision import tf32_matmuls
 from precond.tasks.corpus import read_corpus
 from precond.tasks.gpt import TinyGPT
@@ -90,14 +90,7 @@ def capture(optimizer_name: str, device: torch.device, size: dict[str, int], bat
     snapshots: dict[str, list[torch.Tensor]] = {}
     losses = []
     for step in range(1, warmup + refreshes * every + 1):
-        tokens = draw()
-        with autocast:
-            logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(train_step(model, optimizer, draw(), autocast))
         if step >= warmup and (step - warmup) % every == 0:
             for name in wanted:
                 factors = optimizer.state[named[name]]["estimator"]["S"]

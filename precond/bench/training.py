@@ -21,6 +21,19 @@ GPT2_SMALL = dict(vocab=50257, context=1024, layers=12, width=768, heads=12)
 GPT_TINY = dict(vocab=256, context=128, layers=2, width=64, heads=4)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
+               autocast: Any) -> torch.Tensor:
+    """One next-token step on ``tokens`` (batch, length + 1): forward under ``autocast``, float32 cross-entropy,
+    backward, ``optimizer.step()``, gradients set to None; the loss, still on the device."""
+    with autocast:
+        logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def time_training(make: Factory, device: torch.device, model_size: dict[str, int], batch: int, length: int,
                   warmup: int, steps: int, seed: int = 0) -> dict[str, Any]:
     gc.collect()
@@ -46,13 +59,7 @@ def time_training(make: Factory, device: torch.device, model_size: dict[str, int
         if i == warmup + steps:
             break
         tokens = torch.randint(0, vocab, (batch, length + 1), device=device)
-        with autocast:
-            logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(train_step(model, optimizer, tokens, autocast))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start_wall
