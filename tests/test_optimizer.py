@@ -237,3 +237,31 @@ def test_cuda_matches_cpu():
             opt.step()
     for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach().cpu(), rtol=1e-3, atol=1e-4)
+
+
+def test_state_bytes_counts_each_view_once_and_stacking_does_not_change_it():
+    """``precond.state.state_bytes`` (the one counter behind the benches, the workbench and the distributed stats):
+    unstacked, every state tensor is its own storage, so it is the plain sum of ``numel × element_size``; stacked,
+    the members' state are views of shared stacks, counted once each, so the total is the same."""
+    from precond.state import state_bytes
+
+    def built(stack: bool) -> torch.optim.Optimizer:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 6, generator=gen)) for _ in range(3)]
+        opt = precond.kl_shampoo(params, lr=1e-3, every=2, stack=stack)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return opt
+
+    def plain_sum(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(plain_sum(v) for v in value.values())
+        return sum(plain_sum(v) for v in value) if isinstance(value, (list, tuple)) else 0
+
+    unstacked, stacked = built(False), built(True)
+    expected = sum(plain_sum(s) for s in unstacked.state.values())
+    assert expected > 0 and state_bytes(unstacked) == expected == state_bytes(stacked)

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-
-def tensor_bytes(value: Any) -> int:
-    """Bytes held by the tensors in ``value`` (nested dicts, lists and tuples), each counted once."""
-    seen: set[int] = set()
-
-    def walk(item: Any) -> int:
-        if isinstance(item, torch.Tensor):
-            if id(item) in seen:
-                return 0
-            seen.add(id(item))
-            return item.numel() * item.element_size()
-        if isinstance(item, dict):
-            return sum(walk(v) for v in item.values())
-        if isinstance(item, (list, tuple)):
-            return sum(walk(v) for v in item)
-        return 0
-
-    return walk(value)
+from precond.state import state_bytes
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """The sum of the sizes of every tensor in ``optimizer.state`` (factors, bases, spectra, moments)."""
-    return tensor_bytes(list(optimizer.state.values()))
+    """The bytes of every tensor in ``optimizer.state`` (factors, bases, spectra, moments): ``precond.state``'s one
+    counter."""
+    return state_bytes(optimizer)
 
 
 def reset_peak(device: torch.device) -> None:

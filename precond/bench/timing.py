@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from precond.bench.contenders import Factory
+from precond.state import state_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -34,25 +35,6 @@ def profiler_activities(device: torch.device) -> list[torch.profiler.ProfilerAct
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return activities
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of distinct tensor storages held in ``optimizer.state`` (views of one stack counted once)."""
-    seen: dict[int, int] = {}
-
-    def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(list(optimizer.state.values()))
-    return sum(seen.values())
 
 
 def time_steps(make: Factory, shapes: Sequence[tuple[int, ...]], device: torch.device, warmup: int, steps: int,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from precond.distributed.config import DataParallel
+from precond.state import state_bytes  # the one counter, re-exported: precond.distributed.state_bytes
 
 __all__ = ["DataParallel", "owner_of", "state_bytes", "traffic"]
 
@@ -35,24 +36,3 @@ def traffic(optimizer: Any) -> dict[str, int]:
     ``early_collectives`` (owner mode: those started while the step was still computing, overlapping it),
     ``bytes_sent``, ``bytes_received`` (as issued, padding included)."""
     return dict(_runtime(optimizer).traffic)
-
-
-def state_bytes(optimizer: Any) -> int:
-    """Bytes of the tensors this rank keeps in ``optimizer.state`` (each stacked tensor counted once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-
-    def visit(value: Any) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            key = (value.untyped_storage().data_ptr(), value.storage_offset())
-            if key not in seen:
-                seen.add(key)
-                total += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    for state in optimizer.state.values():
-        visit(state)
-    return total
