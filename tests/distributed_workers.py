@@ -333,6 +333,15 @@ def checkpoint_save(rank: int, world: int, root: str) -> dict[str, Any]:
 
 def checkpoint_load(rank: int, world: int, root: str) -> dict[str, Any]:
     """Build afresh at this world size, load the checkpoint through DCP, go on ``AFTER`` steps."""
+    out = dcp_resume(rank, world, root)
+    out["helpers"] = _resume_with_helpers(root)
+    out["plain"] = _resume_from_a_single_process_state_dict()
+    return out
+
+
+def dcp_resume(rank: int, world: int, root: str) -> dict[str, Any]:
+    """The DCP part of :func:`checkpoint_load`: each of ``CHECKPOINT_CASES`` loaded from ``root`` at this world
+    size, then ``AFTER`` steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -348,8 +357,6 @@ def checkpoint_load(rank: int, world: int, root: str) -> dict[str, Any]:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=_options(flatten))
         after = run_steps(model, optimizer, range(CHECKPOINT_AT + 1, CHECKPOINT_AT + AFTER + 1))
         out[checkpoint_name(case)] = {"after": after}
-    out["helpers"] = _resume_with_helpers(root)
-    out["plain"] = _resume_from_a_single_process_state_dict()
     return out
 
 
@@ -496,3 +503,68 @@ def concatenated_reference(world: int) -> list[torch.Tensor]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return [p.detach().clone() for p in model.parameters()]
+
+
+# --- four ranks: DCP at W=4 (loaded at 2 and 1 by ``dcp_resume``), and a 2 × 2 mesh ------------------------
+HSDP_CASES = [{"preset": "shampoo", "stagger": False}, {"preset": "soap", "stagger": True},
+              {"preset": "kl_shampoo", "stagger": True}]
+
+
+def rank_gradients(params, step: int, rank: int) -> list[torch.Tensor | None]:
+    """Rank ``rank``'s own gradients at ``step`` (each rank its own samples), ``None`` where ``MISSING``."""
+    out = []
+    for i, p in enumerate(params):
+        if i in MISSING.get(step, ()):
+            out.append(None)
+            continue
+        gen = torch.Generator().manual_seed(10_000 * rank + 1000 * step + i)
+        out.append(torch.randn(p.shape, generator=gen) + 0.5 * p.detach().float() ** 3)
+    return out
+
+
+def hsdp_average(per_rank: list[torch.Tensor]) -> torch.Tensor:
+    """The average of 4 ranks' gradients as the 2 × 2 mesh computes it: across the replica groups first (ranks
+    r and r + 2), then within the owner group (ranks 0 and 1). Sums of two floats are commutative, so this is the
+    same bits on every rank and in one process."""
+    g0, g1, g2, g3 = per_rank
+    return ((g0 + g2) / 2 + (g1 + g3) / 2) / 2
+
+
+def hsdp_trajectory(case: dict[str, Any], mesh=None) -> tuple[list[torch.Tensor], Any]:
+    """``STEPS`` steps of ``case``: on a 2 × 2 mesh (``("replicate", "owner")``: gradients averaged across
+    replica groups, then within the owner group, which runs owner mode over its 2 ranks), or, without a mesh, one
+    process stepping :func:`hsdp_average` of the 4 ranks' gradients."""
+    params = make_params()
+    distributed = None
+    if mesh is not None:
+        distributed = precond.DataParallel(mode="owner", group=mesh.get_group("owner"))
+        across, within = mesh.get_group("replicate"), mesh.get_group("owner")
+    optimizer = make_optimizer(case, params, distributed)
+    for step in range(1, STEPS + 1):
+        if mesh is None:
+            grads = [rank_gradients(params, step, r) for r in range(4)]
+            for i, p in enumerate(params):
+                p.grad = None if grads[0][i] is None else hsdp_average([g[i] for g in grads])
+        else:
+            for p, g in zip(params, rank_gradients(params, step, dist.get_rank()), strict=True):
+                if g is not None:
+                    for group in (across, within):
+                        dist.all_reduce(g, group=group)
+                        g /= 2
+                p.grad = g
+        optimizer.step()
+    return [p.detach().clone() for p in params], optimizer
+
+
+def four(rank: int, world: int, root: str) -> dict[str, Any]:
+    """W=4: the DCP save of ``checkpoint_save`` (into ``root``), and the 2 × 2 mesh's trajectories."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "owner"))
+    hsdp = {}
+    for case in HSDP_CASES:
+        params, optimizer = hsdp_trajectory(case, mesh)
+        hsdp[case_name(case)] = {"params": params, "bytes": state_bytes(optimizer),
+                                 "owned": [owner_of(optimizer, p) for g in optimizer.param_groups
+                                           for p in g["params"]]}
+    return {"checkpoint": checkpoint_save(rank, world, root), "hsdp": hsdp}

@@ -505,3 +505,44 @@ def test_distributed_bench_runs_under_torchrun_on_two_processes(tmp_path):
         for r in ranks:
             profile = r["profile"]
             assert profile["wall_ms_per_step"] > 0 and profile["kernel_ms_per_step"] == 0 == profile["busy"]
+
+
+# --- four ranks (slow: three spawns, one of 4 processes) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """W=4 saves the checkpoints of ``CHECKPOINT_CASES`` and runs the 2 × 2 mesh; W=2 and W=1 load them."""
+    root = str(tmp_path_factory.mktemp("dcp4"))
+    return {4: spawn(4, MODULE, "four", root), 2: spawn(2, MODULE, "dcp_resume", root),
+            1: spawn(1, MODULE, "dcp_resume", root)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", w.CHECKPOINT_CASES, ids=w.checkpoint_name)
+def test_dcp_checkpoint_saved_at_four_ranks_resumes_at_two_and_one(four, case):
+    """Saved with ``dcp.save`` at W=4 (each owner its quarter) after 2T−1 steps, loaded at W=2 and W=1, 3 more
+    steps crossing a refresh: bitwise the uninterrupted W=4 run and the uninterrupted single-process run."""
+    name = w.checkpoint_name(case)
+    for rank, result in enumerate(four[4]):
+        _assert_bitwise(result["checkpoint"][name]["after"], _uninterrupted(case), f"uninterrupted rank {rank} of 4")
+    for world in (2, 1):
+        for rank, result in enumerate(four[world]):
+            _assert_bitwise(result[name]["after"], _uninterrupted(case), f"{name} resumed at rank {rank} of {world}")
+    if case[1] == "owner":  # the four ranks saved disjoint shares that make up the whole state
+        keys = [set(result["checkpoint"][name]["keys"]) for result in four[4]]
+        assert sum(map(len, keys)) == len(set().union(*keys)) == len(_single_process_keys(case))
+        assert all(keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", w.HSDP_CASES, ids=w.case_name)
+def test_two_by_two_mesh_equals_one_process_bitwise(four, case):
+    """A 2 × 2 device mesh (HSDP-like): each rank its own gradients, averaged across the replica groups and then
+    within the owner group; owner mode over the owner group (``DataParallel(group=mesh.get_group("owner"))``).
+    Every rank equals one process stepping the same average; the two owner groups split their state alike."""
+    expected = w.hsdp_trajectory(case)[0]
+    runs = [result["hsdp"][w.case_name(case)] for result in four[4]]
+    for rank, run in enumerate(runs):
+        _assert_bitwise(run["params"], expected, f"rank {rank} of the 2 × 2 mesh")
+    assert runs[0]["owned"] == runs[1]["owned"] == runs[2]["owned"] == runs[3]["owned"]
+    assert set(runs[0]["owned"]) == {0, 1}
+    assert runs[0]["bytes"] == runs[2]["bytes"] and runs[1]["bytes"] == runs[3]["bytes"]
