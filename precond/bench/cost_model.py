@@ -58,7 +58,7 @@ MODELS = {
     # GPT-3 XL's shapes (24 layers, width 2048, context 2048) on GPT-2's vocabulary: 1.32 B
     "gpt-1.3b": gpt2(layers=24, width=2048, vocab=50257, context=2048),
 }
-WORLDS = (1, 2, 8, 64, 1024)
+WORLDS = (1, 2, 4, 8, 64, 1024)
 
 
 def numel(shape: Sequence[int]) -> int:
