@@ -138,6 +138,14 @@ GROUP_CHOICES = ("auto", "local")
 """The named values of ``KFACCapture(group=...)`` besides ``None`` (the default group) and a ``ProcessGroup``."""
 
 
+def _counted(local: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> list[torch.Tensor]:
+    """One rank's contribution to an average over the ranks that recorded a layer: its statistic (zeros where it
+    recorded nothing) and a count of 1 (or 0), summed by one all-reduce and divided afterwards."""
+    value = torch.zeros(shape, dtype=dtype, device=device) if local is None else local.to(device)
+    return [value, torch.ones(1, dtype=dtype, device=device) * (local is not None)]
+
+
 def _unsupported(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"grouped convolution (groups={module.groups}) has one factor pair per group; not captured"
@@ -388,9 +396,7 @@ class KFACCapture:
         for layer, side, diagonal in requests:
             d = self._width(layer, side)
             shape = (d,) if diagonal else (d, d)
-            local = self._factor(layer, side, diagonal, dtype)
-            pieces += [torch.zeros(shape, dtype=dtype, device=device) if local is None else local.to(device),
-                       torch.ones(1, dtype=dtype, device=device) * (local is not None)]
+            pieces += _counted(self._factor(layer, side, diagonal, dtype), shape, dtype, device)
             shapes.append(shape)
         for layer in layers:
             scale = self._loss_scale(layer)
@@ -398,18 +404,22 @@ class KFACCapture:
                                        device=device))
         flat = torch.cat([piece.reshape(-1) for piece in pieces])
         dist.all_reduce(flat, group=group)
+        starts, offset = [], 0
+        for shape in shapes:
+            starts.append(offset)
+            offset += torch.Size(shape).numel() + 1
+        # every count and loss scale read back in one transfer (not one host synchronisation per factor)
+        counts = flat[[start + torch.Size(shape).numel() for start, shape in zip(starts, shapes, strict=True)]]
+        read = torch.cat([counts, flat[offset:]]).tolist()
+        counts_read, scale_pairs = read[:len(shapes)], read[len(shapes):]
         factors: dict[tuple[int, str, bool], torch.Tensor | None] = {}
-        offset = 0
-        for (layer, side, diagonal), shape in zip(requests, shapes, strict=True):
-            size = torch.Size(shape).numel()
-            total, count = flat[offset:offset + size].view(shape), flat[offset + size]
-            factors[(id(layer), side, diagonal)] = total / count if bool(count > 0) else None
-            offset += size + 1
+        for (layer, side, diagonal), shape, start, count in zip(requests, shapes, starts, counts_read, strict=True):
+            total = flat[start:start + torch.Size(shape).numel()].view(shape)
+            factors[(id(layer), side, diagonal)] = total / flat[start + total.numel()] if count > 0 else None
         scales: dict[int, float | None] = {}
-        for layer in layers:
-            total, count = flat[offset:offset + 2].tolist()
+        for i, layer in enumerate(layers):
+            total, count = scale_pairs[2 * i:2 * i + 2]
             scales[id(layer)] = total if count > 0 else None
-            offset += 2
         self._averaged = _Averaged(dtype, factors, scales)
 
     def _must_average(self) -> bool:
@@ -582,9 +592,7 @@ class KFACCapture:
         local = self._rotated_moment(layer, role, bases, dtype)
         shape = (p.shape[0], p[0].numel()) if role == "weight" else (p.shape[0],)
         device = layer.module.weight.device
-        flat = torch.cat([torch.zeros(shape, dtype=dtype, device=device).reshape(-1) if local is None
-                          else local.to(device).reshape(-1),
-                          torch.ones(1, dtype=dtype, device=device) * (local is not None)])
+        flat = torch.cat([piece.reshape(-1) for piece in _counted(local, shape, dtype, device)])
         dist.all_reduce(flat, group=target[0])
         count = flat[-1]
         return (flat[:-1] / count).view(shape) if bool(count > 0) else None
