@@ -36,6 +36,14 @@ OPTIONS = ("state_dtype", "on_nonfinite", "stack", "stagger", "async_refresh", "
 """The optimizer-wide options (``precond.Optimizer``'s keywords besides the group hyperparameters)."""
 
 
+def option_features(options: dict[str, Any]) -> frozenset[str]:
+    """The compatibility table's features of the optimizer-wide ``options`` (``precond.compatibility``)."""
+    return compatibility.option_features(
+        capture=options["capture"], overlap_backward=options["overlap_backward"],
+        on_nonfinite=options["on_nonfinite"], async_refresh=options["async_refresh"],
+        distributed=options["distributed"])
+
+
 def check_options(options: dict[str, Any]) -> None:
     """Refuse option values that do not exist and combinations the compatibility table refuses (construction)."""
     if options["on_nonfinite"] not in ("raise", "skip", "ignore"):
@@ -43,10 +51,7 @@ def check_options(options: dict[str, Any]) -> None:
     if options["capture"] not in (False, True, "emulate"):
         raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
                          f"got {options['capture']!r}")
-    compatibility.check(compatibility.option_features(
-        capture=options["capture"], overlap_backward=options["overlap_backward"],
-        on_nonfinite=options["on_nonfinite"], async_refresh=options["async_refresh"],
-        distributed=options["distributed"]))
+    compatibility.check(option_features(options))
     if options["state_dtype"] not in (torch.float32, torch.float64):
         raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {options['state_dtype']}")
 
@@ -67,10 +72,7 @@ class Engine:
         self.fallbacks = FallbackCounter()
         self.bucket_step = BucketStep(self)
         self.runtime: Optional[Runtime] = None
-        self.features = compatibility.option_features(
-            capture=self.options["capture"], overlap_backward=self.options["overlap_backward"],
-            on_nonfinite=self.on_nonfinite, async_refresh=self.schedule.asynchronous,
-            distributed=self.options["distributed"])
+        self.features = option_features(self.options)
         self.check_groups(self.param_groups)
         params = [p for group in self.param_groups for p in group["params"]]
         found = self.features | (compatibility.parameter_features(params) if self.options["distributed"] else set())

@@ -10,21 +10,12 @@ round-off tolerance elsewhere.
 from __future__ import annotations
 
 import os
-import pathlib
 import platform
 import re
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` reports)."""
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from precond.ablate.machine import cpu_model
 
 
 def blas() -> str:
