@@ -9,7 +9,7 @@ from typing import Any, Collection, Iterable, Mapping, Optional
 import torch
 
 import precond
-from precond.ablate import catalog, peers
+from precond.ablate import catalog, keys, peers
 
 
 def build_optimizer(variant: Any, params: Iterable[Any], lr: float, weight_decay: Optional[float] = None,
@@ -41,7 +41,7 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
     factory = getattr(precond, preset)
     kwargs: dict[str, Any] = {key: options[key] for key in
                               ("eps", "weight_decay", "every", "max_dim", "large", "bias_correction", "decay_order",
-                               "graft")
+                               "graft", *keys.SPEED_KEYS)
                               if key in options}
     if "graft" in kwargs and kwargs["graft"] == "none":
         kwargs["graft"] = None
@@ -67,9 +67,14 @@ def composition_optimizer(params: Iterable[Any], lr: float, options: Mapping[str
     return precond.Optimizer(
         params, preconditioner=make_preconditioner(options), lr=lr, momentum=options["beta1"],
         weight_decay=options.get("weight_decay", 0.0), decay_order=options["decay_order"],
-        bias_correction=options["bias_correction"], **_rotation(options), **(fast or {}))
+        bias_correction=options["bias_correction"], **_rotation(options), **_speed(options), **(fast or {}))
 
 
 def _rotation(options: Mapping[str, Any]) -> dict[str, Any]:
     """``rotation_dtype`` as ``precond.Optimizer`` takes it (a torch dtype), when the variant sets it."""
     return {"rotation_dtype": getattr(torch, options["rotation_dtype"])} if "rotation_dtype" in options else {}
+
+
+def _speed(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords of :data:`precond.ablate.keys.SPEED_KEYS` the variant sets (``stagger``, ``capture``, …)."""
+    return {key: options[key] for key in keys.SPEED_KEYS if key in options}

@@ -52,6 +52,15 @@ def _grafted(onto: str) -> Builder:
     return lambda o: precond.Graft(inner_applier(o), onto=onto)
 
 
+def kl_options(o: Options) -> dict[str, Any]:
+    """The ``KL`` estimator's options of a composition: ``β₂`` and, when given, ``init_lambda`` (``data``: None)."""
+    chosen = o.get("init_lambda", 0.1)
+    return {"beta": o["beta2"], "init_lambda": None if chosen == "data" else chosen}
+
+
+KL_ESTIMATORS = ("kl", "kl_soap")
+"""The estimators that take ``init_lambda``."""
+
 PARTS: dict[str, dict[str, Builder]] = {
     "structure": {
         "nmode": _structure(structures.NMode),
@@ -60,11 +69,11 @@ PARTS: dict[str, dict[str, Builder]] = {
         "diagonal": lambda o: structures.Diagonal(),
     },
     "estimator": {
-        "kl": lambda o: estimators.KL(beta=o["beta2"]),
+        "kl": lambda o: estimators.KL(**kl_options(o)),
         "shampoo": lambda o: estimators.Shampoo(beta=o["beta2"]),
         "frobenius": lambda o: estimators.Frobenius(beta=o["beta2"], spectrum="dense"),
         "frobenius_factored": lambda o: estimators.Frobenius(beta=o["beta2"], spectrum="factored"),
-        "kl_soap": lambda o: estimators.DenseSpectrum(estimators.KL(beta=o["beta2"]), beta=o["beta2"],
+        "kl_soap": lambda o: estimators.DenseSpectrum(estimators.KL(**kl_options(o)), beta=o["beta2"],
                                                       bias_correction=False, transport="keep"),
     },
     "basis": {

@@ -160,6 +160,21 @@ def rotation_dtype(value: Any) -> str:
     return text
 
 
+INIT_LAMBDA_FROM_DATA = "data"
+"""``init_lambda = "data"``: λ₀ is the spectrum of the first filled factor (``estimators.KL(init_lambda=None)``)."""
+
+
+def init_lambda(value: Any) -> Union[float, str]:
+    """KL's λ at step 0: a number > 0 (the authors' prototype: 0.1), or ``data`` for the first factor's spectrum."""
+    if isinstance(value, str) and value.strip().lower() in (INIT_LAMBDA_FROM_DATA, "none"):
+        return INIT_LAMBDA_FROM_DATA
+    try:
+        return positive(value)
+    except ValueError:
+        raise ValueError(f"got {value!r}; expected a number > 0 (e.g. 0.1) or data (λ₀ from the first factor's "
+                         "spectrum)") from None
+
+
 def name(value: Any) -> str:
     text = str(value).strip()
     if not text:
@@ -192,9 +207,15 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "decay_order": choice(CHOICES["decay_order"]),
     "adam_lr": positive,
     "rotation_dtype": rotation_dtype,
+    "init_lambda": init_lambda,
+    **{key: boolean for key in ("stagger", "async_refresh", "capture", "tf32")},
 }
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
+
+SPEED_KEYS = ("stagger", "async_refresh", "capture", "tf32")
+"""Keys that choose how :class:`precond.Optimizer` runs a step (its keywords of the same names), not the parts.
+They are part of a variant's identity: step times differ, and ``stagger`` and ``tf32`` change the updates."""
 
 EXPECTATIONS = ("diverge",)
 """What ``expect`` may announce: ``diverge`` (the variant is there to show a failure, e.g. Shampoo without grafting)."""
@@ -225,6 +246,13 @@ MEANINGS: dict[str, str] = {
     "decay_order": "weight decay before or after the update",
     "rotation_dtype": "operand dtype of the rotations into and out of the eigenbasis (precond.Optimizer's "
                       "rotation_dtype; default: the state dtype)",
+    "init_lambda": "KL's λ at step 0 (estimator kl or kl_soap): a number > 0 (default 0.1, the authors' prototype) "
+                   "or data (the spectrum of the first filled factor)",
+    "stagger": "spread the basis refreshes over the T steps (precond.Optimizer's stagger; the same math per factor, "
+               "at its own phase)",
+    "async_refresh": "run the refreshes on side CUDA streams, installed at the next step (the same updates)",
+    "capture": "replay each bucket's steady step as a CUDA graph (the same updates; CUDA only, eager elsewhere)",
+    "tf32": "TF32 matrix products in the step and the refreshes (true/false; default: torch's global setting)",
     "adam_lr": "the Adam part's learning rate of muon and torch_muon (embeddings, head, vectors; default 3e-4)",
 }
 """What a key means, for ``--list``."""

@@ -36,12 +36,19 @@ key                    values                                                   
 ``rotation_dtype``     ``bfloat16`` or ``float16`` operands for the rotations      the state dtype
                        into and out of the eigenbasis (``rotation_dtype`` of
                        ``precond.Optimizer``)
+``init_lambda``        KL's λ₀ (estimator ``kl``, ``kl_soap``): a number > 0, or    0.1
+                       ``data``, the spectrum of the first filled factor
+``stagger``,           how ``precond.Optimizer`` runs the step (its keywords of     off; ``tf32``: torch's
+``async_refresh``,     the same names, ``true``/``false``): refreshes spread over   global setting
+``capture``, ``tf32``  the T steps, on side streams, the step as CUDA graphs,
+                       TF32 products
 =====================  ==========================================================  =====================
 
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
-``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, and ``graft``/``applier`` where
+``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, the speed keys ``stagger``,
+``async_refresh``, ``capture``, ``tf32``, and ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
 ``torch_muon``) and ``muon`` accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at
 its default is KL-Shampoo as in ``precond.kl_shampoo``.
@@ -56,7 +63,7 @@ import attrs
 import torch
 
 import precond
-from precond.ablate import keys, peers
+from precond.ablate import catalog, keys, peers
 from precond.ablate.keys import format_applier
 
 COMPOSITION_DEFAULTS: dict[str, Any] = {
@@ -68,7 +75,7 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype")
+               "decay_order", "rotation_dtype", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
@@ -223,6 +230,9 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     if refused:
         raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
+    if "init_lambda" in values and resolved["estimator"] not in catalog.KL_ESTIMATORS:
+        raise ValueError(f"{where}: init_lambda is KL's λ₀ and belongs to estimator "
+                         f"{' or '.join(catalog.KL_ESTIMATORS)}, not to estimator {resolved['estimator']}")
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
     return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
 

@@ -1,0 +1,94 @@
+"""The workbench's speed keys (``stagger``, ``async_refresh``, ``capture``, ``tf32``) and KL's ``init_lambda``.
+
+Each key must reach the optimizer it names, leave the identity of variants that do not give it unchanged (the
+committed records are keyed by it), and be refused, with the reason, where it does not belong.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from precond.ablate import keys
+from precond.ablate.variants import parse_variant
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def _train(text: str, steps: int = 12) -> list[torch.Tensor]:
+    model = _model()
+    optimizer = parse_variant(text).build(model.parameters(), lr=3e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        x = torch.randn(7, 6, generator=generator)
+        model(x).square().mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("text", ["kl_shampoo", "estimator=kl,basis=refine", "soap"])
+def test_speed_keys_reach_the_optimizer(text: str) -> None:
+    fast = parse_variant(f"{text},stagger=true,async_refresh=true,capture=true,tf32=false")
+    optimizer = fast.build(_model().parameters(), lr=1e-3)
+    assert optimizer.stagger and optimizer.async_refresh
+    assert optimizer.tf32 is False
+    assert optimizer.engine.options["capture"] is True
+    plain = parse_variant(text).build(_model().parameters(), lr=1e-3)
+    assert not plain.stagger and not plain.async_refresh and plain.tf32 is None
+    assert plain.engine.options["capture"] is False
+
+
+def test_keys_that_promise_the_same_updates_keep_them_bitwise() -> None:
+    """``async_refresh`` and ``capture`` change how a step runs, not what it computes (on the CPU the captured body
+    runs eagerly with its static buffers)."""
+    reference = _train("kl_shampoo")
+    for options in ("async_refresh=true", "capture=true", "async_refresh=true,capture=true"):
+        text = f"kl_shampoo,{options}"
+        for expected, got in zip(reference, _train(text), strict=True):
+            assert torch.equal(expected, got), text
+
+
+def test_variants_without_the_new_keys_keep_their_identity() -> None:
+    """A composition's settings list the keys of its defaults and the given ones: none of the new keys appear
+    unless given, so records made before them still match."""
+    for text in ("kl_shampoo", "estimator=kl,basis=qr", "soap,every=32"):
+        spec = parse_variant(text).spec()
+        assert not any(f"{key}=" in spec for key in (*keys.SPEED_KEYS, "init_lambda")), spec
+    assert parse_variant("kl_shampoo").spec() == "kl_shampoo"
+
+
+def test_init_lambda_from_data_is_the_spectrum_of_the_first_factor() -> None:
+    """``init_lambda=data``: after the fill, λ_k is the eigenvalues of the filled S_k (float64 ``eigh``), raised to
+    the prototype's floor ``max(10, d)^{-2}``; the default keeps λ₀ = 0.1."""
+    model = torch.nn.Linear(8, 4, bias=False)
+    optimizer = parse_variant("estimator=kl,init_lambda=data").build(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 8, generator=torch.Generator().manual_seed(2))).sum().backward()
+    optimizer.step()
+    state = optimizer.state[model.weight]["estimator"]
+    for mode, d in (("0", 4), ("1", 8)):
+        eigenvalues = torch.linalg.eigvalsh(state["S"][mode].double()).flip(0)
+        expected = eigenvalues.clamp_min(max(10, d) ** -2)
+        torch.testing.assert_close(state["lambda"][mode].double().sort(descending=True).values, expected,
+                                   rtol=1e-5, atol=1e-7)
+    default = parse_variant("estimator=kl").build(copy.deepcopy(model).parameters(), lr=1e-3)
+    assert default.param_groups[0]["preconditioner"].estimator.init_lambda == 0.1
+    chosen = parse_variant("estimator=kl_soap,init_lambda=0.5").build(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    assert chosen.param_groups[0]["preconditioner"].estimator.factors.init_lambda == 0.5
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("estimator=shampoo,init_lambda=0.1", "belongs to estimator kl or kl_soap"),
+    ("kl_shampoo,init_lambda=0.1", "cannot be changed on the named variant"),
+    ("estimator=kl,init_lambda=-1", "expected a number > 0"),
+    ("kl_shampoo,capture=maybe", "expected true or false"),
+    ("muon,stagger=true", "stagger"),
+])
+def test_misplaced_keys_are_refused_with_the_reason(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_variant(text)
