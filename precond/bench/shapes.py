@@ -15,6 +15,8 @@ def gpt2(layers: int, width: int, vocab: int, context: int) -> list[tuple[int, .
 PRESETS = {
     "gpt2-small": gpt2(layers=12, width=768, vocab=50257, context=1024),
     "small": gpt2(layers=4, width=128, vocab=2048, context=256),
+    # the 25.6M-parameter byte-level GPT of ablations/gpu_long.toml and gpu_fast.toml (char_lm, 8 × 512)
+    "char-gpt": gpt2(layers=8, width=512, vocab=256, context=256),
     # small's 52 parameters at width 16: next to no arithmetic, so a CPU step is bound by Python and operator
     # dispatch, as a GPU step of the fast configuration is by kernel launches (docs/benchmarks.md, "ops per step")
     "tiny": gpt2(layers=4, width=16, vocab=256, context=32),
