@@ -1,0 +1,76 @@
+"""``precond.ablate.milestones``: the loss at chosen steps and the cost of a longer refresh period, on records
+whose numbers are chosen so that every cell has a closed form (2 seeds: the 95 % interval is mean ± t·s/√2 with
+t = 12.7062, the 0.975 quantile of Student's t with 1 degree of freedom)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from precond.ablate import milestones
+
+T_975_1 = 12.706204736174707  # scipy.stats.t.ppf(0.975, 1)
+
+
+def _record(variant: str, seed: int, losses: list[float], final: float | None = None) -> dict:
+    steps = [0, 25, 50]
+    return {"variant": variant, "seed": seed, "curve": {"step": steps, "val": losses},
+            "final_val": losses[-1] if final is None else final, "error": None, "diverged": False}
+
+
+def _interval(differences: list[float]) -> tuple[float, float, float]:
+    mean = sum(differences) / 2
+    half = T_975_1 * abs(differences[0] - differences[1]) / math.sqrt(2) / math.sqrt(2)  # stdev of 2 = |a−b|/√2
+    return mean, mean - half, mean + half
+
+
+def test_steps_table_gives_means_and_paired_differences() -> None:
+    pytest.importorskip("scipy")
+    records = [_record("ref", 0, [5.0, 3.0, 2.0]), _record("ref", 1, [5.0, 3.2, 2.2]),
+               _record("other", 0, [5.0, 3.5, 2.1]), _record("other", 1, [5.0, 3.6, 2.4])]
+    table = milestones.steps_table(records, [25, 50], reference="ref")
+    assert "| ref | 3.1000 ± 0.1414 | 2.1000 ± 0.1414 |" in table
+    mean, low, high = _interval([0.5, 0.4])
+    assert f"Δ {mean:+.4f} [{low:+.4f}, {high:+.4f}]" in table
+
+
+def test_a_step_without_validation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="did not validate at step 30"):
+        milestones.loss_at(_record("a", 0, [1.0, 0.9, 0.8]), 30)
+
+
+def test_two_runs_of_one_seed_are_refused() -> None:
+    with pytest.raises(ValueError, match="several runs of seed 0"):
+        milestones.by_seed([_record("a", 0, [1.0, 0.9, 0.8]), _record("a", 0, [1.0, 0.9, 0.7])], "a")
+
+
+def test_period_table_pairs_each_increase_and_their_difference() -> None:
+    pytest.importorskip("scipy")
+    finals = {("A", 10): (1.00, 1.02), ("A", 100): (1.03, 1.04), ("B", 10): (1.01, 1.00), ("B", 100): (1.10, 1.06)}
+    records = [_record(f"{m}@{t}", seed, [2.0, 1.5, value]) for (m, t), values in finals.items()
+               for seed, value in enumerate(values)]
+    methods = [milestones.parse_method("A=A@10@10,A@100@100"), milestones.parse_method("B=B@10@10,B@100@100")]
+    table = milestones.period_table(records, methods)
+    increase_a = [1.03 - 1.00, 1.04 - 1.02]
+    mean, low, high = _interval(increase_a)
+    assert f"| A | 100 | 1.0350 ± 0.0071 | {mean:+.4f} [{low:+.4f}, {high:+.4f}]" in table
+    gap = [increase_a[0] - (1.10 - 1.01), increase_a[1] - (1.06 - 1.00)]
+    mean, low, high = _interval(gap)
+    assert f"| 100 | {mean:+.4f} [{low:+.4f}, {high:+.4f}]" in table
+
+
+def test_method_text_is_checked() -> None:
+    assert milestones.parse_method("K=x T=32@32, x@10") == ("K", [("x", 10), ("x T=32", 32)])
+    for bad in ("K", "K=x", "K=x@ten"):
+        with pytest.raises(ValueError, match="--method"):
+            milestones.parse_method(bad)
+
+
+def test_read_runs_keeps_finished_runs(tmp_path) -> None:
+    path = tmp_path / "runs.jsonl"
+    good = _record("a", 0, [1.0, 0.9, 0.8])
+    path.write_text("\n".join(json.dumps(r) for r in (good, {**good, "seed": 1, "diverged": True},
+                                                         {**good, "seed": 2, "error": "boom"})) + "\n")
+    assert [r["seed"] for r in milestones.read_runs(path)] == [0]
