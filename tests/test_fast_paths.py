@@ -99,17 +99,19 @@ def test_cholesky_qr_converges_like_qr_in_float32():
         assert alignment.min() > 0.999
 
 
-def test_cholesky_qr_keeps_the_old_basis_when_ill_conditioned_and_counts_it():
-    s = torch.diag(torch.tensor([1.0, 1e-30, 1e-30], dtype=F64))[None]
+def test_cholesky_qr_keeps_the_old_basis_when_the_factor_is_not_finite_and_counts_it():
+    # the shifted passes make every finite factor factorable; a non-finite one must not replace the basis
+    s = torch.diag(torch.tensor([1.0, float("nan"), 1e-3], dtype=F64))[None]
     q = torch.eye(3, dtype=F64)[None]
-    q[0, :, 2] = q[0, :, 1] + 1e-12  # two nearly parallel columns: S Q is numerically rank one
+    q[0, :, 2] = q[0, :, 1] + 1e-12  # nearly parallel columns: not a basis the refresh may return unchanged by luck
     counter = FallbackCounter()
     refresher = bases.CholeskyQR(warmup=0, shift=1e-30)
     result = refresher.refresh(s, q, counter, index=3).basis
     assert torch.equal(result, q)
     assert counter.as_dict()["cholesky_qr_kept_old_basis"] == 1
-    # during warm-up the Householder QR is used and succeeds
-    warm = bases.CholeskyQR(warmup=1, shift=1e-30).refresh(s, q, counter, index=0).basis
+    # during warm-up the Householder QR is used, and on a finite factor it succeeds
+    finite = torch.diag(torch.tensor([1.0, 1e-30, 1e-30], dtype=F64))[None]
+    warm = bases.CholeskyQR(warmup=1, shift=1e-30).refresh(finite, q, counter, index=0).basis
     torch.testing.assert_close(warm[0].T @ warm[0], torch.eye(3, dtype=F64), rtol=0, atol=1e-12)
 
 

@@ -1,0 +1,194 @@
+"""``bases.CholeskyQR`` near the eigenbasis, where ``(S + δI) Q`` is ill-conditioned: shifted Cholesky-QR gives
+Householder QR's basis (``diag(R) > 0``), orthogonal to float32 round-off, instead of keeping the old basis.
+
+References are float64: Householder QR (``torch.linalg.qr``, signs fixed so ``diag(R) > 0``) of the float64
+``Y = (S + δI) Q`` formed in float32 from the same ``S`` and ``Q`` (the refresh's input), and ``QᵀSQ`` in float64.
+
+Tolerances (``u`` = float32 unit round-off ``2⁻²⁴``, ``d`` the size, ``C = 4`` for the rounding of the float32
+result itself at small ``d``):
+
+- orthogonality: ``max |QᵀQ − I| ≤ C·d·u``, what a backward-stable orthonormalisation in float32 reaches (float32
+  Householder QR and the refresh both gave at most ``0.2·d·u`` on these cases);
+- columns: column ``j`` of ``Y``'s Q factor depends only on ``Y``'s first ``j`` columns, so to first order a
+  perturbation ``‖ΔY‖ ≤ ε‖Y‖`` of the column-normalised ``Y`` moves it by at most about ``κ(Y[:, :j])·ε``. A
+  backward-stable QR in float32 has ``ε ≈ d·u``, so the test allows ``|Q[:, j] − Q_ref[:, j]| ≤ C·d·u·κ(Y[:, :j])``
+  for every ``j`` (float32 Householder QR stayed within ``0.2·d·u·κ`` here). The leading columns, those of the
+  large eigenvalues, have ``κ ≈ 1`` and must agree to ``C·d·u``; the bound says nothing about the trailing ones
+  once ``d·u·κ ≳ 1``, where no float32 QR determines them either.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bases
+from precond.fallbacks import FallbackCounter
+from precond.precision import tf32_matmuls
+
+from reference import F64
+from strategies import seeds
+
+U32 = torch.finfo(torch.float32).eps / 2
+SHIFT = bases.CholeskyQR.__attrs_attrs__.shift.default  # δ = shift · tr(S)/d, as the refresh adds it
+
+
+def _tol(d: int) -> float:
+    """``C·d·u`` with ``C = 4``: room for the rounding of the float32 result itself at small ``d``."""
+    return 4 * d * U32
+
+
+def _factor_and_start(d: int, gen: torch.Generator, lowest: float, zeros: int, noise: float):
+    """``S = U diag(λ) Uᵀ`` (λ log-spaced from 1 to ``10**lowest``, the last ``zeros`` of them exactly 0) and a start
+    ``U exp(A − Aᵀ)`` near its eigenbasis (``A`` with N(0, noise²) entries), both float32."""
+    u, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
+    u = u * torch.sign(torch.diagonal(r))
+    values = torch.logspace(0, lowest, d, dtype=F64)
+    if zeros:
+        values[d - zeros:] = 0
+    a = noise * torch.randn(d, d, generator=gen, dtype=F64)
+    return (u @ torch.diag(values) @ u.T).float(), (u @ torch.linalg.matrix_exp(a - a.T)).float()
+
+
+def _stack(d: int, gen: torch.Generator, specs) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [_factor_and_start(d, gen, *spec) for spec in specs]
+    return torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])
+
+
+def _product(s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``Y = (S + δI) Q`` in float32, as the refresh forms it (to one rounding of the small ``δQ`` term, which moves
+    each column by at most ``u`` of its norm: ``‖δ q_j‖ ≤ ‖(S + δI) q_j‖`` for ``S ⪰ 0``)."""
+    s, q = s.float(), q.float()
+    return s @ q + (SHIFT * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) / s.shape[-1]) * q
+
+
+def _householder_reference(s: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 Householder Q (``diag(R) > 0``) of the column-normalised float32 ``Y = (S + δI) Q``, and
+    ``κ(Y[:, :j])`` for ``j = 1 … d`` (``(B, d)``)."""
+    y = _product(s, q).double()
+    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    want, r = torch.linalg.qr(y)
+    want = want * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    leading = torch.stack([torch.linalg.cond(y[..., : j + 1]) for j in range(y.shape[-1])], dim=-1)
+    return want, leading
+
+
+def _orthogonality(q: torch.Tensor) -> torch.Tensor:
+    q = q.double()
+    return (q.mT @ q - torch.eye(q.shape[-1], dtype=F64)).abs().amax((-2, -1))
+
+
+def _off_diagonal_energy(s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``‖offdiag(QᵀSQ)‖_F / ‖diag(QᵀSQ)‖₂`` in float64, per batch entry."""
+    m = q.double().mT @ s.double() @ q.double()
+    diagonal = torch.diagonal(m, dim1=-2, dim2=-1)
+    return (m - torch.diag_embed(diagonal)).square().sum((-2, -1)).sqrt() / torch.linalg.vector_norm(diagonal, dim=-1)
+
+
+def _refresh(s: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    counter = FallbackCounter()
+    new = bases.CholeskyQR(warmup=0).refresh(s, q, counter, index=5).basis
+    return new, counter.as_dict().get("cholesky_qr_kept_old_basis", 0)
+
+
+def test_an_ill_conditioned_refresh_gives_householder_qrs_basis():
+    """KL-factor-like spectrum (λ from 1 down to 1e-8, d = 128) and a start 1e-2 off the eigenbasis: the
+    column-normalised ``Y`` has ``κ ≈ 7e5``, beyond float32 Cholesky-QR2 (``κ² u ≫ 1``), which kept the old basis of
+    every entry here. Shifted Cholesky-QR refreshes all of them: orthogonal, Householder QR's columns to the bound
+    of the module docstring (the leading ones to ``C·d·u``), and the off-diagonal energy of ``QᵀSQ`` reduced as by
+    Householder QR's power step."""
+    d = 128
+    gen = torch.Generator().manual_seed(0)
+    s, q = _stack(d, gen, [(-8.0, 0, 1e-2)] * 3)
+    new, kept = _refresh(s, q)
+    assert kept == 0
+    assert not torch.equal(new, q)
+    assert (_orthogonality(new) <= _tol(d)).all()
+    want, leading = _householder_reference(s, q)
+    assert leading.amax() > 1e5  # the ill-conditioned case this test is about
+    error = (new.double() - want).abs().amax(dim=-2)  # per column
+    assert (error <= _tol(d) * leading).all()
+    assert (error[:, : d // 4] <= _tol(d)).all()  # the large eigenvalues' columns: κ(Y[:, :j]) ≈ 1 there
+    before, after = _off_diagonal_energy(s, q), _off_diagonal_energy(s, new)
+    householder = _off_diagonal_energy(s, bases.QRPowerStep(every=1).refresh(s, q).basis)
+    assert (after < 0.2 * before).all()
+    torch.testing.assert_close(after, householder, rtol=1e-3, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(2, 48), seed=seeds,
+       specs=st.lists(st.tuples(st.floats(-10, 0), st.integers(0, 47), st.sampled_from([0.0, 1e-5, 1e-3, 1e-2, 1e-1])),
+                      min_size=1, max_size=3))
+def test_the_refresh_is_householder_qrs_basis_wherever_that_is_well_determined(d, seed, specs):
+    """Random batches of spectra (some with exact zeros: δI keeps ``Y`` full rank) and near-eigenbasis starts: never
+    NaN, always orthogonal (a kept old basis is too), and every entry with ``κ(Y) ≤ 1e4`` is refreshed to
+    Householder QR's basis within the per-column bound."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = [(lowest, min(zeros, d - 1), noise) for lowest, zeros, noise in specs]
+    s, q = _stack(d, gen, specs)
+    new, kept = _refresh(s, q)
+    assert torch.isfinite(new).all()
+    assert (_orthogonality(new) <= _tol(d)).all()
+    want, leading = _householder_reference(s, q)
+    determined = leading[:, -1] <= 1e4
+    assert kept <= int((~determined).sum())
+    error = (new.double() - want).abs().amax(dim=-2)
+    assert (error[determined] <= _tol(d) * leading[determined]).all()
+
+
+def _cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
+    """The refresh before the shifted passes: two plain Cholesky-QR passes on the column-normalised ``Y``."""
+    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    for _ in range(2):
+        y = torch.linalg.solve_triangular(torch.linalg.cholesky(y.mT @ y), y.mT, upper=False).mT
+    return y
+
+
+def test_a_well_conditioned_refresh_is_unchanged_by_the_shifted_passes():
+    """Where Cholesky-QR2 alone succeeded (spectrum 1 … 1e-2, start 1e-3 off the eigenbasis), the extra shifted passes
+    give its basis to float32 round-off: both are ``Y``'s Q factor, ``κ(Y)`` is small."""
+    d = 40
+    gen = torch.Generator().manual_seed(1)
+    s, q = _stack(d, gen, [(-2.0, 0, 1e-3), (-1.0, 0, 1e-2)])
+    new, kept = _refresh(s, q)
+    assert kept == 0
+    old = _cholesky_qr2(_product(s, q))
+    _, leading = _householder_reference(s, q)
+    assert leading.amax() < 100
+    torch.testing.assert_close(new, old, rtol=0, atol=2 * _tol(d) * float(leading.amax()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_factors_are_refreshed_in_float32(dtype):
+    """A bfloat16/float16 factor (or basis) is refreshed in float32 and returned in the basis dtype, as before the
+    shifted passes: the same basis as the float32 refresh of the same values."""
+    d = 32
+    gen = torch.Generator().manual_seed(2)
+    s, q = _stack(d, gen, [(-2.0, 0, 1e-3), (-1.0, 0, 1e-2)])
+    s = s.to(dtype)
+    new, kept = _refresh(s, q)
+    assert new.dtype == torch.float32 and kept == 0
+    assert torch.equal(new, _refresh(s.float(), q)[0])
+    half, kept = _refresh(s, q.to(dtype))
+    assert half.dtype == dtype and kept == 0
+    assert torch.equal(half, _refresh(s.float(), q.to(dtype).float())[0].to(dtype))
+
+
+@pytest.mark.gpu
+def test_the_ill_conditioned_refresh_with_tf32_grams_on_cuda():
+    """``tf32=True`` (TF32 in the Gram matrices that ``cholesky_orthonormalize`` allows) refreshes the ill-conditioned
+    case too, to the same basis as full float32 within the per-column bound."""
+    d = 256
+    gen = torch.Generator().manual_seed(3)
+    s, q = _stack(d, gen, [(-8.0, 0, 1e-2), (-6.0, 8, 1e-3)])
+    want, leading = _householder_reference(s, q)
+    s, q = s.cuda(), q.cuda()
+    for tf32 in (False, True):
+        with tf32_matmuls(tf32):
+            new, kept = _refresh(s, q)
+        assert kept == 0
+        new = new.cpu()
+        assert (_orthogonality(new) <= _tol(d)).all()
+        assert ((new.double() - want).abs().amax(dim=-2) <= _tol(d) * leading).all()
