@@ -40,6 +40,7 @@ LARGE_BLOCK = "large='block'"
 NO_BLOCKS = "a structure without blocks"
 AVERAGED_STATISTICS = "K-FAC's statistics averaged over the ranks"
 SHARDED = "parameters sharded as DTensors (FSDP2)"
+DRIFT = "drift_tolerance"
 
 
 @attrs.frozen
@@ -98,6 +99,13 @@ RULES: tuple[Rule, ...] = (
          "does not support yet",
          "leave overlap_backward off, or give those parameters large='none'/'diagonal' or a max_dim above their "
          "modes"),
+    Rule("drift_overlap", {DRIFT, OVERLAP},
+         "drift_tolerance measures each basis before the step's fold, which overlap_backward=True starts inside the "
+         "backward pass",
+         "leave overlap_backward off with drift_tolerance"),
+    Rule("drift_distributed", {DRIFT, DISTRIBUTED},
+         "drift_tolerance is a single-process path for now: the ranks would have to agree on which refreshes run",
+         "with distributed=..., leave drift_tolerance at None"),
     Rule("blocked_distributed", {BLOCKED, DISTRIBUTED},
          "parameter(s) {params} are cut into blocks (a structure with large='block'), which distributed=... does "
          "not support yet",
@@ -178,7 +186,7 @@ def executors(features: Iterable[str], lines: Sequence[Line] = ()) -> list[Line]
 
 # --- what a configuration has --------------------------------------------------------------------------------------
 def option_features(capture: Any = False, overlap_backward: bool = False, on_nonfinite: str = "raise",
-                    async_refresh: bool = False, distributed: Any = None) -> frozenset[str]:
+                    async_refresh: bool = False, distributed: Any = None, drift: bool = False) -> frozenset[str]:
     """The features of ``precond.Optimizer``'s options (``distributed``: a ``precond.DataParallel`` or None)."""
     found = set()
     if capture:
@@ -189,6 +197,8 @@ def option_features(capture: Any = False, overlap_backward: bool = False, on_non
         found.add(CHECKS_GRADIENTS)
     if async_refresh:
         found.add(ASYNC)
+    if drift:
+        found.add(DRIFT)
     if distributed is not None:
         found |= parallel_features(distributed.mode, getattr(distributed, "placement", "balanced"))
     return frozenset(found)

@@ -21,6 +21,7 @@ import torch
 
 from precond import compatibility
 from precond.buckets import Bucket, Buckets
+from precond.drift import DriftMonitor
 from precond.executors import BucketStep, Executor
 from precond.fallbacks import FallbackCounter
 from precond.gradient_check import Work, verdict
@@ -32,7 +33,7 @@ from precond.runtime import Runtime
 from precond.state import STEP, new_step
 
 OPTIONS = ("state_dtype", "on_nonfinite", "stack", "stagger", "async_refresh", "tf32", "capture", "overlap_backward",
-           "distributed")
+           "distributed", "drift_tolerance")
 """The optimizer-wide options (``precond.Optimizer``'s keywords besides the group hyperparameters)."""
 
 
@@ -41,7 +42,7 @@ def option_features(options: dict[str, Any]) -> frozenset[str]:
     return compatibility.option_features(
         capture=options["capture"], overlap_backward=options["overlap_backward"],
         on_nonfinite=options["on_nonfinite"], async_refresh=options["async_refresh"],
-        distributed=options["distributed"])
+        distributed=options["distributed"], drift=options.get("drift_tolerance") is not None)
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -51,6 +52,12 @@ def check_options(options: dict[str, Any]) -> None:
     if options["capture"] not in (False, True, "emulate"):
         raise ValueError(f"capture must be False, True (CUDA graphs) or 'emulate' (the same path without graphs), "
                          f"got {options['capture']!r}")
+    tolerance = options.get("drift_tolerance")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0.0 <= tolerance <= 1.0):
+        raise ValueError(f"drift_tolerance must be None (refresh every T steps) or a number in [0, 1] (refresh a due "
+                         f"basis only when the relative off-diagonal norm of QᵀSQ is at least it; e.g. 0.1), got "
+                         f"{tolerance!r}")
     compatibility.check(option_features(options))
     if options["state_dtype"] not in (torch.float32, torch.float64):
         raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {options['state_dtype']}")
@@ -69,6 +76,8 @@ class Engine:
         self.names = names
         self.attached: list[Any] = []  # parts attached to the optimizer's steps (keep_attached)
         self.schedule = RefreshSchedule(stagger=options["stagger"], asynchronous=options["async_refresh"])
+        tolerance = self.options["drift_tolerance"]
+        self.drift = None if tolerance is None else DriftMonitor(float(tolerance))
         self.fallbacks = FallbackCounter()
         self.bucket_step = BucketStep(self)
         self.runtime: Optional[Runtime] = None
@@ -119,6 +128,8 @@ class Engine:
 
     def forget_buckets(self) -> None:
         self.buckets.invalidate()
+        if self.drift is not None:  # the state may have been replaced: measure again from it
+            self.drift.forget()
 
     # --- the optimizer's shell asks ---------------------------------------------------------------------------------
     def check_groups(self, groups: list[dict[str, Any]]) -> None:
@@ -140,7 +151,10 @@ class Engine:
             self.attached.append(part)
 
     def stats(self) -> dict[str, int]:
-        return self.runtime.stats(self.fallbacks.as_dict())
+        counts = self.fallbacks.as_dict()
+        if self.drift is not None:
+            counts.update(self.drift.totals())
+        return self.runtime.stats(counts)
 
     # --- members and buckets ----------------------------------------------------------------------------------------
     @property
@@ -238,6 +252,7 @@ class Engine:
             if len(present) < len(bucket.params):
                 bucket = self.buckets.split(bucket, present, states)
             bucket_grads = [grads[id(p)] for p in bucket.params]
+            self.bucket_step.measure_drift(bucket, bucket.step + 1)  # from the state before the fold (drift_tolerance)
             next(executor for executor in self.executors if executor.takes(bucket)).run(bucket, bucket_grads)
         self.runtime.finish()
 

@@ -81,6 +81,9 @@ class BucketStep:
         advanced with all the others at its end, :meth:`count`)."""
         if bucket.preconditioner.folds_at(step) and not bucket.preconditioner.folds_before_apply:
             self.refresh(bucket, step)
+        every = bucket.preconditioner.basis.every
+        if self.engine.drift is not None and every is not None and every > 1:
+            self.measure_drift(bucket, step + 1)  # a step early, read at the next refresh without waiting
         bucket.step = step
         states = self.engine.states
         counts = [states[p][STEP] for p in bucket.params]
@@ -105,6 +108,9 @@ class BucketStep:
             if not schedule.knows(keys):
                 schedule.plan(engine.refresh_units())
             due, refresh_index = schedule.due(keys, preconditioner.basis.every, step)
+            if due and engine.drift is not None:
+                self._measure(bucket, k, keys, due, step)  # only where the start of the step did not (see there)
+                due = engine.drift.select(keys, due, step)  # the bases that drifted (precond.drift)
             if not due:
                 continue
             if engine.runtime.refresh(bucket, k, due, refresh_index):
@@ -119,6 +125,30 @@ class BucketStep:
                 return preconditioner.compute_refresh(factor, basis, engine.fallbacks, refresh_index)
 
             schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
+
+    def measure_drift(self, bucket: Bucket, step: int) -> None:
+        """``drift_tolerance``: measure the drift (``precond.drift``) of ``bucket``'s units due after ``step`` that
+        are not measured yet, from the state as it is now — before ``step``'s fold: at the end of the step before
+        (:meth:`finish`) or at the start of this one (the engine)."""
+        engine = self.engine
+        if engine.drift is None:
+            return
+        preconditioner = bucket.preconditioner
+        for k in preconditioner.refreshable_modes(bucket.layout):
+            keys = [(id(p), k) for p in bucket.params]
+            if not engine.schedule.knows(keys):
+                engine.schedule.plan(engine.refresh_units())
+            due, _ = engine.schedule.due(keys, preconditioner.basis.every, step)
+            self._measure(bucket, k, keys, due, step)
+
+    def _measure(self, bucket: Bucket, k: int, keys: list, due: list[int], step: int) -> None:
+        drift = self.engine.drift
+        missing = [i for i in due if not drift.has(keys[i], step)]
+        if not missing:
+            return
+        index = None if len(missing) == len(keys) else self._index(missing, bucket.params[0].device)
+        factor, basis = bucket.refresh_inputs(k, index)
+        drift.measure([keys[i] for i in missing], step, factor, basis)
 
     def _index(self, positions: list[int], device: torch.device) -> torch.Tensor:
         """``torch.tensor(positions)`` on ``device``, made once per distinct list (staggered refreshes repeat the same

@@ -56,6 +56,9 @@ class Optimizer(torch.optim.Optimizer):
     ``T`` steps, at its own phase); ``async_refresh`` runs them on side CUDA streams, overlapped with the next
     forward/backward and installed before the next update (the same updates); ``tf32`` True/False forces TF32 on/off
     for the per-step products (refreshes always in full float32), ``None`` leaves torch's setting alone.
+    ``drift_tolerance`` τ (``None``: off) makes each due refresh conditional: a basis is refreshed only when the
+    relative off-diagonal norm of ``Q_kᵀ S_k Q_k`` is at least τ (``precond.drift``: measured without a host
+    synchronisation, counted in :meth:`refresh_counts`); ``T`` is then the period of the checks.
     ``capture=True`` replays each bucket's steady-state update as one CUDA graph (``precond.captured``: the same
     updates to float32 round-off, refreshes still eager), ``"emulate"`` runs that path without graphs (its CPU
     reference). ``torch.compile(optimizer.step)`` is refused with :data:`COMPILE_REFUSAL`: use ``capture=True``;
@@ -83,10 +86,10 @@ class Optimizer(torch.optim.Optimizer):
                  bias_correction: bool = False, state_dtype: torch.dtype = torch.float32, on_nonfinite: str = "raise",
                  stack: bool = True, stagger: bool = False, async_refresh: bool = False, tf32: Optional[bool] = None,
                  capture: Union[bool, str] = False, overlap_backward: bool = False, distributed: Optional[Any] = None,
-                 rotation_dtype: Optional[torch.dtype] = None) -> None:
+                 rotation_dtype: Optional[torch.dtype] = None, drift_tolerance: Optional[float] = None) -> None:
         options = dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
                        async_refresh=async_refresh, tf32=tf32, capture=capture, overlap_backward=overlap_backward,
-                       distributed=distributed)
+                       distributed=distributed, drift_tolerance=drift_tolerance)
         check_options(options)  # before anything is built: the values, then the compatibility table
         self._names: dict[int, str] = {}
         defaults = plain_hyperparameters(dict(
@@ -214,6 +217,19 @@ class Optimizer(torch.optim.Optimizer):
     def pending_refreshes(self) -> int:
         """How many asynchronous refreshes wait to be installed (at the start of the next step)."""
         return len(self.engine.schedule.pending)
+
+    def refresh_counts(self) -> dict[str, dict[int, dict[str, int]]]:
+        """With ``drift_tolerance``: per parameter name and mode, the due refreshes checked and those made (the
+        rest kept their basis: ``precond.drift``); empty without it. Read on the host, no synchronisation."""
+        drift = self.engine.drift
+        if drift is None:
+            return {}
+        tensors = {id(p): p for group in self.param_groups for p in self.engine.runtime.members.of_group(group)}
+        out: dict[str, dict[int, dict[str, int]]] = {}
+        for (identity, k), checks in drift.checks.items():
+            name = self.engine.name(tensors[identity]) if identity in tensors else f"unit {identity}"
+            out.setdefault(name, {})[k] = {"checks": checks, "refreshes": drift.refreshes[(identity, k)]}
+        return out
 
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,

@@ -14,7 +14,11 @@ A mode is a set of constructor keywords and a promise against a reference mode o
   and replicate modes with stacking (an owner stacks fewer parameters than one process, a replicate rank refreshes
   a part of a bucket: batched float64 kernels do not give each entry the bits it gets in another batch, which the
   float32 parity of ``tests/test_distributed.py`` happens to see on CPU);
-- ``None``: a schedule of its own (``stagger``: each factor at its own phase), checked finite and moving.
+- ``None``: a schedule of its own (``stagger``: each factor at its own phase; ``drift_tolerance``: only the bases
+  that drifted are refreshed), checked finite and moving.
+
+``drift_tolerance=0`` refreshes every basis its schedule names (every ratio is at least 0), so it promises the
+plain mode's bits.
 
 A mode whose keywords the compatibility table (``precond.compatibility``) refuses for an entry is expected to be
 refused at construction with the table's message; the refused combinations are modes here too, so the battery
@@ -62,7 +66,8 @@ class Mode:
 
     def features(self) -> frozenset[str]:
         """What the compatibility table sees of this mode's options (without the entry's parts)."""
-        found = compatibility.option_features(**{k: v for k, v in self.options.items() if k in _OPTIMIZER_FEATURES})
+        options = {k: v for k, v in self.options.items() if k in _OPTIMIZER_FEATURES}
+        found = compatibility.option_features(**options, drift=self.options.get("drift_tolerance") is not None)
         if self.parallel is not None:
             found |= compatibility.parallel_features(**self.parallel)
         return found
@@ -83,6 +88,9 @@ MODES: tuple[Mode, ...] = (
     Mode("overlap", {"overlap_backward": True, **_IGNORE}, "plain", "bitwise"),
     Mode("overlap_checked", {"overlap_backward": True}),
     Mode("overlap_capture", {"overlap_backward": True, "capture": "emulate", **_IGNORE}),
+    Mode("drift_zero", {"drift_tolerance": 0.0}, "plain", "bitwise"),
+    Mode("drift", {"drift_tolerance": 0.3, "stagger": True}),
+    Mode("drift_overlap", {"drift_tolerance": 0.3, "overlap_backward": True, **_IGNORE}),
     Mode("block", {"large": "block"}, "plain", "roundoff"),
     Mode("block_overlap", {"large": "block", "overlap_backward": True, **_IGNORE}),
     Mode("owner", {}, "plain", "roundoff", _OWNER),
@@ -95,6 +103,7 @@ MODES: tuple[Mode, ...] = (
     Mode("owner_block", {"large": "block"}, parallel=_OWNER),
     Mode("replicate_async", {"stagger": True, "async_refresh": True}, parallel=_REPLICATE),
     Mode("replicate_by_kind", {}, parallel={"mode": "replicate", "placement": "by_kind"}),
+    Mode("owner_drift", {"drift_tolerance": 0.3}, parallel=_OWNER),
 )
 """Every mode; those without a promise either have a schedule of their own (``stagger``) or are combinations the
 table refuses (the battery checks that it does, for every entry the combination applies to)."""

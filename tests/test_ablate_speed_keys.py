@@ -92,3 +92,18 @@ def test_init_lambda_from_data_is_the_spectrum_of_the_first_factor() -> None:
 def test_misplaced_keys_are_refused_with_the_reason(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
         parse_variant(text)
+
+
+@pytest.mark.parametrize("text", ["kl_shampoo", "estimator=kl,basis=qr", "soap"])
+def test_drift_tolerance_reaches_the_optimizer_and_zero_keeps_the_fixed_schedule(text: str) -> None:
+    optimizer = parse_variant(f"{text},drift_tolerance=0.2").build(_model().parameters(), lr=1e-3)
+    assert optimizer.engine.drift is not None and optimizer.engine.drift.tolerance == 0.2
+    assert parse_variant(text).build(_model().parameters(), lr=1e-3).engine.drift is None
+    for expected, got in zip(_train(text), _train(f"{text},drift_tolerance=0"), strict=True):
+        assert torch.equal(expected, got), text
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "1.5", "yes"])
+def test_a_bad_drift_tolerance_is_refused_by_the_workbench(bad: str) -> None:
+    with pytest.raises(ValueError, match="drift_tolerance"):
+        parse_variant(f"kl_shampoo,drift_tolerance={bad}")

@@ -59,6 +59,10 @@ EXAMPLES: dict[str, tuple[Callable[[], Any], dict[str, str]]] = {
                                                    **_BLOCKED), {"params": "w"}),
     "blocked_distributed": (lambda: precond.kl_shampoo(_weight(7, 3), distributed=precond.DataParallel(),
                                                        **_BLOCKED), {"params": "w"}),
+    "drift_overlap": (lambda: precond.kl_shampoo(_weight(3, 3), overlap_backward=True, on_nonfinite="ignore",
+                                                 drift_tolerance=0.1), {}),
+    "drift_distributed": (lambda: precond.kl_shampoo(_weight(3, 3), drift_tolerance=0.1,
+                                                     distributed=precond.DataParallel()), {}),
 }
 """Rule name → a construction the rule refuses, and the details its message names."""
 

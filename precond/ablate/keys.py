@@ -60,6 +60,14 @@ def unit_interval(value: Any) -> float:
     return result
 
 
+def tolerance(value: Any) -> float:
+    """A number in ``[0, 1]`` (``drift_tolerance``: a relative norm)."""
+    result = number(value)
+    if not 0.0 <= result <= 1.0:
+        raise ValueError(f"got {value!r}; expected a number in [0, 1]")
+    return result
+
+
 def positive(value: Any) -> float:
     result = number(value)
     if result <= 0:
@@ -209,13 +217,15 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "rotation_dtype": rotation_dtype,
     "init_lambda": init_lambda,
     **{key: boolean for key in ("stagger", "async_refresh", "capture", "tf32")},
+    "drift_tolerance": tolerance,
 }
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
 
-SPEED_KEYS = ("stagger", "async_refresh", "capture", "tf32")
+SPEED_KEYS = ("stagger", "async_refresh", "capture", "tf32", "drift_tolerance")
 """Keys that choose how :class:`precond.Optimizer` runs a step (its keywords of the same names), not the parts.
-They are part of a variant's identity: step times differ, and ``stagger`` and ``tf32`` change the updates."""
+They are part of a variant's identity: step times differ, and ``stagger``, ``tf32`` and ``drift_tolerance`` change
+the updates."""
 
 EXPECTATIONS = ("diverge",)
 """What ``expect`` may announce: ``diverge`` (the variant is there to show a failure, e.g. Shampoo without grafting)."""
@@ -253,6 +263,8 @@ MEANINGS: dict[str, str] = {
     "async_refresh": "run the refreshes on side CUDA streams, installed at the next step (the same updates)",
     "capture": "replay each bucket's steady step as a CUDA graph (the same updates; CUDA only, eager elsewhere)",
     "tf32": "TF32 matrix products in the step and the refreshes (true/false; default: torch's global setting)",
+    "drift_tolerance": "refresh a due basis only when the relative off-diagonal norm of QᵀSQ is at least this (a "
+                       "number in [0, 1]; precond.Optimizer's drift_tolerance; default: every due refresh)",
     "adam_lr": "the Adam part's learning rate of muon and torch_muon (embeddings, head, vectors; default 3e-4)",
 }
 """What a key means, for ``--list``."""

@@ -1,0 +1,112 @@
+"""Refreshing a basis only when it has drifted from its factor's eigenbasis (``drift_tolerance``).
+
+At each due refresh of a unit (mode ``k`` of one parameter, on the fixed or staggered schedule of period ``T``), the
+refresh runs only if the basis has drifted: if the relative off-diagonal energy of ``A = Q_kᵀ S_k Q_k``,
+
+    r_k = ‖A − diag(A)‖_F / ‖A‖_F = √(1 − ‖diag(A)‖² / ‖S_k‖_F²)      (``Q_k`` orthogonal: ``‖A‖_F = ‖S_k‖_F``),
+
+is at least the tolerance ``τ``; otherwise ``Q_k`` is kept until the next due point. ``r_k = 0`` exactly when ``Q_k``
+diagonalises ``S_k``. The rule is Eschenhagen et al. 2025 ("Purifying Shampoo": skip the eigenbasis
+computation while the relative off-diagonal Frobenius norm of ``QᵀSQ`` is below a tolerance); NVIDIA's
+Emerging-Optimizers SOAP (``adaptive_update_tolerance``) and Meta's QR eigendecomposition apply the same idea. It only
+removes refreshes: ``T`` is now the period at which a unit is *checked*, and with :class:`RefreshSchedule`'s stagger
+no step pays more than its share of the fixed schedule.
+
+What it adds to them: the check costs one ``d³`` product (``S_k Q_k``, in full float32, the same as the first product
+of a QR power step), no eigendecomposition and no host synchronisation. A unit due at step ``t`` is measured from the
+state *before step t's fold* — at the end of step ``t − 1`` (after that step's own refreshes; the host reads the
+result one step later, long done, from pinned memory) — or, where that measurement is missing (the first step, after
+``load_state_dict``, a refresh period of 1), at the start of step ``t``, from the same state: so a resumed run makes
+the same decisions as an uninterrupted one, without saving anything. Reading the verdict there waits for the device.
+
+Counts per unit (checks and refreshes made) are kept on the host: ``optimizer.refresh_counts()``; the totals are in
+``optimizer.stats()`` (``drift_checks``, ``drift_refreshes``).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Hashable, Optional, Sequence
+
+import attrs
+import torch
+
+from precond.precision import full_precision
+from precond.refresh import rayleigh_quotients
+
+
+def offdiagonal_ratio(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``r = ‖A − diag(A)‖_F / ‖A‖_F`` of ``A = Qᵀ S Q`` for each batch entry (``(B, d, d)`` → ``(B,)``), from
+    ``diag(A)`` (one product) and ``‖S‖_F`` (module docstring; exact for an orthogonal ``Q``, whose rounding
+    ``‖QᵀQ − I‖`` adds about its size to ``r²``). Computed in ``factor``'s dtype (at least float32), TF32 off; a
+    zero factor counts as diagonal (``r = 0``)."""
+    dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+    s, q = factor.to(dtype), basis.to(dtype)
+    with full_precision():
+        diagonal = rayleigh_quotients(s, q)
+    total = torch.linalg.matrix_norm(s).square()
+    off = (total - diagonal.square().sum(dim=-1)).clamp_min(0.0)
+    return torch.where(total > 0, off / total.clamp_min(torch.finfo(dtype).tiny), 0.0).sqrt()
+
+
+@attrs.define(eq=False)
+class _Measured:
+    step: int
+    ratios: torch.Tensor  # on the host: one entry per measured unit
+    position: int
+    done: Optional[torch.cuda.Event]
+
+
+class DriftMonitor:
+    """The measured ``r_k`` of the units due next, read on the host without a synchronisation, and the counts of
+    checks and refreshes per unit (module docstring)."""
+
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+        self._measured: dict[Hashable, _Measured] = {}
+        self.checks: collections.Counter[Hashable] = collections.Counter()
+        self.refreshes: collections.Counter[Hashable] = collections.Counter()
+
+    def has(self, key: Hashable, step: int) -> bool:
+        """Whether unit ``key`` was measured for its refresh due at ``step``."""
+        measured = self._measured.get(key)
+        return measured is not None and measured.step == step
+
+    def measure(self, keys: Sequence[Hashable], step: int, factor: torch.Tensor, basis: torch.Tensor) -> None:
+        """Measure ``r`` of the units ``keys`` (batch entries of ``factor`` and ``basis``) for their refresh due at
+        ``step``; on CUDA the result is copied to pinned host memory behind the work already queued."""
+        ratios = offdiagonal_ratio(factor, basis).float()
+        done = None
+        if ratios.is_cuda:
+            host = torch.empty(ratios.shape, dtype=ratios.dtype, pin_memory=True)
+            host.copy_(ratios, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(ratios.device))
+            ratios = host
+        for position, key in enumerate(keys):
+            self._measured[key] = _Measured(step, ratios, position, done)
+
+    def select(self, keys: Sequence[Hashable], due: Sequence[int], step: int) -> list[int]:
+        """The positions among ``due`` (indices into ``keys``) whose basis has drifted (``r ≥ τ``, or ``r`` not
+        finite) and is refreshed now; counts the checks and refreshes. Every due unit must have been measured."""
+        kept = []
+        for i in due:
+            measured = self._measured.pop(keys[i])
+            if measured.step != step:
+                raise RuntimeError(f"precond: the drift of refresh unit {keys[i]} was measured for step "
+                                   f"{measured.step}, not {step} (a bug: please report it)")
+            if measured.done is not None:
+                measured.done.synchronize()  # finished a step ago: no wait in the steady state
+            ratio = float(measured.ratios[measured.position])
+            self.checks[keys[i]] += 1
+            if not ratio < self.tolerance:  # NaN refreshes: a broken basis must not be kept
+                self.refreshes[keys[i]] += 1
+                kept.append(i)
+        return kept
+
+    def forget(self) -> None:
+        """Drop every measurement (the state was replaced: ``load_state_dict``); counts stay."""
+        self._measured.clear()
+
+    def totals(self) -> dict[str, int]:
+        return {"drift_checks": sum(self.checks.values()), "drift_refreshes": sum(self.refreshes.values())}
