@@ -107,3 +107,52 @@ def test_drift_tolerance_reaches_the_optimizer_and_zero_keeps_the_fixed_schedule
 def test_a_bad_drift_tolerance_is_refused_by_the_workbench(bad: str) -> None:
     with pytest.raises(ValueError, match="drift_tolerance"):
         parse_variant(f"kl_shampoo,drift_tolerance={bad}")
+
+
+class _Regression:
+    """A 6 → 3 regression through the two-layer ``_model``, for :func:`train_run`."""
+
+    name = "regression"
+
+    def settings(self):
+        return {"task": self.name}
+
+    def build_model(self, seed):
+        return _model()
+
+    def load(self, device):
+        return self
+
+    def train_batch(self, generator):
+        x = torch.randn(7, 6, generator=generator)
+        return x, torch.sin(x[:, :3])
+
+    def val_batches(self, count):
+        generator = torch.Generator().manual_seed(123)
+        return [self.train_batch(generator) for _ in range(count)]
+
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x) - y).square().mean()
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.3])
+def test_a_run_with_drift_tolerance_records_its_refreshes_per_parameter(tolerance: float) -> None:
+    """Every due refresh of a weight's two modes is checked (those due after steps 10 and 20 with T = 10, decided
+    at the start of the step after: two per mode in 25 steps); with
+    τ = 0 every check refreshes, with τ > 0 at most that many. Other optimizers record nothing."""
+    from precond.ablate.train import Training, train_run
+
+    task = _Regression()
+    training = Training(steps=25, eval_every=5, eval_batches=1, warmup=0.0, schedule="constant")
+    record = train_run(task, task, parse_variant(f"kl_shampoo,drift_tolerance={tolerance}"), 1e-2, 0, training,
+                       torch.device("cpu"))
+    refreshes = record["refreshes"]
+    weights = {name: modes for name, modes in refreshes.items() if set(modes) == {"0", "1"}}
+    assert len(weights) == 2, refreshes
+    for modes in weights.values():
+        for count in modes.values():
+            assert count["checks"] == 2
+            assert count["refreshes"] == 2 if tolerance == 0 else 0 <= count["refreshes"] <= 2
+    plain = train_run(task, task, parse_variant("adamw"), 1e-2, 0, training, torch.device("cpu"))
+    assert "refreshes" not in plain

@@ -185,3 +185,17 @@ def test_on_cuda_the_captured_asynchronous_step_with_drift_matches_the_eager_one
     assert eager_stats["drift_checks"] == fast_stats["drift_checks"]
     assert 0 < fast_stats["drift_refreshes"] < fast_stats["drift_checks"]
     torch.testing.assert_close(fast, eager, rtol=0, atol=5e-3)
+
+
+def test_unnamed_parameters_of_one_shape_are_counted_apart():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Tanh(), torch.nn.Linear(4, 4, bias=False))
+    opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=3, state_dtype=F64, drift_tolerance=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(6, 4, dtype=torch.float32, generator=generator)).square().mean().backward()
+        opt.step()
+    counts = opt.refresh_counts()
+    assert len(counts) == 2, counts  # both (4, 4) weights, not one label overwritten by the other
+    assert sum(c["checks"] for modes in counts.values() for c in modes.values()) == opt.stats()["drift_checks"] == 4

@@ -250,4 +250,15 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
         "peak_cuda_bytes": memory.peak_bytes(device),
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device), "torch": torch.__version__,
+        **_refresh_record(optimizer),
     }
+
+
+def _refresh_record(optimizer: Any) -> dict[str, Any]:
+    """With ``drift_tolerance``: ``{"refreshes": {parameter: {mode: {"checks": due, "refreshes": made}}}}`` at the
+    end of the run (``precond.Optimizer.refresh_counts``; read on the host); nothing for other optimizers."""
+    counts = getattr(optimizer, "refresh_counts", None)
+    found = counts() if callable(counts) else {}
+    if not found:
+        return {}
+    return {"refreshes": {name: {str(k): dict(v) for k, v in modes.items()} for name, modes in found.items()}}
