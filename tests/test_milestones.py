@@ -74,3 +74,22 @@ def test_read_runs_keeps_finished_runs(tmp_path) -> None:
     path.write_text("\n".join(json.dumps(r) for r in (good, {**good, "seed": 1, "diverged": True},
                                                          {**good, "seed": 2, "error": "boom"})) + "\n")
     assert [r["seed"] for r in milestones.read_runs(path)] == [0]
+
+
+def test_refresh_table_counts_per_1000_steps_and_per_parameter() -> None:
+    """Two seeds of 500 steps: (10 + 20) and (14 + 16) checks, (4 + 6) and (8 + 2) refreshes made."""
+    def run(seed: int, w_checks: int, w_made: int, b_checks: int, b_made: int) -> dict:
+        record = _record("drift", seed, [5.0, 3.0, 2.0])
+        record["steps_done"] = 500
+        record["refreshes"] = {"w": {"0": {"checks": w_checks, "refreshes": w_made},
+                                     "1": {"checks": b_checks, "refreshes": b_made}}}
+        return record
+
+    records = [run(0, 10, 4, 20, 6), run(1, 14, 8, 16, 2), _record("fixed", 0, [5.0, 3.0, 2.0])]
+    table = milestones.refresh_table(records)
+    # checks per 1000 steps: 60 and 60; made: 20 and 20; fraction 40 / 120
+    assert "| drift | 2 | 60 | 20 | 0.33 |" in table
+    assert "| w | 12 | 8 |" in table  # mode 0: 8 and 16 per 1000 steps; mode 1: 12 and 4
+    assert "fixed" not in table
+    with pytest.raises(ValueError, match="recorded its refreshes"):
+        milestones.refresh_table([_record("fixed", 0, [5.0, 3.0, 2.0])])

@@ -7,12 +7,15 @@
   method run at ``T₀ < T₁ < …`` (one variant each), its loss increase ``L(T) − L(T₀)`` paired by seed; for two
   methods A and B, the difference of their increases ``[L_A(T) − L_A(T₀)] − [L_B(T) − L_B(T₀)]`` paired by seed:
   below 0 means A loses less than B as ``T`` grows.
+- ``refreshes``: with ``drift_tolerance``, the due refreshes checked and made per 1000 steps, per variant and per
+  parameter and mode (each such run records them, ``"refreshes"``).
 
 Command line::
 
     python -m precond.ablate.milestones steps --runs R/runs.jsonl --at 25,50,100,200 --reference kl_shampoo
     python -m precond.ablate.milestones period --runs R/runs.jsonl \\
         --method "KL=kl_shampoo fast@10,kl_shampoo fast T=32@32" --method "SOAP=soap fast@10,soap fast T=32@32"
+    python -m precond.ablate.milestones refreshes --runs R/runs.jsonl
 
 Every number comes from the records (``curve.step`` and ``curve.val``, ``final_val``); a step that a run did not
 validate at is an error, not an interpolation.
@@ -131,6 +134,46 @@ def period_table(records: Sequence[Record], methods: Sequence[tuple[str, list[tu
     return "\n".join(lines)
 
 
+def refresh_table(records: Sequence[Record]) -> str:
+    """Markdown: for each variant whose runs recorded their refreshes (``drift_tolerance``), the due refreshes
+    checked and made per 1000 steps (mean over seeds) and the fraction made; then per parameter, the refreshes made
+    per 1000 steps of each mode."""
+    counted = [r for r in records if r.get("refreshes")]
+    if not counted:
+        raise ValueError("no finished run recorded its refreshes (only runs with drift_tolerance do)")
+    variants = list(dict.fromkeys(r["variant"] for r in counted))
+    lines = ["| variant | seeds | checks / 1000 steps | refreshes / 1000 steps | fraction made |",
+             "|---|---|---|---|---|"]
+    per_parameter: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for variant in variants:
+        runs = list(by_seed(counted, variant).values())
+        checks, made = [], []
+        for run in runs:
+            scale = 1000.0 / run["steps_done"]
+            counts = [c for modes in run["refreshes"].values() for c in modes.values()]
+            checks.append(scale * sum(c["checks"] for c in counts))
+            made.append(scale * sum(c["refreshes"] for c in counts))
+            for name, modes in run["refreshes"].items():
+                for mode, c in modes.items():
+                    per_parameter.setdefault(variant, {}).setdefault(name, {}).setdefault(mode, []).append(
+                        scale * c["refreshes"])
+        fraction = sum(made) / sum(checks) if sum(checks) else float("nan")
+        lines.append(f"| {variant} | {len(runs)} | {statistics.mean(checks):.0f} | {statistics.mean(made):.0f} | "
+                     f"{fraction:.2f} |")
+    for variant, names in per_parameter.items():
+        lines += ["", f"{variant}: refreshes made per 1000 steps, by parameter and mode (mean over seeds)", "",
+                  "| parameter | " + " | ".join(f"mode {m}" for m in _modes(names)) + " |",
+                  "|---|" + "---|" * len(_modes(names))]
+        for name, modes in names.items():
+            cells = [f"{statistics.mean(modes[m]):.0f}" if m in modes else "—" for m in _modes(names)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _modes(names: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return sorted({mode for modes in names.values() for mode in modes}, key=int)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m precond.ablate.milestones", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,10 +184,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     period = commands.add_parser("period", help="what a longer refresh period costs each method")
     period.add_argument("--runs", required=True)
     period.add_argument("--method", action="append", required=True, help="NAME=VARIANT@T,VARIANT@T,...")
+    refreshes = commands.add_parser("refreshes", help="the refreshes that drift_tolerance made, per variant and "
+                                                      "per parameter")
+    refreshes.add_argument("--runs", required=True)
     args = parser.parse_args(argv)
     records = read_runs(args.runs)
     if args.command == "steps":
         print(steps_table(records, [int(s) for s in args.at.split(",")], args.reference))
+    elif args.command == "refreshes":
+        print(refresh_table(records))
     else:
         print(period_table(records, [parse_method(text) for text in args.method]))
 
