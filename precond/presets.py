@@ -66,7 +66,7 @@ def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Pr
                         **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
 
 
-def _adam_part(beta2: float, eps: float) -> Preconditioner:
+def adam_part(beta2: float, eps: float) -> Preconditioner:
     """Adam composed from parts (the mixed presets' part for what is not a hidden matrix or hooked layer):
     ``structures.Diagonal`` · ``Frobenius(β₂, dense)`` · ``bases.Identity`` · ``Power(½, ε, "outside")``, the first
     gradient used at once; momentum and bias correction are the group's."""
@@ -300,9 +300,9 @@ class Muon(Optimizer):
                                  dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
             first_step="update",
         )
-        adam_part = _adam_part(adam_betas[1], adam_eps)
-        self._adam_settings = {"preconditioner": adam_part, "lr": adam_lr, "momentum": adam_betas[0],
-                               "nesterov": False, "bias_correction": True, "decay_order": "before",
+        self._adam_settings = {"preconditioner": adam_part(adam_betas[1], adam_eps), "lr": adam_lr,
+                               "momentum": adam_betas[0], "nesterov": False, "bias_correction": True,
+                               "decay_order": "before",
                                "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
         self._adam_params = [adam_params] if isinstance(adam_params, torch.Tensor) else list(adam_params)
         groups = muon_groups(params_list(params), self._adam_params, self._adam_settings)
@@ -358,7 +358,7 @@ def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, ev
 
     structure, basis = structures.LayerMatrix(max_dim=max_dim), bases.Eigh(every=every)  # refused before any hook
     applier = Power(p=1.0, eps=damping, eps_placement="outside")
-    adam = _adam_part(adam_betas[1], adam_eps)
+    adam = adam_part(adam_betas[1], adam_eps)
     capture = KFACCapture(model, reduction=reduction, loss_terms=loss_terms, factor_every=factor_every)
     try:
         preconditioner = Preconditioner(structure=structure, estimator=estimator_of(capture), basis=basis,

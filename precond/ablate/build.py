@@ -9,7 +9,9 @@ from typing import Any, Collection, Iterable, Mapping, Optional
 import torch
 
 import precond
+import structures
 from precond.ablate import catalog, keys, peers
+from precond.presets import adam_part
 
 
 def build_optimizer(variant: Any, params: Iterable[Any], lr: float, weight_decay: Optional[float] = None,
@@ -31,6 +33,8 @@ def build_optimizer(variant: Any, params: Iterable[Any], lr: float, weight_decay
         context = peers.Context(adam_params=frozenset(adam_params), sync_free=sync_free)
         return peers.PEERS[variant.preset].build(list(params), lr, options, context)
     fast = {"on_nonfinite": "ignore"} if sync_free else {}
+    if "embeddings" in options:
+        params = route_embeddings(params, adam_params, options)
     if variant.preset is not None:
         return _preset(variant.preset, params, lr, options, fast)
     return composition_optimizer(params, lr, options, fast)
@@ -52,6 +56,44 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
         default_beta1, default_beta2 = inspect.signature(factory).parameters["betas"].default
         kwargs["betas"] = (options.get("beta1", default_beta1), options.get("beta2", default_beta2))
     return factory(params, lr=lr, **kwargs, **fast)
+
+
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+"""The AdamW that ``embeddings=adam`` gives the embeddings and the head: the workbench's AdamW baseline
+(``adamw,beta2=0.95``; torch's ε), bias-corrected, decay before the update, as ``torch.optim.AdamW``."""
+
+
+def _embedding_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The group keys that ``embeddings`` gives the routed matrices (``precond.Optimizer``'s per-group parts)."""
+    if options["embeddings"] == "adam":
+        return {"preconditioner": adam_part(ADAMW_BETAS[1], ADAMW_EPS), "momentum": ADAMW_BETAS[0],
+                "nesterov": False, "bias_correction": True, "decay_order": "before"}
+    return {"structure": structures.OneSided(max_dim=options.get("max_dim", 4096))}
+
+
+def route_embeddings(params: Iterable[Any], adam_params: Collection[str],
+                     options: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``params`` (named parameters or groups of them) with the matrices named in ``adam_params`` (the task's
+    embeddings and output head, :func:`precond.ablate.train.adam_routed`) moved into groups of their own that
+    carry :func:`_embedding_settings`; each group's own keys (e.g. ``weight_decay``) stay with both halves."""
+    groups = list(params)
+    groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
+    if not adam_params:
+        raise ValueError("embeddings=... needs the task to name its embeddings and head (adam_params); this task "
+                         "names none")
+    settings, out = _embedding_settings(options), []
+    for group in groups:
+        extra = {key: value for key, value in group.items() if key != "params"}
+        items = list(group["params"])
+        if any(not isinstance(item, tuple) for item in items):
+            raise ValueError("embeddings=... routes parameters by name: give named parameters "
+                             "(model.named_parameters())")
+        rest = [item for item in items if item[0] not in adam_params]
+        routed = [item for item in items if item[0] in adam_params]
+        out += [{**extra, "params": rest}] if rest else []
+        out += [{**extra, **settings, "params": routed}] if routed else []
+    return out
 
 
 def make_preconditioner(options: Mapping[str, Any]) -> precond.Preconditioner:

@@ -190,9 +190,12 @@ def name(value: Any) -> str:
     return text
 
 
+EMBEDDINGS = ("adam", "one_sided")
+"""What ``embeddings`` may give the embeddings and the output head (left out: the variant's own preconditioning)."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "structure": STRUCTURES, "large": LARGE_MODES, "estimator": ESTIMATORS, "basis": BASES, "graft": GRAFTS,
-    "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS,
+    "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS, "embeddings": EMBEDDINGS,
 }
 """The keys whose value is one of a few names, and those names."""
 
@@ -216,6 +219,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "adam_lr": positive,
     "rotation_dtype": rotation_dtype,
     "init_lambda": init_lambda,
+    "embeddings": choice(CHOICES["embeddings"]),
     **{key: boolean for key in ("stagger", "async_refresh", "capture", "tf32")},
     "drift_tolerance": tolerance,
 }
@@ -258,6 +262,9 @@ MEANINGS: dict[str, str] = {
                       "rotation_dtype; default: the state dtype)",
     "init_lambda": "KL's λ at step 0 (estimator kl or kl_soap): a number > 0 (default 0.1, the authors' prototype) "
                    "or data (the spectrum of the first filled factor)",
+    "embeddings": "what the embeddings and the output head get (the matrices a Muon gives to Adam): AdamW "
+                  "(betas 0.9/0.95, eps 1e-8, the variant's lr and weight decay) or the variant's parts on the "
+                  "smaller side only (structures.OneSided); default: the variant's own preconditioning",
     "stagger": "spread the basis refreshes over the T steps (precond.Optimizer's stagger; the same math per factor, "
                "at its own phase)",
     "async_refresh": "run the refreshes on side CUDA streams, installed at the next step (the same updates)",

@@ -38,17 +38,20 @@ key                    values                                                   
                        ``precond.Optimizer``)
 ``init_lambda``        KL's λ₀ (estimator ``kl``, ``kl_soap``): a number > 0, or    0.1
                        ``data``, the spectrum of the first filled factor
+``embeddings``         ``adam``: AdamW (0.9, 0.95, 1e-8) for the embeddings and     the variant's parts
+                       the output head (the task's ``adam_params``, as Muon);
+                       ``one_sided``: the variant's parts on their smaller side
 ``stagger``,           how ``precond.Optimizer`` runs the step (its keywords of     off; ``tf32``: torch's
 ``async_refresh``,     the same names, ``true``/``false``): refreshes spread over   global setting
-``capture``, ``tf32``  the T steps, on side streams, the step as CUDA graphs,
-                       TF32 products
+``capture``, ``tf32``, the T steps, on side streams, the step as CUDA graphs,
+``drift_tolerance``    TF32 products, refreshes only of drifted bases
 =====================  ==========================================================  =====================
 
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
-``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, the speed keys ``stagger``,
-``async_refresh``, ``capture``, ``tf32``, and ``graft``/``applier`` where
+``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, the speed keys
+``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, and ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
 ``torch_muon``) and ``muon`` accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at
 its default is KL-Shampoo as in ``precond.kl_shampoo``.
@@ -75,7 +78,7 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype", *keys.SPEED_KEYS)
+               "decay_order", "rotation_dtype", "embeddings", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
