@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -99,15 +99,22 @@ class BucketStep:
         if counts:
             torch._foreach_add_(counts, 1)
 
+    def _due(self, bucket: Bucket, step: int) -> Iterator[tuple[int, list, list[int], Any]]:
+        """For each refreshable mode ``k`` of ``bucket``: its units' keys, the positions among them due after
+        ``step`` and their refresh index (the schedule planned on first sight of the keys)."""
+        schedule, preconditioner = self.engine.schedule, bucket.preconditioner
+        for k in preconditioner.refreshable_modes(bucket.layout):
+            keys = [(id(p), k) for p in bucket.params]
+            if not schedule.knows(keys):
+                schedule.plan(self.engine.refresh_units())
+            due, refresh_index = schedule.due(keys, preconditioner.basis.every, step)
+            yield k, keys, due, refresh_index
+
     def refresh(self, bucket: Bucket, step: int) -> None:
         """Refresh the modes of ``bucket``'s members that the schedule says are due after ``step``."""
         engine = self.engine
         schedule, preconditioner = engine.schedule, bucket.preconditioner
-        for k in preconditioner.refreshable_modes(bucket.layout):
-            keys = [(id(p), k) for p in bucket.params]
-            if not schedule.knows(keys):
-                schedule.plan(engine.refresh_units())
-            due, refresh_index = schedule.due(keys, preconditioner.basis.every, step)
+        for k, keys, due, refresh_index in self._due(bucket, step):
             if due and engine.drift is not None:
                 self._measure(bucket, k, keys, due, step)  # only where the start of the step did not (see there)
                 due = engine.drift.select(keys, due, step)  # the bases that drifted (precond.drift)
@@ -116,7 +123,7 @@ class BucketStep:
             if engine.runtime.refresh(bucket, k, due, refresh_index):
                 continue  # e.g. replicate mode: one rank computes it, every rank installs it
             device = bucket.params[0].device
-            index = None if len(due) == len(keys) else self._index(due, device)
+            index = self._subset(due, keys, device)
             factor, basis = bucket.refresh_inputs(k, index)
             if schedule.asynchronous:
                 factor = factor.clone()  # a snapshot: the next step's fold must not reach the side stream
@@ -130,15 +137,9 @@ class BucketStep:
         """``drift_tolerance``: measure the drift (``precond.drift``) of ``bucket``'s units due after ``step`` that
         are not measured yet, from the state as it is now — before ``step``'s fold: at the end of the step before
         (:meth:`finish`) or at the start of this one (the engine)."""
-        engine = self.engine
-        if engine.drift is None:
+        if self.engine.drift is None:
             return
-        preconditioner = bucket.preconditioner
-        for k in preconditioner.refreshable_modes(bucket.layout):
-            keys = [(id(p), k) for p in bucket.params]
-            if not engine.schedule.knows(keys):
-                engine.schedule.plan(engine.refresh_units())
-            due, _ = engine.schedule.due(keys, preconditioner.basis.every, step)
+        for k, keys, due, _ in self._due(bucket, step):
             self._measure(bucket, k, keys, due, step)
 
     def _measure(self, bucket: Bucket, k: int, keys: list, due: list[int], step: int) -> None:
@@ -146,9 +147,12 @@ class BucketStep:
         missing = [i for i in due if not drift.has(keys[i], step)]
         if not missing:
             return
-        index = None if len(missing) == len(keys) else self._index(missing, bucket.params[0].device)
-        factor, basis = bucket.refresh_inputs(k, index)
+        factor, basis = bucket.refresh_inputs(k, self._subset(missing, keys, bucket.params[0].device))
         drift.measure([keys[i] for i in missing], step, factor, basis)
+
+    def _subset(self, positions: list[int], keys: list, device: torch.device) -> Optional[torch.Tensor]:
+        """The index of ``positions`` among a mode's ``keys`` for ``Bucket.refresh_inputs`` (None: all of them)."""
+        return None if len(positions) == len(keys) else self._index(positions, device)
 
     def _index(self, positions: list[int], device: torch.device) -> torch.Tensor:
         """``torch.tensor(positions)`` on ``device``, made once per distinct list (staggered refreshes repeat the same
