@@ -156,6 +156,21 @@ class Engine:
             counts.update(self.drift.totals())
         return self.runtime.stats(counts)
 
+    def refresh_counts(self) -> dict[str, dict[int, dict[str, int]]]:
+        """``precond.Optimizer.refresh_counts``: the drift monitor's counts per unit, keyed by parameter label."""
+        if self.drift is None:
+            return {}
+        labels: dict[int, str] = {}
+        members = [p for group in self.param_groups for p in self.runtime.members.of_group(group)]
+        for i, p in enumerate(members):
+            label = self.name(p)
+            labels[id(p)] = label if label not in labels.values() else f"{label} #{i}"  # unnamed: same shapes
+        out: dict[str, dict[int, dict[str, int]]] = {}
+        for (identity, k), checks in self.drift.checks.items():
+            name = labels.get(identity, f"unit {identity}")
+            out.setdefault(name, {})[k] = {"checks": checks, "refreshes": self.drift.refreshes[(identity, k)]}
+        return out
+
     # --- members and buckets ----------------------------------------------------------------------------------------
     @property
     def states(self) -> Any:

@@ -222,19 +222,7 @@ class Optimizer(torch.optim.Optimizer):
         """With ``drift_tolerance``: per parameter name and mode, the due refreshes checked and those made (the
         rest kept their basis: ``precond.drift``); empty without it. Read on the host, no synchronisation.
         Parameters given without names are labelled by shape, with their position when a shape repeats."""
-        drift = self.engine.drift
-        if drift is None:
-            return {}
-        labels: dict[int, str] = {}
-        members = [p for group in self.param_groups for p in self.engine.runtime.members.of_group(group)]
-        for i, p in enumerate(members):
-            label = self.engine.name(p)
-            labels[id(p)] = label if label not in labels.values() else f"{label} #{i}"  # unnamed: same shapes
-        out: dict[str, dict[int, dict[str, int]]] = {}
-        for (identity, k), checks in drift.checks.items():
-            name = labels.get(identity, f"unit {identity}")
-            out.setdefault(name, {})[k] = {"checks": checks, "refreshes": drift.refreshes[(identity, k)]}
-        return out
+        return self.engine.refresh_counts()
 
     def stats(self) -> dict[str, int]:
         """Counts of numerical fallbacks taken so far: ``eigh_jitter``, ``eigh_float64``, ``eigh_kept_old_basis``,
