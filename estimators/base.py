@@ -36,6 +36,10 @@ class Estimator:
         rotation ``rotated``, for entries with a nonzero gradient (K-FAC's hooks give per-example moments)."""
         return None
 
+    def tracked_diagonal(self, ps: ParamState, k: int) -> Optional[torch.Tensor]:
+        """``diag(Q_kᵀ S_k Q_k)`` if the estimator keeps it current (``KL(track_drift=True)``), else ``None``."""
+        return None
+
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         raise NotImplementedError
 

@@ -82,6 +82,9 @@ class DenseSpectrum(Estimator):
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         self.factors.update(ps, grad, layout, first)
 
+    def tracked_diagonal(self, ps: ParamState, k: int) -> Optional[torch.Tensor]:
+        return self.factors.tracked_diagonal(ps, k)
+
     def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
         self.factors.finish_init(ps, refreshes, layout)
         if self.transport == "reset":

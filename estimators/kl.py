@@ -11,6 +11,12 @@ Both come from one rotation ``R = G ×_j Q_j``: by the orthogonal invariance of 
 ``Q_kᵀ Δ_k Q_k = Gram_k(R ⊙ ⊗_{j≠k} λ_j^{-1/2}) / D_{-k}``, so ``λ_k`` is its diagonal and needs no extra
 ``d³`` work. A *diagonal* mode (``Q_k = I``, no ``S_k``) keeps only ``λ_k`` by the same rule: Claim 3 with
 ``Q = I``, the KL choice for a mode too large for a dense factor.
+
+With ``track_drift`` the same diagonal also keeps ``D_k = diag(Q_kᵀ S_k Q_k)`` exact while ``Q_k`` stands: the fold
+``S_k ← ρ S_k + (1−ρ) Δ_k`` rotates to ``D_k ← ρ D_k + (1−ρ) diag(Q_kᵀ Δ_k Q_k)`` (no clamp, the damping only where
+``S_k`` gets it), and a refresh sets ``D_k`` to the new basis' Rayleigh quotients. The drift of the basis,
+``r_k = ‖offdiag(Q_kᵀ S_k Q_k)‖_F / ‖S_k‖_F = √(1 − ‖D_k‖² / ‖S_k‖_F²)`` (``precond.drift``), then costs one
+``d²`` reduction instead of a ``d³`` product, at any step.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from estimators.base import Estimator
 from precond.contractions import each, gram, mode_product, rotate, scale
 from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
-from precond.refresh import Refresh
+from precond.refresh import Refresh, rayleigh_quotients
 from precond.state import ParamState, Tensors
 from precond.validators import nonnegative, number, one_of, plain_number
 
@@ -65,6 +71,10 @@ class KL(Estimator):
       the new ``λ_2`` and the old ``λ_3`` (1-based modes as in the prototype). The damping shift stays the one of
       the old spectra (the prototype computes its traces first).
 
+    - ``track_drift`` — keep ``D_k = diag(Q_kᵀ S_k Q_k)`` of every factored mode (estimator tensors
+      ``"drift_diagonal_k"``; module docstring) for ``precond.Optimizer(drift_tolerance=…)``, whose check then needs
+      no ``d³`` product. Off by default (the state is then the prototype's); not with ``order="prototype"``.
+
     The initial fill (first gradient, all ``S_j = I``) gives ``S_k = (1−ρ) Gram_k(G) / D_{-k}``, as the prototype.
     """
 
@@ -84,6 +94,7 @@ class KL(Estimator):
     order: Literal["jacobi", "prototype"] = attrs.field(
         default="jacobi", validator=one_of(("jacobi", "prototype"))
     )
+    track_drift: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         if not self.floor_at_init and self.init_lambda is None:
@@ -91,6 +102,21 @@ class KL(Estimator):
                 "floor_at_init=False needs a positive init_lambda (the prototype's init_factor, e.g. 0.1): "
                 "with init_lambda=None the first eigenvalues may be 0 and λ₀ must be floored"
             )
+        if self.track_drift and self.order == "prototype":
+            raise ValueError("track_drift=True needs order='jacobi': the prototype's order folds into S_k a Δ_k whose "
+                             "diagonal its λ update does not form, so D_k = diag(Q_kᵀ S_k Q_k) would need an extra "
+                             "product; drop track_drift (drift_tolerance then measures the drift) or use Jacobi")
+
+    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        """``D_k`` (``(B, d_k)``, set after the first bases) for every dense mode, with ``track_drift``."""
+        if not self.track_drift:
+            return {}
+        return {_drift_key(k): grad.new_zeros(grad.shape[0], d) for k, d in enumerate(layout.view_shape)
+                if layout.kinds[k] == "dense"}
+
+    def tracked_diagonal(self, ps: ParamState, k: int) -> Optional[torch.Tensor]:
+        """``D_k = diag(Q_kᵀ S_k Q_k)`` (``(B, d_k)``) with ``track_drift``, else None."""
+        return ps.estimator.get(_drift_key(k)) if self.track_drift else None
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi).
@@ -122,25 +148,31 @@ class KL(Estimator):
             rotated = rotate(grad, bases)
         squared = rotated * rotated
         updates = {}
+        drift_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (D_k, its increment), with track_drift
         for k, lam in enumerate(spectra):
             if lam is None:
                 continue
             complement = layout.complement(k)
             shift = self._damping_shift(inv_sqrt, k, lam)
             diag = sum_except(scale(squared, [v if j != k else None for j, v in enumerate(inverse)]), k) / complement
-            delta = None
+            delta, tracked = None, None
             if k in partial:
                 whitened = scale(partial[k], [v if j != k else None for j, v in enumerate(inv_sqrt)])
                 delta = gram(whitened, k) / complement  # G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ / D_{-k}
                 if shift is not None and self.damping_into == "factor_and_spectrum":
                     delta = delta + torch.diag_embed(shift.expand_as(diag))
+                tracked = self.tracked_diagonal(ps, k)
+            if tracked is not None and not first and (shift is None or self.damping_into == "spectrum"):
+                drift_pairs.append((tracked, diag))  # diag(Q_kᵀ Δ_k Q_k) of the Δ_k folded into S_k
             if shift is not None:
                 diag = diag + shift
+                if tracked is not None and not first and self.damping_into == "factor_and_spectrum":
+                    drift_pairs.append((tracked, diag))
             updates[k] = (delta, diag)
-        pairs = [(factors[k], delta) for k, (delta, _) in updates.items() if delta is not None]
+        pairs = [(factors[k], delta) for k, (delta, _) in updates.items() if delta is not None] + drift_pairs
         fold_all(pairs + [(spectra[k], diag) for k, (_, diag) in updates.items()], self.beta, active)  # after reads
         if self.rebalance and not first:
-            self._rebalance(spectra, factors)
+            self._rebalance(spectra, factors, [self.tracked_diagonal(ps, k) for k in range(layout.order)])
         if updates and not first:  # λ_k ≥ floor, every mode in one op
             torch._foreach_clamp_min_([spectra[k] for k in updates],
                                       [spectrum_floor(self.floor, layout.view_shape[k]) for k in updates])
@@ -175,7 +207,7 @@ class KL(Estimator):
             if lam is not None:
                 lam.copy_(new[k])
         if self.rebalance:
-            self._rebalance(ps.lam, ps.S)
+            self._rebalance(ps.lam, ps.S, [None] * len(ps.S))
 
     def _mode_estimate(self, ps: ParamState, grad: torch.Tensor, layout: Layout, k: int, reads: Tensors,
                        shift: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -198,9 +230,10 @@ class KL(Estimator):
         return delta, diag
 
     @staticmethod
-    def _rebalance(spectra: Tensors, factors: Tensors) -> None:
+    def _rebalance(spectra: Tensors, factors: Tensors, tracked: Tensors) -> None:
         """Fix the KL scale gauge: ``(c_k S_k, c_k λ_k)`` with ``∏_k c_k = 1`` leaves ``⊗_k S_k`` — so the update
-        and every ``Δ_k`` — unchanged; ``c_k`` makes every mode's mean eigenvalue the geometric mean of them all."""
+        and every ``Δ_k`` — unchanged; ``c_k`` makes every mode's mean eigenvalue the geometric mean of them all.
+        A tracked ``D_k`` (``track_drift``) scales with its ``S_k``."""
         modes = [k for k, lam in enumerate(spectra) if lam is not None]
         if len(modes) < 2:
             return
@@ -210,6 +243,8 @@ class KL(Estimator):
             spectra[k].mul_(c.unsqueeze(-1))
             if factors[k] is not None:
                 factors[k].mul_(c.view(-1, 1, 1))
+            if tracked[k] is not None:
+                tracked[k].mul_(c.unsqueeze(-1))
 
     def _damping_shift(self, inv_sqrt: Tensors, k: int, reference: torch.Tensor) -> Optional[torch.Tensor]:
         """``κ ∏_{j≠k} mean(1/λ_j)`` as a ``(B, 1)`` tensor (``None`` without damping); modes without λ count 1."""
@@ -232,12 +267,24 @@ class KL(Estimator):
                 lam.copy_(refreshes[k].eigenvalues)
             if self.floor_at_init:
                 lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+        for k, q in enumerate(ps.Q):
+            tracked = self.tracked_diagonal(ps, k)
+            if tracked is not None and q is not None and ps.S[k] is not None:
+                tracked.copy_(rayleigh_quotients(ps.S[k], q))
 
     def on_refresh(self, ps: ParamState, k: int, refresh: Refresh, layout: Layout) -> None:
         """Carry ``λ_k`` into the new basis: column-wise (permuted with the basis), or reset."""
-        lam = ps.lam[k]
+        lam, tracked = ps.lam[k], self.tracked_diagonal(ps, k)
+        spectrum = refresh.spectrum(ps.S[k]) if self.refresh_spectrum == "reset" or tracked is not None else None
+        if tracked is not None:
+            tracked.copy_(spectrum)  # diag(Q_newᵀ S_k Q_new): D_k restarts exact in the new basis
         if self.refresh_spectrum == "reset":
-            lam.copy_(refresh.spectrum(ps.S[k]))
+            lam.copy_(spectrum)
         elif refresh.permutation is not None:
             lam.copy_(permute_columns(lam, refresh.permutation))
         lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+
+
+def _drift_key(k: int) -> str:
+    """The estimator tensor that holds ``D_k`` (``track_drift``)."""
+    return f"drift_diagonal_{k}"

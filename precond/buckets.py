@@ -93,6 +93,11 @@ class Bucket:
             return factor, basis
         return factor.index_select(0, index), basis.index_select(0, index)
 
+    def tracked_diagonal(self, k: int, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``diag(Q_kᵀ S_k Q_k)`` of the entries ``index`` (all when None) if the estimator keeps it, else None."""
+        diagonal = self.preconditioner.estimator.tracked_diagonal(self.state, k)
+        return diagonal if diagonal is None or index is None else diagonal.index_select(0, index)
+
     def install_refresh(self, k: int, index: Optional[torch.Tensor], result: Refresh) -> None:
         """Install ``result`` for the entries ``index`` (all when None), reading their state as it is now."""
         if index is None:

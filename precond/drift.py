@@ -13,7 +13,10 @@ removes refreshes: ``T`` is now the period at which a unit is *checked*, and wit
 no step pays more than its share of the fixed schedule.
 
 What it adds to them: the check costs one ``d³`` product (``S_k Q_k``, in full float32, the same as the first product
-of a QR power step), no eigendecomposition and no host synchronisation. A unit due at step ``t`` is measured from the
+of a QR power step), no eigendecomposition and no host synchronisation — and no product at all with an estimator
+that keeps ``diag(Q_kᵀ S_k Q_k)`` current (``estimators.KL(track_drift=True)``: its λ update forms
+``diag(Q_kᵀ Δ_k Q_k)`` anyway), where ``r_k = √(1 − ‖diag‖² / ‖S_k‖_F²)`` is one ``d²`` reduction
+(:func:`ratio_from_diagonal`). A unit due at step ``t`` is measured from the
 state *before step t's fold* — at the end of step ``t − 1`` (after that step's own refreshes; the host reads the
 result one step later, long done, from pinned memory) — or, where that measurement is missing (the first step, after
 ``load_state_dict``, a refresh period of 1), at the start of step ``t``, from the same state: so a resumed run makes
@@ -40,13 +43,25 @@ def offdiagonal_ratio(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     ``diag(A)`` (one product) and ``‖S‖_F`` (module docstring; exact for an orthogonal ``Q``, whose rounding
     ``‖QᵀQ − I‖`` adds about its size to ``r²``). Computed in ``factor``'s dtype (at least float32), TF32 off; a
     zero factor counts as diagonal (``r = 0``)."""
-    dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+    dtype = _dtype(factor)
     s, q = factor.to(dtype), basis.to(dtype)
     with full_precision():
         diagonal = rayleigh_quotients(s, q)
+    return ratio_from_diagonal(s, diagonal)
+
+
+def ratio_from_diagonal(factor: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """``r = √(1 − ‖diag(A)‖² / ‖S‖_F²)`` from ``S`` (``(B, d, d)``) and ``diag(A) = diag(Qᵀ S Q)`` (``(B, d)``,
+    e.g. the one ``KL(track_drift=True)`` keeps): one ``d²`` reduction, no product. ``r = 0`` for a zero factor."""
+    dtype = _dtype(factor)
+    s, diagonal = factor.to(dtype), diagonal.to(dtype)
     total = torch.linalg.matrix_norm(s).square()
     off = (total - diagonal.square().sum(dim=-1)).clamp_min(0.0)
     return torch.where(total > 0, off / total.clamp_min(torch.finfo(dtype).tiny), 0.0).sqrt()
+
+
+def _dtype(factor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if factor.dtype == torch.float64 else torch.float32
 
 
 @attrs.define(eq=False)
@@ -72,10 +87,15 @@ class DriftMonitor:
         measured = self._measured.get(key)
         return measured is not None and measured.step == step
 
-    def measure(self, keys: Sequence[Hashable], step: int, factor: torch.Tensor, basis: torch.Tensor) -> None:
+    def measure(self, keys: Sequence[Hashable], step: int, factor: torch.Tensor, basis: torch.Tensor,
+                diagonal: Optional[torch.Tensor] = None) -> None:
         """Measure ``r`` of the units ``keys`` (batch entries of ``factor`` and ``basis``) for their refresh due at
-        ``step``; on CUDA the result is copied to pinned host memory behind the work already queued."""
-        ratios = offdiagonal_ratio(factor, basis).float()
+        ``step``: from the estimator's tracked ``diagonal = diag(Qᵀ S Q)`` when it keeps one (no product), else by
+        forming it; on CUDA the result is copied to pinned host memory behind the work already queued."""
+        if diagonal is not None:
+            ratios = ratio_from_diagonal(factor, diagonal).float()
+        else:
+            ratios = offdiagonal_ratio(factor, basis).float()
         done = None
         if ratios.is_cuda:
             host = torch.empty(ratios.shape, dtype=ratios.dtype, pin_memory=True)

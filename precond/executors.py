@@ -147,8 +147,9 @@ class BucketStep:
         missing = [i for i in due if not drift.has(keys[i], step)]
         if not missing:
             return
-        factor, basis = bucket.refresh_inputs(k, self._subset(missing, keys, bucket.params[0].device))
-        drift.measure([keys[i] for i in missing], step, factor, basis)
+        index = self._subset(missing, keys, bucket.params[0].device)
+        factor, basis = bucket.refresh_inputs(k, index)
+        drift.measure([keys[i] for i in missing], step, factor, basis, bucket.tracked_diagonal(k, index))
 
     def _subset(self, positions: list[int], keys: list, device: torch.device) -> Optional[torch.Tensor]:
         """The index of ``positions`` among a mode's ``keys`` for ``Bucket.refresh_inputs`` (None: all of them)."""

@@ -56,13 +56,15 @@ class Estimator(Protocol):
        ``on_refresh(ps, k, refresh, layout)``;
     3. ``dense_spectrum(ps, step)``: a full-size spectrum for the applier, or ``None`` (Kronecker ``λ_k``).
 
-    Two members with a neutral default (``estimators.base.Estimator`` has both):
+    Three members with a neutral default (``estimators.base.Estimator`` has them):
 
     - ``needs_whole_parameters`` (default ``False``): the statistics come from something that only knows whole
       parameters (K-FAC's layer captures), so the parameter may not be cut into blocks;
     - ``rotated_moment(ps, grad, rotated, layout)`` (default ``None``): for a dense spectrum over these factors
       (``estimators.DenseSpectrum``), the second moment it folds in the basis and the ``(B,)`` mask of the entries
-      that fold it; ``None`` means ``R⊙R`` of the gradient's rotation ``rotated``.
+      that fold it; ``None`` means ``R⊙R`` of the gradient's rotation ``rotated``;
+    - ``tracked_diagonal(ps, k)`` (default ``None``): ``diag(Q_kᵀ S_k Q_k)`` kept current by the estimator
+      (``KL(track_drift=True)``), which ``drift_tolerance`` then reads instead of forming ``S_k Q_k``.
     """
 
     needs_whole_parameters: bool
@@ -81,6 +83,8 @@ class Estimator(Protocol):
 
     def rotated_moment(self, ps: ParamState, grad: torch.Tensor, rotated: torch.Tensor,
                        layout: Layout) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def tracked_diagonal(self, ps: ParamState, k: int) -> Optional[torch.Tensor]: ...
 
 
 @runtime_checkable

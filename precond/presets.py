@@ -43,6 +43,10 @@ _PRECONDITIONER_OPTIONS = ("first_step", "order")
 """Keywords every preset accepts for its preconditioner rather than the optimizer: ``first_step="update"`` (use the
 first gradient at once, as Meta's Shampoo) and ``order="fold_then_apply"`` (Meta's step order)."""
 
+_ESTIMATOR_OPTIONS = ("track_drift",)
+"""Keywords the presets with a KL estimator accept for it: ``track_drift=True`` (``estimators.KL``: keep
+``diag(Q_kᵀ S_k Q_k)`` current, so that ``drift_tolerance`` checks a basis without a ``d³`` product)."""
+
 _STRUCTURE_OPTIONS = ("large",)
 """Keywords every preset accepts for its structure: ``large`` (what a mode above ``max_dim`` gets: ``"none"``,
 ``"diagonal"``, or ``"block"``, Meta's blocking, for the ``NMode`` presets)."""
@@ -51,19 +55,36 @@ _STRUCTURE_OPTIONS = ("large",)
 def _settings(lr: float, betas: Betas, weight_decay: float, defaults: dict[str, Any],
               options: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's keywords of a preset; ``options`` (the caller's) override the preset's ``defaults``."""
-    chosen = {k: v for k, v in options.items() if k not in (*_PRECONDITIONER_OPTIONS, *_STRUCTURE_OPTIONS)}
+    chosen = {k: v for k, v in options.items()
+              if k not in (*_PRECONDITIONER_OPTIONS, *_STRUCTURE_OPTIONS, *_ESTIMATOR_OPTIONS)}
     return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **chosen})
 
 
 def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Preconditioner:
-    """The preset's preconditioner with the caller's ``first_step``/``order`` and structure ``large``, if given."""
+    """The preset's preconditioner with the caller's ``first_step``/``order``, structure ``large`` and KL
+    ``track_drift``, if given."""
     structure = preconditioner.structure
     if "large" in options:
         compatibility.check(compatibility.structure_features(structure, options["large"]),
                             structure=type(structure).__name__)
         structure = attrs.evolve(structure, large=options["large"])
-    return attrs.evolve(preconditioner, structure=structure,
+    estimator = preconditioner.estimator
+    if "track_drift" in options:
+        estimator = with_tracked_drift(estimator, options["track_drift"])
+    return attrs.evolve(preconditioner, structure=structure, estimator=estimator,
                         **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
+
+
+def with_tracked_drift(estimator: Any, track: bool) -> Any:
+    """``estimator`` with ``KL(track_drift=track)``: a ``KL``, or the ``KL`` factors of a ``DenseSpectrum``
+    (KL-SOAP); any other estimator is refused (only KL's λ update forms the diagonal that makes the check free)."""
+    if isinstance(estimator, estimators.KL):
+        return attrs.evolve(estimator, track_drift=track)
+    if isinstance(estimator, estimators.DenseSpectrum) and isinstance(estimator.factors, estimators.KL):
+        return attrs.evolve(estimator, factors=attrs.evolve(estimator.factors, track_drift=track))
+    raise ValueError(f"track_drift needs a KL estimator (kl_shampoo, idealized_kl_shampoo, kl_soap); this "
+                     f"preset's estimator is {type(estimator).__name__}, whose update does not form diag(QᵀΔQ). Leave "
+                     "track_drift out: drift_tolerance then measures the drift with one S Q product per check")
 
 
 def adam_part(beta2: float, eps: float) -> Preconditioner:

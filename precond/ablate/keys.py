@@ -219,6 +219,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "adam_lr": positive,
     "rotation_dtype": rotation_dtype,
     "init_lambda": init_lambda,
+    "track_drift": boolean,
     "embeddings": choice(CHOICES["embeddings"]),
     **{key: boolean for key in ("stagger", "async_refresh", "capture", "tf32")},
     "drift_tolerance": tolerance,
@@ -262,6 +263,8 @@ MEANINGS: dict[str, str] = {
                       "rotation_dtype; default: the state dtype)",
     "init_lambda": "KL's λ at step 0 (estimator kl or kl_soap): a number > 0 (default 0.1, the authors' prototype) "
                    "or data (the spectrum of the first filled factor)",
+    "track_drift": "KL keeps diag(QᵀSQ) current (estimator kl or kl_soap, or a preset with a KL estimator: true/"
+                   "false), so that drift_tolerance checks a basis without a d³ product (default false)",
     "embeddings": "what the embeddings and the output head get (the matrices a Muon gives to Adam): AdamW "
                   "(betas 0.9/0.95, eps 1e-8, the variant's lr and weight decay) or the variant's parts on the "
                   "smaller side only (structures.OneSided); default: the variant's own preconditioning",

@@ -38,6 +38,9 @@ key                    values                                                   
                        ``precond.Optimizer``)
 ``init_lambda``        KL's λ₀ (estimator ``kl``, ``kl_soap``): a number > 0, or    0.1
                        ``data``, the spectrum of the first filled factor
+``track_drift``        KL keeps ``diag(QᵀSQ)`` current (estimator ``kl``,           false
+                       ``kl_soap``, or a KL preset), so ``drift_tolerance``
+                       checks a basis without a ``d³`` product
 ``embeddings``         ``adam``: AdamW (0.9, 0.95, 1e-8) for the embeddings and     the variant's parts
                        the output head (the task's ``adam_params``, as Muon);
                        ``one_sided``: the variant's parts on their smaller side
@@ -50,7 +53,8 @@ key                    values                                                   
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
-``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, the speed keys
+``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``track_drift``
+(KL presets), the speed keys
 ``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, and ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
 ``torch_muon``) and ``muon`` accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at
@@ -78,7 +82,7 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype", "embeddings", *keys.SPEED_KEYS)
+               "decay_order", "rotation_dtype", "embeddings", "track_drift", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
@@ -233,9 +237,10 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     if refused:
         raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
-    if "init_lambda" in values and resolved["estimator"] not in catalog.KL_ESTIMATORS:
-        raise ValueError(f"{where}: init_lambda is KL's λ₀ and belongs to estimator "
-                         f"{' or '.join(catalog.KL_ESTIMATORS)}, not to estimator {resolved['estimator']}")
+    for key, meaning in (("init_lambda", "KL's λ₀"), ("track_drift", "KL's tracked diag(QᵀSQ)")):
+        if key in values and resolved["estimator"] not in catalog.KL_ESTIMATORS:
+            raise ValueError(f"{where}: {key} is {meaning} and belongs to estimator "
+                             f"{' or '.join(catalog.KL_ESTIMATORS)}, not to estimator {resolved['estimator']}")
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
     return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
 
