@@ -22,14 +22,26 @@ result one step later, long done, from pinned memory) — or, where that measure
 ``load_state_dict``, a refresh period of 1), at the start of step ``t``, from the same state: so a resumed run makes
 the same decisions as an uninterrupted one, without saving anything. Reading the verdict there waits for the device.
 
+A refresh budget (``refresh_budget=B``) caps the refreshes of each ``step()`` at ``W = Σ_units d_k³ / B``, the work
+a fixed schedule of period ``B`` spreads on each step (the cost model of the stagger, :class:`RefreshSchedule`):
+the units due in this step whose ``r_k ≥ τ`` are granted in decreasing ``r_k`` (a non-finite ``r_k`` first) while
+their ``d_k³`` still fits in ``W``; the most drifted is granted even alone above ``W``, so no step pays more than
+``max(W, max_k d_k³)``. A unit passed over is checked again at its next due point. With a short period ``T`` (e.g.
+2) and a free check (``track_drift``), the bases are checked often and refreshed where they drifted most, at a fixed
+schedule's cost per step. The ranking reads every due unit's ``r_k`` at the step's first decision, so every unit
+due in a ``step()`` is measured before any bucket is stepped (the engine); the grants depend only on the measured
+``r_k`` and the shapes, so a resumed run makes the same ones.
+
 Counts per unit (checks and refreshes made) are kept on the host: ``optimizer.refresh_counts()``; the totals are in
-``optimizer.stats()`` (``drift_checks``, ``drift_refreshes``).
+``optimizer.stats()`` (``drift_checks``, ``drift_refreshes``, and ``drift_deferred``: drifted units the budget
+passed over).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Hashable, Optional, Sequence
+import math
+from typing import Callable, Hashable, Optional, Sequence
 
 import attrs
 import torch
@@ -72,15 +84,35 @@ class _Measured:
     done: Optional[torch.cuda.Event]
 
 
-class DriftMonitor:
-    """The measured ``r_k`` of the units due next, read on the host without a synchronisation, and the counts of
-    checks and refreshes per unit (module docstring)."""
+Units = Callable[[], Sequence[tuple[Hashable, int, int]]]
+"""The refresh units ``(key, d_k, T)`` of the optimizer (``precond.engine.Engine.refresh_units``)."""
 
-    def __init__(self, tolerance: float) -> None:
+
+class DriftMonitor:
+    """The measured ``r_k`` of the units due next, read on the host without a synchronisation, the grants of the
+    refresh budget, and the counts of checks and refreshes per unit (module docstring)."""
+
+    def __init__(self, tolerance: float, budget: Optional[int] = None, units: Optional[Units] = None) -> None:
         self.tolerance = tolerance
+        self.budget = budget
+        self._units = units
+        self._work: Optional[dict[Hashable, int]] = None  # d_k³ per unit (budget), made again when units change
+        self._granted: Optional[set[Hashable]] = None  # this step()'s grants, made at its first decision (budget)
+        self._candidates: dict[Hashable, _Measured] = {}  # this step()'s due units, measured before any bucket ran
         self._measured: dict[Hashable, _Measured] = {}
         self.checks: collections.Counter[Hashable] = collections.Counter()
         self.refreshes: collections.Counter[Hashable] = collections.Counter()
+        self.deferred: collections.Counter[Hashable] = collections.Counter()
+
+    def begin(self) -> None:
+        """A ``step()`` whose due units are all measured now (by the engine, before any bucket is stepped): they are
+        its candidates, granted at its first decision (not those measured later in it, for the next step)."""
+        self._granted = None
+        self._candidates = dict(self._measured) if self.budget is not None else {}
+
+    def units_changed(self) -> None:
+        """Parameters were added: the work per unit is listed again at the next grant."""
+        self._work = None
 
     def has(self, key: Hashable, step: int) -> bool:
         """Whether unit ``key`` was measured for its refresh due at ``step``."""
@@ -109,24 +141,54 @@ class DriftMonitor:
     def select(self, keys: Sequence[Hashable], due: Sequence[int], step: int) -> list[int]:
         """The positions among ``due`` (indices into ``keys``) whose basis has drifted (``r ≥ τ``, or ``r`` not
         finite) and is refreshed now; counts the checks and refreshes. Every due unit must have been measured."""
+        if self.budget is not None and self._granted is None:
+            self._granted = self._grant()
         kept = []
         for i in due:
             measured = self._measured.pop(keys[i])
             if measured.step != step:
                 raise RuntimeError(f"precond: the drift of refresh unit {keys[i]} was measured for step "
                                    f"{measured.step}, not {step} (a bug: please report it)")
-            if measured.done is not None:
-                measured.done.synchronize()  # finished a step ago: no wait in the steady state
-            ratio = float(measured.ratios[measured.position])
             self.checks[keys[i]] += 1
-            if not ratio < self.tolerance:  # NaN refreshes: a broken basis must not be kept
+            if self._drifted(measured):
+                if self._granted is not None and keys[i] not in self._granted:
+                    self.deferred[keys[i]] += 1
+                    continue
                 self.refreshes[keys[i]] += 1
                 kept.append(i)
         return kept
 
+    @staticmethod
+    def _ratio(measured: _Measured) -> float:
+        if measured.done is not None:
+            measured.done.synchronize()  # finished a step ago: no wait in the steady state
+        return float(measured.ratios[measured.position])
+
+    def _drifted(self, measured: _Measured) -> bool:
+        return not self._ratio(measured) < self.tolerance  # NaN refreshes: a broken basis must not be kept
+
+    def _grant(self) -> set[Hashable]:
+        """The units of this step() the budget refreshes: every measured unit that drifted, in decreasing ``r``
+        (non-finite first, then the order of measurement), while its ``d³`` fits in ``W``; the first one always."""
+        if self._work is None:
+            self._work = {key: d**3 for key, d, _ in self._units()}
+        allowance = sum(self._work.values()) / self.budget
+        drifted = [(key, self._ratio(m)) for key, m in self._candidates.items() if self._drifted(m)]
+        drifted.sort(key=lambda item: -math.inf if not math.isfinite(item[1]) else -item[1])  # stable: ties keep order
+        granted: set[Hashable] = set()
+        spent = 0
+        for key, _ in drifted:
+            work = self._work.get(key, 0)
+            if not granted or spent + work <= allowance:
+                granted.add(key)
+                spent += work
+        return granted
+
     def forget(self) -> None:
         """Drop every measurement (the state was replaced: ``load_state_dict``); counts stay."""
         self._measured.clear()
+        self._candidates.clear()
 
     def totals(self) -> dict[str, int]:
-        return {"drift_checks": sum(self.checks.values()), "drift_refreshes": sum(self.refreshes.values())}
+        return {"drift_checks": sum(self.checks.values()), "drift_refreshes": sum(self.refreshes.values()),
+                "drift_deferred": sum(self.deferred.values())}

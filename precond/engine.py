@@ -33,7 +33,7 @@ from precond.runtime import Runtime
 from precond.state import STEP, new_step
 
 OPTIONS = ("state_dtype", "on_nonfinite", "stack", "stagger", "async_refresh", "tf32", "capture", "overlap_backward",
-           "distributed", "drift_tolerance")
+           "distributed", "drift_tolerance", "refresh_budget")
 """The optimizer-wide options (``precond.Optimizer``'s keywords besides the group hyperparameters)."""
 
 
@@ -58,6 +58,14 @@ def check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"drift_tolerance must be None (refresh every T steps) or a number in [0, 1] (refresh a due "
                          f"basis only when the relative off-diagonal norm of QᵀSQ is at least it; e.g. 0.1), got "
                          f"{tolerance!r}")
+    budget = options.get("refresh_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"refresh_budget must be None (no cap) or a positive integer B (each step refreshes at most "
+                         f"the work Σ d³ / B of a fixed schedule of period B, most drifted bases first), got "
+                         f"{budget!r}")
+    if budget is not None and tolerance is None:
+        raise ValueError("refresh_budget ranks the due bases by their drift, so it needs drift_tolerance: pass "
+                         "drift_tolerance=0.0 to make every due basis a candidate, or a tolerance such as 0.2")
     compatibility.check(option_features(options))
     if options["state_dtype"] not in (torch.float32, torch.float64):
         raise ValueError(f"state_dtype must be torch.float32 or torch.float64, got {options['state_dtype']}")
@@ -77,7 +85,8 @@ class Engine:
         self.attached: list[Any] = []  # parts attached to the optimizer's steps (keep_attached)
         self.schedule = RefreshSchedule(stagger=options["stagger"], asynchronous=options["async_refresh"])
         tolerance = self.options["drift_tolerance"]
-        self.drift = None if tolerance is None else DriftMonitor(float(tolerance))
+        self.drift = None if tolerance is None else DriftMonitor(float(tolerance), self.options["refresh_budget"],
+                                                                   self.refresh_units)
         self.fallbacks = FallbackCounter()
         self.bucket_step = BucketStep(self)
         self.runtime: Optional[Runtime] = None
@@ -139,6 +148,8 @@ class Engine:
     def add_params(self, params: list[torch.Tensor]) -> None:
         for executor in self.executors:
             executor.add_params(params)
+        if self.drift is not None:
+            self.drift.units_changed()
 
     def accumulating(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
@@ -260,6 +271,11 @@ class Engine:
         grads = {id(p): grad for _, p, grad in work if id(p) not in done}
         for bucket, update in early:  # stepped during the backward pass (overlap_backward)
             self.runtime.move(bucket, update)
+        if self.drift is not None:  # every due unit measured before the first decision (refresh_budget ranks them all)
+            for bucket in buckets:
+                if any(id(p) in grads for p in bucket.params):
+                    self.bucket_step.measure_drift(bucket, bucket.step + 1)  # from the state before the fold
+            self.drift.begin()
         for bucket in buckets:
             present = [i for i, p in enumerate(bucket.params) if id(p) in grads]
             if not present:
@@ -267,7 +283,6 @@ class Engine:
             if len(present) < len(bucket.params):
                 bucket = self.buckets.split(bucket, present, states)
             bucket_grads = [grads[id(p)] for p in bucket.params]
-            self.bucket_step.measure_drift(bucket, bucket.step + 1)  # from the state before the fold (drift_tolerance)
             next(executor for executor in self.executors if executor.takes(bucket)).run(bucket, bucket_grads)
         self.runtime.finish()
 

@@ -58,7 +58,10 @@ class Optimizer(torch.optim.Optimizer):
     for the per-step products (refreshes always in full float32), ``None`` leaves torch's setting alone.
     ``drift_tolerance`` τ (``None``: off) makes each due refresh conditional: a basis is refreshed only when the
     relative off-diagonal norm of ``Q_kᵀ S_k Q_k`` is at least τ (``precond.drift``: measured without a host
-    synchronisation, counted in :meth:`refresh_counts`); ``T`` is then the period of the checks.
+    synchronisation, counted in :meth:`refresh_counts`); ``T`` is then the period of the checks. ``refresh_budget``
+    ``B`` (with ``drift_tolerance``) caps each ``step()``'s refreshes at the work ``Σ d_k³ / B`` a fixed schedule of
+    period ``B`` spreads on each step, spent on the most drifted bases first (``precond.drift``): with a short
+    ``T`` (e.g. 2) the bases are checked often and refreshed where they drifted, at a fixed schedule's cost.
     ``capture=True`` replays each bucket's steady-state update as one CUDA graph (``precond.captured``: the same
     updates to float32 round-off, refreshes still eager), ``"emulate"`` runs that path without graphs (its CPU
     reference). ``torch.compile(optimizer.step)`` is refused with :data:`COMPILE_REFUSAL`: use ``capture=True``;
@@ -86,10 +89,11 @@ class Optimizer(torch.optim.Optimizer):
                  bias_correction: bool = False, state_dtype: torch.dtype = torch.float32, on_nonfinite: str = "raise",
                  stack: bool = True, stagger: bool = False, async_refresh: bool = False, tf32: Optional[bool] = None,
                  capture: Union[bool, str] = False, overlap_backward: bool = False, distributed: Optional[Any] = None,
-                 rotation_dtype: Optional[torch.dtype] = None, drift_tolerance: Optional[float] = None) -> None:
+                 rotation_dtype: Optional[torch.dtype] = None, drift_tolerance: Optional[float] = None,
+                 refresh_budget: Optional[int] = None) -> None:
         options = dict(state_dtype=state_dtype, on_nonfinite=on_nonfinite, stack=stack, stagger=stagger,
                        async_refresh=async_refresh, tf32=tf32, capture=capture, overlap_backward=overlap_backward,
-                       distributed=distributed, drift_tolerance=drift_tolerance)
+                       distributed=distributed, drift_tolerance=drift_tolerance, refresh_budget=refresh_budget)
         check_options(options)  # before anything is built: the values, then the compatibility table
         self._names: dict[int, str] = {}
         defaults = plain_hyperparameters(dict(

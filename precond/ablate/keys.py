@@ -223,14 +223,15 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "embeddings": choice(CHOICES["embeddings"]),
     **{key: boolean for key in ("stagger", "async_refresh", "capture", "tf32")},
     "drift_tolerance": tolerance,
+    "refresh_budget": positive_int,
 }
 """Keys that describe the optimizer (the identity of a variant), in canonical order. The part names allowed for
 ``structure``, ``estimator``, ``basis`` and ``graft`` come from :data:`precond.ablate.catalog.PARTS`."""
 
-SPEED_KEYS = ("stagger", "async_refresh", "capture", "tf32", "drift_tolerance")
+SPEED_KEYS = ("stagger", "async_refresh", "capture", "tf32", "drift_tolerance", "refresh_budget")
 """Keys that choose how :class:`precond.Optimizer` runs a step (its keywords of the same names), not the parts.
-They are part of a variant's identity: step times differ, and ``stagger``, ``tf32`` and ``drift_tolerance`` change
-the updates."""
+They are part of a variant's identity: step times differ, and ``stagger``, ``tf32``, ``drift_tolerance`` and
+``refresh_budget`` change the updates."""
 
 EXPECTATIONS = ("diverge",)
 """What ``expect`` may announce: ``diverge`` (the variant is there to show a failure, e.g. Shampoo without grafting)."""
@@ -275,6 +276,9 @@ MEANINGS: dict[str, str] = {
     "tf32": "TF32 matrix products in the step and the refreshes (true/false; default: torch's global setting)",
     "drift_tolerance": "refresh a due basis only when the relative off-diagonal norm of QᵀSQ is at least this (a "
                        "number in [0, 1]; precond.Optimizer's drift_tolerance; default: every due refresh)",
+    "refresh_budget": "with drift_tolerance: each step refreshes at most the work Σd³/B of a fixed schedule of "
+                      "period B (a positive integer), the most drifted bases first (precond.Optimizer's "
+                      "refresh_budget; default: no cap)",
     "adam_lr": "the Adam part's learning rate of muon and torch_muon (embeddings, head, vectors; default 3e-4)",
 }
 """What a key means, for ``--list``."""

@@ -47,7 +47,8 @@ key                    values                                                   
 ``stagger``,           how ``precond.Optimizer`` runs the step (its keywords of     off; ``tf32``: torch's
 ``async_refresh``,     the same names, ``true``/``false``): refreshes spread over   global setting
 ``capture``, ``tf32``, the T steps, on side streams, the step as CUDA graphs,
-``drift_tolerance``    TF32 products, refreshes only of drifted bases
+``drift_tolerance``,   TF32 products, refreshes only of drifted bases, at most
+``refresh_budget``     the per-step work of a fixed period B, most drifted first
 =====================  ==========================================================  =====================
 
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
@@ -55,7 +56,7 @@ The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``track_drift``
 (KL presets), the speed keys
-``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, and ``graft``/``applier`` where
+``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
 ``torch_muon``) and ``muon`` accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at
 its default is KL-Shampoo as in ``precond.kl_shampoo``.
