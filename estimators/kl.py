@@ -155,19 +155,16 @@ class KL(Estimator):
             complement = layout.complement(k)
             shift = self._damping_shift(inv_sqrt, k, lam)
             diag = sum_except(scale(squared, [v if j != k else None for j, v in enumerate(inverse)]), k) / complement
-            delta, tracked = None, None
+            delta, undamped = None, diag
             if k in partial:
                 whitened = scale(partial[k], [v if j != k else None for j, v in enumerate(inv_sqrt)])
                 delta = gram(whitened, k) / complement  # G_(k) (⊗_{j≠k} P_j) G_(k)ᵀ / D_{-k}
                 if shift is not None and self.damping_into == "factor_and_spectrum":
                     delta = delta + torch.diag_embed(shift.expand_as(diag))
-                tracked = self.tracked_diagonal(ps, k)
-            if tracked is not None and not first and (shift is None or self.damping_into == "spectrum"):
-                drift_pairs.append((tracked, diag))  # diag(Q_kᵀ Δ_k Q_k) of the Δ_k folded into S_k
             if shift is not None:
                 diag = diag + shift
-                if tracked is not None and not first and self.damping_into == "factor_and_spectrum":
-                    drift_pairs.append((tracked, diag))
+            if k in partial and not first:
+                drift_pairs += self._tracked_increment(ps, k, undamped, diag)
             updates[k] = (delta, diag)
         pairs = [(factors[k], delta) for k, (delta, _) in updates.items() if delta is not None] + drift_pairs
         fold_all(pairs + [(spectra[k], diag) for k, (_, diag) in updates.items()], self.beta, active)  # after reads
@@ -176,6 +173,15 @@ class KL(Estimator):
         if updates and not first:  # λ_k ≥ floor, every mode in one op
             torch._foreach_clamp_min_([spectra[k] for k in updates],
                                       [spectrum_floor(self.floor, layout.view_shape[k]) for k in updates])
+
+    def _tracked_increment(self, ps: ParamState, k: int, undamped: torch.Tensor,
+                           damped: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(D_k, diag(Q_kᵀ Δ_k Q_k))]`` for the ``Δ_k`` folded into ``S_k`` (with the damping shift only where
+        ``S_k`` gets it), with ``track_drift``; else ``[]``."""
+        tracked = self.tracked_diagonal(ps, k)
+        if tracked is None:
+            return []
+        return [(tracked, damped if self.damping_into == "factor_and_spectrum" else undamped)]
 
     def _prototype_3d_update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, active: torch.Tensor) -> None:
         """``order="prototype"`` on a 3-mode layout (0-based modes 0, 1, 2 here; see the class docstring)."""

@@ -75,7 +75,8 @@ def test_each_step_refreshes_the_most_drifted_due_bases_that_fit_the_budget(budg
         due = [key for key in before
                if (int(opt.state[params[key[0]]]["step"]) + opt.refresh_offset(params[key[0]], key[1])) % every == 0]
         ratios = sorted(before[key][1] for key in due)
-        if any(abs(r - tolerance) < 1e-9 for r in ratios) or any(b - a < 1e-9 for a, b in zip(ratios, ratios[1:])):
+        gaps = [b - a for a, b in zip(ratios, ratios[1:], strict=False)]
+        if any(abs(r - tolerance) < 1e-9 for r in ratios) or any(gap < 1e-9 for gap in gaps):
             continue  # a tie: either choice is right
         drifted = sorted((key for key in due if before[key][1] >= tolerance), key=lambda key: -before[key][1])
         expected, spent = set(), 0

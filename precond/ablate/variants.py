@@ -56,7 +56,8 @@ The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``track_drift``
 (KL presets), the speed keys
-``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and ``graft``/``applier`` where
+``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and
+``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
 ``torch_muon``) and ``muon`` accept the keys listed in :mod:`precond.ablate.peers`. A composition with every key at
 its default is KL-Shampoo as in ``precond.kl_shampoo``.
@@ -238,12 +239,17 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     if refused:
         raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
-    for key, meaning in (("init_lambda", "KL's λ₀"), ("track_drift", "KL's tracked diag(QᵀSQ)")):
-        if key in values and resolved["estimator"] not in catalog.KL_ESTIMATORS:
-            raise ValueError(f"{where}: {key} is {meaning} and belongs to estimator "
-                             f"{' or '.join(catalog.KL_ESTIMATORS)}, not to estimator {resolved['estimator']}")
+    _check_kl_keys(values, resolved["estimator"], where)
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
     return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
+
+
+def _check_kl_keys(values: Mapping[str, Any], estimator: str, where: str) -> None:
+    """``init_lambda`` and ``track_drift`` belong to the KL estimators only."""
+    for key, meaning in (("init_lambda", "KL's λ₀"), ("track_drift", "KL's tracked diag(QᵀSQ)")):
+        if key in values and estimator not in catalog.KL_ESTIMATORS:
+            raise ValueError(f"{where}: {key} is {meaning} and belongs to estimator "
+                             f"{' or '.join(catalog.KL_ESTIMATORS)}, not to estimator {estimator}")
 
 
 def _preset_label(preset: str, settings: tuple[tuple[str, Any], ...]) -> str:
