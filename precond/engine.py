@@ -179,7 +179,8 @@ class Engine:
         out: dict[str, dict[int, dict[str, int]]] = {}
         for (identity, k), checks in self.drift.checks.items():
             name = labels.get(identity, f"unit {identity}")
-            out.setdefault(name, {})[k] = {"checks": checks, "refreshes": self.drift.refreshes[(identity, k)]}
+            out.setdefault(name, {})[k] = {"checks": checks, "refreshes": self.drift.refreshes[(identity, k)],
+                                           "deferred": self.drift.deferred[(identity, k)]}
         return out
 
     # --- members and buckets ----------------------------------------------------------------------------------------

@@ -223,8 +223,9 @@ class Optimizer(torch.optim.Optimizer):
         return len(self.engine.schedule.pending)
 
     def refresh_counts(self) -> dict[str, dict[int, dict[str, int]]]:
-        """With ``drift_tolerance``: per parameter name and mode, the due refreshes checked and those made (the
-        rest kept their basis: ``precond.drift``); empty without it. Read on the host, no synchronisation.
+        """With ``drift_tolerance``: per parameter name and mode, the due refreshes checked, those made (the rest
+        kept their basis: ``precond.drift``) and those that drifted but the ``refresh_budget`` passed over
+        (``"checks"``, ``"refreshes"``, ``"deferred"``); empty without it. Read on the host, no synchronisation.
         Parameters given without names are labelled by shape, with their position when a shape repeats."""
         return self.engine.refresh_counts()
 

@@ -77,18 +77,21 @@ def test_read_runs_keeps_finished_runs(tmp_path) -> None:
 
 
 def test_refresh_table_counts_per_1000_steps_and_per_parameter() -> None:
-    """Two seeds of 500 steps: (10 + 20) and (14 + 16) checks, (4 + 6) and (8 + 2) refreshes made."""
+    """Two seeds of 500 steps: (10 + 20) and (14 + 16) checks, (4 + 6) and (8 + 2) refreshes made; the first seed
+    recorded 3 refreshes the budget deferred, the second is an older record without the count."""
     def run(seed: int, w_checks: int, w_made: int, b_checks: int, b_made: int) -> dict:
         record = _record("drift", seed, [5.0, 3.0, 2.0])
         record["steps_done"] = 500
         record["refreshes"] = {"w": {"0": {"checks": w_checks, "refreshes": w_made},
                                      "1": {"checks": b_checks, "refreshes": b_made}}}
+        if seed == 0:
+            record["refreshes"]["w"]["0"]["deferred"] = 3
         return record
 
     records = [run(0, 10, 4, 20, 6), run(1, 14, 8, 16, 2), _record("fixed", 0, [5.0, 3.0, 2.0])]
     table = milestones.refresh_table(records)
-    # checks per 1000 steps: 60 and 60; made: 20 and 20; fraction 40 / 120
-    assert "| drift | 2 | 60 | 20 | 0.33 |" in table
+    # checks per 1000 steps: 60 and 60; made: 20 and 20; fraction 40 / 120; deferred: 6 and 0
+    assert "| drift | 2 | 60 | 20 | 0.33 | 3 |" in table
     assert "| w | 12 | 8 |" in table  # mode 0: 8 and 16 per 1000 steps; mode 1: 12 and 4
     assert "fixed" not in table
     with pytest.raises(ValueError, match="recorded its refreshes"):

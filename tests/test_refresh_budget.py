@@ -92,6 +92,9 @@ def test_each_step_refreshes_the_most_drifted_due_bases_that_fit_the_budget(budg
         compared += 1
     assert compared >= 30 and deferred > 0 and refreshed > 0  # the budget bound and both decisions were exercised
     assert opt.stats()["drift_deferred"] >= deferred
+    per_unit = [c for modes in opt.refresh_counts().values() for c in modes.values()]
+    assert sum(c["deferred"] for c in per_unit) == opt.stats()["drift_deferred"]
+    assert all(c["refreshes"] + c["deferred"] <= c["checks"] for c in per_unit)
 
 
 @pytest.mark.parametrize(("reference", "other"), [

@@ -136,30 +136,32 @@ def period_table(records: Sequence[Record], methods: Sequence[tuple[str, list[tu
 
 def refresh_table(records: Sequence[Record]) -> str:
     """Markdown: for each variant whose runs recorded their refreshes (``drift_tolerance``), the due refreshes
-    checked and made per 1000 steps (mean over seeds) and the fraction made; then per parameter, the refreshes made
+    checked and made per 1000 steps (mean over seeds), the fraction made and the drifted ones a ``refresh_budget``
+    passed over; then per parameter, the refreshes made
     per 1000 steps of each mode."""
     counted = [r for r in records if r.get("refreshes")]
     if not counted:
         raise ValueError("no finished run recorded its refreshes (only runs with drift_tolerance do)")
     variants = list(dict.fromkeys(r["variant"] for r in counted))
-    lines = ["| variant | seeds | checks / 1000 steps | refreshes / 1000 steps | fraction made |",
-             "|---|---|---|---|---|"]
+    lines = ["| variant | seeds | checks / 1000 steps | refreshes / 1000 steps | fraction made | deferred by the "
+             "budget / 1000 steps |", "|---|---|---|---|---|---|"]
     per_parameter: dict[str, dict[str, dict[str, list[float]]]] = {}
     for variant in variants:
         runs = list(by_seed(counted, variant).values())
-        checks, made = [], []
+        checks, made, deferred = [], [], []
         for run in runs:
             scale = 1000.0 / run["steps_done"]
             counts = [c for modes in run["refreshes"].values() for c in modes.values()]
             checks.append(scale * sum(c["checks"] for c in counts))
             made.append(scale * sum(c["refreshes"] for c in counts))
+            deferred.append(scale * sum(c.get("deferred", 0) for c in counts))  # older records: no budget
             for name, modes in run["refreshes"].items():
                 for mode, c in modes.items():
                     per_parameter.setdefault(variant, {}).setdefault(name, {}).setdefault(mode, []).append(
                         scale * c["refreshes"])
         fraction = sum(made) / sum(checks) if sum(checks) else float("nan")
         lines.append(f"| {variant} | {len(runs)} | {statistics.mean(checks):.0f} | {statistics.mean(made):.0f} | "
-                     f"{fraction:.2f} |")
+                     f"{fraction:.2f} | {statistics.mean(deferred):.0f} |")
     for variant, names in per_parameter.items():
         lines += ["", f"{variant}: refreshes made per 1000 steps, by parameter and mode (mean over seeds)", "",
                   "| parameter | " + " | ".join(f"mode {m}" for m in _modes(names)) + " |",
