@@ -104,11 +104,12 @@ class DriftMonitor:
         self.refreshes: collections.Counter[Hashable] = collections.Counter()
         self.deferred: collections.Counter[Hashable] = collections.Counter()
 
-    def begin(self) -> None:
-        """A ``step()`` whose due units are all measured now (by the engine, before any bucket is stepped): they are
-        its candidates, granted at its first decision (not those measured later in it, for the next step)."""
+    def begin(self, due: Sequence[Hashable]) -> None:
+        """A ``step()`` whose due units ``due`` are all measured now (by the engine, before any bucket is stepped):
+        they are the candidates the budget ranks at its first decision. A unit decided in this step() that is not
+        one of them (a new parameter's first step) is not ranked: it is refreshed if it drifted."""
         self._granted = None
-        self._candidates = dict(self._measured) if self.budget is not None else {}
+        self._candidates = {key: self._measured[key] for key in due} if self.budget is not None else {}
 
     def units_changed(self) -> None:
         """Parameters were added: the work per unit is listed again at the next grant."""
@@ -151,7 +152,7 @@ class DriftMonitor:
                                    f"{measured.step}, not {step} (a bug: please report it)")
             self.checks[keys[i]] += 1
             if self._drifted(measured):
-                if self._granted is not None and keys[i] not in self._granted:
+                if keys[i] in self._candidates and keys[i] not in self._granted:
                     self.deferred[keys[i]] += 1
                     continue
                 self.refreshes[keys[i]] += 1

@@ -273,10 +273,9 @@ class Engine:
         for bucket, update in early:  # stepped during the backward pass (overlap_backward)
             self.runtime.move(bucket, update)
         if self.drift is not None:  # every due unit measured before the first decision (refresh_budget ranks them all)
-            for bucket in buckets:
-                if any(id(p) in grads for p in bucket.params):
-                    self.bucket_step.measure_drift(bucket, bucket.step + 1)  # from the state before the fold
-            self.drift.begin()
+            due = [key for bucket in buckets if any(id(p) in grads for p in bucket.params)
+                   for key in self.bucket_step.measure_drift(bucket, bucket.step + 1)]  # before the fold
+            self.drift.begin([key for key in due if key[0] in grads])
         for bucket in buckets:
             present = [i for i, p in enumerate(bucket.params) if id(p) in grads]
             if not present:

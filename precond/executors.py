@@ -133,14 +133,17 @@ class BucketStep:
 
             schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
 
-    def measure_drift(self, bucket: Bucket, step: int) -> None:
+    def measure_drift(self, bucket: Bucket, step: int) -> list:
         """``drift_tolerance``: measure the drift (``precond.drift``) of ``bucket``'s units due after ``step`` that
         are not measured yet, from the state as it is now — before ``step``'s fold: at the end of the step before
-        (:meth:`finish`) or at the start of this one (the engine)."""
+        (:meth:`finish`) or at the start of this one (the engine). Returns the keys of every unit due then."""
         if self.engine.drift is None:
-            return
+            return []
+        found = []
         for k, keys, due, _ in self._due(bucket, step):
             self._measure(bucket, k, keys, due, step)
+            found += [keys[i] for i in due]
+        return found
 
     def _measure(self, bucket: Bucket, k: int, keys: list, due: list[int], step: int) -> None:
         drift = self.engine.drift

@@ -157,3 +157,21 @@ def test_a_bad_budget_is_refused_with_what_to_pass(bad):
 def test_a_budget_without_drift_tolerance_is_refused_with_the_remedy():
     with pytest.raises(ValueError, match="refresh_budget ranks the due bases by their drift.*drift_tolerance=0.0"):
         precond.kl_shampoo(_model().parameters(), refresh_budget=10)
+
+
+def test_a_parameter_added_mid_run_is_stepped_under_the_budget():
+    model = _model()
+    extra = torch.nn.Linear(5, 4)
+    opt = _build(model, budget=6, track_drift=True)
+    batches = _batches(16)
+    for i, (x, y) in enumerate(batches):
+        if i == 6:
+            opt.add_param_group({"params": extra.parameters()})
+        opt.zero_grad()
+        out = model(x)
+        loss = _loss(model, x, y) + (extra(out).square().mean() if i >= 6 else 0.0)
+        loss.backward()
+        opt.step()
+    counts = opt.refresh_counts()
+    assert any(c["checks"] > 0 for c in counts["of shape (4, 5)"].values())
+    assert sum(c["deferred"] for modes in counts.values() for c in modes.values()) == opt.stats()["drift_deferred"]
