@@ -16,7 +16,7 @@ path. :class:`Captured` is an executor (``precond.executors``) of the step of ``
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 import torch
@@ -34,7 +34,8 @@ class _Captured:
     step: torch.Tensor
     lr: torch.Tensor
     signature: tuple
-    graph: Optional[torch.cuda.CUDAGraph] = None
+    graphs: dict[bool, torch.cuda.CUDAGraph] = attrs.field(factory=dict)
+    """One graph per fold decision: a step that folds, and (``fold_every > 1``) one that does not."""
 
 
 def _signature(group: dict[str, Any]) -> tuple:
@@ -59,7 +60,7 @@ class Captured(Executor):
         preconditioner = bucket.preconditioner
         return (
             bucket.step >= 1
-            and preconditioner.folds_at(bucket.step + 1)
+            and preconditioner.refreshes_at(bucket.step + 1)
             and not preconditioner.folds_before_apply
             and (not self.use_graphs or bucket.params[0].device.type == "cuda")
         )
@@ -89,12 +90,13 @@ class Captured(Executor):
             captured.lr.copy_(lr)
         else:
             captured.lr.fill_(lr)
+        fold = bucket.preconditioner.folds_at(bucket.step + 1)
         if not self.use_graphs:
-            self._body(bucket, captured)
+            self._body(bucket, captured, fold)
             return
-        if captured.graph is None:
-            captured.graph = self._capture(bucket, captured)
-        captured.graph.replay()
+        if fold not in captured.graphs:
+            captured.graphs[fold] = self._capture(bucket, captured, fold)
+        captured.graphs[fold].replay()
 
     @staticmethod
     def _buffers(bucket: Bucket, grads: list[torch.Tensor]) -> _Captured:
@@ -104,16 +106,16 @@ class Captured(Executor):
                          lr=torch.zeros((), dtype=torch.float64, device=device),
                          signature=_signature(bucket.group))
 
-    def _body(self, bucket: Bucket, captured: _Captured) -> None:
-        update = self.bucket_step.direction(bucket, captured.grads, captured.step, fold=True)
+    def _body(self, bucket: Bucket, captured: _Captured, fold: bool) -> None:
+        update = self.bucket_step.direction(bucket, captured.grads, captured.step, fold=fold)
         move(bucket.group, [(bucket.params, update, bucket.layout)], captured.lr)
 
-    def _capture(self, bucket: Bucket, captured: _Captured) -> torch.cuda.CUDAGraph:
+    def _capture(self, bucket: Bucket, captured: _Captured, fold: bool) -> torch.cuda.CUDAGraph:
         """Record the body (capture runs no kernel); the caller's replay then performs this step's update."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="relaxed"):
-            self._body(bucket, captured)
+            self._body(bucket, captured, fold)
         return graph

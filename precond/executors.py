@@ -71,7 +71,7 @@ class BucketStep:
                                                rotation_dtype=rotation_dtype)
         # Meta's order: fold step t's gradient, refresh (and install) what is due at t, then precondition with them
         preconditioner.fold(bucket.state, grad, layout, step, fold)
-        if preconditioner.folds_at(step):
+        if preconditioner.refreshes_at(step):
             self.refresh(bucket, step)
             self.engine.schedule.flush()
         return preconditioner.apply(bucket.state, grad, source, layout, step, rotation_dtype)
@@ -79,7 +79,7 @@ class BucketStep:
     def finish(self, bucket: Bucket, step: int) -> None:
         """After the update of ``step``: the due refreshes, then the step counts (inside ``step()`` collected and
         advanced with all the others at its end, :meth:`count`)."""
-        if bucket.preconditioner.folds_at(step) and not bucket.preconditioner.folds_before_apply:
+        if bucket.preconditioner.refreshes_at(step) and not bucket.preconditioner.folds_before_apply:
             self.refresh(bucket, step)
         every = bucket.preconditioner.basis.every
         if self.engine.drift is not None and every is not None and every > 1:

@@ -14,7 +14,7 @@ from precond.layout import Blocks, Layout
 from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
 from precond.refresh import Refresh, is_due, refresh_index
 from precond.state import ParamState
-from precond.validators import one_of
+from precond.validators import number, one_of, plain_number
 
 
 def _factorless(preconditioner: "Preconditioner", layout: Layout) -> Layout:
@@ -56,7 +56,17 @@ class Preconditioner:
     gradient is folded first, the due refreshes run on the factors that already hold it, and only then is the
     direction preconditioned, so ``G_t`` is preconditioned with roots that include ``G_t``. The pieces are
     :meth:`fold`, the refreshes (:meth:`refresh_due` or the optimizer's schedule) and :meth:`apply`;
-    :meth:`precondition` and :meth:`step` compose them in this order. *When* a refresh is due is the optimizer's
+    :meth:`precondition` and :meth:`step` compose them in this order.
+
+    ``fold_every`` ``k`` (default 1): the estimator folds the gradient of step ``t`` only when ``t mod k = 0`` (its
+    statistics — ``S_k``, ``λ_k``, K-FAC's captured inputs — are updated every ``k`` steps, as kfac-pytorch's
+    ``factor_update_steps``; each fold is one EMA sample, so ``β`` is per fold, not per step). The update still uses
+    the current bases and spectra every step, and refreshes still run when the schedule says, so ``k`` cuts the
+    estimator's per-step products (for a matrix, the partial rotations and the grams: about half a KL step's)
+    by a factor ``k``. A dense second moment in the basis (SOAP's ``V``) is the applier's statistic, updated every
+    step as before.
+
+    *When* a refresh is due is the optimizer's
     refresh schedule's business; this class offers its inputs (:meth:`refresh_inputs`), its computation and its
     installation.
     Every tensor has a leading batch axis ``B`` (parameters of one layout are stacked).
@@ -72,6 +82,13 @@ class Preconditioner:
     order: Literal["apply_then_fold", "fold_then_apply"] = attrs.field(
         default="apply_then_fold", validator=one_of(("apply_then_fold", "fold_then_apply"))
     )
+    fold_every: int = attrs.field(default=1, converter=plain_number, validator=number(
+        low=1, integer=True, meaning="the period (in steps) of the estimator's folds"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.fold_every > 1 and self.estimator.needs_whole_parameters:
+            raise ValueError("fold_every > 1 with an estimator fed by layer captures (K-FAC): the capture decides "
+                             "when statistics are recorded; set its factor_every instead and leave fold_every at 1")
 
     def plan(self, shape: Sequence[int]) -> Layout:
         return _plan(self, tuple(shape))
@@ -102,8 +119,13 @@ class Preconditioner:
         return self.first_step == "update"
 
     def folds_at(self, step: int) -> bool:
-        """Whether step ``t``'s gradient is folded into the statistics (and refreshes may follow): always, except
-        step 1 of ``first_step="update"``, whose gradient the initial fill already holds."""
+        """Whether step ``t``'s gradient is folded into the statistics: every ``fold_every``-th step (all by
+        default), except step 1 of ``first_step="update"``, whose gradient the initial fill already holds."""
+        return self.refreshes_at(step) and step % self.fold_every == 0
+
+    def refreshes_at(self, step: int) -> bool:
+        """Whether refreshes may follow step ``t`` (when the schedule says they are due): every step except step 1
+        of ``first_step="update"`` (the fill's first bases are still fresh)."""
         return not (step == 1 and self.updates_on_first_gradient)
 
     # --- one step -----------------------------------------------------------------------------
@@ -167,7 +189,7 @@ class Preconditioner:
 
     def refresh_due(self, ps: ParamState, layout: Layout, step: int, counter: Optional[FallbackCounter] = None) -> None:
         """Refresh every refreshable mode due after step ``t`` by the schedule's rule with offset 0 (no stagger)."""
-        if not self.folds_at(step):
+        if not self.refreshes_at(step):
             return
         for k in self.refreshable_modes(layout):
             if is_due(step, 0, self.basis.every):

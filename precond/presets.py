@@ -39,9 +39,10 @@ from precond.routing import muon_groups
 Betas = tuple[float, float]
 
 
-_PRECONDITIONER_OPTIONS = ("first_step", "order")
+_PRECONDITIONER_OPTIONS = ("first_step", "order", "fold_every")
 """Keywords every preset accepts for its preconditioner rather than the optimizer: ``first_step="update"`` (use the
-first gradient at once, as Meta's Shampoo) and ``order="fold_then_apply"`` (Meta's step order)."""
+first gradient at once, as Meta's Shampoo), ``order="fold_then_apply"`` (Meta's step order) and ``fold_every=k``
+(the statistics updated every ``k`` steps)."""
 
 _ESTIMATOR_OPTIONS = ("track_drift",)
 """Keywords the presets with a KL estimator accept for it: ``track_drift=True`` (``estimators.KL``: keep

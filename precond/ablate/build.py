@@ -45,7 +45,7 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
     factory = getattr(precond, preset)
     kwargs: dict[str, Any] = {key: options[key] for key in
                               ("eps", "weight_decay", "every", "max_dim", "large", "bias_correction", "decay_order",
-                               "graft", "track_drift", *keys.SPEED_KEYS)
+                               "graft", "track_drift", "fold_every", *keys.SPEED_KEYS)
                               if key in options}
     if "graft" in kwargs and kwargs["graft"] == "none":
         kwargs["graft"] = None
@@ -101,7 +101,8 @@ def make_preconditioner(options: Mapping[str, Any]) -> precond.Preconditioner:
     built by the table :data:`precond.ablate.catalog.PARTS`."""
     return precond.Preconditioner(
         structure=catalog.build("structure", options), estimator=catalog.build("estimator", options),
-        basis=catalog.build("basis", options), applier=catalog.build("graft", options))
+        basis=catalog.build("basis", options), applier=catalog.build("graft", options),
+        fold_every=options.get("fold_every", 1))
 
 
 def composition_optimizer(params: Iterable[Any], lr: float, options: Mapping[str, Any],

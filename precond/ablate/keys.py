@@ -206,6 +206,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "estimator": choice(CHOICES["estimator"]),
     "basis": choice(CHOICES["basis"]),
     "every": positive_int,
+    "fold_every": positive_int,
     "applier": applier,
     "normalize": rms_or_none,
     "graft": choice(CHOICES["graft"]),
@@ -252,6 +253,8 @@ MEANINGS: dict[str, str] = {
     "max_dim": "the largest mode that gets a dense factor: a positive integer, or none (no limit)",
     "large": "what a mode above max_dim gets",
     "every": "the refresh period T of the basis (a positive integer)",
+    "fold_every": "the estimator folds a gradient every this many steps (precond.Preconditioner's fold_every; "
+                  "default 1: every step)",
     "normalize": "rescale the update to this RMS (Normalize; ASGO uses 0.2), or none",
     "beta1": "momentum β₁ in [0, 1)",
     "beta2": "the estimator's EMA weight β₂ in [0, 1)",

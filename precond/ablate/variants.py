@@ -38,6 +38,7 @@ key                    values                                                   
                        ``precond.Optimizer``)
 ``init_lambda``        KL's λ₀ (estimator ``kl``, ``kl_soap``): a number > 0, or    0.1
                        ``data``, the spectrum of the first filled factor
+``fold_every``         the estimator folds a gradient every k steps                1
 ``track_drift``        KL keeps ``diag(QᵀSQ)`` current (estimator ``kl``,           false
                        ``kl_soap``, or a KL preset), so ``drift_tolerance``
                        checks a basis without a ``d³`` product
@@ -54,8 +55,8 @@ key                    values                                                   
 The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
-``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``track_drift``
-(KL presets), the speed keys
+``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``fold_every``,
+``track_drift`` (KL presets), the speed keys
 ``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and
 ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
@@ -84,7 +85,7 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype", "embeddings", "track_drift", *keys.SPEED_KEYS)
+               "decay_order", "rotation_dtype", "embeddings", "track_drift", "fold_every", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:

@@ -1,0 +1,169 @@
+"""``Preconditioner(fold_every=k)``: the estimator folds the gradient of step ``t`` only when ``t mod k = 0``; the
+updates use the current bases every step and the refreshes keep their schedule.
+
+The factors are checked against the EMA of ``Gram_k`` over the folded gradients, written here in float64 from the
+recorded gradients; the refreshes at steps that do not fold, the captured (emulated) step, the resume, the presets
+and workbench keys, and the refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bases
+import estimators
+import precond
+import structures
+from precond.ablate.build import build_optimizer
+from precond.ablate.variants import parse_variant
+
+F64 = torch.float64
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7, bias=False), torch.nn.Tanh(), torch.nn.Linear(7, 3, bias=False))
+
+
+def _batches(steps: int):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(11, 5, generator=g), torch.randn(11, 3, generator=g)) for _ in range(steps)]
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+@pytest.mark.parametrize("fold_every", [1, 2, 3])
+def test_the_factors_are_the_ema_of_the_folded_gradients_only(fold_every):
+    beta = 0.8
+    model = _model()
+    preconditioner = precond.Preconditioner(
+        structure=structures.NMode(), estimator=estimators.Shampoo(beta=beta), basis=bases.Eigh(every=2),
+        applier=precond.Power(p=0.25, eps=1e-8), fold_every=fold_every)
+    opt = precond.Optimizer(model.parameters(), preconditioner=preconditioner, lr=1e-2, momentum=0.9,
+                            state_dtype=F64)
+    expected: dict[int, list[torch.Tensor]] = {}
+    for t, (x, y) in enumerate(_batches(10)):  # t = 0 is the fill; then steps 1, 2, …
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        for p in model.parameters():
+            g = p.grad.double()
+            grams = [g @ g.T, g.T @ g]
+            if t == 0:
+                expected[id(p)] = [(1 - beta) * gram for gram in grams]
+            elif t % fold_every == 0:
+                expected[id(p)] = [beta * s + (1 - beta) * gram for s, gram in zip(expected[id(p)], grams,
+                                                                                   strict=True)]
+        opt.step()
+        for p in model.parameters():
+            factors = opt.state[p]["estimator"]["S"]
+            for k, s in enumerate(expected[id(p)]):
+                torch.testing.assert_close(factors[str(k)], s, rtol=1e-12, atol=1e-14)
+
+
+def test_bases_are_refreshed_on_schedule_at_steps_that_do_not_fold():
+    model = _model()
+    opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=3, stagger=True, state_dtype=F64)
+    refreshed_without_fold = 0
+    for x, y in _batches(14):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        before = {(id(p), k): (q.clone(), opt.state[p]["estimator"]["S"][k].clone())
+                  for p in model.parameters() if opt.state[p] for k, q in opt.state[p]["basis"]["Q"].items()}
+        opt.step()
+        for p in model.parameters():
+            step = int(opt.state[p]["step"])
+            for k, q in opt.state[p]["basis"]["Q"].items():
+                if (id(p), k) not in before:
+                    continue
+                old_q, old_s = before[(id(p), k)]
+                folded = not torch.equal(opt.state[p]["estimator"]["S"][k], old_s)
+                assert folded == (step % 3 == 0)
+                due = (step + opt.refresh_offset(p, int(k))) % 2 == 0
+                if not due:
+                    assert torch.equal(q, old_q)
+                elif not folded and not torch.equal(q, old_q):
+                    refreshed_without_fold += 1
+    assert refreshed_without_fold > 0
+
+
+@pytest.mark.parametrize(("reference", "fast"), [
+    ({"stagger": True}, {"stagger": True, "async_refresh": True}),
+    ({}, {"capture": "emulate", "on_nonfinite": "ignore"}),
+])
+def test_the_fast_paths_give_the_eager_updates(reference, fast):
+    batches = _batches(12)
+    results = []
+    for options in (reference, fast):
+        model = _model()
+        opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=2, state_dtype=F64, **options)
+        for x, y in batches:
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-12)
+
+
+def test_a_resumed_run_folds_on_the_same_steps():
+    batches = _batches(13)
+    whole = _model()
+    opt_whole = precond.kl_shampoo(whole.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64)
+    for x, y in batches:
+        opt_whole.zero_grad()
+        _loss(whole, x, y).backward()
+        opt_whole.step()
+    first = _model()
+    opt_first = precond.kl_shampoo(first.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64)
+    for x, y in batches[:5]:
+        opt_first.zero_grad()
+        _loss(first, x, y).backward()
+        opt_first.step()
+    resumed = _model(seed=4)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    opt_resumed = precond.kl_shampoo(resumed.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64)
+    opt_resumed.load_state_dict(copy.deepcopy(opt_first.state_dict()))
+    for x, y in batches[5:]:
+        opt_resumed.zero_grad()
+        _loss(resumed, x, y).backward()
+        opt_resumed.step()
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_keyword_reaches_presets_and_the_workbench_and_bad_values_are_refused():
+    assert precond.soap(_model().parameters(), fold_every=4).param_groups[0]["preconditioner"].fold_every == 4
+    built = build_optimizer(parse_variant("kl_shampoo,fold_every=2"), _model().parameters(), lr=1e-3)
+    assert built.param_groups[0]["preconditioner"].fold_every == 2
+    composed = build_optimizer(parse_variant("estimator=kl,fold_every=3"), _model().parameters(), lr=1e-3)
+    assert composed.param_groups[0]["preconditioner"].fold_every == 3
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="fold_every"):
+            precond.kl_shampoo(_model().parameters(), fold_every=bad)
+    with pytest.raises(ValueError, match="fold_every > 1 with an estimator fed by layer captures"):
+        precond.Preconditioner(structure=structures.NMode(), estimator=estimators.DenseSpectrum(
+            _kfac_estimator()), basis=bases.Eigh(), applier=precond.Power(p=0.5), fold_every=2)
+
+
+def _kfac_estimator():
+    return estimators.KFAC(capture=precond.KFACCapture(_model()))
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_captured_step_with_two_graphs_matches_the_eager_one():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    batches = [(x.cuda(), y.cuda()) for x, y in _batches(12)]
+    results = []
+    for options in ({}, {"capture": True, "on_nonfinite": "ignore"}):
+        model = _model().cuda()
+        opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=2, tf32=False, **options)
+        for x, y in batches:
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
