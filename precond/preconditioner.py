@@ -60,7 +60,8 @@ class Preconditioner:
 
     ``fold_every`` ``k`` (default 1): the estimator folds the gradient of step ``t`` only when ``t mod k = 0`` (its
     statistics — ``S_k``, ``λ_k``, K-FAC's captured inputs — are updated every ``k`` steps, as kfac-pytorch's
-    ``factor_update_steps``; each fold is one EMA sample, so ``β`` is per fold, not per step). The update still uses
+    ``factor_update_steps``; each fold is one EMA sample, so ``β`` is per fold, not per step: pass ``β^k`` to keep
+    the statistics' horizon of ``1/(1−β)`` steps). The update still uses
     the current bases and spectra every step, and refreshes still run when the schedule says, so ``k`` cuts the
     estimator's per-step products (for a matrix, the partial rotations and the grams: about half a KL step's)
     by a factor ``k``. A dense second moment in the basis (SOAP's ``V``) is the applier's statistic, updated every
