@@ -101,6 +101,14 @@ def adam_part(beta2: float, eps: float) -> Preconditioner:
     )
 
 
+def adam_group(betas: Betas, eps: float) -> dict[str, Any]:
+    """The group keys of an AdamW group inside a ``precond.Optimizer`` (Muon's Adam half, the workbench's
+    ``embeddings=adam``): :func:`adam_part`, momentum β₁ without Nesterov, bias-corrected, weight decay before the
+    update, as ``torch.optim.AdamW``."""
+    return {"preconditioner": adam_part(betas[1], eps), "momentum": betas[0], "nesterov": False,
+            "bias_correction": True, "decay_order": "before"}
+
+
 class KLShampoo(Optimizer):
     """KL-Shampoo (Lin et al. 2025, Fig. 3 right), without grafting, for weights of any order.
 
@@ -322,9 +330,7 @@ class Muon(Optimizer):
                                  dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
             first_step="update",
         )
-        self._adam_settings = {"preconditioner": adam_part(adam_betas[1], adam_eps), "lr": adam_lr,
-                               "momentum": adam_betas[0], "nesterov": False, "bias_correction": True,
-                               "decay_order": "before",
+        self._adam_settings = {**adam_group(adam_betas, adam_eps), "lr": adam_lr,
                                "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
         self._adam_params = [adam_params] if isinstance(adam_params, torch.Tensor) else list(adam_params)
         groups = muon_groups(params_list(params), self._adam_params, self._adam_settings)

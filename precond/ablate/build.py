@@ -11,7 +11,7 @@ import torch
 import precond
 import structures
 from precond.ablate import catalog, keys, peers
-from precond.presets import adam_part
+from precond.presets import adam_group
 
 
 def build_optimizer(variant: Any, params: Iterable[Any], lr: float, weight_decay: Optional[float] = None,
@@ -67,8 +67,7 @@ ADAMW_EPS = 1e-8
 def _embedding_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     """The group keys that ``embeddings`` gives the routed matrices (``precond.Optimizer``'s per-group parts)."""
     if options["embeddings"] == "adam":
-        return {"preconditioner": adam_part(ADAMW_BETAS[1], ADAMW_EPS), "momentum": ADAMW_BETAS[0],
-                "nesterov": False, "bias_correction": True, "decay_order": "before"}
+        return adam_group(ADAMW_BETAS, ADAMW_EPS)
     return {"structure": structures.OneSided(max_dim=options.get("max_dim", 4096))}
 
 
