@@ -5,8 +5,6 @@ before each step, and the trajectories against the fixed schedule (τ = 0) and a
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +13,8 @@ from hypothesis import strategies as st
 import precond
 from precond.compatibility import Incompatible
 from precond.drift import offdiagonal_ratio
+
+import small_training as training
 
 F64 = torch.float64
 
@@ -51,20 +51,11 @@ def test_the_ratio_of_an_eigenbasis_is_zero_and_of_a_zero_factor_too():
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5, bias=False))
+    return training.mlp([6, 12, 5], seed)
 
 
 def _batches(steps: int):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g)) for _ in range(steps)]
-
-
-def _train(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+    return training.batches(steps, 6, 5)
 
 
 def _build(model, tolerance, **options):
@@ -78,8 +69,8 @@ def test_a_zero_tolerance_refreshes_every_due_basis_exactly_as_the_fixed_schedul
     batches = _batches(14)
     fixed, drifting = _model(), _model()
     opt_fixed, opt_drift = _build(fixed, None, **options), _build(drifting, 0.0, **options)
-    _train(fixed, opt_fixed, batches)
-    _train(drifting, opt_drift, batches)
+    training.train(fixed, opt_fixed, batches)
+    training.train(drifting, opt_drift, batches)
     for a, b in zip(fixed.parameters(), drifting.parameters(), strict=True):
         assert torch.equal(a, b)
     stats = opt_drift.stats()
@@ -129,7 +120,7 @@ def test_each_due_basis_is_refreshed_exactly_when_its_drift_before_the_step_reac
 def test_the_counts_per_unit_add_up_and_name_the_parameters():
     model = _model()
     opt = precond.kl_shampoo(list(model.named_parameters()), lr=3e-3, every=3, state_dtype=F64, drift_tolerance=0.3)
-    _train(model, opt, _batches(12))
+    training.train(model, opt, _batches(12))
     counts = opt.refresh_counts()
     assert set(counts) == {"0.weight", "2.weight"}
     assert sum(c["checks"] for modes in counts.values() for c in modes.values()) == opt.stats()["drift_checks"]
@@ -139,22 +130,8 @@ def test_the_counts_per_unit_add_up_and_name_the_parameters():
 
 @pytest.mark.parametrize("options", [{"stagger": True}, {"stagger": True, "async_refresh": True}, {}])
 def test_a_resumed_run_makes_the_same_decisions_as_an_uninterrupted_one(options):
-    batches = _batches(20)
-    whole = _model()
-    opt_whole = _build(whole, 0.25, **options)
-    _train(whole, opt_whole, batches)
-
-    first = _model()
-    opt_first = _build(first, 0.25, **options)
-    _train(first, opt_first, batches[:8])
-    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt_first.state_dict())
-    resumed = _model(seed=5)
-    resumed.load_state_dict(saved_model)
-    opt_resumed = _build(resumed, 0.25, **options)
-    opt_resumed.load_state_dict(saved_opt)
-    _train(resumed, opt_resumed, batches[8:])
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    opt_whole, _ = training.assert_resume_is_exact(_model, lambda model: _build(model, 0.25, **options),
+                                                   _batches(20), 8)
     assert 0 < opt_whole.stats()["drift_refreshes"] < opt_whole.stats()["drift_checks"]
 
 
@@ -179,7 +156,7 @@ def test_on_cuda_the_captured_asynchronous_step_with_drift_matches_the_eager_one
                                         "on_nonfinite": "ignore"}):
         model = _model().cuda()
         opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=3, drift_tolerance=0.2, tf32=False, **options)
-        _train(model, opt, batches)
+        training.train(model, opt, batches)
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.stats()))
     (eager, eager_stats), (fast, fast_stats) = results
     assert eager_stats["drift_checks"] == fast_stats["drift_checks"]

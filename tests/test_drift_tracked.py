@@ -7,8 +7,6 @@ trajectory against the measured statistic; the check against the count of matrix
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +20,8 @@ import structures
 from precond.ablate.build import build_optimizer
 from precond.ablate.variants import parse_variant
 from precond.drift import DriftMonitor
+
+import small_training as training
 
 F64 = torch.float64
 
@@ -80,20 +80,11 @@ def test_the_tracked_diagonal_is_diag_qt_s_q_of_the_state_after_every_step(shape
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5, bias=False))
+    return training.mlp([6, 12, 5], seed)
 
 
 def _batches(steps: int):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g)) for _ in range(steps)]
-
-
-def _train(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+    return training.batches(steps, 6, 5)
 
 
 def _build(model, track, tolerance=0.25, preset=precond.kl_shampoo, **options):
@@ -110,7 +101,7 @@ def test_the_tracked_check_makes_the_measured_checks_decisions_and_trajectory(op
     for track in (False, True):
         model = _model()
         opt = _build(model, track, preset=preset, **options)
-        _train(model, opt, batches)
+        training.train(model, opt, batches)
         runs.append((model, opt))
     (measured, opt_measured), (tracked, opt_tracked) = runs
     assert opt_tracked.refresh_counts() == opt_measured.refresh_counts()
@@ -121,23 +112,10 @@ def test_the_tracked_check_makes_the_measured_checks_decisions_and_trajectory(op
 
 
 def test_a_resumed_tracked_run_makes_the_same_decisions_as_an_uninterrupted_one():
-    batches = _batches(20)
-    whole = _model()
-    opt_whole = _build(whole, True, stagger=True)
-    _train(whole, opt_whole, batches)
-    first = _model()
-    opt_first = _build(first, True, stagger=True)
-    _train(first, opt_first, batches[:8])
-    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt_first.state_dict())
-    assert any(key.startswith("drift_diagonal_") for state in saved_opt["state"].values()
-               for key in state["estimator"])
-    resumed = _model(seed=5)
-    resumed.load_state_dict(saved_model)
-    opt_resumed = _build(resumed, True, stagger=True)
-    opt_resumed.load_state_dict(saved_opt)
-    _train(resumed, opt_resumed, batches[8:])
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    opt_whole, opt_resumed = training.assert_resume_is_exact(_model, lambda model: _build(model, True, stagger=True),
+                                                             _batches(20), 8)
+    assert any(key.startswith("drift_diagonal_") for state in opt_resumed.state_dict()["state"].values()
+               for key in state["estimator"])  # D_k travels in the checkpoint
     for (_, _, d_whole), (_, _, d_resumed) in zip(_tracked_units(opt_whole), _tracked_units(opt_resumed),
                                                   strict=True):
         assert torch.equal(d_whole, d_resumed)
@@ -200,7 +178,7 @@ def test_on_cuda_the_captured_tracked_check_matches_the_eager_one_and_its_diagon
         model = _model().cuda()
         opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=3, drift_tolerance=0.2, track_drift=True,
                                  tf32=False, **options)
-        _train(model, opt, batches)
+        training.train(model, opt, batches)
         for s, q, d in _tracked_units(opt):  # float32 state: D_k within float32 round-off of the dense diagonal
             expected = _dense_diagonal(s, q)
             torch.testing.assert_close(d.double(), expected, rtol=0, atol=1e-4 * expected.abs().max().item())

@@ -7,8 +7,6 @@ and workbench keys, and the refusals."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -19,6 +17,8 @@ import structures
 from precond.ablate.build import build_optimizer
 from precond.ablate.variants import parse_variant
 
+import small_training as training
+
 F64 = torch.float64
 
 
@@ -28,8 +28,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _batches(steps: int):
-    g = torch.Generator().manual_seed(2)
-    return [(torch.randn(11, 5, generator=g), torch.randn(11, 3, generator=g)) for _ in range(steps)]
+    return training.batches(steps, 5, 3, size=11, seed=2)
 
 
 def _loss(model, x, y):
@@ -100,38 +99,15 @@ def test_the_fast_paths_give_the_eager_updates(reference, fast):
     for options in (reference, fast):
         model = _model()
         opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=2, state_dtype=F64, **options)
-        for x, y in batches:
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
+        training.train(model, opt, batches)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-12)
 
 
 def test_a_resumed_run_folds_on_the_same_steps():
-    batches = _batches(13)
-    whole = _model()
-    opt_whole = precond.kl_shampoo(whole.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64)
-    for x, y in batches:
-        opt_whole.zero_grad()
-        _loss(whole, x, y).backward()
-        opt_whole.step()
-    first = _model()
-    opt_first = precond.kl_shampoo(first.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64)
-    for x, y in batches[:5]:
-        opt_first.zero_grad()
-        _loss(first, x, y).backward()
-        opt_first.step()
-    resumed = _model(seed=4)
-    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    opt_resumed = precond.kl_shampoo(resumed.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64)
-    opt_resumed.load_state_dict(copy.deepcopy(opt_first.state_dict()))
-    for x, y in batches[5:]:
-        opt_resumed.zero_grad()
-        _loss(resumed, x, y).backward()
-        opt_resumed.step()
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    training.assert_resume_is_exact(
+        _model, lambda model: precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=3, state_dtype=F64),
+        _batches(13), 5)
 
 
 def test_the_keyword_reaches_presets_and_the_workbench_and_bad_values_are_refused():
@@ -161,9 +137,6 @@ def test_on_cuda_the_captured_step_with_two_graphs_matches_the_eager_one():
     for options in ({}, {"capture": True, "on_nonfinite": "ignore"}):
         model = _model().cuda()
         opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=2, tf32=False, **options)
-        for x, y in batches:
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
+        training.train(model, opt, batches)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)

@@ -7,25 +7,22 @@ for bit), the resume and the refusals."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import precond
 
+import small_training as training
+
 F64 = torch.float64
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 9), torch.nn.Tanh(),
-                               torch.nn.Linear(9, 5, bias=False))
+    return training.mlp([6, 12, 9, 5], seed)
 
 
 def _batches(steps: int):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g)) for _ in range(steps)]
+    return training.batches(steps, 6, 5)
 
 
 def _loss(model, x, y):
@@ -108,10 +105,7 @@ def test_the_same_grants_and_updates_bit_for_bit(reference, other):
     for options in (reference, other):
         model = _model()
         opt = _build(model, **options)
-        for x, y in batches:
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
+        training.train(model, opt, batches)
         runs.append((model, opt))
     (free, opt_free), (capped, opt_capped) = runs
     assert opt_capped.refresh_counts() == opt_free.refresh_counts()
@@ -122,29 +116,8 @@ def test_the_same_grants_and_updates_bit_for_bit(reference, other):
 
 
 def test_a_resumed_budgeted_run_makes_the_same_grants_as_an_uninterrupted_one():
-    batches = _batches(20)
-    whole = _model()
-    opt_whole = _build(whole, budget=5, track_drift=True)
-    for x, y in batches:
-        opt_whole.zero_grad()
-        _loss(whole, x, y).backward()
-        opt_whole.step()
-    first = _model()
-    opt_first = _build(first, budget=5, track_drift=True)
-    for x, y in batches[:9]:
-        opt_first.zero_grad()
-        _loss(first, x, y).backward()
-        opt_first.step()
-    resumed = _model(seed=3)
-    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    opt_resumed = _build(resumed, budget=5, track_drift=True)
-    opt_resumed.load_state_dict(copy.deepcopy(opt_first.state_dict()))
-    for x, y in batches[9:]:
-        opt_resumed.zero_grad()
-        _loss(resumed, x, y).backward()
-        opt_resumed.step()
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    opt_whole, _ = training.assert_resume_is_exact(_model, lambda model: _build(model, budget=5, track_drift=True),
+                                                   _batches(20), 9)
     assert opt_whole.stats()["drift_deferred"] > 0
 
 
