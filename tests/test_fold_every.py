@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bases
 import estimators
@@ -18,6 +20,7 @@ from precond.ablate.build import build_optimizer
 from precond.ablate.variants import parse_variant
 
 import small_training as training
+from reference import unfold
 
 F64 = torch.float64
 
@@ -61,6 +64,39 @@ def test_the_factors_are_the_ema_of_the_folded_gradients_only(fold_every):
             factors = opt.state[p]["estimator"]["S"]
             for k, s in enumerate(expected[id(p)]):
                 torch.testing.assert_close(factors[str(k)], s, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4).map(tuple).filter(
+           lambda s: sum(d > 1 for d in s) >= 2),  # two modes of size > 1: dense factors (a vector is diagonal)
+       fold_every=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_on_weights_of_any_order_each_factor_is_the_ema_of_its_folded_mode_grams(shape, fold_every, seed):
+    beta = 0.7
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(shape, generator=g, dtype=F64))
+    preconditioner = precond.Preconditioner(
+        structure=structures.NMode(), estimator=estimators.Shampoo(beta=beta), basis=bases.Eigh(every=2),
+        applier=precond.Power(p=0.25, eps=1e-8), fold_every=fold_every)
+    opt = precond.Optimizer([weight], preconditioner=preconditioner, lr=1e-2, momentum=0.9, state_dtype=F64)
+    layout = opt.layout(weight)
+    expected: dict[int, torch.Tensor] = {}
+    for t in range(8):  # t = 0 is the fill
+        opt.zero_grad()
+        target = torch.randn(shape, generator=g, dtype=F64)
+        ((weight - target) ** 3).sum().backward()
+        viewed = layout.view(weight.grad.detach())
+        for k in range(viewed.ndim):
+            gram = unfold(viewed, k) @ unfold(viewed, k).T
+            if t == 0:
+                expected[k] = (1 - beta) * gram
+            elif t % fold_every == 0:
+                expected[k] = beta * expected[k] + (1 - beta) * gram
+        opt.step()
+        factors = opt.state[weight]["estimator"]["S"]
+        assert len(factors) >= 2
+        for key, factor in factors.items():
+            torch.testing.assert_close(factor, expected[int(key)], rtol=1e-12, atol=1e-12)
 
 
 def test_bases_are_refreshed_on_schedule_at_steps_that_do_not_fold():
