@@ -18,7 +18,8 @@ A mode is a set of constructor keywords and a promise against a reference mode o
   that drifted are refreshed), checked finite and moving.
 
 ``drift_tolerance=0`` refreshes every basis its schedule names (every ratio is at least 0), so it promises the
-plain mode's bits.
+plain mode's bits; ``refresh_budget=1`` allows a step all the refresh work there is, so it grants every drifted basis
+and promises the bits of the drift mode without a budget.
 
 A mode whose keywords the compatibility table (``precond.compatibility``) refuses for an entry is expected to be
 refused at construction with the table's message; the refused combinations are modes here too, so the battery
@@ -90,6 +91,8 @@ MODES: tuple[Mode, ...] = (
     Mode("overlap_capture", {"overlap_backward": True, "capture": "emulate", **_IGNORE}),
     Mode("drift_zero", {"drift_tolerance": 0.0}, "plain", "bitwise"),
     Mode("drift", {"drift_tolerance": 0.3, "stagger": True}),
+    Mode("drift_budget", {"drift_tolerance": 0.3, "stagger": True, "refresh_budget": 4}),
+    Mode("drift_budget_all", {"drift_tolerance": 0.3, "stagger": True, "refresh_budget": 1}, "drift", "bitwise"),
     Mode("drift_overlap", {"drift_tolerance": 0.3, "overlap_backward": True, **_IGNORE}),
     Mode("block", {"large": "block"}, "plain", "roundoff"),
     Mode("block_overlap", {"large": "block", "overlap_backward": True, **_IGNORE}),
