@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -453,6 +454,42 @@ def test_a_loss_that_rose_far_above_its_start_is_diverged_and_sets_no_target():
     assert "| plain | — | diverged | not reached |" in table and "| kl | 0.01 (grid edge) | 2.0000 | 200 |" in table
 
 
+def test_the_reference_target_is_the_best_baselines_mean_final_loss_whatever_the_weakest_variant_reached():
+    """The race of issue 23: "time to AdamW's final loss". With ``auto`` a broken variant (final 4.0) set the target
+    and every other variant "reached" it early; ``target_loss = "reference"`` is the best baseline's mean final loss
+    over its seeds, at its best lr."""
+    from precond.ablate.report import target_of
+    from precond.ablate.summary import reference_of, summarize
+    adamw = [_record("adamw", 1e-3, [5.6, 3.2, 2.6], seed=0), _record("adamw", 1e-3, [5.6, 3.0, 2.4], seed=1),
+             _record("adamw", 3e-3, [5.6, 3.9, 2.9], seed=0), _record("adamw", 3e-3, [5.6, 3.9, 2.9], seed=1)]
+    kl = [_record("kl", 1e-2, [5.6, 2.5, 2.0], seed=0), _record("kl", 1e-2, [5.6, 2.6, 2.1], seed=1)]
+    broken = [_record("broken", 1e-2, [5.6, 4.5, 4.0], seed=0)]
+    summaries = summarize(adamw + kl + broken, ["adamw", "kl", "broken"])
+    reference = reference_of(summaries, ["adamw"])
+    assert reference.name == "adamw"
+    assert target_of("reference", summaries, reference) == pytest.approx((2.6 + 2.4) / 2)  # lr 1e-3's mean
+    assert target_of(None, summaries, reference) == 4.0
+    assert target_of(3.5, summaries, reference) == 3.5
+    assert target_of("reference", summaries, None) is None
+    kl_summary = summaries[1]
+    assert kl_summary.to_target(2.5)[0] == 150  # the reference's 2.5: seed 0 at step 100, seed 1 at step 200
+
+
+@pytest.mark.parametrize("given, expected", [("auto", None), (None, None), ("reference", "reference"),
+                                             (0.9, 0.9), ("0.9", 0.9)])
+def test_target_loss_accepts_a_number_auto_or_reference(given, expected):
+    from precond.ablate.config import AblationConfig
+    config = AblationConfig.from_mapping({"target_loss": given})
+    assert config.target_loss == expected
+
+
+@pytest.mark.parametrize("given", ["baseline", "nan", float("inf"), [1.0]])
+def test_a_target_loss_that_is_not_a_loss_auto_or_reference_is_refused_with_the_choices(given):
+    from precond.ablate.config import AblationConfig
+    with pytest.raises(ValueError, match="target_loss must be a finite validation loss, \"auto\" or \"reference\""):
+        AblationConfig.from_mapping({"target_loss": given})
+
+
 def test_training_stops_when_the_loss_blows_up_without_a_nan():
     """A finite blow-up: Adam at lr 10 on L(w) = w² from w = 1 jumps to |w| ≈ 9 (L ≈ 81 > 2 · L₀)."""
     from precond.ablate.train import Training, train_run
@@ -570,6 +607,45 @@ def test_a_spread_of_step_times_is_flagged_from_a_records_file(tmp_path):
     assert "**its per-second numbers are not reliable** (no timing pass)" in summary
     assert "⚠ kl_shampoo" not in summary
     assert "- machine: CPU Test CPU, 2 cores" in summary
+
+
+def test_runs_of_one_variant_on_two_machine_instances_are_flagged(tmp_path):
+    """Issue 23's race: two device calls landed on two H100 machines whose step times differed by 11 % (AdamW and
+    KL-Shampoo alike); a variant whose seeds ran on both had a mean step time of neither. Each record keeps the
+    machine's boot id; the summary counts the instances and flags a variant whose best-lr runs mix them."""
+    from precond.ablate import machine
+    from precond.ablate.report import write_reports
+    from precond.ablate.store import RunStore
+
+    def on(boot, *args, **kwargs):
+        record = _timed_record(*args, **kwargs)
+        record["machine"] = {**record["machine"], "boot": boot}
+        return record
+    lines = [on("aaaa0001", "adamw", 1e-3, 12.0, seed=0), on("aaaa0001", "adamw", 1e-3, 12.1, seed=1),
+             on("aaaa0001", "kl_shampoo", 1e-3, 28.7, seed=0), on("bbbb0002", "kl_shampoo", 1e-3, 31.9, seed=1),
+             _timed_record("soap", 1e-3, 20.0)]  # a record from before boot ids: no instance
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records = list(RunStore(tmp_path / "runs.jsonl"))
+    assert machine.instances(records) == ["aaaa0001", "bbbb0002"]
+    config = tiny_config(tmp_path, variants=("adamw", "kl_shampoo", "soap"), lrs=(1e-3,), seeds=[0, 1])
+    write_reports(records, config, torch.device("cpu"), tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**machine instances: 2** (boot ids aaaa0001, bbbb0002)" in summary
+    assert "**⚠ kl_shampoo: its best-lr runs ran on 2 machine instances (boot ids aaaa0001, bbbb0002)" in summary
+    assert "⚠ adamw" not in summary and "⚠ soap" not in summary
+    single = tmp_path / "single"
+    single.mkdir()
+    write_reports(records[:3], config, torch.device("cpu"), single)
+    assert "machine instances" not in (single / "summary.md").read_text()
+
+
+def test_the_boot_id_names_this_machine_instance_where_the_system_has_one():
+    from precond.ablate import machine
+    boot = machine.describe(torch.device("cpu"))["boot"]
+    if os.path.exists("/proc/sys/kernel/random/boot_id"):
+        assert boot is not None and len(boot) == 8 and int(boot, 16) >= 0
+    else:
+        assert boot is None
 
 
 def test_the_timing_pass_runs_alone_after_the_grid_and_times_the_per_second_table(tmp_path, monkeypatch):

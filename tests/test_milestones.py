@@ -96,3 +96,38 @@ def test_refresh_table_counts_per_1000_steps_and_per_parameter() -> None:
     assert "fixed" not in table
     with pytest.raises(ValueError, match="recorded its refreshes"):
         milestones.refresh_table([_record("fixed", 0, [5.0, 3.0, 2.0])])
+
+
+def _timed(variant: str, seed: int, losses: list[float], ms: float, boot: str | None = None) -> dict:
+    """A run of 100 steps at a constant ``ms`` per step, validated at steps 0, 50 and 100."""
+    record = _record(variant, seed, losses)
+    record["curve"]["step"] = [0, 50, 100]
+    record["step_ms"] = [ms] * 100
+    record["machine"] = {"boot": boot} if boot else {}
+    record["finished"] = f"2026-12-07T01:0{seed}:00"
+    return record
+
+
+def test_race_table_times_every_run_to_the_references_mean_final_loss() -> None:
+    """Target = mean of the reference's finals (2.0 and 2.2 → 2.1). At a constant step time the time to a loss is
+    (first validated step at or below it) × ms: the reference's seed 0 reaches 2.1 at step 100 (100 × 10 ms = 1 s),
+    its seed 1 never does; the fast variant reaches it at step 50 (50 × 30 ms = 1.5 s)."""
+    records = [_timed("adamw", 0, [5.0, 3.0, 2.0], 10.0, boot="aaaa0001"),
+               _timed("adamw", 1, [5.0, 3.0, 2.2], 10.0, boot="bbbb0002"),
+               _timed("kl", 0, [5.0, 2.1, 1.9], 30.0, boot="aaaa0001"),
+               _timed("kl", 1, [5.0, 2.5, 2.3], 40.0)]
+    table = milestones.race_table(records, reference="adamw")
+    assert table.startswith("Target: 2.1000, the mean final loss of 'adamw' over its seeds.")
+    assert "| adamw | 0 | aaaa0001 | 2026-12-07T01:00 | 2.0000 | 10.0 | 1.0 |" in table
+    assert "| adamw | 1 | bbbb0002 | 2026-12-07T01:01 | 2.2000 | 10.0 | not reached |" in table
+    assert "| kl | 0 | aaaa0001 | 2026-12-07T01:00 | 1.9000 | 30.0 | 1.5 |" in table
+    assert "| kl | 1 | — | 2026-12-07T01:01 | 2.3000 | 40.0 | not reached |" in table
+    assert table.index("| adamw | 0") < table.index("| adamw | 1") < table.index("| kl | 0")
+
+
+def test_race_table_cli_prints_it(tmp_path, capsys) -> None:
+    runs = tmp_path / "runs.jsonl"
+    records = [_timed("adamw", 0, [5.0, 3.0, 2.0], 10.0), _timed("kl", 0, [5.0, 1.5, 1.0], 20.0)]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    milestones.main(["race", "--runs", str(runs), "--reference", "adamw"])
+    assert "| kl | 0 | — | 2026-12-07T01:00 | 1.0000 | 20.0 | 1.0 |" in capsys.readouterr().out

@@ -64,8 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, metavar="FRACTION")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, metavar="NORM")
-    p.add_argument("--target-loss", metavar="LOSS|auto",
-                   help="validation loss for 'steps/time to target' (default auto)")
+    p.add_argument("--target-loss", metavar="LOSS|auto|reference",
+                   help="validation loss for 'steps/time to target' (default auto: the weakest variant's best final "
+                        "loss; reference: the best baseline's final loss, e.g. who reaches AdamW's loss first)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", metavar="DIR", help="output directory (default results)")
     p.add_argument("--max-minutes", type=float, metavar="M",

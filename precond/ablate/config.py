@@ -23,6 +23,7 @@ one is refused with the list of known keys. Example (``ablations/demo.toml``)::
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ from precond.tasks import Task, make_task
 from precond.validators import number
 
 DEFAULT_LRS = (1e-3, 3e-3)
+REFERENCE_TARGET = "reference"
+"""``target_loss`` = the reference's mean final loss (the race to a baseline's final loss)."""
 DEFAULT_SEEDS = (0,)
 DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (no graft)", "soap", "adamw")
 
@@ -58,14 +61,15 @@ def _seeds(value: Any) -> tuple[int, ...]:
 @attrs.frozen
 class AblationConfig:
     """Everything an ablation needs; ``target_loss`` ``None`` means *auto* (the weakest variant's best final
-    validation loss, so every variant reaches it), ``max_minutes`` ``None`` no time limit."""
+    validation loss, so every variant reaches it), ``"reference"`` the reference's (the best baseline's) mean
+    final loss, the race "who reaches AdamW's final loss first"; ``max_minutes`` ``None`` no time limit."""
 
     task: Task
     variants: tuple[Variant, ...]
     lrs: tuple[float, ...] = DEFAULT_LRS
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     training: Training = Training()
-    target_loss: Optional[float] = None
+    target_loss: Union[float, str, None] = None
     device: str = "auto"
     out: Path = Path("results")
     max_minutes: Optional[float] = None
@@ -163,13 +167,29 @@ class AblationConfig:
         return cls(
             task=task, variants=variants, lrs=learning_rates(data.get("lrs", DEFAULT_LRS)),
             seeds=_seeds(data.get("seeds", DEFAULT_SEEDS)), training=training,
-            target_loss=None if target in (None, "auto") else _float("target_loss", target),
+            target_loss=_target(target),
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),
             progress=bool(data.get("progress", True)), workers=data.get("workers", 1), threads=data.get("threads"),
             extend_lrs=data.get("extend_lrs", 2), baselines=_names("baselines", data.get("baselines")),
             library=data.get("library"), timing_steps=data.get("timing_steps", 200),
             tensorboard=data.get("tensorboard"))
+
+
+def _target(value: Any) -> Union[float, str, None]:
+    """``target_loss``: ``"auto"`` (or none) → ``None``, ``"reference"`` kept, anything else a finite number."""
+    if value is None or value == "auto":
+        return None
+    if value == REFERENCE_TARGET:
+        return REFERENCE_TARGET
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"target_loss must be a finite validation loss, \"auto\" or \"{REFERENCE_TARGET}\" "
+                         f"(the best baseline's final loss), got {value!r}")
+    return number
 
 
 def _fingerprint(value: Any) -> None:

@@ -9,6 +9,9 @@
   below 0 means A loses less than B as ``T`` grows.
 - ``refreshes``: with ``drift_tolerance``, the due refreshes checked and made per 1000 steps, per variant and per
   parameter and mode (each such run records them, ``"refreshes"``).
+- ``race``: every run's steady step time and training time to a reference's mean final loss (the race "who
+  reaches AdamW's final loss first"), one row per run with the machine instance it ran on (``machine.boot``) and
+  when it finished, so that times are compared within one machine: two lent GPUs of one model differ.
 
 Command line::
 
@@ -16,6 +19,7 @@ Command line::
     python -m precond.ablate.milestones period --runs R/runs.jsonl \\
         --method "KL=kl_shampoo fast@10,kl_shampoo fast T=32@32" --method "SOAP=soap fast@10,soap fast T=32@32"
     python -m precond.ablate.milestones refreshes --runs R/runs.jsonl
+    python -m precond.ablate.milestones race --runs R/runs.jsonl --reference adamw
 
 Every number comes from the records (``curve.step`` and ``curve.val``, ``final_val``); a step that a run did not
 validate at is an error, not an interpolation.
@@ -172,6 +176,27 @@ def refresh_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def race_table(records: Sequence[Record], reference: str) -> str:
+    """Markdown: per run (variants in the order of the records, then by seed) its machine instance, finish time,
+    final loss, steady ms per step and training time (:func:`precond.ablate.wallclock.time_to`) to the mean final
+    loss of ``reference``'s runs."""
+    from precond.ablate import wallclock
+    target = statistics.mean(float(r["final_val"]) for r in by_seed(records, reference).values())
+    order = list(dict.fromkeys(r["variant"] for r in records))
+    lines = [f"Target: {target:.4f}, the mean final loss of {reference!r} over its seeds.", "",
+             "| variant | seed | machine instance | finished (UTC) | final val loss | ms / step | time to target (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in order:
+        for seed, record in sorted(by_seed(records, variant).items()):
+            boot = (record.get("machine") or {}).get("boot") or "—"
+            ms = wallclock.ms_per_step(record)
+            reached = wallclock.time_to(record, target)
+            lines.append(f"| {variant} | {seed} | {boot} | {str(record.get('finished', '—'))[:16]} | "
+                         f"{float(record['final_val']):.4f} | {'—' if ms is None else f'{ms:.1f}'} | "
+                         f"{'not reached' if reached is None else f'{reached:.1f}'} |")
+    return "\n".join(lines)
+
+
 def _modes(names: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted({mode for modes in names.values() for mode in modes}, key=int)
 
@@ -189,12 +214,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     refreshes = commands.add_parser("refreshes", help="the refreshes that drift_tolerance made, per variant and "
                                                       "per parameter")
     refreshes.add_argument("--runs", required=True)
+    race = commands.add_parser("race", help="every run's step time and time to a reference's mean final loss")
+    race.add_argument("--runs", required=True)
+    race.add_argument("--reference", required=True, help="the variant whose mean final loss is the target")
     args = parser.parse_args(argv)
     records = read_runs(args.runs)
     if args.command == "steps":
         print(steps_table(records, [int(s) for s in args.at.split(",")], args.reference))
     elif args.command == "refreshes":
         print(refresh_table(records))
+    elif args.command == "race":
+        print(race_table(records, args.reference))
     else:
         print(period_table(records, [parse_method(text) for text in args.method]))
 

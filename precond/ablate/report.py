@@ -6,11 +6,12 @@ import csv
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from precond.ablate import divergence, plots, progress, timing, wallclock, warnlog
+from precond.ablate import divergence, machine, plots, progress, timing, wallclock, warnlog
+from precond.ablate.config import REFERENCE_TARGET
 from precond.ablate.divergence import diverged
 from precond.ablate.stats import paired_interval
 from precond.ablate.summary import Record, VariantSummary, auto_target, final_loss, paired, reference_of, summarize
@@ -175,8 +176,19 @@ def time_table(summaries: Sequence[VariantSummary], target: Optional[float],
     return "\n".join(lines), equal
 
 
+def target_of(setting: Union[float, str, None], summaries: Sequence[VariantSummary],
+              reference: Optional[VariantSummary]) -> Optional[float]:
+    """The loss of "steps/time to target": a number as given; ``None`` (auto) the weakest variant's best final
+    loss; ``"reference"`` the reference's mean final loss (``None`` while it has no finished run)."""
+    if setting is None:
+        return auto_target(summaries)
+    if setting == REFERENCE_TARGET:
+        return reference.final_mean if reference is not None and math.isfinite(reference.final_mean) else None
+    return float(setting)
+
+
 def _preamble(config: Any, device: torch.device, records: Sequence[Record], target: Optional[float],
-              automatic: bool) -> str:
+              setting: Union[float, str, None]) -> str:
     training = config.training
     settings = {k: v for k, v in config.task.settings().items() if k != "task"}
     params = records[0].get("params") if records else None
@@ -184,8 +196,9 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
     machines = sorted({_machine_text(r["machine"]) for r in records if r.get("machine")})
     plural = "s" if threads != [1] else ""
     threads_text = f" ({'/'.join(map(str, threads))} CPU thread{plural} per run)" if threads else ""
-    target_text = "—" if target is None else f"{target:.4f}" + (
-        " (auto: the weakest non-diverged variant's best final loss)" if automatic else "")
+    how = {None: " (auto: the weakest non-diverged variant's best final loss)",
+           REFERENCE_TARGET: " (the reference's mean final loss: who reaches it first)"}
+    target_text = "—" if target is None else f"{target:.4f}" + (how[setting] if setting in how else "")
     memory = ("optimizer state = bytes of every tensor in optimizer.state; peak CUDA memory = "
               "torch.cuda.max_memory_allocated during the run" if device.type == "cuda" else
               "optimizer state = bytes of every tensor in optimizer.state (CPU run: no allocator peak)")
@@ -203,6 +216,9 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
         f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
         f"- memory: {memory}",
         *([f"- machine: {'; '.join(machines)}"] if machines else []),
+        *([f"- **machine instances: {len(boots)}** (boot ids {', '.join(boots)}): runs of different instances "
+           f"are not timed on the same machine; compare per-second numbers within one (`machine.boot` in "
+           f"`runs.jsonl`)"] if len(boots := machine.instances(records)) > 1 else []),
         *[f"- **skipped: {variant.name}**: {reason}; its runs were not made" for variant, reason in config.skipped()],
         "",
     ])
@@ -258,9 +274,9 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
     files = {"runs": out / "runs.jsonl", "csv": out / "runs.csv", "markdown": out / "summary.md"}
     write_csv(records, files["csv"])
     summaries = summarize(records, [variant.name for variant in config.variants])
-    target = config.target_loss if config.target_loss is not None else auto_target(summaries)
     baselines = config.baseline_names()
     reference = reference_of(summaries, baselines)
+    target = target_of(config.target_loss, summaries, reference)
     timings = timings or {}
     if timings:
         files["timing"] = out / timing.TIMING_FILE
@@ -268,7 +284,7 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
     digest.add_all(records)
     table = markdown_table(summaries, target, device.type == "cuda", reference, tunings)
     seconds, equal = time_table(summaries, target, reference, timings)
-    sections = [_preamble(config, device, records, target, config.target_loss is None) + _reference_note(
+    sections = [_preamble(config, device, records, target, config.target_loss) + _reference_note(
         reference, baselines), variants_section(config)]
     if tunings:
         sections.append(_tuning_section(tunings, config.extend_lrs))

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from precond.ablate import wallclock
+from precond.ablate import machine, wallclock
 from precond.ablate.attempt import Run, attempt_run
 from precond.ablate.divergence import diverged
 from precond.ablate.store import RunStore
@@ -224,8 +224,14 @@ def section(summaries: Sequence[VariantSummary], timings: dict[str, Record], con
                 flagged.append(found)
         lines.append(f"| {summary.name} | {'—' if ms is None else f'{ms:.1f}'} | "
                      f"{'—' if load is None else f'{load:.2f}'} | {grid_text} | {ratio_text} | {loads} |")
-    if flagged:
+    mixed = [(summary.name, found) for summary in summaries
+             if len(found := machine.instances(summary.best_runs)) > 1]
+    if flagged or mixed:
         lines.append("")
+    for name, boots in mixed:
+        lines.append(f"- **⚠ {name}: its best-lr runs ran on {len(boots)} machine instances (boot ids "
+                     f"{', '.join(boots)}): its mean step time mixes machines; compare its runs with runs of the "
+                     f"same instance (`machine.boot` in `runs.jsonl`)**.")
     for found in flagged:
         source = ("the per-second table uses its timing pass" if found.name in timings
                   else "**its per-second numbers are not reliable** (no timing pass)")
