@@ -17,6 +17,13 @@ EMA weight ρ.
 All use ``NMode`` by default, so conv kernels and 3-D (MoE, stacked) weights get one factor per mode; a mode
 above ``max_dim`` is left without a dense factor (embeddings and LM heads work: only their small side is
 preconditioned), and a vector parameter (bias, norm scale) gets a diagonal spectrum.
+
+Embeddings and the output head are preconditioned like any matrix by default (Muon's preset alone gives them to
+Adam, as its authors do). To give them AdamW instead, put them in a group of their own with :func:`adam_group`'s
+keys. On a 25.6M byte-level GPT (vocabulary 256, so both of their modes have factors) that changed KL-Shampoo's
+final loss by −0.0014 (not significant, 2 seeds) and its step time by −1.7 and +0.8 ms on two H100 machines
+(``docs/benchmarks.md``, "The race after the drift levers"), so the default stays the method as published; at a
+GPT-2 vocabulary (50257 > ``max_dim``) their vocabulary side has no factor anyway.
 """
 
 from __future__ import annotations
