@@ -18,6 +18,28 @@ def test_step_benchmark_writes_results(tmp_path):
     assert all(r["finite"] and r["median_ms"] > 0 for r in data["results"].values())
 
 
+def test_the_races_refresh_rules_run_in_the_step_benchmark(tmp_path):
+    """``kl_shampoo_qr_{drift,budget}_fast``: the race's two rules (the captured lines are CUDA paths); the budget's
+    optimizer really is the budgeted, tracked, every-other-fold one."""
+    from precond.bench.contenders import factory
+    out = tmp_path / "bench.json"
+    names = ["kl_shampoo_qr_drift_fast", "kl_shampoo_qr_budget_fast"]
+    assert main(["--device", "cpu", "--shapes", "small", "--optimizers", ",".join(names), "--every", "2",
+                 "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == set(names) and all(r["finite"] for r in data["results"].values())
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    budget = factory("kl_shampoo_qr_budget_fast", every=2, max_dim=8)([weight])
+    group = budget.param_groups[0]
+    preconditioner = group["preconditioner"]
+    assert preconditioner.fold_every == 2 and preconditioner.estimator.track_drift
+    assert preconditioner.estimator.beta == pytest.approx(0.95 ** 2) and group["rotation_dtype"] == torch.bfloat16
+    for _ in range(5):
+        weight.grad = torch.randn(6, 4)
+        budget.step()
+    assert budget.stats()["drift_checks"] > 0
+
+
 def test_training_benchmark_writes_results(tmp_path):
     out = tmp_path / "train.json"
     assert main(["--device", "cpu", "--train", "--optimizers", "adamw,kl_shampoo_fast", "--every", "2",

@@ -18,6 +18,14 @@ def available(name: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
+RACE_RULES: dict[str, dict] = {
+    "drift": {"drift_tolerance": 0.2, "track_drift": True},
+    "budget": {"drift_tolerance": 0.2, "track_drift": True, "refresh_budget": 50, "fold_every": 2,
+               "betas": (0.9, 0.95 ** 2), "rotation_dtype": torch.bfloat16},
+}
+"""The refresh rules of ``ablations/race.toml``'s two fastest variants that kept their loss (the embeddings'
+AdamW of the race's budgeted variant is a training-task choice the step benchmark does not make)."""
+
 LEVERS = {
     # each adds one lever to the previous line, so the table shows what each is worth
     "kl_shampoo_unstacked": {"stack": False},
@@ -45,6 +53,10 @@ LEVERS = {
     **{f"kl_shampoo_{basis}_fast_captured": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              "capture": True}
        for basis in ("qr", "refine", "refine1", "refine_bf16")},
+    # the race's configurations (issue 23, docs/results/race): the tracked drift rule, then the budgeted levers
+    **{f"kl_shampoo_qr_{rule}_{mode}": {"stagger": True, "basis": "qr", "tf32": True, "async_refresh": True,
+                                        **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule]}
+       for rule in ("drift", "budget") for mode in ("fast", "captured")},
 }
 
 BASES: dict[str, Callable[[int], object]] = {
