@@ -1,4 +1,4 @@
-"""``QRPowerStep``: one warm-started subspace-iteration step ``Q ← qr(S Q).Q`` every ``T`` steps (SOAP)."""
+"""``QRPowerStep``: a warm-started subspace-iteration step ``Q ← qr(S^k Q).Q`` every ``T`` steps (SOAP: ``k = 1``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from bases._common import every_field, nonzero_factor
 from bases.eigh import descending_eigh
 from precond.fallbacks import FallbackCounter
 from precond.precision import full_precision
+from precond.reductions import max_abs
 from precond.refresh import Refresh, rayleigh_quotients
+from precond.validators import number, plain_number
 
 
 def sign_fixed_qr(matrix: torch.Tensor) -> torch.Tensor:
@@ -22,26 +24,47 @@ def sign_fixed_qr(matrix: torch.Tensor) -> torch.Tensor:
     return q * signs.unsqueeze(-2)
 
 
-def power_step(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``qr(S Q).Q`` with ``S Q`` in full float32 (or float64) precision; an all-zero ``S`` keeps ``Q``."""
+def power_step(factor: torch.Tensor, basis: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """``qr(S^k Q).Q`` (``k = power``) with the products in full float32 (or float64) precision; an all-zero ``S``
+    keeps ``Q``. Each product after the first multiplies ``S`` into the previous one scaled to a largest entry of 1
+    (per batch entry): the QR's ``Q`` does not depend on a column scale, and ``S^k`` of a small or large factor
+    would under- or overflow."""
     work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+    s = factor.to(work_dtype)
     with full_precision():
-        product = factor.to(work_dtype) @ basis.to(work_dtype)
+        product = s @ basis.to(work_dtype)
+        for _ in range(power - 1):
+            scale = max_abs(product, (-2, -1), keepdim=True)
+            product = s @ (product / torch.where(scale > 0, scale, torch.ones_like(scale)))
     new = sign_fixed_qr(product).to(basis.dtype)
     return torch.where(nonzero_factor(factor), new, basis)
 
 
 @attrs.frozen
 class QRPowerStep:
-    """``Q_k ← qr(S_k Q_k).Q`` every ``every`` = T steps (Fig. 3 right; SOAP's refresh), in float32 or better.
+    """``Q_k ← qr(S_k^p Q_k).Q`` every ``every`` = T steps (Fig. 3 right and SOAP's refresh: ``p = 1``), in float32
+    or better.
 
     ``sort``: first order the old columns by their Rayleigh quotients ``diag(Q_kᵀ S_k Q_k)``, descending, as
     reference SOAP does; the permutation is returned so per-column state moves with its column. The KL
     prototype does not sort (default). The very first basis comes from ``eigh`` (no warm start exists yet).
+
+    ``power`` = p: the products of ``S_k`` before the one QR. In exact arithmetic ``qr(S^p Q)`` is ``p`` steps of
+    orthogonal iteration (Golub & Van Loan, *Matrix Computations*, §8.2.4: the leading ``j`` columns of
+    ``qr(S^p Q)`` span ``S^p`` of the leading ``j`` columns of ``Q``, as after ``p`` single steps), so each
+    refresh removes the off-diagonal energy of ``p`` steps for ``p`` products (d³ on tensor cores) and one QR
+    (the latency-bound part on a GPU). One step leaves much of it: on a 2 × 128 byte-level GPT at τ = 0.2 a
+    refresh took the relative off-diagonal norm ``r`` (``precond.drift``) from 0.36 to 0.16, and from 0.40 to 0.21
+    for the 384-wide modes, which ``drift_tolerance`` then refreshes again at their next check; ``p = 2`` took
+    them to 0.09 and 0.13, as two steps do (``docs/benchmarks.md``). In float32 a direction whose eigenvalue is
+    below ``ε^{1/p}`` of the largest (ε the unit round-off) is lost to rounding in ``S^p Q``: the QR still returns
+    an orthonormal ``Q`` whose trailing columns span the rest, as they would after ``p`` separate steps.
     """
 
     every: int = every_field
     sort: bool = False
+    power: int = attrs.field(default=1, converter=plain_number,
+                             validator=number(low=1, integer=True, meaning="the products of S before each QR"))
     needs_factors = True
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
@@ -53,4 +76,4 @@ class QRPowerStep:
         if self.sort:
             permutation = torch.argsort(rayleigh_quotients(factor, basis), dim=-1, descending=True)
             basis = torch.gather(basis, -1, permutation.unsqueeze(-2).expand_as(basis))
-        return Refresh(basis=power_step(factor, basis), permutation=permutation)
+        return Refresh(basis=power_step(factor, basis, self.power), permutation=permutation)

@@ -55,6 +55,10 @@ _ESTIMATOR_OPTIONS = ("track_drift",)
 """Keywords the presets with a KL estimator accept for it: ``track_drift=True`` (``estimators.KL``: keep
 ``diag(Q_kᵀ S_k Q_k)`` current, so that ``drift_tolerance`` checks a basis without a ``d³`` product)."""
 
+_BASIS_OPTIONS = ("basis_power",)
+"""Keywords the presets whose basis is a ``QRPowerStep`` accept for it: ``basis_power=p`` (each refresh is
+``qr(S^p Q)``: ``p`` steps of orthogonal iteration for one QR, ``bases.QRPowerStep``'s ``power``)."""
+
 _STRUCTURE_OPTIONS = ("large",)
 """Keywords every preset accepts for its structure: ``large`` (what a mode above ``max_dim`` gets: ``"none"``,
 ``"diagonal"``, or ``"block"``, Meta's blocking, for the ``NMode`` presets)."""
@@ -64,13 +68,13 @@ def _settings(lr: float, betas: Betas, weight_decay: float, defaults: dict[str, 
               options: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's keywords of a preset; ``options`` (the caller's) override the preset's ``defaults``."""
     chosen = {k: v for k, v in options.items()
-              if k not in (*_PRECONDITIONER_OPTIONS, *_STRUCTURE_OPTIONS, *_ESTIMATOR_OPTIONS)}
+              if k not in (*_PRECONDITIONER_OPTIONS, *_STRUCTURE_OPTIONS, *_ESTIMATOR_OPTIONS, *_BASIS_OPTIONS)}
     return dict(lr=lr, momentum=betas[0], weight_decay=weight_decay, **{**defaults, **chosen})
 
 
 def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Preconditioner:
-    """The preset's preconditioner with the caller's ``first_step``/``order``, structure ``large`` and KL
-    ``track_drift``, if given."""
+    """The preset's preconditioner with the caller's ``first_step``/``order``, structure ``large``, KL
+    ``track_drift`` and QR ``basis_power``, if given."""
     structure = preconditioner.structure
     if "large" in options:
         compatibility.check(compatibility.structure_features(structure, options["large"]),
@@ -79,8 +83,21 @@ def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Pr
     estimator = preconditioner.estimator
     if "track_drift" in options:
         estimator = with_tracked_drift(estimator, options["track_drift"])
-    return attrs.evolve(preconditioner, structure=structure, estimator=estimator,
+    basis = preconditioner.basis
+    if "basis_power" in options:
+        basis = with_basis_power(basis, options["basis_power"])
+    return attrs.evolve(preconditioner, structure=structure, estimator=estimator, basis=basis,
                         **{k: options[k] for k in _PRECONDITIONER_OPTIONS if k in options})
+
+
+def with_basis_power(basis: Any, power: int) -> Any:
+    """``basis`` refreshing with ``qr(S^power Q)``: a ``QRPowerStep``; any other refresher is refused (the power
+    is a number of orthogonal-iteration steps, which only the QR power step takes)."""
+    if isinstance(basis, bases.QRPowerStep):
+        return attrs.evolve(basis, power=power)
+    raise ValueError(f"basis_power is the number of products of S in a QR power step (bases.QRPowerStep); this "
+                     f"preset refreshes its basis with {type(basis).__name__}. Leave basis_power out, or use a preset "
+                     "whose basis is the QR power step (kl_shampoo, soap, kl_soap)")
 
 
 def with_tracked_drift(estimator: Any, track: bool) -> Any:

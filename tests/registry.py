@@ -97,7 +97,7 @@ PART_RECIPES: dict[str, Recipe] = {
     "bases.CholeskyQR": Recipe(lambda m: bases.CholeskyQR(every=EVERY)),
     "bases.Eigh": Recipe(lambda m: bases.Eigh(every=EVERY)),
     "bases.Identity": Recipe(lambda m: bases.Identity()),
-    "bases.QRPowerStep": Recipe(lambda m: bases.QRPowerStep(every=EVERY, sort=True)),
+    "bases.QRPowerStep": Recipe(lambda m: bases.QRPowerStep(every=EVERY, sort=True, power=2)),
     "bases.Refine": Recipe(lambda m: bases.Refine(every=EVERY, sort=True)),
     "precond.appliers.Graft": Recipe(lambda m: precond.Graft(_power(), onto="adam")),
     "precond.appliers.NewtonSchulz": Recipe(lambda m: precond.NewtonSchulz(), _MUON_VIEW, "matrices"),

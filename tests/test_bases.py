@@ -124,6 +124,92 @@ def test_one_qr_power_step_equals_positive_diagonal_qr(d, batch, seed, dtype):
         torch.testing.assert_close(result.basis[b].to(F64), expected, rtol=0, atol=tol)
 
 
+# --- QRPowerStep(power=p): p products of S, one QR ------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(1, 8), batch=st.sampled_from([1, 2, 3]), power=st.integers(1, 4), seed=seeds)
+def test_power_p_equals_p_single_steps_in_float64(d, batch, power, seed):
+    """``qr(S^p Q)`` is ``p`` steps of orthogonal iteration: the reference takes ``p`` positive-diagonal QR steps
+    one after another (through the Cholesky reference), in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.stack([spd_with_spectrum(d, gen, top=2.0, bottom=0.5)[0] for _ in range(batch)])
+    q = torch.stack([random_orthogonal(d, gen) for _ in range(batch)])
+    result = bases.QRPowerStep(every=1, power=power).refresh(s, q)
+    for b in range(batch):
+        expected = q[b]
+        for _ in range(power):
+            expected = qr_positive_reference(s[b] @ expected)
+        torch.testing.assert_close(result.basis[b], expected, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(2, 10), seed=seeds)
+def test_refreshes_of_power_three_converge_to_the_descending_eigenbasis(d, seed):
+    """λ geometric from 1 to 0.05 (consecutive ratio ≤ 0.72 for d ≤ 10): 100 refreshes of ``p = 3`` are 300 steps,
+    an error shrunk by 0.72^300 ≈ 1e-43."""
+    gen = torch.Generator().manual_seed(seed)
+    s, _, lam = spd_with_spectrum(d, gen)
+    q = random_orthogonal(d, gen).unsqueeze(0)
+    refresher = bases.QRPowerStep(every=1, power=3)
+    for _ in range(100):
+        q = refresher.refresh(s.unsqueeze(0), q).basis
+    _, vectors = descending_eigh_reference(s)
+    assert_same_columns_up_to_sign(q[0], vectors, atol=1e-6)
+    torch.testing.assert_close(torch.diagonal(q[0].T @ s @ q[0]), lam, rtol=0, atol=1e-9)
+
+
+def test_a_power_beyond_the_precision_keeps_q_orthonormal_and_its_leading_column():
+    """The documented limit: with ``(λ_d/λ_1)^p`` far below float64's ε (0.05^200 ≈ 1e-260), ``S^p Q`` is rank one
+    to rounding, so only the leading column is the top eigenvector; the rest is an orthonormal complement."""
+    gen = torch.Generator().manual_seed(11)
+    s, _, _ = spd_with_spectrum(6, gen)
+    q = random_orthogonal(6, gen).unsqueeze(0)
+    basis = bases.QRPowerStep(every=1, power=200).refresh(s.unsqueeze(0), q).basis[0]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=F64), rtol=0, atol=1e-12)
+    _, vectors = descending_eigh_reference(s)
+    assert abs(float(vectors[:, 0] @ basis[:, 0])) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_power_steps_of_a_tiny_or_huge_float32_factor_neither_underflow_nor_overflow(scale):
+    """``S^4`` of a factor of size 1e-30 is 1e-120 (below float32's range), of 1e30 it is 1e120: the rescaled
+    products give the basis of the unscaled factor."""
+    gen = torch.Generator().manual_seed(3)
+    s, _, _ = spd_with_spectrum(6, gen, top=1.0, bottom=0.2)
+    q = random_orthogonal(6, gen).unsqueeze(0)
+    expected = bases.QRPowerStep(every=1, power=4).refresh(s.unsqueeze(0), q).basis[0]
+    got = bases.QRPowerStep(every=1, power=4).refresh((scale * s).float().unsqueeze(0), q.float()).basis[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.to(F64), expected, rtol=0, atol=1e-4)
+
+
+def test_power_two_leaves_less_off_diagonal_energy_than_one_step():
+    """Near an eigenbasis (the exact one rotated by exp(0.1·K), K skew): each product contracts the error, so the
+    relative off-diagonal norm r of ``QᵀSQ`` after ``p = 2`` is below that after ``p = 1``, below the start's."""
+    from precond.drift import offdiagonal_ratio
+    gen = torch.Generator().manual_seed(7)
+    s, u, _ = spd_with_spectrum(8, gen, top=1.0, bottom=0.01)
+    k = torch.randn(8, 8, generator=gen, dtype=F64)
+    start = (u @ torch.linalg.matrix_exp(0.1 * (k - k.T))).unsqueeze(0)
+    ratios = [offdiagonal_ratio(s.unsqueeze(0), start).item()]
+    for power in (1, 2):
+        basis = bases.QRPowerStep(every=1, power=power).refresh(s.unsqueeze(0), start).basis
+        ratios.append(offdiagonal_ratio(s.unsqueeze(0), basis).item())
+    assert ratios[0] > ratios[1] > ratios[2] > 0, ratios
+
+
+def test_power_keeps_the_basis_of_an_all_zero_factor():
+    gen = torch.Generator().manual_seed(1)
+    q = random_orthogonal(5, gen).unsqueeze(0)
+    kept = bases.QRPowerStep(every=1, power=3).refresh(torch.zeros(1, 5, 5, dtype=F64), q).basis
+    assert torch.equal(kept, q)
+
+
+@pytest.mark.parametrize("power", [0, -1, 1.5, True, "2"])
+def test_power_must_be_a_positive_integer(power):
+    with pytest.raises((ValueError, TypeError), match="the products of S before each QR"):
+        bases.QRPowerStep(every=10, power=power)
+
+
 # --- QRPowerStep(sort=True) ---------------------------------------------------------------------------------
 @settings(max_examples=30, deadline=None)
 @given(d=st.integers(2, 10), seed=seeds, perm_seed=seeds)

@@ -37,7 +37,12 @@ def _structure(cls: type) -> Builder:
 
 
 def _basis(cls: type) -> Builder:
-    return lambda o: cls(every=o["every"])
+    def build(o: Options) -> Any:
+        if o.get("basis_power", 1) != 1:
+            raise ValueError(f"basis_power is the number of products of S in the qr refresh (bases.QRPowerStep); "
+                             f"basis {cls.__name__} takes none: use basis=qr or leave basis_power out")
+        return cls(every=o["every"])
+    return build
 
 
 def inner_applier(o: Options) -> Any:
@@ -80,7 +85,7 @@ PARTS: dict[str, dict[str, Builder]] = {
     },
     "basis": {
         "eigh": _basis(bases.Eigh),
-        "qr": _basis(bases.QRPowerStep),
+        "qr": lambda o: bases.QRPowerStep(every=o["every"], power=o.get("basis_power", 1)),
         "cholesky_qr": _basis(bases.CholeskyQR),
         "refine": _basis(bases.Refine),
         "identity": lambda o: bases.Identity(),

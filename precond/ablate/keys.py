@@ -206,6 +206,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "estimator": choice(CHOICES["estimator"]),
     "basis": choice(CHOICES["basis"]),
     "every": positive_int,
+    "basis_power": positive_int,
     "fold_every": positive_int,
     "applier": applier,
     "normalize": rms_or_none,
@@ -253,6 +254,9 @@ MEANINGS: dict[str, str] = {
     "max_dim": "the largest mode that gets a dense factor: a positive integer, or none (no limit)",
     "large": "what a mode above max_dim gets",
     "every": "the refresh period T of the basis (a positive integer)",
+    "basis_power": "the qr refresh computes qr(S^p Q), p steps of orthogonal iteration for one QR (basis qr, or a "
+                   "preset whose basis is the QR power step: kl_shampoo, kl_soap, soap; bases.QRPowerStep's power; "
+                   "default 1)",
     "fold_every": "the estimator folds a gradient every this many steps (precond.Preconditioner's fold_every; "
                   "default 1: every step)",
     "normalize": "rescale the update to this RMS (Normalize; ASGO uses 0.2), or none",

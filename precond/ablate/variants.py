@@ -38,6 +38,8 @@ key                    values                                                   
                        ``precond.Optimizer``)
 ``init_lambda``        KL's λ₀ (estimator ``kl``, ``kl_soap``): a number > 0, or    0.1
                        ``data``, the spectrum of the first filled factor
+``basis_power``        the ``qr`` refresh is ``qr(S^p Q)`` (p orthogonal-iteration  1
+                       steps, one QR; basis ``qr`` or a QR preset)
 ``fold_every``         the estimator folds a gradient every k steps                1
 ``track_drift``        KL keeps ``diag(QᵀSQ)`` current (estimator ``kl``,           false
                        ``kl_soap``, or a KL preset), so ``drift_tolerance``
@@ -56,7 +58,7 @@ The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``fold_every``,
-``track_drift`` (KL presets), the speed keys
+``track_drift`` (KL presets), ``basis_power`` (QR presets), the speed keys
 ``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and
 ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
@@ -85,7 +87,8 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype", "embeddings", "track_drift", "fold_every", *keys.SPEED_KEYS)
+               "decay_order", "rotation_dtype", "embeddings", "track_drift", "fold_every", "basis_power",
+               *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
@@ -241,6 +244,9 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
         raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
+    if "basis_power" in values and resolved["basis"] != "qr":
+        raise ValueError(f"{where}: basis_power is the number of products of S in the qr refresh "
+                         f"(bases.QRPowerStep) and belongs to basis qr, not to basis {resolved['basis']}")
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
     return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
 
