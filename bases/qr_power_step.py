@@ -56,9 +56,10 @@ class QRPowerStep:
     (the latency-bound part on a GPU). One step leaves much of it: on a 2 × 128 byte-level GPT at τ = 0.2 a
     refresh took the relative off-diagonal norm ``r`` (``precond.drift``) from 0.36 to 0.16, and from 0.40 to 0.21
     for the 384-wide modes, which ``drift_tolerance`` then refreshes again at their next check; ``p = 2`` took
-    them to 0.09 and 0.13, as two steps do (``docs/benchmarks.md``). In float32 a direction whose eigenvalue is
-    below ``ε^{1/p}`` of the largest (ε the unit round-off) is lost to rounding in ``S^p Q``: the QR still returns
-    an orthonormal ``Q`` whose trailing columns span the rest, as they would after ``p`` separate steps.
+    them to 0.09 and 0.13, as two steps do (``python -m precond.bench.refresh_drift``). In float32 a direction
+    whose eigenvalue is below ``ε^{1/p}`` of the largest (ε the unit round-off) is lost to rounding in ``S^p Q``:
+    the QR still returns an orthonormal ``Q`` whose trailing columns span the rest, as they would after ``p``
+    separate steps.
     """
 
     every: int = every_field

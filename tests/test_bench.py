@@ -81,3 +81,17 @@ def test_device_time_counts_kernel_time_within_the_wall_time():
     assert 0 < profile["kernel_ms_per_step"] <= profile["wall_ms_per_step"]
     assert 0 < profile["busy"] <= 1 and profile["comm_kernel_ms_per_step"] == 0
     assert profile["top_kernels"] and all(ms > 0 for _, ms in profile["top_kernels"])
+
+
+def test_refresh_drift_reports_each_mode_size():
+    """``python -m precond.bench.refresh_drift`` on a tiny GPT: a row per mode size with refreshes counted and
+    drift ratios in [0, 1] (that p = 2 leaves less drift than p = 1 near an eigenbasis is tested in
+    ``tests/test_bases.py`` on a constructed factor, not here on trained ones)."""
+    from precond.bench.refresh_drift import measure
+    text = measure(24, {"layers": 1, "width": 16, "heads": 2, "context": 8, "batch_size": 4})
+    rows = [line.split("|")[1:-1] for line in text.splitlines()
+            if line.startswith("| ") and line.count("|") == 6 and "mode size" not in line]
+    assert rows, text
+    for size, count, before, after, squared in rows:
+        assert int(size) > 0 and int(count) > 0, text
+        assert all(0.0 <= float(value) <= 1.0 for value in (before, after, squared)), text

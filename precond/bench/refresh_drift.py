@@ -1,0 +1,88 @@
+"""``python -m precond.bench.refresh_drift``: how much drift a basis refresh removes, by mode size.
+
+KL-Shampoo (``drift_tolerance=0.2``, staggered T = 10) trains a small byte-level GPT (``char_lm``) on the CPU; after
+every step, for every mode of every matrix, the relative off-diagonal norm ``r`` of ``QᵀSQ`` (``precond.drift``) is
+measured in float64. At each refresh it reports ``r`` just before (the previous step's) and just after it, and what
+the same refresh would have left with ``p = 2`` (``bases.QRPowerStep(power=2)``: one QR of ``S² Q_old``), and,
+over the second half of the run, the mean ``r`` and how often it is at least τ = 0.2 — how often a drift check
+would refresh that mode. The numbers quoted in ``bases.QRPowerStep``'s docstring come from::
+
+    OMP_NUM_THREADS=1 python -m precond.bench.refresh_drift --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from typing import Sequence
+
+import torch
+
+import precond
+from bases.qr_power_step import power_step
+from precond.drift import offdiagonal_ratio
+from precond.tasks import make_task
+from precond.tasks.base import stream
+
+TASK = {"layers": 2, "width": 128, "heads": 4, "context": 64, "batch_size": 16}
+"""The CPU task of the drift A/Bs in ``docs/benchmarks.md``."""
+
+
+def _ratio(factor: torch.Tensor, basis: torch.Tensor) -> float:
+    return offdiagonal_ratio(factor[None].double(), basis[None].double()).item()
+
+
+def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2) -> str:
+    """The two Markdown tables (module docstring) after ``steps`` training steps."""
+    torch.manual_seed(0)
+    task = make_task("char_lm", task_options or TASK)
+    data = task.load(torch.device("cpu"))
+    model = task.build_model(0)
+    names = {p: n for n, p in model.named_parameters()}
+    optimizer = precond.kl_shampoo(model.parameters(), lr=4e-3, stagger=True, drift_tolerance=tolerance,
+                                   weight_decay=0.1)
+    batches = stream(data, torch.Generator().manual_seed(0))
+    bases_before: dict[tuple, torch.Tensor] = {}
+    ratio_before: dict[tuple, float] = {}
+    refreshes = collections.defaultdict(list)  # mode size → (r before, r after, r after with p = 2)
+    trace = collections.defaultdict(list)  # mode size → r after each step of the second half
+    for step in range(1, steps + 1):
+        loss = task.loss(model, next(batches))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for param, state in optimizer.state.items():
+            if param.dim() != 2 or "Q" not in state.get("basis", {}):
+                continue
+            for mode, basis in state["basis"]["Q"].items():
+                factor, key, size = state["estimator"]["S"][mode], (names[param], mode), basis.shape[-1]
+                ratio = _ratio(factor, basis)
+                old = bases_before.get(key)
+                if old is not None and not torch.equal(old, basis) and key in ratio_before:
+                    squared = power_step(factor.float(), old.float(), power=2)
+                    refreshes[size].append((ratio_before[key], ratio, _ratio(factor, squared)))
+                if step > steps // 2:
+                    trace[size].append(ratio)
+                ratio_before[key], bases_before[key] = ratio, basis.clone()
+    lines = [f"{steps} steps, τ = {tolerance}", "",
+             "| mode size | refreshes | r before | r after | r after with p = 2 |", "|---|---|---|---|---|"]
+    for size, rows in sorted(refreshes.items()):
+        mean = [sum(row[i] for row in rows) / len(rows) for i in range(3)]
+        lines.append(f"| {size} | {len(rows)} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
+    lines += ["", "| mode size | mean r (second half) | fraction of steps with r ≥ τ |", "|---|---|---|"]
+    for size, ratios in sorted(trace.items()):
+        above = sum(r >= tolerance for r in ratios) / len(ratios)
+        lines.append(f"| {size} | {sum(ratios) / len(ratios):.3f} | {above:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m precond.bench.refresh_drift", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--tolerance", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    print(measure(args.steps, tolerance=args.tolerance))
+
+
+if __name__ == "__main__":
+    main()
