@@ -58,8 +58,8 @@ class QRPowerStep:
     for the 384-wide modes, which ``drift_tolerance`` then refreshes again at their next check; ``p = 2`` took
     them to 0.09 and 0.13, as two steps do (``python -m precond.bench.refresh_drift``). In float32 a direction
     whose eigenvalue is below ``ε^{1/p}`` of the largest (ε the unit round-off) is lost to rounding in ``S^p Q``:
-    the QR still returns an orthonormal ``Q`` whose trailing columns span the rest, as they would after ``p``
-    separate steps.
+    the QR still returns an orthonormal ``Q``, but its trailing columns then only span the rest, without the
+    convergence ``p`` separate steps (a QR after each product) would give them: keep ``p`` small (2 or 3).
     """
 
     every: int = every_field
