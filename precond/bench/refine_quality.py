@@ -34,6 +34,8 @@ from precond.tasks.gpt import TinyGPT
 REFRESHERS: dict[str, Callable[[], Any]] = {
     "eigh": lambda: bases.Eigh(every=1),
     "qr": lambda: bases.QRPowerStep(every=1),
+    "qr_power2": lambda: bases.QRPowerStep(every=1, power=2),
+    "qr_power3": lambda: bases.QRPowerStep(every=1, power=3),
     "cholesky_qr": lambda: bases.CholeskyQR(every=1, warmup=0),
     "refine": lambda: bases.Refine(every=1),
     "refine1": lambda: bases.Refine(every=1, sweeps=1),
