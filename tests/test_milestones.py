@@ -123,6 +123,12 @@ def test_race_table_times_every_run_to_the_references_mean_final_loss() -> None:
     assert "| kl | 0 | aaaa0001 | 2026-12-07T01:00 | 1.9000 | 30.0 | 1.5 |" in table
     assert "| kl | 1 | — | 2026-12-07T01:01 | 2.3000 | 40.0 | not reached |" in table
     assert table.index("| adamw | 0") < table.index("| adamw | 1") < table.index("| kl | 0")
+    # within instance aaaa0001 the reference took 1.0 s, kl 1.5 s; on bbbb0002 the reference did not reach its
+    # own mean, so its whole run (100 × 10 ms) is its time, and kl has no run there
+    assert "| aaaa0001 | adamw | 1 of 1 | 1.0 | 1.00 |" in table
+    assert "| aaaa0001 | kl | 1 of 1 | 1.5 | 1.50 |" in table
+    assert "| bbbb0002 | adamw | 0 of 1 | — | — |" in table
+    assert "| bbbb0002 | kl |" not in table
 
 
 def test_race_table_cli_prints_it(tmp_path, capsys) -> None:
@@ -130,4 +136,6 @@ def test_race_table_cli_prints_it(tmp_path, capsys) -> None:
     records = [_timed("adamw", 0, [5.0, 3.0, 2.0], 10.0), _timed("kl", 0, [5.0, 1.5, 1.0], 20.0)]
     runs.write_text("".join(json.dumps(r) + "\n" for r in records))
     milestones.main(["race", "--runs", str(runs), "--reference", "adamw"])
-    assert "| kl | 0 | — | 2026-12-07T01:00 | 1.0000 | 20.0 | 1.0 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| kl | 0 | — | 2026-12-07T01:00 | 1.0000 | 20.0 | 1.0 |" in out
+    assert "No record names its machine instance" in out

@@ -194,7 +194,41 @@ def race_table(records: Sequence[Record], reference: str) -> str:
             lines.append(f"| {variant} | {seed} | {boot} | {str(record.get('finished', '—'))[:16]} | "
                          f"{float(record['final_val']):.4f} | {'—' if ms is None else f'{ms:.1f}'} | "
                          f"{'not reached' if reached is None else f'{reached:.1f}'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + _same_machine_ratios(records, reference, target, order))
+
+
+def _same_machine_ratios(records: Sequence[Record], reference: str, target: float, order: Sequence[str]) -> list[str]:
+    """Per machine instance that ran ``reference``: each variant's mean time to ``target`` there over the
+    reference's (its time to the target, or its whole run where it did not reach its own mean), and how many of the
+    variant's runs reached it. Only records that name their instance (``machine.boot``) take part."""
+    from precond.ablate import wallclock
+    by_instance: dict[str, dict[str, list[Record]]] = {}
+    for record in records:
+        boot = (record.get("machine") or {}).get("boot")
+        if boot:
+            by_instance.setdefault(boot, {}).setdefault(record["variant"], []).append(record)
+    if not by_instance:
+        return ["No record names its machine instance (`machine.boot`, kept since the race of issue 23): times of "
+                "different device calls may come from different machines; compare within one call."]
+    lines = ["Within each machine instance, against the reference's time there (its time to the target, or its "
+             "whole run where it did not reach it):", "",
+             "| machine instance | variant | runs reaching the target | mean time to target (s) | × reference |",
+             "|---|---|---|---|---|"]
+    for boot, runs in sorted(by_instance.items()):
+        if reference not in runs:
+            continue
+        own = [wallclock.total_seconds(r) if (t := wallclock.time_to(r, target)) is None else t
+               for r in runs[reference]]
+        baseline = statistics.mean(own)
+        for variant in order:
+            times = [t for r in runs.get(variant, []) if (t := wallclock.time_to(r, target)) is not None]
+            if variant not in runs:
+                continue
+            mean = statistics.mean(times) if times else None
+            lines.append(f"| {boot} | {variant} | {len(times)} of {len(runs[variant])} | "
+                         f"{'—' if mean is None else f'{mean:.1f}'} | "
+                         f"{'—' if mean is None else f'{mean / baseline:.2f}'} |")
+    return lines
 
 
 def _modes(names: Mapping[str, Mapping[str, Any]]) -> list[str]:
