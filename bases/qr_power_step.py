@@ -50,17 +50,17 @@ class QRPowerStep:
     prototype does not sort (default). The very first basis comes from ``eigh`` (no warm start exists yet).
 
     ``power`` = p: the products of ``S_k`` before the one QR. In exact arithmetic ``qr(S^p Q)`` is ``p`` steps of
-    orthogonal iteration (Golub & Van Loan, *Matrix Computations*, §8.2.4: the leading ``j`` columns of ``qr(S^p
-    Q)`` span ``S^p`` of the leading ``j`` columns of ``Q``, as after ``p`` single steps), so each refresh removes
-    the off-diagonal energy of ``p`` steps for ``p`` products (``d³`` each, in full float32: a GPU runs them at its
-    full float32 throughput) and one QR (the latency-bound part on a GPU). One step leaves much of it: on a 2 × 128
+    orthogonal iteration (Golub & Van Loan, *Matrix Computations*, §8.2.4: the leading ``j`` columns of ``qr(S^p Q)``
+    span ``S^p`` of the leading ``j`` columns of ``Q``, as after ``p`` single steps), so each refresh removes the
+    off-diagonal energy of ``p`` steps for ``p`` products (``d³`` each, in full float32: a GPU runs them at its full
+    float32 throughput) and one QR (the latency-bound part on a GPU). One step leaves much of it: on a 2 × 128
     byte-level GPT at τ = 0.2 a refresh took the relative off-diagonal norm ``r`` (``precond.drift``) from 0.36 to
     0.16, and from 0.40 to 0.21 for the 384-wide modes, which ``drift_tolerance`` then refreshes again at their next
     check; ``p = 2`` took them to 0.09 and 0.13, as two steps do (``python -m precond.bench.refresh_drift``). In
     float32 a direction whose eigenvalue is below ``ε^{1/p}`` of the largest (ε the unit round-off) is lost to
     rounding in ``S^p Q``: the QR still returns an orthonormal ``Q``, but its trailing columns then only span the
-    rest, without the convergence ``p`` separate steps (a QR after each product) would give them: keep ``p`` small
-    (2 or 3).
+    rest, without the convergence ``p`` separate steps (a QR after each product) would give them: keep ``p`` small (2
+    or 3).
     """
 
     every: int = every_field
