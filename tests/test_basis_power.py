@@ -12,6 +12,7 @@ import bases
 import precond
 from precond.ablate import parse_variant
 from precond.ablate.build import build_optimizer
+from precond.precision import tf32_matmuls
 
 from small_training import assert_resume_is_exact, batches, mlp, train
 
@@ -76,3 +77,34 @@ def test_basis_power_changes_the_trajectory_only_through_the_refreshes():
             final[every, power] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.equal(final[100, 1], final[100, 2])
     assert not torch.equal(final[2, 1], final[2, 2])
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_power_two_refresh_matches_two_float64_steps_and_trains_captured_as_eager():
+    """On CUDA, in float32 with TF32 allowed around it: one refresh of ``p = 2`` against two positive-diagonal
+    float64 QR steps on the CPU (a well-conditioned factor), and the captured, asynchronous fast step with
+    ``basis_power=2`` against the eager one (float32 round-off)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))
+    s = u @ torch.diag(torch.linspace(1.0, 0.2, 64, dtype=torch.float64)) @ u.T
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))
+    expected = q
+    for _ in range(2):
+        product = s @ expected
+        r = torch.linalg.cholesky(product.T @ product, upper=True)
+        expected = torch.linalg.solve_triangular(r, product, upper=True, left=False)
+    with tf32_matmuls(True):
+        got = bases.QRPowerStep(every=1, power=2).refresh(s.float().cuda()[None], q.float().cuda()[None]).basis[0]
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-4)
+
+    data = [(x.cuda(), y.cuda()) for x, y in batches(30, 5, 3)]
+    finals = []
+    for fast in (False, True):
+        model = mlp([5, 7, 3]).cuda()
+        options = {"capture": True, "async_refresh": True} if fast else {}
+        train(model, precond.kl_shampoo(model.parameters(), lr=1e-2, every=3, stagger=True, basis_power=2,
+                                        on_nonfinite="ignore", **options), data)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-5)
