@@ -1,11 +1,13 @@
-"""Small regression problems the schedule tests train on, the training loop, and the resume check they share
-(``tests/test_drift.py``, ``test_drift_tracked.py``, ``test_refresh_budget.py``, ``test_fold_every.py``)."""
+"""Small regression problems the schedule tests train on, the training loop, the resume check and the CUDA
+comparison they share (``tests/test_drift.py``, ``test_drift_tracked.py``, ``test_refresh_budget.py``,
+``test_fold_every.py``, ``test_basis_power.py``)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any, Callable, Sequence
 
+import pytest
 import torch
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -56,3 +58,25 @@ def assert_resume_is_exact(model_of: Callable[[int], torch.nn.Module],
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     return opt_whole, opt_resumed
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter of ``model``, detached and concatenated."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def train_on_cuda(model_of: Callable[[], torch.nn.Module], optimizer_of: Callable[..., Any], data: Batches,
+                  variants: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, Any]]:
+    """For each options mapping of ``variants``: a fresh ``model_of()`` on CUDA and ``optimizer_of(model,
+    **options)``, trained on ``data`` moved to CUDA; the final parameters (:func:`flat_parameters`) and the
+    optimizer of each. Skips the calling test without CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    on_device = [(x.cuda(), y.cuda()) for x, y in data]
+    runs = []
+    for options in variants:
+        model = model_of().cuda()
+        opt = optimizer_of(model, **options)
+        train(model, opt, on_device)
+        runs.append((flat_parameters(model), opt))
+    return runs

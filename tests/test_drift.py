@@ -148,17 +148,12 @@ def test_drift_with_overlap_backward_is_refused_with_the_remedy():
 
 @pytest.mark.gpu
 def test_on_cuda_the_captured_asynchronous_step_with_drift_matches_the_eager_one():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    batches = [(x.cuda(), y.cuda()) for x, y in _batches(24)]
-    results = []
-    for options in ({"stagger": True}, {"stagger": True, "async_refresh": True, "capture": True,
-                                        "on_nonfinite": "ignore"}):
-        model = _model().cuda()
-        opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=3, drift_tolerance=0.2, tf32=False, **options)
-        training.train(model, opt, batches)
-        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.stats()))
-    (eager, eager_stats), (fast, fast_stats) = results
+    (eager, eager_opt), (fast, fast_opt) = training.train_on_cuda(
+        _model, lambda model, **options: precond.kl_shampoo(model.parameters(), lr=3e-3, every=3,
+                                                            drift_tolerance=0.2, tf32=False, **options),
+        _batches(24), [{"stagger": True}, {"stagger": True, "async_refresh": True, "capture": True,
+                                           "on_nonfinite": "ignore"}])
+    eager_stats, fast_stats = eager_opt.stats(), fast_opt.stats()
     assert eager_stats["drift_checks"] == fast_stats["drift_checks"]
     assert 0 < fast_stats["drift_refreshes"] < fast_stats["drift_checks"]
     torch.testing.assert_close(fast, eager, rtol=0, atol=5e-3)

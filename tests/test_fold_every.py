@@ -166,13 +166,8 @@ def _kfac_estimator():
 
 @pytest.mark.gpu
 def test_on_cuda_the_captured_step_with_two_graphs_matches_the_eager_one():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    batches = [(x.cuda(), y.cuda()) for x, y in _batches(12)]
-    results = []
-    for options in ({}, {"capture": True, "on_nonfinite": "ignore"}):
-        model = _model().cuda()
-        opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=2, tf32=False, **options)
-        training.train(model, opt, batches)
-        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-5)
+    (eager, _), (captured, _) = training.train_on_cuda(
+        _model, lambda model, **options: precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, fold_every=2,
+                                                            tf32=False, **options),
+        _batches(12), [{}, {"capture": True, "on_nonfinite": "ignore"}])
+    torch.testing.assert_close(captured, eager, rtol=0, atol=1e-5)

@@ -152,17 +152,12 @@ def test_a_parameter_added_mid_run_is_stepped_under_the_budget():
 
 @pytest.mark.gpu
 def test_on_cuda_the_captured_asynchronous_budgeted_step_matches_the_eager_one():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    data = [(x.cuda(), y.cuda()) for x, y in _batches(24)]
-    results = []
-    for options in ({}, {"async_refresh": True, "capture": True, "on_nonfinite": "ignore"}):
-        model = _model().cuda()
-        opt = precond.kl_shampoo(model.parameters(), lr=3e-3, every=2, drift_tolerance=0.1, refresh_budget=4,
-                                 stagger=True, track_drift=True, tf32=False, **options)
-        training.train(model, opt, data)
-        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.stats()))
-    (eager, eager_stats), (fast, fast_stats) = results
+    (eager, eager_opt), (fast, fast_opt) = training.train_on_cuda(
+        _model, lambda model, **options: precond.kl_shampoo(model.parameters(), lr=3e-3, every=2,
+                                                            drift_tolerance=0.1, refresh_budget=4, stagger=True,
+                                                            track_drift=True, tf32=False, **options),
+        _batches(24), [{}, {"async_refresh": True, "capture": True, "on_nonfinite": "ignore"}])
+    eager_stats, fast_stats = eager_opt.stats(), fast_opt.stats()
     assert eager_stats["drift_checks"] == fast_stats["drift_checks"]
     assert fast_stats["drift_deferred"] > 0
     torch.testing.assert_close(fast, eager, rtol=0, atol=5e-3)
