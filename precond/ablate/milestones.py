@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from precond.ablate import wallclock
 from precond.ablate.stats import paired_interval
 
 Record = Mapping[str, Any]
@@ -180,7 +181,6 @@ def race_table(records: Sequence[Record], reference: str) -> str:
     """Markdown: per run (variants in the order of the records, then by seed) its machine instance, finish time,
     final loss, steady ms per step and training time (:func:`precond.ablate.wallclock.time_to`) to the mean final
     loss of ``reference``'s runs."""
-    from precond.ablate import wallclock
     target = statistics.mean(float(r["final_val"]) for r in by_seed(records, reference).values())
     order = list(dict.fromkeys(r["variant"] for r in records))
     lines = [f"Target: {target:.4f}, the mean final loss of {reference!r} over its seeds.", "",
@@ -201,7 +201,6 @@ def _same_machine_ratios(records: Sequence[Record], reference: str, target: floa
     """Per machine instance that ran ``reference``: each variant's mean time to ``target`` there over the
     reference's (its time to the target, or its whole run where it did not reach its own mean), and how many of the
     variant's runs reached it. Only records that name their instance (``machine.boot``) take part."""
-    from precond.ablate import wallclock
     by_instance: dict[str, dict[str, list[Record]]] = {}
     for record in records:
         boot = (record.get("machine") or {}).get("boot")
@@ -221,9 +220,9 @@ def _same_machine_ratios(records: Sequence[Record], reference: str, target: floa
                for r in runs[reference]]
         baseline = statistics.mean(own)
         for variant in order:
-            times = [t for r in runs.get(variant, []) if (t := wallclock.time_to(r, target)) is not None]
             if variant not in runs:
                 continue
+            times = [t for r in runs[variant] if (t := wallclock.time_to(r, target)) is not None]
             mean = statistics.mean(times) if times else None
             lines.append(f"| {boot} | {variant} | {len(times)} of {len(runs[variant])} | "
                          f"{'—' if mean is None else f'{mean:.1f}'} | "

@@ -256,8 +256,8 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
 
 def _refresh_record(optimizer: Any) -> dict[str, Any]:
     """With ``drift_tolerance``: ``{"refreshes": {parameter: {mode: {"checks": due, "refreshes": made, "deferred":
-    passed over by the refresh budget}}}}`` at the
-    end of the run (``precond.Optimizer.refresh_counts``; read on the host); nothing for other optimizers."""
+    passed over by the refresh budget}}}}`` at the end of the run (``precond.Optimizer.refresh_counts``; read on
+    the host); nothing for other optimizers."""
     counts = getattr(optimizer, "refresh_counts", None)
     found = counts() if callable(counts) else {}
     if not found:
