@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import bases
 import precond
 from precond.bench.__main__ import main
 
@@ -19,11 +20,11 @@ def test_step_benchmark_writes_results(tmp_path):
 
 
 def test_the_races_refresh_rules_run_in_the_step_benchmark(tmp_path):
-    """``kl_shampoo_qr_{drift,budget}_fast``: the race's two rules (the captured lines are CUDA paths); the budget's
-    optimizer really is the budgeted, tracked, every-other-fold one."""
+    """``kl_shampoo_{qr,refine}_{drift,budget}_fast``: the race's two rules (the captured lines are CUDA paths); the
+    budget's optimizer really is the budgeted, tracked, every-other-fold one, with the basis its name gives."""
     from precond.bench.contenders import factory
     out = tmp_path / "bench.json"
-    names = ["kl_shampoo_qr_drift_fast", "kl_shampoo_qr_budget_fast"]
+    names = ["kl_shampoo_qr_drift_fast", "kl_shampoo_qr_budget_fast", "kl_shampoo_refine_budget_fast"]
     assert main(["--device", "cpu", "--shapes", "small", "--optimizers", ",".join(names), "--every", "2",
                  "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -38,6 +39,9 @@ def test_the_races_refresh_rules_run_in_the_step_benchmark(tmp_path):
         weight.grad = torch.randn(6, 4)
         budget.step()
     assert budget.stats()["drift_checks"] > 0
+    assert isinstance(preconditioner.basis, bases.QRPowerStep)
+    refine = factory("kl_shampoo_refine_budget_fast", every=2, max_dim=8)([weight]).param_groups[0]["preconditioner"]
+    assert isinstance(refine.basis, bases.Refine) and refine.fold_every == 2 and refine.estimator.track_drift
 
 
 def test_training_benchmark_writes_results(tmp_path):

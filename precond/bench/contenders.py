@@ -53,10 +53,11 @@ LEVERS = {
     **{f"kl_shampoo_{basis}_fast_captured": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              "capture": True}
        for basis in ("qr", "refine", "refine1", "refine_bf16")},
-    # the race's configurations (issue 23, docs/results/race): the tracked drift rule, then the budgeted levers
-    **{f"kl_shampoo_qr_{rule}_{mode}": {"stagger": True, "basis": "qr", "tf32": True, "async_refresh": True,
-                                        **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule]}
-       for rule in ("drift", "budget") for mode in ("fast", "captured")},
+    # the race's configurations (issue 23, docs/results/race): the tracked drift rule, then the budgeted levers,
+    # with the preset's QR refresh or with Refine's
+    **{f"kl_shampoo_{basis}_{rule}_{mode}": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
+                                             **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule]}
+       for basis in ("qr", "refine") for rule in ("drift", "budget") for mode in ("fast", "captured")},
 }
 
 BASES: dict[str, Callable[[int], object]] = {
