@@ -1,5 +1,7 @@
 """``python -m precond.bench.profile``: where one contender's ``step()`` spends its time (torch profiler table; the
-gradients are drawn outside the profiled region, so the table and the op count are ``step()``'s alone)."""
+gradients are drawn outside the profiled region, so the table and the op count are ``step()``'s alone), and on CUDA
+whether the step keeps the device busy: wall time, kernel time and their ratio per step
+(:func:`precond.bench.device_time.profile_steps`, Eq. 1 there; a captured step's kernels are counted too)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import torch
 
 from precond.bench.contenders import factory
+from precond.bench.device_time import profile_steps
 from precond.bench.op_count import counted, tagged_refreshes
 from precond.bench.shapes import PRESETS
 from precond.bench.timing import profiler_activities, step_with, sync
@@ -41,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+    if device.type == "cuda":  # a second pass, timed around the steps alone (the profiler still records them)
+        busy = profile_steps(optimizer, params, grads, device)
+        print(f"{args.optimizer}: {busy['wall_ms_per_step']:.3f} ms wall and {busy['kernel_ms_per_step']:.3f} ms of "
+              f"kernels per step(): busy {busy['busy']:.2f} (below 1: the host, not the device, sets the step)")
 
 
 if __name__ == "__main__":
