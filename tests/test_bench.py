@@ -87,6 +87,18 @@ def test_device_time_counts_kernel_time_within_the_wall_time():
     assert profile["top_kernels"] and all(ms > 0 for _, ms in profile["top_kernels"])
 
 
+def test_profile_prints_the_op_count_and_the_tables(capsys):
+    """``python -m precond.bench.profile`` on the CPU: the op count of the profiled steps and the two tables (the busy
+    line is CUDA only: device_time's own test above covers its numbers)."""
+    from precond.bench.profile import main as profile_main
+
+    profile_main(["--optimizer", "kl_shampoo_qr_budget_fast", "--shapes", "tiny", "--every", "2", "--steps", "2",
+                  "--rows", "3"])
+    out = capsys.readouterr().out
+    assert "kl_shampoo_qr_budget_fast:" in out and "top-level aten ops per step()" in out
+    assert out.count("Self CPU time total") == 2 and "busy" not in out
+
+
 def test_refresh_drift_reports_each_mode_size():
     """``python -m precond.bench.refresh_drift`` on a tiny GPT: a row per mode size with refreshes counted and
     drift ratios in [0, 1] (that p = 2 leaves less drift than p = 1 near an eigenbasis is tested in
