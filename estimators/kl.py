@@ -52,7 +52,10 @@ class KL(Estimator):
       ``"spectrum"`` adds ``c_k`` to the ``λ_k`` update only and leaves ``S_k`` — and so the QR-refreshed bases —
       damping-free, as the authors' prototype (``update_eigen_value``; no damping at its fill).
     - ``floor`` — lower bound on ``λ_k``, kept in the state: ``"dimension"`` is the prototype's clamp
-      ``λ_k ≥ max(10, min(d_k, 4000))^{-2}``; a number is an absolute floor. It also keeps zero directions
+      ``λ_k ≥ max(10, min(d_k, 4000))^{-2}``; ``"product"`` puts that bound on ``∏_j λ_j`` (every mode of the view,
+      the share of modes without a spectrum split evenly among those with one: the same as ``"dimension"`` when
+      every mode has one, and the calibration a one-sided layout needs, ``estimators._common.spectrum_floor``);
+      a number is an absolute floor. It also keeps zero directions
       from being dropped. ``floor_at_init`` (default True) applies it to ``λ₀`` as well; ``False`` leaves
       ``λ₀ = init_lambda`` as given until the first update clamps it (the prototype, which clamps only in
       ``update_eigen_value``; matters only for ``init_lambda`` below the floor, e.g. 1e-3).
@@ -172,7 +175,7 @@ class KL(Estimator):
             self._rebalance(spectra, factors, [self.tracked_diagonal(ps, k) for k in range(layout.order)])
         if updates and not first:  # λ_k ≥ floor, every mode in one op
             torch._foreach_clamp_min_([spectra[k] for k in updates],
-                                      [spectrum_floor(self.floor, layout.view_shape[k]) for k in updates])
+                                      [spectrum_floor(self.floor, layout, k) for k in updates])
 
     def _tracked_increment(self, ps: ParamState, k: int, undamped: torch.Tensor,
                            damped: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -198,7 +201,7 @@ class KL(Estimator):
                 return
             lam = old[k].clone()
             fold(lam, diag, self.beta, active)
-            new[k] = lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+            new[k] = lam.clamp_min_(spectrum_floor(self.floor, layout, k))
 
         delta_2, diag_2 = estimate(2, old)
         delta_1, _ = estimate(1, old)
@@ -272,7 +275,7 @@ class KL(Estimator):
             elif k in refreshes and refreshes[k].eigenvalues is not None:
                 lam.copy_(refreshes[k].eigenvalues)
             if self.floor_at_init:
-                lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+                lam.clamp_min_(spectrum_floor(self.floor, layout, k))
         for k, q in enumerate(ps.Q):
             tracked = self.tracked_diagonal(ps, k)
             if tracked is not None and q is not None and ps.S[k] is not None:
@@ -288,7 +291,7 @@ class KL(Estimator):
             lam.copy_(spectrum)
         elif refresh.permutation is not None:
             lam.copy_(permute_columns(lam, refresh.permutation))
-        lam.clamp_min_(spectrum_floor(self.floor, layout.view_shape[k]))
+        lam.clamp_min_(spectrum_floor(self.floor, layout, k))
 
 
 def _drift_key(k: int) -> str:

@@ -51,9 +51,11 @@ _PRECONDITIONER_OPTIONS = ("first_step", "order", "fold_every")
 first gradient at once, as Meta's Shampoo), ``order="fold_then_apply"`` (Meta's step order) and ``fold_every=k``
 (the statistics updated every ``k`` steps)."""
 
-_ESTIMATOR_OPTIONS = ("track_drift",)
+_ESTIMATOR_OPTIONS = ("track_drift", "floor")
 """Keywords the presets with a KL estimator accept for it: ``track_drift=True`` (``estimators.KL``: keep
-``diag(Q_kᵀ S_k Q_k)`` current, so that ``drift_tolerance`` checks a basis without a ``d³`` product)."""
+``diag(Q_kᵀ S_k Q_k)`` current, so that ``drift_tolerance`` checks a basis without a ``d³`` product) and ``floor``
+(``"dimension"``, the prototype's clamp; ``"product"``, the same bound on the product of every mode's λ, for
+weights with a mode that gets no factor; or a number)."""
 
 _BASIS_OPTIONS = ("basis_power",)
 """Keywords the presets whose basis is a ``QRPowerStep`` accept for it: ``basis_power=p`` (each refresh is
@@ -81,8 +83,9 @@ def _with_options(options: dict[str, Any], preconditioner: Preconditioner) -> Pr
                             structure=type(structure).__name__)
         structure = attrs.evolve(structure, large=options["large"])
     estimator = preconditioner.estimator
-    if "track_drift" in options:
-        estimator = with_tracked_drift(estimator, options["track_drift"])
+    chosen = {k: options[k] for k in _ESTIMATOR_OPTIONS if k in options}
+    if chosen:
+        estimator = with_kl_fields(estimator, chosen)
     basis = preconditioner.basis
     if "basis_power" in options:
         basis = with_basis_power(basis, options["basis_power"])
@@ -100,16 +103,19 @@ def with_basis_power(basis: Any, power: int) -> Any:
                      "whose basis is the QR power step (kl_shampoo, soap, kl_soap)")
 
 
-def with_tracked_drift(estimator: Any, track: bool) -> Any:
-    """``estimator`` with ``KL(track_drift=track)``: a ``KL``, or the ``KL`` factors of a ``DenseSpectrum``
-    (KL-SOAP); any other estimator is refused (only KL's λ update forms the diagonal that makes the check free)."""
+def with_kl_fields(estimator: Any, fields: dict[str, Any]) -> Any:
+    """``estimator`` with the ``KL`` fields ``fields`` (``track_drift``, ``floor``): a ``KL``, or the ``KL``
+    factors of a ``DenseSpectrum`` (KL-SOAP); any other estimator is refused (only KL's λ update forms the diagonal
+    that makes the drift check free, and only KL keeps a floored λ)."""
     if isinstance(estimator, estimators.KL):
-        return attrs.evolve(estimator, track_drift=track)
+        return attrs.evolve(estimator, **fields)
     if isinstance(estimator, estimators.DenseSpectrum) and isinstance(estimator.factors, estimators.KL):
-        return attrs.evolve(estimator, factors=attrs.evolve(estimator.factors, track_drift=track))
-    raise ValueError(f"track_drift needs a KL estimator (kl_shampoo, idealized_kl_shampoo, kl_soap); this "
-                     f"preset's estimator is {type(estimator).__name__}, whose update does not form diag(QᵀΔQ). Leave "
-                     "track_drift out: drift_tolerance then measures the drift with one S Q product per check")
+        return attrs.evolve(estimator, factors=attrs.evolve(estimator.factors, **fields))
+    named = " and ".join(sorted(fields))
+    raise ValueError(f"{named} needs a KL estimator (kl_shampoo, idealized_kl_shampoo, kl_soap); this preset's "
+                     f"estimator is {type(estimator).__name__}, whose update does not form diag(QᵀΔQ) and keeps no "
+                     f"floored λ. Leave {named} out (without track_drift, drift_tolerance measures the drift with "
+                     "one S Q product per check)")
 
 
 def adam_part(beta2: float, eps: float) -> Preconditioner:

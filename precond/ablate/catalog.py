@@ -58,15 +58,15 @@ def _grafted(onto: str) -> Builder:
 
 
 def kl_options(o: Options) -> dict[str, Any]:
-    """The ``KL`` estimator's options of a composition: ``β₂`` and, when given, ``init_lambda`` (``data``: None)
-    and ``track_drift``."""
+    """The ``KL`` estimator's options of a composition: ``β₂`` and, when given, ``init_lambda`` (``data``: None),
+    ``floor`` and ``track_drift``."""
     chosen = o.get("init_lambda", 0.1)
     return {"beta": o["beta2"], "init_lambda": None if chosen == "data" else chosen,
-            "track_drift": o.get("track_drift", False)}
+            "floor": o.get("floor", "dimension"), "track_drift": o.get("track_drift", False)}
 
 
 KL_ESTIMATORS = ("kl", "kl_soap")
-"""The estimators that take ``init_lambda`` and ``track_drift``."""
+"""The estimators that take ``init_lambda``, ``floor`` and ``track_drift``."""
 
 PARTS: dict[str, dict[str, Builder]] = {
     "structure": {

@@ -183,6 +183,23 @@ def init_lambda(value: Any) -> Union[float, str]:
                          "spectrum)") from None
 
 
+FLOORS = ("dimension", "product")
+"""KL's named floors on λ (``estimators.KL``'s ``floor``); a number ≥ 0 is an absolute floor."""
+
+
+def floor(value: Any) -> Union[float, str]:
+    """KL's floor on λ: ``dimension`` (the prototype's clamp), ``product`` (the same bound on the product of every
+    mode's λ) or a number ≥ 0."""
+    if isinstance(value, str) and value.strip().lower() in FLOORS:
+        return value.strip().lower()
+    try:
+        return nonnegative(value)
+    except ValueError:
+        raise ValueError(f"got {value!r}; expected dimension (the prototype's clamp λ ≥ max(10, min(d, 4000))^-2), "
+                         "product (the same bound on the product of every mode's λ, for weights with a mode "
+                         "without a factor) or a number ≥ 0") from None
+
+
 def name(value: Any) -> str:
     text = str(value).strip()
     if not text:
@@ -221,6 +238,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "adam_lr": positive,
     "rotation_dtype": rotation_dtype,
     "init_lambda": init_lambda,
+    "floor": floor,
     "track_drift": boolean,
     "embeddings": choice(CHOICES["embeddings"]),
     **{key: boolean for key in ("stagger", "async_refresh", "capture", "tf32")},
@@ -271,6 +289,9 @@ MEANINGS: dict[str, str] = {
                       "rotation_dtype; default: the state dtype)",
     "init_lambda": "KL's λ at step 0 (estimator kl or kl_soap): a number > 0 (default 0.1, the authors' prototype) "
                    "or data (the spectrum of the first filled factor)",
+    "floor": "KL's lower bound on λ (estimator kl or kl_soap, or a preset with a KL estimator): dimension (default, "
+             "the authors' prototype: λ_k ≥ max(10, min(d_k, 4000))^-2), product (the same bound on the product of "
+             "every mode's λ: one-sided structures and modes above max_dim without a factor) or a number ≥ 0",
     "track_drift": "KL keeps diag(QᵀSQ) current (estimator kl or kl_soap, or a preset with a KL estimator: true/"
                    "false), so that drift_tolerance checks a basis without a d³ product (default false)",
     "embeddings": "what the embeddings and the output head get (the matrices a Muon gives to Adam): AdamW "

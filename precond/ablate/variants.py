@@ -38,6 +38,10 @@ key                    values                                                   
                        ``precond.Optimizer``)
 ``init_lambda``        KL's λ₀ (estimator ``kl``, ``kl_soap``): a number > 0, or    0.1
                        ``data``, the spectrum of the first filled factor
+``floor``              KL's lower bound on λ (estimator ``kl``, ``kl_soap``, or     ``dimension``
+                       a KL preset): ``dimension`` (the prototype's clamp),
+                       ``product`` (that bound on ``∏_j λ_j``: one-sided KL,
+                       modes without a factor) or a number ≥ 0
 ``basis_power``        the ``qr`` refresh is ``qr(S^p Q)`` (p orthogonal-iteration  1
                        steps, one QR; basis ``qr`` or a QR preset)
 ``fold_every``         the estimator folds a gradient every k steps                1
@@ -58,7 +62,7 @@ The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``fold_every``,
-``track_drift`` (KL presets), ``basis_power`` (QR presets), the speed keys
+``track_drift`` and ``floor`` (KL presets), ``basis_power`` (QR presets), the speed keys
 ``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and
 ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
@@ -87,7 +91,7 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype", "embeddings", "track_drift", "fold_every", "basis_power",
+               "decay_order", "rotation_dtype", "embeddings", "track_drift", "floor", "fold_every", "basis_power",
                *keys.SPEED_KEYS)
 
 
@@ -252,8 +256,9 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
 
 
 def _check_kl_keys(values: Mapping[str, Any], estimator: str, where: str) -> None:
-    """``init_lambda`` and ``track_drift`` belong to the KL estimators only."""
-    for key, meaning in (("init_lambda", "KL's λ₀"), ("track_drift", "KL's tracked diag(QᵀSQ)")):
+    """``init_lambda``, ``floor`` and ``track_drift`` belong to the KL estimators only."""
+    for key, meaning in (("init_lambda", "KL's λ₀"), ("floor", "KL's lower bound on λ"),
+                         ("track_drift", "KL's tracked diag(QᵀSQ)")):
         if key in values and estimator not in catalog.KL_ESTIMATORS:
             raise ValueError(f"{where}: {key} is {meaning} and belongs to estimator "
                              f"{' or '.join(catalog.KL_ESTIMATORS)}, not to estimator {estimator}")
