@@ -229,6 +229,9 @@ class Refine:
         default=1.0, converter=plain_number,
         validator=number(low=0, low_open=True, high=1, meaning="the largest rotation ‖W‖₂ of one sweep"))
     needs_factors = True
+    capturable = True
+    """Its refresh is products and elementwise work only: ``capture=True`` records it as a CUDA graph
+    (``precond.captured_refresh``)."""
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
         return descending_eigh(factor, counter)

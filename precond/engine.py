@@ -21,6 +21,7 @@ import torch
 
 from precond import compatibility
 from precond.buckets import Bucket, Buckets
+from precond.captured_refresh import RefreshGraphs
 from precond.drift import DriftMonitor
 from precond.executors import BucketStep, Executor
 from precond.fallbacks import FallbackCounter
@@ -89,6 +90,7 @@ class Engine:
                                                                    self.refresh_units)
         self.fallbacks = FallbackCounter()
         self.bucket_step = BucketStep(self)
+        self.refresh_graphs = RefreshGraphs(self.options["capture"])
         self.runtime: Optional[Runtime] = None
         self.features = option_features(self.options)
         self.check_groups(self.param_groups)
@@ -268,6 +270,7 @@ class Engine:
         buckets = list(self.buckets)
         for executor in self.executors:
             executor.prepare(buckets)
+        self.refresh_graphs.prepare(buckets)
         done = {id(p) for _, p, _ in fresh} | {id(p) for bucket, _ in early for p in bucket.params}
         grads = {id(p): grad for _, p, grad in work if id(p) not in done}
         for bucket, update in early:  # stepped during the backward pass (overlap_backward)

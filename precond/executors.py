@@ -131,6 +131,9 @@ class BucketStep:
             def compute(factor=factor, basis=basis, refresh_index=refresh_index):
                 return preconditioner.compute_refresh(factor, basis, engine.fallbacks, refresh_index)
 
+            if engine.refresh_graphs.takes(preconditioner.basis, device):  # precond.captured_refresh
+                compute = functools.partial(engine.refresh_graphs.compute, bucket, k, compute, factor, basis)
+
             schedule.run(device, compute, functools.partial(bucket.install_refresh, k, index), (factor, basis))
 
     def measure_drift(self, bucket: Bucket, step: int) -> list:

@@ -27,7 +27,11 @@ class Refresh:
         return self.eigenvalues if self.eigenvalues is not None else rayleigh_quotients(factor, self.basis)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.basis, self.eigenvalues, self.permutation) if t is not None)
+        return tuple(t for t in self.tensors_with_gaps() if t is not None)
+
+    def tensors_with_gaps(self) -> tuple[Optional[torch.Tensor], ...]:
+        """``(basis, eigenvalues, permutation)``, ``None`` where absent: the fields in order."""
+        return self.basis, self.eigenvalues, self.permutation
 
 
 def rayleigh_quotients(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
