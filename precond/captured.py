@@ -6,8 +6,9 @@ graph and replayed every step. What changes between steps enters through static 
 replay: the gradients (one ``_foreach_copy_``), the step count ``t`` (a float64 tensor: bias corrections are
 computed on the device, to float64 round-off of the host's) and the learning rate (float64, so ``η U`` is the same
 float32 product as with a Python float). Host-side decisions (``folds_at``, which refreshes are due) are made on the
-host as before; basis refreshes run eagerly after the replay (they are due only every ``T`` steps per mode and use
-LAPACK calls that cannot be captured). A graph is recaptured when its bucket changes (split, merge, reload) or when a
+host as before; basis refreshes run after the replay, eagerly (they are due only every ``T`` steps per mode and use
+LAPACK calls that cannot be captured) or, for a basis of products alone (``bases.Refine``), from graphs of their
+own (``precond.captured_refresh``). A graph is recaptured when its bucket changes (split, merge, reload) or when a
 group's hyperparameters other than ``lr`` change. All graphs share one memory pool (they run one after another).
 
 ``capture="emulate"`` runs the same body eagerly with the same static buffers: the CPU reference of the captured

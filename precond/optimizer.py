@@ -63,8 +63,9 @@ class Optimizer(torch.optim.Optimizer):
     period ``B`` spreads on each step, spent on the most drifted bases first (``precond.drift``): with a short
     ``T`` (e.g. 2) the bases are checked often and refreshed where they drifted, at a fixed schedule's cost.
     ``capture=True`` replays each bucket's steady-state update as one CUDA graph (``precond.captured``: the same
-    updates to float32 round-off, refreshes still eager), ``"emulate"`` runs that path without graphs (its CPU
-    reference). ``torch.compile(optimizer.step)`` is refused with :data:`COMPILE_REFUSAL`: use ``capture=True``;
+    updates to float32 round-off); the refreshes stay eager, except those of a basis made of products alone
+    (``bases.Refine``), replayed per factor from one graph per bucket mode (``precond.captured_refresh``).
+    ``"emulate"`` runs both paths without graphs (their CPU reference). ``torch.compile(optimizer.step)`` is refused with :data:`COMPILE_REFUSAL`: use ``capture=True``;
     ``torch.compile(model)`` with an eager ``step()`` works. ``overlap_backward=True`` starts each bucket's
     preconditioning inside the backward pass once its gradients are final (``precond.overlap``: the same updates;
     needs ``on_nonfinite="ignore"``, no clipping or unscaling between backward and ``step()``, and
