@@ -65,7 +65,8 @@ class Optimizer(torch.optim.Optimizer):
     ``capture=True`` replays each bucket's steady-state update as one CUDA graph (``precond.captured``: the same
     updates to float32 round-off); the refreshes stay eager, except those of a basis made of products alone
     (``bases.Refine``), replayed per factor from one graph per bucket mode (``precond.captured_refresh``).
-    ``"emulate"`` runs both paths without graphs (their CPU reference). ``torch.compile(optimizer.step)`` is refused with :data:`COMPILE_REFUSAL`: use ``capture=True``;
+    ``"emulate"`` runs both paths without graphs (their CPU reference). ``torch.compile(optimizer.step)`` is
+    refused with :data:`COMPILE_REFUSAL`: use ``capture=True``;
     ``torch.compile(model)`` with an eager ``step()`` works. ``overlap_backward=True`` starts each bucket's
     preconditioning inside the backward pass once its gradients are final (``precond.overlap``: the same updates;
     needs ``on_nonfinite="ignore"``, no clipping or unscaling between backward and ``step()``, and
