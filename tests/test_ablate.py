@@ -853,3 +853,34 @@ def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "runs.jsonl").exists()
     assert cli_main(["--variant", "adamw", "--out", str(tmp_path), "--tensorboard", str(tmp_path / "tb")]) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
+
+
+# --- --only: a subset of a config's variants ---------------------------------------------------------------------
+def test_only_keeps_the_named_variants_with_their_run_keys(tmp_path):
+    from precond.ablate.attempt import run_key
+
+    variants = ("adamw", "kl_shampoo,name=kl a", "kl_shampoo,every=3,name=kl b,lr_from=kl a")
+    config = tiny_config(tmp_path, variants=variants, baselines=["adamw"])
+    kept = config.only(["kl a"])
+    assert [v.name for v in kept.variants] == ["kl a"] and kept.baselines == ()
+    assert config.only(["adamw", "kl a"]).baselines == ("adamw",)
+    cpu = torch.device("cpu")
+    assert run_key(kept, kept.variants[0], 3e-3, 0, cpu) == run_key(config, config.variants[1], 3e-3, 0, cpu)
+    with pytest.raises(ValueError, match="'nope', which is not a variant of this ablation .*'kl a'"):
+        config.only(["nope"])
+    with pytest.raises(ValueError, match="lr_from names 'kl a', which is not another variant"):
+        config.only(["kl b"])
+
+
+def test_only_on_the_command_line_trains_the_subset_and_shares_its_records(tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text('task = "char_lm"\nsteps = 2\neval_every = 2\neval_batches = 1\nlrs = [1e-3]\nextend_lrs = 0\n'
+                      f'out = "{tmp_path / "out"}"\nprogress = false\nvariants = ["adamw", "kl_shampoo"]\n'
+                      "[task_options]\n" + "".join(f"{key} = {value}\n" for key, value in TINY_LM.items()))
+    assert cli_main(["--config", str(config), "--only", "adamw"]) == 0
+    capsys.readouterr()
+    assert cli_main(["--config", str(config), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("done  adamw") and lines[1].startswith("todo  kl_shampoo")
+    assert cli_main(["--config", str(config), "--only", "muon"]) == 2
+    assert "--only names 'muon'" in capsys.readouterr().err

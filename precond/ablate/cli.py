@@ -30,6 +30,7 @@ examples:
   python -u -m precond.ablate --config ablations/gpu_long.toml --workers 8     # the long GPU run on 8 GPUs
   python -u -m precond.ablate --config ablations/gpu.toml --max-minutes 9      # resumable: rerun to continue
   python -u -m precond.ablate --config ablations/gpu.toml --workers 8          # 8 runs at once, one per GPU
+  python -u -m precond.ablate --config ablations/race.toml --only adamw --only "kl_shampoo fast drift 0.2"
   python -m precond.ablate --task teacher_conv --variant kl_shampoo --variant adamw --lrs 1e-3,3e-3 --steps 200
   python -m precond.ablate --config ablations/demo.toml --tensorboard tb   # then: tensorboard --logdir tb
 """
@@ -51,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
                     "runs.csv, summary.md and plots into the output directory.")
     p.add_argument("--config", help="TOML file with the settings (command-line options override it)")
     p.add_argument("--variant", action="append", metavar="SPEC", help="a variant (repeat; replaces the config's)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only the config's variant of this name (repeat); its runs keep their keys")
     p.add_argument("--task", choices=sorted(TASKS), help="the training task (default char_lm)")
     p.add_argument("-o", "--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option, e.g. -o layers=4 -o width=128 (see --list)")
@@ -142,6 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         config = AblationConfig.from_mapping(settings_from_args(args))
+        if args.only:
+            config = config.only(args.only)
         if args.lrs:  # a grid on the command line is for every variant
             config = attrs.evolve(config, variants=tuple(attrs.evolve(v, lrs=None) for v in config.variants))
         if config.tensorboard is not None and not args.dry_run:

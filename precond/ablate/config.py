@@ -27,7 +27,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import attrs
 import torch
@@ -116,6 +116,18 @@ class AblationConfig:
             if name not in names:
                 raise ValueError(f"baselines names {name!r}, which is not a variant of this ablation "
                                  f"({', '.join(names)})")
+
+    def only(self, names: Sequence[str]) -> "AblationConfig":
+        """The ablation restricted to the variants named ``names`` (``--only``): their runs keep the keys they have in
+        the whole ablation, so records are shared both ways; baselines left out are dropped. A kept variant whose
+        ``lr_from`` names one left out is refused (by the checks of the restricted ablation)."""
+        known = [variant.name for variant in self.variants]
+        missing = [name for name in names if name not in known]
+        if missing:
+            raise ValueError(f"--only names {', '.join(map(repr, missing))}, which is not a variant of this ablation "
+                             f"({', '.join(map(repr, known))})")
+        baselines = None if self.baselines is None else tuple(name for name in self.baselines if name in names)
+        return attrs.evolve(self, variants=tuple(v for v in self.variants if v.name in names), baselines=baselines)
 
     def baseline_names(self) -> tuple[str, ...]:
         """The variants differences are taken against (see :attr:`baselines`)."""
