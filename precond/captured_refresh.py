@@ -20,12 +20,14 @@ batched refresh of ``capture=False`` they agree to float32 round-off (a product 
 batched product may round differently). ``tests/test_captured_refresh.py`` checks both, on CUDA with ``-m gpu``.
 A resumed run takes the same per-entry path, so ``state_dict`` resume stays exact.
 
+Where recording fails, a warning says so and that bucket mode's refreshes run the same per-entry path eagerly.
 Each replay reads only its static inputs, so a graph outlives ``load_state_dict`` and the refresh schedule; graphs of
 buckets that no longer exist are dropped (:meth:`RefreshGraphs.prepare`).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import attrs
@@ -83,7 +85,12 @@ class RefreshGraphs:
         if entry.factor is None:
             entry.factor, entry.basis = factor[:1].clone(), basis[:1].clone()
             if self.mode is True:
-                entry.graph, entry.output = _record(compute, entry.factor, entry.basis)
+                try:
+                    entry.graph, entry.output = _record(compute, entry.factor, entry.basis)
+                except RuntimeError as error:  # e.g. an operation CUDA cannot capture: the same refresh, uncaptured
+                    warnings.warn(f"precond: a basis refresh could not be recorded as a CUDA graph ({error}); this "
+                                  "bucket mode's refreshes run eagerly, one factor at a time (the same results)",
+                                  RuntimeWarning, stacklevel=2)
         return _stack([self._one(entry, compute, factor[i:i + 1], basis[i:i + 1]) for i in range(factor.shape[0])])
 
     def _one(self, entry: _Graph, compute: Compute, factor: torch.Tensor,

@@ -71,6 +71,22 @@ def test_the_per_entry_refresh_diagonalises_like_eigh_and_matches_the_batched_on
     assert bool((_offdiagonal(factor, basis) < 1e-4).all()), _offdiagonal(factor, basis)
 
 
+def test_a_refresh_that_cannot_be_recorded_warns_and_runs_the_same_path_eagerly() -> None:
+    """Recording fails (here: no CUDA on this build, or CUDA refuses an operation): a warning, and the refreshes of
+    that bucket mode take the per-entry path without a graph, with the bits of ``"emulate"``."""
+    factor, basis = _drifted_factors(2, 6, 0)
+    refine = bases.Refine(every=1, precision="float32")
+    graphs, emulated, owner, other = RefreshGraphs(True), RefreshGraphs("emulate"), _Bucket(), _Bucket()
+    run = lambda f, b: refine.refresh(f, b)  # noqa: E731
+    if torch.cuda.is_available():
+        pytest.skip("CUDA can record this refresh; the fallback needs a failing recording")
+    graphs.compute(owner, 0, run, factor, basis)
+    emulated.compute(other, 0, run, factor, basis)
+    with pytest.warns(RuntimeWarning, match="could not be recorded as a CUDA graph"):
+        got = graphs.compute(owner, 0, run, factor, basis).basis
+    assert torch.equal(got, emulated.compute(other, 0, run, factor, basis).basis)
+
+
 def test_only_capturable_bases_take_the_path() -> None:
     assert capturable(bases.Refine()) and not capturable(bases.QRPowerStep()) and not capturable(bases.Eigh())
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
