@@ -1,6 +1,6 @@
 """Captured basis refreshes: a refresh made of matrix products alone (``bases.Refine``) replayed as a CUDA graph.
 
-An eager refresh of ``bases.Refine`` issues about a hundred kernels (two sweeps of nine products and their
+An eager refresh of ``bases.Refine`` issues about 130 operations (two sweeps of nine products and their
 elementwise work); at the sizes of a small model's factors the host's launches, not the device, set its time. With
 ``precond.Optimizer(capture=True)`` and a basis that declares ``capturable = True`` (its refresh has no LAPACK call,
 no host synchronisation and no data-dependent shapes), the refreshes of each mode ``k`` of a bucket run entry by
