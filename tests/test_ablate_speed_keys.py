@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+import bases
 from precond.ablate import keys
 from precond.ablate.variants import parse_variant
 
@@ -88,6 +89,9 @@ def test_init_lambda_from_data_is_the_spectrum_of_the_first_factor() -> None:
     ("estimator=kl,init_lambda=-1", "expected a number > 0"),
     ("kl_shampoo,capture=maybe", "expected true or false"),
     ("muon,stagger=true", "stagger"),
+    ("estimator=kl,basis=qr,sweeps=1", "sweeps is the number of refinement sweeps .* belongs to basis refine"),
+    ("kl_shampoo,sweeps=3", "cannot be changed on the named variant"),
+    ("basis=refine,sweeps=0", "sweeps"),
 ])
 def test_misplaced_keys_are_refused_with_the_reason(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
@@ -156,3 +160,11 @@ def test_a_run_with_drift_tolerance_records_its_refreshes_per_parameter(toleranc
             assert count["refreshes"] == 2 if tolerance == 0 else 0 <= count["refreshes"] <= 2
     plain = train_run(task, task, parse_variant("adamw"), 1e-2, 0, training, torch.device("cpu"))
     assert "refreshes" not in plain
+
+
+def test_sweeps_reach_refine_and_stay_out_of_variants_without_them() -> None:
+    weight = torch.nn.Linear(5, 3).weight
+    basis = parse_variant("basis=refine,sweeps=1").build([weight], lr=1e-3).param_groups[0]["preconditioner"].basis
+    assert isinstance(basis, bases.Refine) and basis.sweeps == 1
+    default = parse_variant("basis=refine").build([weight], lr=1e-3).param_groups[0]["preconditioner"].basis
+    assert default.sweeps == bases.Refine().sweeps and "sweeps" not in parse_variant("basis=refine").spec()

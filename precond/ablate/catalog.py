@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
+
 import bases
 import estimators
 import precond
@@ -87,7 +89,7 @@ PARTS: dict[str, dict[str, Builder]] = {
         "eigh": _basis(bases.Eigh),
         "qr": lambda o: bases.QRPowerStep(every=o["every"], power=o.get("basis_power", 1)),
         "cholesky_qr": _basis(bases.CholeskyQR),
-        "refine": _basis(bases.Refine),
+        "refine": lambda o: attrs.evolve(_basis(bases.Refine)(o), sweeps=o.get("sweeps", 2)),
         "identity": lambda o: bases.Identity(),
     },
     "graft": {

@@ -224,6 +224,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "basis": choice(CHOICES["basis"]),
     "every": positive_int,
     "basis_power": positive_int,
+    "sweeps": positive_int,
     "fold_every": positive_int,
     "applier": applier,
     "normalize": rms_or_none,
@@ -275,6 +276,7 @@ MEANINGS: dict[str, str] = {
     "basis_power": "the qr refresh computes qr(S^p Q), p steps of orthogonal iteration for one QR (basis qr, or a "
                    "preset whose basis is the QR power step: kl_shampoo, kl_soap, soap; bases.QRPowerStep's power; "
                    "default 1)",
+    "sweeps": "refinement sweeps per refresh of basis refine (bases.Refine's sweeps; default 2)",
     "fold_every": "the estimator folds a gradient every this many steps (precond.Preconditioner's fold_every; "
                   "default 1: every step)",
     "normalize": "rescale the update to this RMS (Normalize; ASGO uses 0.2), or none",

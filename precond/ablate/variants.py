@@ -44,6 +44,7 @@ key                    values                                                   
                        modes without a factor) or a number ≥ 0
 ``basis_power``        the ``qr`` refresh is ``qr(S^p Q)`` (p orthogonal-iteration  1
                        steps, one QR; basis ``qr`` or a QR preset)
+``sweeps``             refinement sweeps per refresh (basis ``refine`` only)       2
 ``fold_every``         the estimator folds a gradient every k steps                1
 ``track_drift``        KL keeps ``diag(QᵀSQ)`` current (estimator ``kl``,           false
                        ``kl_soap``, or a KL preset), so ``drift_tolerance``
@@ -248,11 +249,21 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
         raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
-    if "basis_power" in values and resolved["basis"] != "qr":
-        raise ValueError(f"{where}: basis_power is the number of products of S in the qr refresh "
-                         f"(bases.QRPowerStep) and belongs to basis qr, not to basis {resolved['basis']}")
+    _check_basis_keys(values, resolved["basis"], where)
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
     return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
+
+
+BASIS_KEYS = {"basis_power": ("qr", "the number of products of S in the qr refresh (bases.QRPowerStep)"),
+              "sweeps": ("refine", "the number of refinement sweeps of bases.Refine")}
+"""Keys that belong to one basis: the basis, and what the key is."""
+
+
+def _check_basis_keys(values: Mapping[str, Any], basis: str, where: str) -> None:
+    """``basis_power`` belongs to basis ``qr``, ``sweeps`` to basis ``refine``."""
+    for key, (owner, meaning) in BASIS_KEYS.items():
+        if key in values and basis != owner:
+            raise ValueError(f"{where}: {key} is {meaning} and belongs to basis {owner}, not to basis {basis}")
 
 
 def _check_kl_keys(values: Mapping[str, Any], estimator: str, where: str) -> None:
