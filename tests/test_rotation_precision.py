@@ -148,6 +148,33 @@ def test_direction_equals_the_float64_math_with_rounded_operands_exactly(dtype, 
 
 
 @pytest.mark.parametrize("dtype", LOW)
+@given(problem=_problems())
+def test_each_basis_is_rounded_once_per_direction(dtype, problem):
+    """Both rotations of one direction use the same rounded copy of each basis: one cast of ``Q_k`` to the rotation
+    dtype per dense mode, not one per rotation (the copies are the same numbers, so only the count can show it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shape, dense, seed = problem
+    m, bases = _integer_data(shape, dense, seed)
+    pointers = {q.data_ptr() for q in bases if q is not None}
+
+    class CastsOfBases(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            source = args[0] if args else None
+            if (func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+                    and isinstance(source, torch.Tensor) and source.data_ptr() in pointers):
+                CastsOfBases.count += 1
+            return func(*args, **kwargs)
+
+    with CastsOfBases():
+        _apply(m, bases, [torch.ones(shape[0], d) for d in shape[1:]], 0.5, rotation_dtype=dtype)
+    assert CastsOfBases.count == len(pointers)
+
+
+@pytest.mark.parametrize("dtype", LOW)
 @given(problem=_problems(max_dim=6))
 def test_direction_is_within_a_rounding_sized_error_of_the_exact_direction(dtype, problem):
     """Random ``M``, orthonormal ``Q_k`` and ``λ_k ∈ [0.8, 1.25]``. Each product rounds ``Y`` (relative error ≤ u in
