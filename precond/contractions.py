@@ -175,7 +175,8 @@ def _apply_low(x: torch.Tensor, bases: Sequence[Optional[torch.Tensor]], inverse
     for k, q in enumerate(bases):
         if q is None:
             continue
-        q = q.to(operand_dtype)
+        if q.dtype != operand_dtype:  # a caller may pass bases rounded already (``Power`` rounds once per step)
+            q = q.to(operand_dtype)
         y = _mode_product_low(y, q.mT if inverse else q, k, operand_dtype, out_dtype)
     return y
 
