@@ -7,6 +7,7 @@ committed records are keyed by it), and be refused, with the reason, where it do
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -160,6 +161,22 @@ def test_a_run_with_drift_tolerance_records_its_refreshes_per_parameter(toleranc
             assert count["refreshes"] == 2 if tolerance == 0 else 0 <= count["refreshes"] <= 2
     plain = train_run(task, task, parse_variant("adamw"), 1e-2, 0, training, torch.device("cpu"))
     assert "refreshes" not in plain
+
+
+def test_a_run_records_the_fallbacks_its_optimizer_took() -> None:
+    """A ``precond`` optimizer's record carries ``optimizer.stats()`` at the end of the run (here Refine's count of
+    refreshes that kept the old basis, an integer); AdamW's record has no such entry."""
+    from precond.ablate.train import Training, train_run
+
+    task = _Regression()
+    training = Training(steps=25, eval_every=5, eval_batches=1, warmup=0.0, schedule="constant")
+    record = train_run(task, task, parse_variant("estimator=kl,basis=refine"), 1e-2, 0, training, torch.device("cpu"))
+    fallbacks = record["fallbacks"]
+    assert "refine_kept_old_basis" in fallbacks
+    assert all(isinstance(count, int) and count >= 0 for count in fallbacks.values())
+    json.dumps(record)  # the record is written as one JSON line
+    plain = train_run(task, task, parse_variant("adamw"), 1e-2, 0, training, torch.device("cpu"))
+    assert "fallbacks" not in plain
 
 
 def test_sweeps_reach_refine_and_stay_out_of_variants_without_them() -> None:

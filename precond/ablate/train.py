@@ -250,8 +250,17 @@ def train_run(task: Task, data: Data, variant: Variant, lr: float, seed: int, tr
         "peak_cuda_bytes": memory.peak_bytes(device),
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device), "torch": torch.__version__,
-        **_refresh_record(optimizer),
+        **_refresh_record(optimizer), **_fallback_record(optimizer),
     }
+
+
+def _fallback_record(optimizer: Any) -> dict[str, Any]:
+    """For a ``precond.Optimizer``: ``{"fallbacks": optimizer.stats()}`` at the end of the run, the counts of the
+    numerical fallbacks it took (``eigh_jitter``, ``refine_kept_old_basis``, …; reading them synchronises once);
+    nothing for other optimizers. A refresh that kept the old basis leaves the factor's basis stale, so a variant's
+    loss is read together with these counts."""
+    stats = getattr(optimizer, "stats", None)
+    return {"fallbacks": {name: int(count) for name, count in stats().items()}} if callable(stats) else {}
 
 
 def _refresh_record(optimizer: Any) -> dict[str, Any]:
