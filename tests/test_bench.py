@@ -112,3 +112,19 @@ def test_refresh_drift_reports_each_mode_size():
     for size, count, before, after, squared in rows:
         assert int(size) > 0 and int(count) > 0, text
         assert all(0.0 <= float(value) <= 1.0 for value in (before, after, squared)), text
+
+
+def test_refresh_drift_compares_refine_under_the_budget():
+    """``--rule budget --refine``: the same rows, plus what ``bases.Refine`` would leave from each refresh's start (a
+    ratio in [0, 1]) and how many of those refreshes it would have refused (a count no larger than the refreshes)."""
+    from precond.bench.refresh_drift import measure
+    text = measure(24, {"layers": 1, "width": 16, "heads": 2, "context": 8, "batch_size": 4}, rule="budget",
+                   refine=True)
+    assert "rule budget" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines()
+            if line.startswith("| ") and line.count("|") == 8 and "mode size" not in line]
+    assert rows, text
+    for size, count, before, after, squared, refined, kept in rows:
+        assert int(size) > 0 and int(count) > 0, text
+        assert all(0.0 <= float(value) <= 1.0 for value in (before, after, squared, refined)), text
+        assert 0 <= int(kept) <= int(count), text

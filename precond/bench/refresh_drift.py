@@ -8,6 +8,13 @@ over the second half of the run, the mean ``r`` and how often it is at least τ 
 would refresh that mode. The numbers quoted in ``bases.QRPowerStep``'s docstring come from::
 
     OMP_NUM_THREADS=1 python -m precond.bench.refresh_drift --steps 300
+
+``--rule budget`` trains the race's budgeted configuration instead (``docs/benchmarks.md``: the tracked drift check
+at τ, ``refresh_budget=50``, ``fold_every=2`` with ``β₂ = 0.95²``), whose refreshes start from older bases (the budget
+defers most due refreshes). ``--refine`` adds what ``bases.Refine`` (its defaults: two sweeps, TF32 products
+emulated on the CPU) would have left from the same old basis and factor at each refresh, and how often it would
+have kept the old basis (a sweep it rejects): the two refreshes compared on the same starts, along one trajectory
+(the one the QR refreshes make).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+import bases
 import precond
 from bases.qr_power_step import power_step
 from precond.drift import offdiagonal_ratio
@@ -32,19 +40,25 @@ def _ratio(factor: torch.Tensor, basis: torch.Tensor) -> float:
     return offdiagonal_ratio(factor[None].double(), basis[None].double()).item()
 
 
-def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2) -> str:
-    """The two Markdown tables (module docstring) after ``steps`` training steps."""
+RULES = {"fixed": {}, "budget": {"track_drift": True, "refresh_budget": 50, "fold_every": 2, "betas": (0.9, 0.95**2)}}
+"""``--rule``: the drift check at every due refresh of T = 10, or the race's budgeted levers on top of it."""
+
+
+def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2, rule: str = "fixed",
+            refine: bool = False) -> str:
+    """The two Markdown tables (module docstring) after ``steps`` training steps; ``rule`` and ``refine`` as there."""
     torch.manual_seed(0)
     task = make_task("char_lm", task_options or TASK)
     data = task.load(torch.device("cpu"))
     model = task.build_model(0)
     names = {p: n for n, p in model.named_parameters()}
     optimizer = precond.kl_shampoo(model.parameters(), lr=4e-3, stagger=True, drift_tolerance=tolerance,
-                                   weight_decay=0.1)
+                                   weight_decay=0.1, **RULES[rule])
+    refiner = bases.Refine(every=10)
     batches = stream(data, torch.Generator().manual_seed(0))
     bases_before: dict[tuple, torch.Tensor] = {}
     ratio_before: dict[tuple, float] = {}
-    refreshes = collections.defaultdict(list)  # mode size → (r before, r after, r after with p = 2)
+    refreshes = collections.defaultdict(list)  # mode size → (r before, r after, r after with p = 2[, Refine, kept])
     trace = collections.defaultdict(list)  # mode size → r after each step of the second half
     for step in range(1, steps + 1):
         loss = task.loss(model, next(batches))
@@ -60,15 +74,24 @@ def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2
                 old = bases_before.get(key)
                 if old is not None and not torch.equal(old, basis) and key in ratio_before:
                     squared = power_step(factor.float(), old.float(), power=2)
-                    refreshes[size].append((ratio_before[key], ratio, _ratio(factor, squared)))
+                    row = (ratio_before[key], ratio, _ratio(factor, squared))
+                    if refine:
+                        refined = refiner.refresh(factor[None].float(), old[None].float()).basis[0]
+                        row += (_ratio(factor, refined), float(torch.equal(refined, old.float())))
+                    refreshes[size].append(row)
                 if step > steps // 2:
                     trace[size].append(ratio)
                 ratio_before[key], bases_before[key] = ratio, basis.clone()
-    lines = [f"{steps} steps, τ = {tolerance}", "",
-             "| mode size | refreshes | r before | r after | r after with p = 2 |", "|---|---|---|---|---|"]
+    head = "| mode size | refreshes | r before | r after | r after with p = 2 |"
+    if refine:
+        head += " r after Refine | Refine kept the old basis |"
+    lines = [f"{steps} steps, τ = {tolerance}, rule {rule}", "", head, "|---" * head.count(" | ") + "|---|"]
     for size, rows in sorted(refreshes.items()):
-        mean = [sum(row[i] for row in rows) / len(rows) for i in range(3)]
-        lines.append(f"| {size} | {len(rows)} | {mean[0]:.3f} | {mean[1]:.3f} | {mean[2]:.3f} |")
+        mean = [sum(row[i] for row in rows) / len(rows) for i in range(len(rows[0]))]
+        line = f"| {size} | {len(rows)} | " + " | ".join(f"{value:.3f}" for value in mean[:3]) + " |"
+        if refine:
+            line += f" {mean[3]:.3f} | {round(mean[4] * len(rows))} |"
+        lines.append(line)
     lines += ["", "| mode size | mean r (second half) | fraction of steps with r ≥ τ |", "|---|---|---|"]
     for size, ratios in sorted(trace.items()):
         above = sum(r >= tolerance for r in ratios) / len(ratios)
@@ -80,8 +103,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m precond.bench.refresh_drift", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--tolerance", type=float, default=0.2)
+    parser.add_argument("--rule", choices=sorted(RULES), default="fixed")
+    parser.add_argument("--refine", action="store_true", help="also what bases.Refine would leave at each refresh")
+    parser.add_argument("--width", type=int, default=TASK["width"], help="the model's width (modes of 1× and 4×)")
     args = parser.parse_args(argv)
-    print(measure(args.steps, tolerance=args.tolerance))
+    print(measure(args.steps, {**TASK, "width": args.width}, tolerance=args.tolerance, rule=args.rule,
+                  refine=args.refine))
 
 
 if __name__ == "__main__":
