@@ -122,9 +122,33 @@ def test_refresh_drift_compares_refine_under_the_budget():
                    refine=True)
     assert "rule budget" in text
     rows = [line.split("|")[1:-1] for line in text.splitlines()
-            if line.startswith("| ") and line.count("|") == 8 and "mode size" not in line]
+            if line.startswith("| ") and line.count("|") == 10 and "mode size" not in line]
     assert rows, text
-    for size, count, before, after, squared, refined, kept in rows:
+    for size, count, before, after, squared, refined, kept, root, root_refined in rows:
         assert int(size) > 0 and int(count) > 0, text
         assert all(0.0 <= float(value) <= 1.0 for value in (before, after, squared, refined)), text
         assert 0 <= int(kept) <= int(count), text
+        assert float(root) >= 0.0 and float(root_refined) >= 0.0, text
+
+
+def test_root_error_is_zero_for_the_eigenbasis_and_grows_with_a_rotation():
+    """:func:`root_error` against closed forms: 0 for ``S``'s own eigenvectors; for ``S = diag(1, a)`` and the basis
+    rotated by θ, ``D = (cos²θ + a sin²θ, sin²θ + a cos²θ)`` and the error is the Frobenius norm of the 2 × 2
+    difference computed here from that formula (by hand, not by the function's own route)."""
+    import math
+
+    from precond.bench.refresh_drift import root_error
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    s = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    assert root_error(s, torch.linalg.eigh(s).eigenvectors) < 1e-12
+    small, theta = 0.25, 0.3
+    c, t = math.cos(theta), math.sin(theta)
+    q = torch.tensor([[c, -t], [t, c]], dtype=torch.float64)
+    d1, d2 = c * c + small * t * t, t * t + small * c * c
+    # Q diag(d1^-1/2, d2^-1/2) Qᵀ entry by entry, against diag(1, small^-1/2) (floor 1e-2: below both spectra)
+    p11 = c * c / math.sqrt(d1) + t * t / math.sqrt(d2)
+    p22 = t * t / math.sqrt(d1) + c * c / math.sqrt(d2)
+    p12 = c * t / math.sqrt(d1) - c * t / math.sqrt(d2)
+    expected = math.sqrt((p11 - 1) ** 2 + (p22 - small ** -0.5) ** 2 + 2 * p12 ** 2) / math.sqrt(1 + 1 / small)
+    assert abs(root_error(torch.diag(torch.tensor([1.0, small], dtype=torch.float64)), q) - expected) < 1e-12

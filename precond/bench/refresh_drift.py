@@ -14,7 +14,10 @@ at τ, ``refresh_budget=50``, ``fold_every=2`` with ``β₂ = 0.95²``), whose r
 defers most due refreshes). ``--refine`` adds what ``bases.Refine`` (its defaults: two sweeps, TF32 products
 emulated on the CPU) would have left from the same old basis and factor at each refresh, and how often it would
 have kept the old basis (a sweep it rejects): the two refreshes compared on the same starts, along one trajectory
-(the one the QR refreshes make).
+(the one the QR refreshes make). ``r`` weighs each direction by its eigenvalue, so it hardly sees the small ones,
+which the preconditioner scales the most; ``--refine`` therefore also reports, for the QR refresh and for Refine,
+the relative error of the inverse root each basis gives, ``‖Q D^{-1/2} Qᵀ − S^{-1/2}‖_F / ‖S^{-1/2}‖_F`` with
+``D = diag(QᵀSQ)``, both spectra raised to KL's floor ``max(10, min(d, 4000))^{-2}`` (:func:`root_error`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ from precond.tasks.base import stream
 
 TASK = {"layers": 2, "width": 128, "heads": 4, "context": 64, "batch_size": 16}
 """The CPU task of the drift A/Bs in ``docs/benchmarks.md``."""
+
+
+def root_error(factor: torch.Tensor, basis: torch.Tensor) -> float:
+    """``‖Q D^{-1/2} Qᵀ − S^{-1/2}‖_F / ‖S^{-1/2}‖_F`` in float64, ``D = diag(QᵀSQ)``, each spectrum (``D`` and the
+    eigenvalues of ``S``) raised to KL's floor ``max(10, min(d, 4000))^{-2}`` first (``estimators.KL``'s default)."""
+    s, q = factor.double(), basis.double()
+    floor = max(10, min(s.shape[-1], 4000)) ** -2.0
+    values, vectors = torch.linalg.eigh(s)
+    exact = (vectors * values.clamp_min(floor).rsqrt()) @ vectors.mT
+    diagonal = ((s @ q) * q).sum(-2)
+    approximate = (q * diagonal.clamp_min(floor).rsqrt()) @ q.mT
+    return (torch.linalg.matrix_norm(approximate - exact) / torch.linalg.matrix_norm(exact)).item()
 
 
 def _ratio(factor: torch.Tensor, basis: torch.Tensor) -> float:
@@ -77,20 +92,21 @@ def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2
                     row = (ratio_before[key], ratio, _ratio(factor, squared))
                     if refine:
                         refined = refiner.refresh(factor[None].float(), old[None].float()).basis[0]
-                        row += (_ratio(factor, refined), float(torch.equal(refined, old.float())))
+                        row += (_ratio(factor, refined), float(torch.equal(refined, old.float())),
+                                root_error(factor, basis), root_error(factor, refined))
                     refreshes[size].append(row)
                 if step > steps // 2:
                     trace[size].append(ratio)
                 ratio_before[key], bases_before[key] = ratio, basis.clone()
     head = "| mode size | refreshes | r before | r after | r after with p = 2 |"
     if refine:
-        head += " r after Refine | Refine kept the old basis |"
+        head += " r after Refine | Refine kept the old basis | root error after | root error after Refine |"
     lines = [f"{steps} steps, τ = {tolerance}, rule {rule}", "", head, "|---" * head.count(" | ") + "|---|"]
     for size, rows in sorted(refreshes.items()):
         mean = [sum(row[i] for row in rows) / len(rows) for i in range(len(rows[0]))]
         line = f"| {size} | {len(rows)} | " + " | ".join(f"{value:.3f}" for value in mean[:3]) + " |"
         if refine:
-            line += f" {mean[3]:.3f} | {round(mean[4] * len(rows))} |"
+            line += f" {mean[3]:.3f} | {round(mean[4] * len(rows))} | {mean[5]:.3f} | {mean[6]:.3f} |"
         lines.append(line)
     lines += ["", "| mode size | mean r (second half) | fraction of steps with r ≥ τ |", "|---|---|---|"]
     for size, ratios in sorted(trace.items()):
