@@ -60,7 +60,7 @@ RULES = {"fixed": {}, "budget": {"track_drift": True, "refresh_budget": 50, "fol
 
 
 def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2, rule: str = "fixed",
-            refine: bool = False) -> str:
+            refine: bool = False, refine_precision: str = "tf32", sweeps: int = 2) -> str:
     """The two Markdown tables (module docstring) after ``steps`` training steps; ``rule`` and ``refine`` as there."""
     torch.manual_seed(0)
     task = make_task("char_lm", task_options or TASK)
@@ -69,7 +69,7 @@ def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2
     names = {p: n for n, p in model.named_parameters()}
     optimizer = precond.kl_shampoo(model.parameters(), lr=4e-3, stagger=True, drift_tolerance=tolerance,
                                    weight_decay=0.1, **RULES[rule])
-    refiner = bases.Refine(every=10)
+    refiner = bases.Refine(every=10, precision=refine_precision, sweeps=sweeps)
     batches = stream(data, torch.Generator().manual_seed(0))
     bases_before: dict[tuple, torch.Tensor] = {}
     ratio_before: dict[tuple, float] = {}
@@ -101,7 +101,10 @@ def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2
     head = "| mode size | refreshes | r before | r after | r after with p = 2 |"
     if refine:
         head += " r after Refine | Refine kept the old basis | root error after | root error after Refine |"
-    lines = [f"{steps} steps, τ = {tolerance}, rule {rule}", "", head, "|---" * head.count(" | ") + "|---|"]
+    title = f"{steps} steps, τ = {tolerance}, rule {rule}"
+    if refine:
+        title += f", Refine: {sweeps} sweeps, {refine_precision} products"
+    lines = [title, "", head, "|---" * head.count(" | ") + "|---|"]
     for size, rows in sorted(refreshes.items()):
         mean = [sum(row[i] for row in rows) / len(rows) for i in range(len(rows[0]))]
         line = f"| {size} | {len(rows)} | " + " | ".join(f"{value:.3f}" for value in mean[:3]) + " |"
@@ -121,10 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.2)
     parser.add_argument("--rule", choices=sorted(RULES), default="fixed")
     parser.add_argument("--refine", action="store_true", help="also what bases.Refine would leave at each refresh")
+    parser.add_argument("--refine-precision", choices=bases.refine.PRECISIONS, default="tf32",
+                        help="operand precision of Refine's products (its default: tf32, emulated on the CPU)")
+    parser.add_argument("--sweeps", type=int, default=2, help="Refine's sweeps per refresh")
     parser.add_argument("--width", type=int, default=TASK["width"], help="the model's width (modes of 1× and 4×)")
     args = parser.parse_args(argv)
     print(measure(args.steps, {**TASK, "width": args.width}, tolerance=args.tolerance, rule=args.rule,
-                  refine=args.refine))
+                  refine=args.refine, refine_precision=args.refine_precision, sweeps=args.sweeps))
 
 
 if __name__ == "__main__":
