@@ -98,24 +98,34 @@ def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2
                 if step > steps // 2:
                     trace[size].append(ratio)
                 ratio_before[key], bases_before[key] = ratio, basis.clone()
-    head = "| mode size | refreshes | r before | r after | r after with p = 2 |"
-    if refine:
-        head += " r after Refine | Refine kept the old basis | root error after | root error after Refine |"
     title = f"{steps} steps, τ = {tolerance}, rule {rule}"
     if refine:
         title += f", Refine: {sweeps} sweeps, {refine_precision} products"
-    lines = [title, "", head, "|---" * head.count(" | ") + "|---|"]
+    return "\n".join([title, "", *_refresh_table(refreshes, refine), "", *_trace_table(trace, tolerance)])
+
+
+def _refresh_table(refreshes: dict[int, list[tuple]], refine: bool) -> list[str]:
+    """One row per mode size: the mean of each column over its refreshes (Refine's refusals as a count)."""
+    head = "| mode size | refreshes | r before | r after | r after with p = 2 |"
+    if refine:
+        head += " r after Refine | Refine kept the old basis | root error after | root error after Refine |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for size, rows in sorted(refreshes.items()):
         mean = [sum(row[i] for row in rows) / len(rows) for i in range(len(rows[0]))]
         line = f"| {size} | {len(rows)} | " + " | ".join(f"{value:.3f}" for value in mean[:3]) + " |"
         if refine:
             line += f" {mean[3]:.3f} | {round(mean[4] * len(rows))} | {mean[5]:.3f} | {mean[6]:.3f} |"
         lines.append(line)
-    lines += ["", "| mode size | mean r (second half) | fraction of steps with r ≥ τ |", "|---|---|---|"]
+    return lines
+
+
+def _trace_table(trace: dict[int, list[float]], tolerance: float) -> list[str]:
+    """One row per mode size: the mean ``r`` over the second half and how often it reached ``τ``."""
+    lines = ["| mode size | mean r (second half) | fraction of steps with r ≥ τ |", "|---|---|---|"]
     for size, ratios in sorted(trace.items()):
         above = sum(r >= tolerance for r in ratios) / len(ratios)
         lines.append(f"| {size} | {sum(ratios) / len(ratios):.3f} | {above:.2f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
