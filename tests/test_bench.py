@@ -137,7 +137,7 @@ def test_root_error_is_zero_for_the_eigenbasis_and_grows_with_a_rotation():
     difference computed here from that formula (by hand, not by the function's own route)."""
     import math
 
-    from precond.bench.refresh_drift import root_error
+    from precond.bench.refine_quality import root_error
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
     s = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
@@ -152,3 +152,24 @@ def test_root_error_is_zero_for_the_eigenbasis_and_grows_with_a_rotation():
     p12 = c * t / math.sqrt(d1) - c * t / math.sqrt(d2)
     expected = math.sqrt((p11 - 1) ** 2 + (p22 - small ** -0.5) ** 2 + 2 * p12 ** 2) / math.sqrt(1 + 1 / small)
     assert abs(root_error(torch.diag(torch.tensor([1.0, small], dtype=torch.float64)), q) - expected) < 1e-12
+
+
+def test_refine_quality_reports_the_root_error_beside_the_off_diagonal_energy():
+    """``refine_quality.quality`` gives each refresher ``[off-diagonal energy, orthogonality, root error]`` per
+    refresh: ``eigh``'s own basis has a root error at round-off, a never refreshed basis on a factor whose eigenvectors
+    turned does not (the factors are made here: a fixed spectrum in a basis rotated a little more at each snapshot)."""
+    from precond.bench.refine_quality import quality
+    gen = torch.Generator().manual_seed(0)
+    d = 12
+    spectrum = torch.logspace(0, -4, d, dtype=torch.float64)
+    generator = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    skew = (generator - generator.T) * 0.05
+    snapshots = []
+    for k in range(4):
+        turn = torch.linalg.matrix_exp(k * skew)
+        snapshots.append(((turn * spectrum) @ turn.T).float())
+    rows = quality({"factor": snapshots}, ["eigh", "qr"])["factor"]
+    assert set(rows) == {"eigh", "qr", "stale"} and all(len(r) == 3 for r in rows["eigh"])
+    assert all(len(values) == 3 for values in rows["qr"])
+    assert max(values[2] for values in rows["eigh"]) < 1e-3
+    assert rows["stale"][-1][2] > 0.05

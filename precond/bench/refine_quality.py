@@ -4,9 +4,12 @@
    Python's standard library sources (``precond.tasks.corpus``; ``--data random`` for random ids) for ``warmup``
    steps, then snapshots the KL factors ``S_k`` of a few layers every ``T`` steps, ``refreshes + 1`` times.
 2. **Quality.** From ``eigh``'s basis of the first snapshot, each refresher refreshes at each later snapshot, as it
-   would every ``T`` steps in a run. After every refresh: the orthogonality ``‖QᵀQ − I‖_F`` and the off-diagonal
-   energy ``‖offdiag(QᵀSQ)‖_F / ‖diag(QᵀSQ)‖₂`` (both in float64; ``eigh``'s own basis and the never refreshed start
-   as references).
+   would every ``T`` steps in a run. After every refresh: the orthogonality ``‖QᵀQ − I‖_F``, the off-diagonal
+   energy ``‖offdiag(QᵀSQ)‖_F / ‖diag(QᵀSQ)‖₂`` and the error of the inverse root the basis gives
+   (:func:`root_error`; all in float64; ``eigh``'s own basis and the never refreshed start as references). The
+   off-diagonal energy weighs each direction by its eigenvalue and hardly sees the small ones, which the
+   preconditioner scales the most: on the CPU, ``bases.Refine`` leaves less of it than the QR power step but a larger
+   root error, which is how the two ranked on the GPU task (``docs/benchmarks.md``).
 3. **Time.** One refresh of each refresher on factors of each size (batch 1 and a stack), median of CUDA events.
 
 Matrix products run with TF32 allowed, as inside ``precond.Optimizer(tf32=True)`` (``CholeskyQR`` reads it;
@@ -52,6 +55,18 @@ PARAMETERS = ("tokens.weight", "blocks.0.attn.qkv.weight", "blocks.0.fc.weight",
 def orthogonality(q: torch.Tensor) -> float:
     q = q.double()
     return float(torch.linalg.matrix_norm(q.mT @ q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)).max())
+
+
+def root_error(factor: torch.Tensor, basis: torch.Tensor) -> float:
+    """``‖Q D^{-1/2} Qᵀ − S^{-1/2}‖_F / ‖S^{-1/2}‖_F`` in float64, ``D = diag(QᵀSQ)``, each spectrum (``D`` and the
+    eigenvalues of ``S``) raised to KL's floor ``max(10, min(d, 4000))^{-2}`` first (``estimators.KL``'s default)."""
+    s, q = factor.double(), basis.double()
+    floor = max(10, min(s.shape[-1], 4000)) ** -2.0
+    values, vectors = torch.linalg.eigh(s)
+    exact = (vectors * values.clamp_min(floor).rsqrt()) @ vectors.mT
+    diagonal = ((s @ q) * q).sum(-2)
+    approximate = (q * diagonal.clamp_min(floor).rsqrt()) @ q.mT
+    return (torch.linalg.matrix_norm(approximate - exact) / torch.linalg.matrix_norm(exact)).item()
 
 
 def off_diagonal_energy(s: torch.Tensor, q: torch.Tensor) -> float:
@@ -104,8 +119,14 @@ def capture(optimizer_name: str, device: torch.device, size: dict[str, int], bat
     return snapshots, [float(x) for x in losses]
 
 
+def _measures(s: torch.Tensor, q: torch.Tensor) -> list[float]:
+    """``[off-diagonal energy, orthogonality, root error]`` of the basis ``q`` (``(1, d, d)``) for the factor ``s``."""
+    return [off_diagonal_energy(s, q), orthogonality(q), root_error(s[0], q[0])]
+
+
 def quality(snapshots: dict[str, list[torch.Tensor]], names: list[str]) -> dict[str, Any]:
-    """Per factor and refresher: orthogonality and off-diagonal energy after each refresh (index k = 1, 2, …)."""
+    """Per factor and refresher: ``[off-diagonal energy, orthogonality, root error]`` after each refresh (index
+    k = 1, 2, …)."""
     out: dict[str, Any] = {}
     with tf32_matmuls(True):
         for key, sequence in snapshots.items():
@@ -118,11 +139,11 @@ def quality(snapshots: dict[str, list[torch.Tensor]], names: list[str]) -> dict[
                 s = factor.unsqueeze(0)
                 for name, part in parts.items():
                     current[name] = part.refresh(s, current[name], index=k).basis
-                    rows[name].append([off_diagonal_energy(s, current[name]), orthogonality(current[name])])
+                    rows[name].append(_measures(s, current[name]))
                 if "eigh" in names:
                     exact = bases.Eigh(every=1).initialize(s).basis
-                    rows["eigh"].append([off_diagonal_energy(s, exact), orthogonality(exact)])
-                rows["stale"].append([off_diagonal_energy(s, start), orthogonality(start)])
+                    rows["eigh"].append(_measures(s, exact))
+                rows["stale"].append(_measures(s, start))
             out[key] = rows
     return out
 
@@ -172,7 +193,7 @@ def summary(result: dict[str, Any], at: tuple[int, ...]) -> str:
     for key, rows in result.items():
         lines.append(f"{key}")
         for name, values in rows.items():
-            cells = "  ".join(f"k={k}: off {values[k - 1][0]:.2e} orth {values[k - 1][1]:.1e}"
+            cells = "  ".join("k={}: off {:.2e} orth {:.1e} root {:.3f}".format(k, *values[k - 1])
                               for k in at if k <= len(values))
             lines.append(f"  {name:15s} {cells}")
     return "\n".join(lines)
@@ -218,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             "refreshes": args.refreshes, "first_loss": losses[0], "last_loss": losses[-1],
             "seconds": {"capture": captured_s, "quality": quality_s,
                         "timing": time.monotonic() - begin - captured_s - quality_s},
-            "measures": "per factor and refresher: [off-diagonal energy, orthogonality] after refresh k = 1, 2, …"}
+            "measures": "per factor and refresher: [off-diagonal energy, orthogonality, root error] after refresh "
+                        "k = 1, 2, …"}
     print(json.dumps(meta, indent=1))
     print(summary(result, (1, 5, args.refreshes)))
     for row, values in times.items():

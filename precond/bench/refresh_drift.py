@@ -17,7 +17,8 @@ have kept the old basis (a sweep it rejects): the two refreshes compared on the 
 (the one the QR refreshes make). ``r`` weighs each direction by its eigenvalue, so it hardly sees the small ones,
 which the preconditioner scales the most; ``--refine`` therefore also reports, for the QR refresh and for Refine,
 the relative error of the inverse root each basis gives, ``‖Q D^{-1/2} Qᵀ − S^{-1/2}‖_F / ‖S^{-1/2}‖_F`` with
-``D = diag(QᵀSQ)``, both spectra raised to KL's floor ``max(10, min(d, 4000))^{-2}`` (:func:`root_error`).
+``D = diag(QᵀSQ)``, both spectra raised to KL's floor ``max(10, min(d, 4000))^{-2}``
+(``precond.bench.refine_quality.root_error``).
 """
 
 from __future__ import annotations
@@ -31,24 +32,13 @@ import torch
 import bases
 import precond
 from bases.qr_power_step import power_step
+from precond.bench.refine_quality import root_error
 from precond.drift import offdiagonal_ratio
 from precond.tasks import make_task
 from precond.tasks.base import stream
 
 TASK = {"layers": 2, "width": 128, "heads": 4, "context": 64, "batch_size": 16}
 """The CPU task of the drift A/Bs in ``docs/benchmarks.md``."""
-
-
-def root_error(factor: torch.Tensor, basis: torch.Tensor) -> float:
-    """``‖Q D^{-1/2} Qᵀ − S^{-1/2}‖_F / ‖S^{-1/2}‖_F`` in float64, ``D = diag(QᵀSQ)``, each spectrum (``D`` and the
-    eigenvalues of ``S``) raised to KL's floor ``max(10, min(d, 4000))^{-2}`` first (``estimators.KL``'s default)."""
-    s, q = factor.double(), basis.double()
-    floor = max(10, min(s.shape[-1], 4000)) ** -2.0
-    values, vectors = torch.linalg.eigh(s)
-    exact = (vectors * values.clamp_min(floor).rsqrt()) @ vectors.mT
-    diagonal = ((s @ q) * q).sum(-2)
-    approximate = (q * diagonal.clamp_min(floor).rsqrt()) @ q.mT
-    return (torch.linalg.matrix_norm(approximate - exact) / torch.linalg.matrix_norm(exact)).item()
 
 
 def _ratio(factor: torch.Tensor, basis: torch.Tensor) -> float:
