@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,15 +57,25 @@ def orthogonality(q: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(q.mT @ q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)).max())
 
 
-def root_error(factor: torch.Tensor, basis: torch.Tensor) -> float:
+def _floor(size: int) -> float:
+    """KL's floor on a spectrum of a mode of ``size``: ``max(10, min(d, 4000))^{-2}`` (``estimators.KL``'s default)."""
+    return max(10, min(size, 4000)) ** -2.0
+
+
+def inverse_root(factor: torch.Tensor) -> torch.Tensor:
+    """``S^{-1/2}`` in float64 from ``eigh``, the eigenvalues raised to KL's floor first."""
+    values, vectors = torch.linalg.eigh(factor.double())
+    return (vectors * values.clamp_min(_floor(factor.shape[-1])).rsqrt()) @ vectors.mT
+
+
+def root_error(factor: torch.Tensor, basis: torch.Tensor, exact: Optional[torch.Tensor] = None) -> float:
     """``‖Q D^{-1/2} Qᵀ − S^{-1/2}‖_F / ‖S^{-1/2}‖_F`` in float64, ``D = diag(QᵀSQ)``, each spectrum (``D`` and the
-    eigenvalues of ``S``) raised to KL's floor ``max(10, min(d, 4000))^{-2}`` first (``estimators.KL``'s default)."""
+    eigenvalues of ``S``) raised to KL's floor ``max(10, min(d, 4000))^{-2}`` first (``estimators.KL``'s default).
+    ``exact``: :func:`inverse_root` of ``factor`` when the caller has it (one ``eigh`` per factor, not per basis)."""
     s, q = factor.double(), basis.double()
-    floor = max(10, min(s.shape[-1], 4000)) ** -2.0
-    values, vectors = torch.linalg.eigh(s)
-    exact = (vectors * values.clamp_min(floor).rsqrt()) @ vectors.mT
+    exact = inverse_root(s) if exact is None else exact
     diagonal = ((s @ q) * q).sum(-2)
-    approximate = (q * diagonal.clamp_min(floor).rsqrt()) @ q.mT
+    approximate = (q * diagonal.clamp_min(_floor(s.shape[-1])).rsqrt()) @ q.mT
     return (torch.linalg.matrix_norm(approximate - exact) / torch.linalg.matrix_norm(exact)).item()
 
 
@@ -119,9 +129,10 @@ def capture(optimizer_name: str, device: torch.device, size: dict[str, int], bat
     return snapshots, [float(x) for x in losses]
 
 
-def _measures(s: torch.Tensor, q: torch.Tensor) -> list[float]:
-    """``[off-diagonal energy, orthogonality, root error]`` of the basis ``q`` (``(1, d, d)``) for the factor ``s``."""
-    return [off_diagonal_energy(s, q), orthogonality(q), root_error(s[0], q[0])]
+def _measures(s: torch.Tensor, q: torch.Tensor, exact: torch.Tensor) -> list[float]:
+    """``[off-diagonal energy, orthogonality, root error]`` of the basis ``q`` (``(1, d, d)``) for the factor ``s``
+    (``exact``: its :func:`inverse_root`)."""
+    return [off_diagonal_energy(s, q), orthogonality(q), root_error(s[0], q[0], exact)]
 
 
 def quality(snapshots: dict[str, list[torch.Tensor]], names: list[str]) -> dict[str, Any]:
@@ -136,14 +147,14 @@ def quality(snapshots: dict[str, list[torch.Tensor]], names: list[str]) -> dict[
             parts = {name: REFRESHERS[name]() for name in current}
             rows: dict[str, list[list[float]]] = {name: [] for name in (*names, "stale")}
             for k, factor in enumerate(sequence[1:], start=1):
-                s = factor.unsqueeze(0)
+                s, root = factor.unsqueeze(0), inverse_root(factor)
                 for name, part in parts.items():
                     current[name] = part.refresh(s, current[name], index=k).basis
-                    rows[name].append(_measures(s, current[name]))
+                    rows[name].append(_measures(s, current[name], root))
                 if "eigh" in names:
                     exact = bases.Eigh(every=1).initialize(s).basis
-                    rows["eigh"].append(_measures(s, exact))
-                rows["stale"].append(_measures(s, start))
+                    rows["eigh"].append(_measures(s, exact, root))
+                rows["stale"].append(_measures(s, start, root))
             out[key] = rows
     return out
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -49,9 +49,10 @@ RULES = {"fixed": {}, "budget": {"track_drift": True, "refresh_budget": 50, "fol
 """``--rule``: the drift check at every due refresh of T = 10, or the race's budgeted levers on top of it."""
 
 
-def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2, rule: str = "fixed",
-            refine: bool = False, refine_precision: str = "tf32", sweeps: int = 2) -> str:
-    """The two Markdown tables (module docstring) after ``steps`` training steps; ``rule`` and ``refine`` as there."""
+def trained(steps: int, task_options: dict | None = None, tolerance: float = 0.2,
+            rule: str = "fixed") -> Iterator[tuple[int, torch.optim.Optimizer, dict[torch.Tensor, str]]]:
+    """Train the task's model with KL-Shampoo (lr 4e-3, staggered T = 10, ``drift_tolerance``, ``RULES[rule]``)
+    and yield ``(step, optimizer, parameter names)`` after each of the ``steps`` steps (seed 0 throughout)."""
     torch.manual_seed(0)
     task = make_task("char_lm", task_options or TASK)
     data = task.load(torch.device("cpu"))
@@ -59,17 +60,24 @@ def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2
     names = {p: n for n, p in model.named_parameters()}
     optimizer = precond.kl_shampoo(model.parameters(), lr=4e-3, stagger=True, drift_tolerance=tolerance,
                                    weight_decay=0.1, **RULES[rule])
-    refiner = bases.Refine(every=10, precision=refine_precision, sweeps=sweeps)
     batches = stream(data, torch.Generator().manual_seed(0))
-    bases_before: dict[tuple, torch.Tensor] = {}
-    ratio_before: dict[tuple, float] = {}
-    refreshes = collections.defaultdict(list)  # mode size → (r before, r after, r after with p = 2[, Refine, kept])
-    trace = collections.defaultdict(list)  # mode size → r after each step of the second half
     for step in range(1, steps + 1):
         loss = task.loss(model, next(batches))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        yield step, optimizer, names
+
+
+def measure(steps: int, task_options: dict | None = None, tolerance: float = 0.2, rule: str = "fixed",
+            refine: bool = False, refine_precision: str = "tf32", sweeps: int = 2) -> str:
+    """The two Markdown tables (module docstring) after ``steps`` training steps; ``rule`` and ``refine`` as there."""
+    refiner = bases.Refine(every=10, precision=refine_precision, sweeps=sweeps)
+    bases_before: dict[tuple, torch.Tensor] = {}
+    ratio_before: dict[tuple, float] = {}
+    refreshes = collections.defaultdict(list)  # mode size → (r before, r after, r after with p = 2[, Refine, kept])
+    trace = collections.defaultdict(list)  # mode size → r after each step of the second half
+    for step, optimizer, names in trained(steps, task_options, tolerance, rule):
         for param, state in optimizer.state.items():
             if param.dim() != 2 or "Q" not in state.get("basis", {}):
                 continue

@@ -10,27 +10,13 @@ import sys
 
 import torch
 
-import precond
-from precond.bench.refresh_drift import RULES, TASK
-from precond.tasks import make_task
-from precond.tasks.base import stream
+from precond.bench.refresh_drift import TASK, trained
 
 
 def main(width: int, steps: int, out: str) -> None:
-    torch.manual_seed(0)
-    task = make_task("char_lm", {**TASK, "width": width})
-    data = task.load(torch.device("cpu"))
-    model = task.build_model(0)
-    optimizer = precond.kl_shampoo(model.parameters(), lr=4e-3, stagger=True, drift_tolerance=0.2,
-                                   weight_decay=0.1, **RULES["budget"])
-    batches = stream(data, torch.Generator().manual_seed(0))
     before: dict[tuple, torch.Tensor] = {}
     captured = []
-    for step in range(1, steps + 1):
-        loss = task.loss(model, next(batches))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for step, optimizer, _ in trained(steps, {**TASK, "width": width}, rule="budget"):
         for param, state in optimizer.state.items():
             if param.dim() != 2 or "Q" not in state.get("basis", {}):
                 continue
