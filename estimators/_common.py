@@ -47,12 +47,17 @@ def spectrum_floor(spec: FloorSpec, layout: "Layout", k: int) -> float:
     """
     if spec not in ("dimension", "product"):
         return float(spec)
-    floor = _clamp_bound(layout.view_shape[k]) ** -2
+    floor = dimension_floor(layout.view_shape[k])
     if spec == "product":
         bare = [d for d, kind in zip(layout.view_shape, layout.kinds, strict=True) if kind == "none"]
         shares = len(layout.spectral_modes)
         floor *= math.prod(_clamp_bound(d) for d in bare) ** (-2.0 / shares)
     return floor
+
+
+def dimension_floor(d: int) -> float:
+    """The KL prototype's floor on ``λ`` of a mode of size ``d``: ``c^{-2}``, ``c = max(10, min(d, 4000))``."""
+    return _clamp_bound(d) ** -2
 
 
 def _clamp_bound(d: int) -> float:

@@ -28,9 +28,11 @@ from typing import Any, Callable, Optional
 import torch
 
 import bases
+from estimators._common import dimension_floor
 from precond.bench.contenders import factory
 from precond.bench.training import GPT2_SMALL, GPT_TINY, train_step
 from precond.precision import tf32_matmuls
+from precond.refresh import rayleigh_quotients
 from precond.tasks.corpus import read_corpus
 from precond.tasks.gpt import TinyGPT
 
@@ -57,15 +59,10 @@ def orthogonality(q: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(q.mT @ q - torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)).max())
 
 
-def _floor(size: int) -> float:
-    """KL's floor on a spectrum of a mode of ``size``: ``max(10, min(d, 4000))^{-2}`` (``estimators.KL``'s default)."""
-    return max(10, min(size, 4000)) ** -2.0
-
-
 def inverse_root(factor: torch.Tensor) -> torch.Tensor:
     """``S^{-1/2}`` in float64 from ``eigh``, the eigenvalues raised to KL's floor first."""
     values, vectors = torch.linalg.eigh(factor.double())
-    return (vectors * values.clamp_min(_floor(factor.shape[-1])).rsqrt()) @ vectors.mT
+    return (vectors * values.clamp_min(dimension_floor(factor.shape[-1])).rsqrt()) @ vectors.mT
 
 
 def root_error(factor: torch.Tensor, basis: torch.Tensor, exact: Optional[torch.Tensor] = None) -> float:
@@ -74,8 +71,8 @@ def root_error(factor: torch.Tensor, basis: torch.Tensor, exact: Optional[torch.
     ``exact``: :func:`inverse_root` of ``factor`` when the caller has it (one ``eigh`` per factor, not per basis)."""
     s, q = factor.double(), basis.double()
     exact = inverse_root(s) if exact is None else exact
-    diagonal = ((s @ q) * q).sum(-2)
-    approximate = (q * diagonal.clamp_min(_floor(s.shape[-1])).rsqrt()) @ q.mT
+    diagonal = rayleigh_quotients(s[None], q[None])[0]
+    approximate = (q * diagonal.clamp_min(dimension_floor(s.shape[-1])).rsqrt()) @ q.mT
     return (torch.linalg.matrix_norm(approximate - exact) / torch.linalg.matrix_norm(exact)).item()
 
 

@@ -21,7 +21,8 @@ def main(width: int, steps: int, out: str) -> None:
             if param.dim() != 2 or "Q" not in state.get("basis", {}):
                 continue
             for mode, basis in state["basis"]["Q"].items():
-                key, old = (id(param), mode), before.get((id(param), mode))
+                key = (id(param), mode)
+                old = before.get(key)
                 if old is not None and not torch.equal(old, basis) and basis.shape[-1] >= 256 and step > 100:
                     captured.append((state["estimator"]["S"][mode].clone(), old.clone(), basis.clone()))
                 before[key] = basis.clone()

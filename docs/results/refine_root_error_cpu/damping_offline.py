@@ -1,5 +1,5 @@
 """Refine's rotation damping against the inverse-root error, offline on refreshes saved by ``capture_refreshes.py``:
-for each saved ``(S, Q_old, Q_QR)``, the root error (``precond.bench.refresh_drift.root_error``) and the off-diagonal
+for each saved ``(S, Q_old, Q_QR)``, the root error (``precond.bench.refine_quality.root_error``) and the off-diagonal
 ratio ``r`` of QR's basis and of ``bases.Refine`` (2 sweeps) from ``Q_old`` with other dampings of the rotation
 ``W_ij = n_ij g_ij / (g_ij² + μ_ij²)``: ``μ_ij² = w (ρ_i² + ρ_j²)`` for ``w`` = 0.5 (the default), 0.1, 0.02, and a
 damping by the pair's own coupling only, ``μ_ij² = c n_ij²``.
@@ -18,7 +18,7 @@ import torch
 
 import bases
 import bases.refine as refine_module
-from precond.bench.refresh_drift import root_error
+from precond.bench.refine_quality import root_error
 from precond.drift import offdiagonal_ratio
 
 

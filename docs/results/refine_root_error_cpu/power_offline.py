@@ -2,7 +2,9 @@
 inverse-root error, offline on refreshes saved by ``capture_refreshes.py``: for each saved ``(S, Q_old, Q_QR)``, the
 root error (``precond.bench.refine_quality.root_error``) of ``qr(S^p Q_old)`` for p = 1 (what was installed), 2, 3.
 
-    OMP_NUM_THREADS=2 python docs/results/refine_root_error_cpu/power_offline.py /tmp/cap128.pt
+    OMP_NUM_THREADS=1 python docs/results/refine_root_error_cpu/power_offline.py /tmp/cap128.pt
+
+(The thread count matters: p = 3 moves in the third decimal with 2 threads, its columns being round-off there.)
 """
 
 from __future__ import annotations
