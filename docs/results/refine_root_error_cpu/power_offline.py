@@ -4,7 +4,8 @@ root error (``precond.bench.refine_quality.root_error``) of ``qr(S^p Q_old)`` fo
 
     OMP_NUM_THREADS=1 python docs/results/refine_root_error_cpu/power_offline.py /tmp/cap128.pt
 
-(The thread count matters: p = 3 moves in the third decimal with 2 threads, its columns being round-off there.)
+(The thread count matters: with 2 threads p = 2 and p = 3 move in the third decimal; their float32 products sum in
+another order.)
 """
 
 from __future__ import annotations
