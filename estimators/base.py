@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 
+from precond.contractions import rotate
 from precond.layout import Layout
 from precond.refresh import Refresh
 from precond.state import ParamState
+
+
+class Rotations(NamedTuple):
+    """The gradient's rotations into the bases that a step forms once and shares (``Preconditioner``'s
+    ``momentum_in_basis``): the full ``R = G ×_j Q_j`` and, by mode ``k``, any partial rotation the estimator's
+    ``update`` would form again (KL's ``G ×_{j≠k} Q_j``), handed back to it as ``update(..., rotations=...)``."""
+
+    full: torch.Tensor
+    partial: Mapping[int, torch.Tensor]
 
 
 class Estimator:
@@ -42,6 +52,12 @@ class Estimator:
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
         raise NotImplementedError
+
+    def rotations(self, ps: ParamState, grad: torch.Tensor, layout: Layout) -> Rotations:
+        """The gradient rotated into the current bases (optional hook, read by ``Preconditioner`` with
+        ``momentum_in_basis=True`` before a step's fold): ``R = G ×_j Q_j`` and no partial rotation. An estimator
+        whose fold forms ``R`` from partial rotations returns them too and takes them back in ``update``."""
+        return Rotations(rotate(grad, ps.Q), {})
 
     def finish_init(self, ps: ParamState, refreshes: Mapping[int, Refresh], layout: Layout) -> None:
         return None

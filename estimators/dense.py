@@ -7,7 +7,7 @@ from typing import Literal, Mapping, Optional
 import attrs
 import torch
 
-from estimators.base import Estimator
+from estimators.base import Estimator, Rotations
 from estimators.shampoo import Shampoo
 from precond.contractions import outer, rotate
 from precond.ema import Step, bias_correction, fold, fold_weights, gradient_weights
@@ -79,8 +79,17 @@ class DenseSpectrum(Estimator):
         v = ps.estimator["V"]
         return v / bias_correction(self.beta, step) if self.bias_correction else v
 
-    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
-        self.factors.update(ps, grad, layout, first)
+    def rotations(self, ps: ParamState, grad: torch.Tensor, layout: Layout) -> Rotations:
+        """Its factors' estimator's (``estimators.base.Estimator.rotations``; the default where it has none)."""
+        hook = getattr(self.factors, "rotations", None)
+        return hook(ps, grad, layout) if hook is not None else super().rotations(ps, grad, layout)
+
+    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False,
+               rotations: Optional[Rotations] = None) -> None:
+        if rotations is not None and rotations.partial:
+            self.factors.update(ps, grad, layout, first, rotations=rotations)
+        else:
+            self.factors.update(ps, grad, layout, first)
 
     def tracked_diagonal(self, ps: ParamState, k: int) -> Optional[torch.Tensor]:
         return self.factors.tracked_diagonal(ps, k)

@@ -27,7 +27,7 @@ import attrs
 import torch
 
 from estimators._common import FloorSpec, beta_field, floor_validator, permute_columns, spectrum_floor, sum_except
-from estimators.base import Estimator
+from estimators.base import Estimator, Rotations
 from precond.contractions import each, gram, mode_product, rotate, scale
 from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
@@ -121,16 +121,35 @@ class KL(Estimator):
         """``D_k = diag(Q_kᵀ S_k Q_k)`` (``(B, d_k)``) with ``track_drift``, else None."""
         return ps.estimator.get(_drift_key(k)) if self.track_drift else None
 
-    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False) -> None:
+    def rotations(self, ps: ParamState, grad: torch.Tensor, layout: Layout) -> Rotations:
+        """``R = G ×_j Q_j`` and the partial rotations ``G ×_{j≠k} Q_j`` of every mode with a factor, which
+        :meth:`update` forms anyway (``R`` from the cheapest of them): given back to it, they are not formed twice.
+        (``order="prototype"`` on a 3-mode weight folds by its own products: ``R`` alone.)"""
+        if self.order == "prototype" and layout.order == 3:
+            return Rotations(rotate(grad, ps.Q), {})
+        bases, spectra, factors = ps.Q, ps.lam, ps.S
+        with_factor = [k for k, f in enumerate(factors) if f is not None and spectra[k] is not None]
+        partial = {k: rotate(grad, [q if j != k else None for j, q in enumerate(bases)]) for k in with_factor}
+        if with_factor:
+            cheapest = min(with_factor, key=lambda k: layout.view_shape[k])
+            q = bases[cheapest]
+            rotated = partial[cheapest] if q is None else mode_product(partial[cheapest], q, cheapest)
+        else:
+            rotated = rotate(grad, bases)
+        return Rotations(rotated, partial)
+
+    def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False,
+               rotations: Optional[Rotations] = None) -> None:
         """Fold one gradient ``grad`` (``(B, *view)``) into ``factors`` and ``spectra`` in place (Jacobi).
 
         ``Δ_k = Gram_k(Y_k) / D_{-k}`` with ``Y_k = (G ×_{j≠k} Q_j) ⊙ ⊗_{j≠k} λ_j^{-1/2}``, the gradient rotated
         and whitened on every mode but ``k`` (so no ``d_k³`` rotation back is needed), and
         ``diag(Q_kᵀ Δ_k Q_k) = Σ_{j≠k} R² ⊙ ⊗_{j≠k} λ_j^{-1} / D_{-k}`` from the full rotation
-        ``R = Y_k ×_k Q_k``, which is formed once from the cheapest partial rotation.
+        ``R = Y_k ×_k Q_k``, which is formed once from the cheapest partial rotation (:meth:`rotations`, or the
+        ``rotations`` it gave for this gradient and these bases).
         """
         active = gradient_weights(self.beta, grad)
-        bases, spectra, factors = ps.Q, ps.lam, ps.S
+        spectra, factors = ps.lam, ps.S
         if self.order == "prototype" and not first and layout.order == 3:
             self._prototype_3d_update(ps, grad, layout, active)
             return
@@ -141,14 +160,7 @@ class KL(Estimator):
             broadcast = ps.broadcast_spectra()  # λ_j in the shape scale() broadcasts: no view per use
             inverse = each(torch._foreach_reciprocal, broadcast)  # one op for every mode's λ_j^{-1}
             inv_sqrt = [None if lam is None else lam.rsqrt() for lam in broadcast]
-        with_factor = [k for k, f in enumerate(factors) if f is not None and spectra[k] is not None]
-        partial = {k: rotate(grad, [q if j != k else None for j, q in enumerate(bases)]) for k in with_factor}
-        if with_factor:
-            cheapest = min(with_factor, key=lambda k: layout.view_shape[k])
-            q = bases[cheapest]
-            rotated = partial[cheapest] if q is None else mode_product(partial[cheapest], q, cheapest)
-        else:
-            rotated = rotate(grad, bases)
+        rotated, partial = rotations if rotations is not None else self.rotations(ps, grad, layout)
         squared = rotated * rotated
         updates = {}
         drift_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (D_k, its increment), with track_drift

@@ -77,7 +77,7 @@ class Bucket:
     def select(self, index: torch.Tensor, mode: Optional[int] = None) -> ParamState:
         """Copies of the entries ``index`` of this bucket's state (only what a refresh of ``mode`` touches, if
         given)."""
-        state = self.state if mode is None else self.state.of_mode(mode)
+        state = self.state if mode is None else self.state.of_mode(mode, self.preconditioner.momentum_in_basis)
         return state.map(lambda t: t.index_select(0, index))
 
     def write_back(self, sub: ParamState, index: torch.Tensor) -> None:

@@ -99,6 +99,18 @@ def mode_product(x: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
     return rotate(x, bases)
 
 
+def change_basis(x: torch.Tensor, old: torch.Tensor, new: torch.Tensor, k: int) -> torch.Tensor:
+    """``X`` rotated along mode ``k`` by ``old`` (``X = Y ×_k Q_old``) re-expressed in ``new``: ``Y ×_k Q_new``,
+    i.e. ``X ×_k (Q_oldᵀ Q_new)`` (``Q_old`` orthogonal). Of the two orders of the products the cheaper is taken:
+    ``C = Q_oldᵀ Q_new`` then ``X ×_k C`` (``2d³ + 2d²n`` flops, ``n`` the size of the other modes), or ``X`` rotated
+    back by ``Q_old`` and into ``Q_new`` (``4d²n``), which wins where ``n < d``."""
+    d = x.shape[k + 1]
+    others = x[0].numel() // max(d, 1)
+    if others < d:
+        return mode_product(mode_product(x, old.mT, k), new, k)
+    return mode_product(x, old.mT @ new, k)
+
+
 @functools.lru_cache(maxsize=4096)
 def _gram_expression(shape: tuple[int, ...], k: int):
     order = len(shape) - 1

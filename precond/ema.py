@@ -108,3 +108,18 @@ def bias_correction(beta: float, step: Step) -> Union[float, torch.Tensor]:
     if isinstance(step, torch.Tensor):
         return 1.0 - torch.pow(beta, step.clamp_min(1))
     return 1.0 - beta ** max(step, 1)
+
+
+def momentum_direction(momentum: torch.Tensor, x: torch.Tensor, beta: float, nesterov: bool, corrected: bool,
+                       step: Step) -> torch.Tensor:
+    """Fold ``x`` into the momentum, ``m ← β m + (1−β) x`` (in place), and return the direction it gives: ``m``, or
+    Nesterov's ``(1−β) x + β m``; divided by :func:`bias_correction` ``1 − βᵗ`` when ``corrected`` (Adam's ``m̂``).
+
+    ``x`` is the gradient in the parameter's coordinates (``precond.Optimizer``'s momentum), or its rotation
+    ``G ×_k Q_k`` into the bases where the momentum is kept there (``Preconditioner(momentum_in_basis=True)``): the
+    same linear rule in either coordinates."""
+    momentum.lerp_(x, 1.0 - beta)
+    source = x.lerp(momentum, beta) if nesterov else momentum
+    if corrected:
+        source = source / bias_correction(beta, step)
+    return source

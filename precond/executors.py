@@ -24,8 +24,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from precond.buckets import Bucket
-from precond.ema import Step, bias_correction
+from precond.ema import Step, momentum_direction
 from precond.precision import in_dtype
+from precond.preconditioner import Momentum
 from precond.state import STEP
 
 
@@ -57,15 +58,16 @@ class BucketStep:
         group, layout = bucket.group, bucket.layout
         grad = in_dtype(layout.stack(grads), self.engine.state_dtype)
         beta1 = group["momentum"]
-        source = grad
-        if beta1 > 0:
-            m = bucket.state.momentum
-            m.lerp_(grad, 1.0 - beta1)
-            source = grad.lerp(m, beta1) if group["nesterov"] else m
-            if group["bias_correction"]:
-                source = source / bias_correction(beta1, step)
         preconditioner = bucket.preconditioner
         rotation_dtype = group.get("rotation_dtype")
+        if preconditioner.momentum_in_basis:  # the momentum folds the gradient's rotation, inside the preconditioner
+            momentum = Momentum(beta1, group["nesterov"], group["bias_correction"]) if beta1 > 0 else None
+            return preconditioner.precondition_in_basis(bucket.state, grad, layout, step, momentum, fold=fold,
+                                                        rotation_dtype=rotation_dtype)
+        source = grad
+        if beta1 > 0:
+            source = momentum_direction(bucket.state.momentum, grad, beta1, group["nesterov"],
+                                        group["bias_correction"], step)
         if not preconditioner.folds_before_apply:
             return preconditioner.precondition(bucket.state, grad, source, layout, step, fold=fold,
                                                rotation_dtype=rotation_dtype)

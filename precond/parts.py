@@ -145,7 +145,7 @@ class LayerStatistics(Protocol):
 class ApplyContext:
     """What an applier may read: the pre-step state view ``ps`` (bases, spectra, the applier's own tensors), the
     layout, the raw gradient ``grad``, the step ``t`` (an int, or a 0-d device tensor in a captured step: use
-    :func:`precond.ema.bias_correction`), the estimator's full-size spectrum ``dense`` (or None) and
+    :func:`precond.ema.bias_correction`), the estimator's full-size spectrum ``dense`` (or None), ``in_basis`` and
     ``rotation_dtype``: the operand dtype of the rotations into and out of the bases (bfloat16 or float16, products
     accumulated in the state dtype; ``None``: the state dtype, see :func:`precond.contractions.rotate`)."""
 
@@ -155,6 +155,9 @@ class ApplyContext:
     step: Step
     dense: Optional[torch.Tensor] = None
     rotation_dtype: Optional[torch.dtype] = None
+    in_basis: bool = False
+    """The direction is already rotated into the bases (``Preconditioner(momentum_in_basis=True)``): an applier that
+    rotates it (``precond.Power``) only scales it and rotates it back."""
 
 
 @runtime_checkable

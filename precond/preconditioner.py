@@ -8,7 +8,8 @@ from typing import Literal, Optional, Sequence
 import attrs
 import torch
 
-from precond.ema import Step
+from precond.contractions import change_basis, rotate
+from precond.ema import Step, momentum_direction
 from precond.fallbacks import FallbackCounter
 from precond.layout import Blocks, Layout
 from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
@@ -21,6 +22,16 @@ def _factorless(preconditioner: "Preconditioner", layout: Layout) -> Layout:
     if not preconditioner.basis.needs_factors:  # Q_k = I: dense modes keep only their spectrum
         layout = layout.with_kinds(tuple("diagonal" if kind == "dense" else kind for kind in layout.kinds))
     return layout
+
+
+@attrs.frozen
+class Momentum:
+    """The optimizer's momentum as :meth:`Preconditioner.precondition_in_basis` folds it: ``β₁``, Nesterov, and
+    whether the direction is divided by ``1 − β₁ᵗ`` (``precond.ema.momentum_direction``)."""
+
+    beta: float
+    nesterov: bool = False
+    bias_correction: bool = False
 
 
 @functools.lru_cache(maxsize=1024)
@@ -67,6 +78,16 @@ class Preconditioner:
     by a factor ``k``. A dense second moment in the basis (SOAP's ``V``) is the applier's statistic, updated every
     step as before.
 
+    ``momentum_in_basis`` (default False): the optimizer's momentum is kept rotated into the bases,
+    ``m̃ = m ×_k Q_k``, and folds the gradient's rotation ``R = G ×_k Q_k`` (:meth:`precondition_in_basis`); a
+    refresh carries it into the new basis (:meth:`install_refresh`). The same updates as the default up to
+    round-off; what changes is the work: the applier no longer rotates the momentum into the bases, and at a step
+    that folds, ``R`` is the rotation the estimator forms anyway (KL), so one rotation of the gradient's size per
+    step goes (SOAP's ``V`` still rotates the gradient for itself); each refresh of mode ``k`` pays one
+    ``d_k × d_k`` change of basis of the momentum. Needs the applier ``precond.Power`` and
+    ``order="apply_then_fold"``. It changes what ``state_dict`` holds under ``"momentum"`` (the rotated ``m̃``), so a
+    checkpoint is refused by an optimizer with the other setting (the configuration check of ``load_state_dict``).
+
     *When* a refresh is due is the optimizer's
     refresh schedule's business; this class offers its inputs (:meth:`refresh_inputs`), its computation and its
     installation.
@@ -85,11 +106,25 @@ class Preconditioner:
     )
     fold_every: int = attrs.field(default=1, converter=plain_number, validator=number(
         low=1, integer=True, meaning="the period (in steps) of the estimator's folds"))
+    momentum_in_basis: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         if self.fold_every > 1 and self.estimator.needs_whole_parameters:
             raise ValueError("fold_every > 1 with an estimator fed by layer captures (K-FAC): the capture decides "
                              "when statistics are recorded; set its factor_every instead and leave fold_every at 1")
+        if self.momentum_in_basis:
+            from precond.appliers.power import Power  # the appliers import this module's neighbours
+
+            if type(self.applier) is not Power:
+                raise ValueError(
+                    f"momentum_in_basis=True needs the applier precond.Power, which rotates the direction into the "
+                    f"bases, scales it and rotates it back (the momentum then already lives in the bases); got "
+                    f"{type(self.applier).__name__}, which reads the direction in the parameter's coordinates: "
+                    f"leave momentum_in_basis=False with it")
+            if self.folds_before_apply:
+                raise ValueError("momentum_in_basis=True runs in the default order='apply_then_fold' (the rotation "
+                                 "of the gradient is shared with the fold that follows the update); leave "
+                                 "momentum_in_basis=False with order='fold_then_apply'")
 
     def plan(self, shape: Sequence[int]) -> Layout:
         return _plan(self, tuple(shape))
@@ -152,15 +187,46 @@ class Preconditioner:
         self.fold(ps, grad, layout, step, fold)
         return update
 
+    def precondition_in_basis(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: Step,
+                              momentum: Optional[Momentum], fold: Optional[bool] = None,
+                              rotation_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """:meth:`precondition` with the momentum kept in the bases (``momentum_in_basis=True``): the update, and
+        the fold of ``grad``.
+
+        The gradient is rotated once, ``R = G ×_k Q_k`` (where the step folds, by the estimator's
+        ``rotations``, whose partial rotations its ``update`` then reuses: KL's fold forms ``R`` anyway), the
+        momentum folds ``R`` (``m̃ ← β₁ m̃ + (1−β₁) R``, :func:`precond.ema.momentum_direction`) and the applier
+        scales ``m̃`` and rotates it back. Since ``m̃ = m ×_k Q_k`` for the parameter-space momentum ``m`` of the
+        default path (every rotation is linear and the bases orthogonal, and :meth:`install_refresh` carries
+        ``m̃`` into each new basis), the updates are the default path's up to round-off, without the applier's
+        rotation of ``m`` into the bases: one rotation of the gradient's size fewer per step that folds."""
+        folds = self.folds_at(step) if fold is None else fold
+        hook = getattr(self.estimator, "rotations", None)  # optional (estimators.base.Estimator has it)
+        shared = hook(ps, grad, layout) if folds and hook is not None else None
+        rotated = shared.full if shared is not None else rotate(grad, ps.Q)
+        source = rotated
+        if momentum is not None:
+            source = momentum_direction(ps.momentum, rotated, momentum.beta, momentum.nesterov,
+                                        momentum.bias_correction, step)
+        update = self.apply(ps, grad, source, layout, step, rotation_dtype, in_basis=True)
+        if folds:
+            if shared is not None and shared.partial:
+                self.estimator.update(ps, grad, layout, rotations=shared)
+            else:
+                self.estimator.update(ps, grad, layout)
+        return update
+
     def apply(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
-              step: Step, rotation_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              step: Step, rotation_dtype: Optional[torch.dtype] = None, in_basis: bool = False) -> torch.Tensor:
         """The update for ``direction`` from the current bases and spectra: the estimator's ``prepare`` (statistics
         the direction must already see, e.g. SOAP's ``V``), then the applier. Folds nothing into ``S_k``/``λ_k``.
         ``rotation_dtype`` (bfloat16/float16) is handed to the applier for its rotations of ``direction`` (the
-        estimator's statistics are computed in the state dtype whatever it is)."""
+        estimator's statistics are computed in the state dtype whatever it is). ``in_basis``: ``direction`` is
+        already rotated into the bases (:meth:`precondition_in_basis`)."""
         self.estimator.prepare(ps, grad, layout, step)
         ctx = ApplyContext(ps=ps, layout=layout, grad=grad, step=step,
-                           dense=self.estimator.dense_spectrum(ps, step), rotation_dtype=rotation_dtype)
+                           dense=self.estimator.dense_spectrum(ps, step), rotation_dtype=rotation_dtype,
+                           in_basis=in_basis)
         return self.applier.apply(direction, ctx)
 
     def fold(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: Step,
@@ -215,6 +281,10 @@ class Preconditioner:
         return self.basis.refresh(factor, basis, counter, index=index)
 
     def install_refresh(self, ps: ParamState, k: int, result: Refresh, layout: Layout) -> None:
-        """Install a refresh of mode ``k``: the estimator carries its per-column state across, then ``Q_k`` moves."""
+        """Install a refresh of mode ``k``: the estimator carries its per-column state across, then ``Q_k`` moves.
+        With ``momentum_in_basis`` the momentum moves into the new basis too: ``m̃ ← m̃ ×_k (Q_oldᵀ Q_new)``
+        (:func:`precond.contractions.change_basis`), which gives ``m ×_k Q_new`` from ``m̃ = m ×_k Q_old``."""
         self.estimator.on_refresh(ps, k, result, layout)
+        if self.momentum_in_basis and ps.momentum is not None:
+            ps.momentum.copy_(change_basis(ps.momentum, ps.Q[k], result.basis, k))
         ps.Q[k].copy_(result.basis)

@@ -46,10 +46,11 @@ from precond.routing import muon_groups
 Betas = tuple[float, float]
 
 
-_PRECONDITIONER_OPTIONS = ("first_step", "order", "fold_every")
+_PRECONDITIONER_OPTIONS = ("first_step", "order", "fold_every", "momentum_in_basis")
 """Keywords every preset accepts for its preconditioner rather than the optimizer: ``first_step="update"`` (use the
-first gradient at once, as Meta's Shampoo), ``order="fold_then_apply"`` (Meta's step order) and ``fold_every=k``
-(the statistics updated every ``k`` steps)."""
+first gradient at once, as Meta's Shampoo), ``order="fold_then_apply"`` (Meta's step order), ``fold_every=k``
+(the statistics updated every ``k`` steps) and ``momentum_in_basis=True`` (the momentum kept in the eigenbases:
+the same updates up to round-off, one rotation fewer per folding step; presets whose applier is ``Power``)."""
 
 _ESTIMATOR_OPTIONS = ("track_drift", "floor")
 """Keywords the presets with a KL estimator accept for it: ``track_drift=True`` (``estimators.KL``: keep

@@ -113,14 +113,16 @@ class ParamState:
             out[MOMENTUM] = self.momentum
         return out
 
-    def of_mode(self, k: int) -> "ParamState":
+    def of_mode(self, k: int, momentum: bool = False) -> "ParamState":
         """What a refresh of mode ``k`` reads and writes: ``S_k``, ``Q_k``, every mode's ``λ_j`` and the estimator's
         own tensors (a dense ``V`` follows a permuted basis, or is reset to ``⊗_j λ_j``: EKFAC resets it from the
         current spectrum of *every* mode when one mode refreshes, so a staggered refresh of a part of a bucket
         gives what a refresh of the whole bucket, or of a bucket of its own, gives); nothing of the other modes'
-        factors or bases, the applier or the momentum."""
+        factors or bases or the applier, and the momentum only with ``momentum`` (kept in the bases, it moves with
+        them: ``Preconditioner(momentum_in_basis=True)``)."""
         only = lambda items: [t if j == k else None for j, t in enumerate(items)]  # noqa: E731
-        return ParamState(Q=only(self.Q), S=only(self.S), lam=list(self.lam), estimator=dict(self.estimator))
+        return ParamState(Q=only(self.Q), S=only(self.S), lam=list(self.lam), estimator=dict(self.estimator),
+                          momentum=self.momentum if momentum else None)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ParamState":
         apply = lambda items: [None if t is None else fn(t) for t in items]  # noqa: E731

@@ -45,7 +45,8 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
     factory = getattr(precond, preset)
     kwargs: dict[str, Any] = {key: options[key] for key in
                               ("eps", "weight_decay", "every", "max_dim", "large", "bias_correction", "decay_order",
-                               "graft", "track_drift", "floor", "fold_every", "basis_power", *keys.SPEED_KEYS)
+                               "graft", "track_drift", "floor", "fold_every", "momentum_in_basis", "basis_power",
+                               *keys.SPEED_KEYS)
                               if key in options}
     if "graft" in kwargs and kwargs["graft"] == "none":
         kwargs["graft"] = None
@@ -101,7 +102,7 @@ def make_preconditioner(options: Mapping[str, Any]) -> precond.Preconditioner:
     return precond.Preconditioner(
         structure=catalog.build("structure", options), estimator=catalog.build("estimator", options),
         basis=catalog.build("basis", options), applier=catalog.build("graft", options),
-        fold_every=options.get("fold_every", 1))
+        fold_every=options.get("fold_every", 1), momentum_in_basis=options.get("momentum_in_basis", False))
 
 
 def composition_optimizer(params: Iterable[Any], lr: float, options: Mapping[str, Any],

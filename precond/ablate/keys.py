@@ -226,6 +226,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "basis_power": positive_int,
     "sweeps": positive_int,
     "fold_every": positive_int,
+    "momentum_in_basis": boolean,
     "applier": applier,
     "normalize": rms_or_none,
     "graft": choice(CHOICES["graft"]),
@@ -279,6 +280,9 @@ MEANINGS: dict[str, str] = {
     "sweeps": "refinement sweeps per refresh of basis refine (bases.Refine's sweeps; default 2)",
     "fold_every": "the estimator folds a gradient every this many steps (precond.Preconditioner's fold_every; "
                   "default 1: every step)",
+    "momentum_in_basis": "the momentum is kept rotated into the eigenbases (precond.Preconditioner's "
+                         "momentum_in_basis: the same updates up to round-off, one rotation fewer per folding step; "
+                         "appliers power only; true/false, default false)",
     "normalize": "rescale the update to this RMS (Normalize; ASGO uses 0.2), or none",
     "beta1": "momentum β₁ in [0, 1)",
     "beta2": "the estimator's EMA weight β₂ in [0, 1)",

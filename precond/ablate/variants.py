@@ -46,6 +46,9 @@ key                    values                                                   
                        steps, one QR; basis ``qr`` or a QR preset)
 ``sweeps``             refinement sweeps per refresh (basis ``refine`` only)       2
 ``fold_every``         the estimator folds a gradient every k steps                1
+``momentum_in_basis``  the momentum kept rotated into the bases (applier           false
+                       ``power``): the same updates up to round-off, one
+                       rotation fewer per folding step
 ``track_drift``        KL keeps ``diag(QᵀSQ)`` current (estimator ``kl``,           false
                        ``kl_soap``, or a KL preset), so ``drift_tolerance``
                        checks a basis without a ``d³`` product
@@ -63,6 +66,7 @@ The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``fold_every``,
+``momentum_in_basis``,
 ``track_drift`` and ``floor`` (KL presets), ``basis_power`` (QR presets), the speed keys
 ``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and
 ``graft``/``applier`` where
@@ -92,8 +96,8 @@ COMPOSITION_DEFAULTS: dict[str, Any] = {
 bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the run's setting."""
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
-               "decay_order", "rotation_dtype", "embeddings", "track_drift", "floor", "fold_every", "basis_power",
-               *keys.SPEED_KEYS)
+               "decay_order", "rotation_dtype", "embeddings", "track_drift", "floor", "fold_every", "momentum_in_basis",
+               "basis_power", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:

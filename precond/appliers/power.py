@@ -52,6 +52,8 @@ class Power:
     The two rotations use ``ctx.rotation_dtype`` operands when it is set (``precond.Optimizer(rotation_dtype=...)``);
     the scaling between them stays in the state dtype. Each basis is rounded to that dtype once per step and the
     rounded copy serves both rotations (the same numbers as rounding it in each, one cast kernel fewer per basis).
+    With ``ctx.in_basis`` (``Preconditioner(momentum_in_basis=True)``) the direction arrives rotated, in the state
+    dtype, and only the rotation back takes place.
     """
 
     p: Exponent = attrs.field(default=0.5, converter=plain_number, validator=number(
@@ -78,15 +80,15 @@ class Power:
         """Precondition ``direction`` (``(B, *view)``) with the bases and spectra of the pre-step state."""
         p = self.exponent(ctx.layout)
         if p == 0.0:
-            return direction
+            return unrotate(direction, ctx.ps.Q) if ctx.in_basis else direction
         bases, spectra, dense = ctx.ps.Q, ctx.ps.broadcast_spectra(), ctx.dense  # λ_k already in broadcast shape
         eps = self._eps(ctx.step, p)
         if self.floor != 0.0:
             spectra, dense = self._floored(spectra, dense, bases)
         rotation_dtype = ctx.rotation_dtype
-        if rotation_dtype is not None:  # each basis rounded once, for both rotations (not once per rotation)
+        if rotation_dtype is not None and not ctx.in_basis:  # each basis rounded once, for both rotations
             bases = [None if q is None else q.to(rotation_dtype) for q in bases]
-        rotated = rotate(direction, bases, rotation_dtype)
+        rotated = direction if ctx.in_basis else rotate(direction, bases, rotation_dtype)
         if dense is not None:
             rotated = (
                 rotated * (dense + eps).pow(-p) if self.eps_placement == "factor" else rotated / (dense.pow(p) + eps)

@@ -1,4 +1,5 @@
-"""``python -m precond.bench.op_count``: how many top-level aten operations one ``step()`` issues.
+"""``python -m precond.bench.op_count``: how many top-level aten operations one ``step()`` issues (``--flops``: how
+many floating-point operations its matrix products do).
 
 Each operation an eager ``step()`` issues costs one dispatch on the host and, on a GPU, one kernel launch, so the number
 of operations it issues is a deterministic measure of that host overhead that needs no GPU. (The overhead bounded the
@@ -58,17 +59,19 @@ def in_refresh(event) -> bool:
 
 
 @contextlib.contextmanager
-def tagged_refreshes(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+def tagged_refreshes(optimizer: torch.optim.Optimizer,
+                     around: Callable[[], contextlib.AbstractContextManager] = lambda: torch.profiler.record_function(
+                         REFRESH)) -> Iterator[None]:
     """Wrap a ``precond.Optimizer``'s refresh entry points (its engine's ``bucket_step.refresh`` and
-    ``schedule.flush``) in a profiler range named :data:`REFRESH` (instance attributes, removed again on exit; nothing
-    else of the optimizer changes). Another optimizer is left alone."""
+    ``schedule.flush``) in ``around()``, by default a profiler range named :data:`REFRESH` (instance attributes,
+    removed again on exit; nothing else of the optimizer changes). Another optimizer is left alone."""
     engine = getattr(optimizer, "engine", None)
     targets = [(engine.bucket_step, "refresh"), (engine.schedule, "flush")] if engine is not None else []
 
     def tagged(method: Callable) -> Callable:
         @functools.wraps(method)
         def run(*args, **kwargs):
-            with torch.profiler.record_function(REFRESH):
+            with around():
                 return method(*args, **kwargs)
         return run
 
@@ -97,10 +100,37 @@ def counted(prof: torch.profiler.profile, steps: int) -> OpCount:
     return OpCount(total=len(top) / steps, refresh=refresh / steps)
 
 
+def count_step_flops(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                     grads: Sequence[Sequence[torch.Tensor]]) -> OpCount:
+    """As :func:`count_step_ops`, counting instead the floating-point operations of the matrix products
+    (``torch.utils.flop_counter``: ``mm``, ``bmm``, ``addmm``, …, and so every ``einsum`` contraction; a
+    multiply-add is 2) per step, with the refreshes' part apart. The factorisations (QR, ``eigh``, Cholesky) have
+    no formula there and are not counted: the refresh part is its products only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    depth, refresh = [0], [0]
+
+    @contextlib.contextmanager
+    def attributed() -> Iterator[None]:
+        before = counter.get_total_flops()
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                refresh[0] += counter.get_total_flops() - before
+
+    with tagged_refreshes(optimizer, attributed), counter:
+        step_with(optimizer, params, grads)
+    return OpCount(total=counter.get_total_flops() / len(grads), refresh=refresh[0] / len(grads))
+
+
 def measure(name: str, shapes: Sequence[tuple[int, ...]], every: int = 10, max_dim: int = 2048, steps: int = 5,
-            warmup: int | None = None, seed: int = 0) -> OpCount:
-    """:func:`count_step_ops` for the contender ``name`` (``precond.bench.contenders``) on the CPU after ``warmup``
-    steps (default ``2T + 2``)."""
+            warmup: int | None = None, seed: int = 0, flops: bool = False) -> OpCount:
+    """:func:`count_step_ops` (or with ``flops`` :func:`count_step_flops`) for the contender ``name``
+    (``precond.bench.contenders``) on the CPU after ``warmup`` steps (default ``2T + 2``)."""
     from precond.bench.contenders import factory
 
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +144,7 @@ def measure(name: str, shapes: Sequence[tuple[int, ...]], every: int = 10, max_d
         for p, g in zip(params, gradients(), strict=True):
             p.grad = g
         optimizer.step()
-    return count_step_ops(optimizer, params, [gradients() for _ in range(steps)])
+    return (count_step_flops if flops else count_step_ops)(optimizer, params, [gradients() for _ in range(steps)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,12 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--max-dim", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10, help="counted steps (default 10 = T: every stagger phase)")
+    parser.add_argument("--flops", action="store_true",
+                        help="count the matrix products' GFLOP per step instead of the operations")
     args = parser.parse_args(argv)
-    print("| optimizer | top-level aten ops per step | of which refresh | steady (no refresh) |")
+    what, scale = ("matrix-product GFLOP", 1e9) if args.flops else ("top-level aten ops", 1.0)
+    print(f"| optimizer | {what} per step | of which refresh | steady (no refresh) |")
     print("| --- | --- | --- | --- |")
+    digits = 3 if args.flops else 1
     for name in args.optimizers.split(","):
-        count = measure(name, PRESETS[args.shapes], args.every, args.max_dim, args.steps)
-        print(f"| {name} | {count.total:.1f} | {count.refresh:.1f} | {count.steady:.1f} |", flush=True)
+        count = measure(name, PRESETS[args.shapes], args.every, args.max_dim, args.steps, flops=args.flops)
+        cells = [f"{value / scale:.{digits}f}" for value in (count.total, count.refresh, count.steady)]
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":
