@@ -24,8 +24,8 @@ from precond.ablate.build import build_optimizer
 from precond.ablate.variants import parse_variant
 from precond.bench.op_count import count_step_flops
 from precond.contractions import change_basis
+from tests.battery_problem import make_model, parameters, train
 
-from battery_problem import make_model, parameters, train
 from reference import unfold
 
 F64 = torch.float64
@@ -182,3 +182,26 @@ def test_workbench_key():
     composition = build_optimizer(parse_variant("estimator=kl,basis=qr,applier=power,momentum_in_basis=true"), named,
                                   lr=1e-2)
     assert composition.param_groups[0]["preconditioner"].momentum_in_basis
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"capture": True, "stagger": True, "async_refresh": True},
+                                     {"capture": True, "fold_every": 2, "track_drift": True, "drift_tolerance": 0.0}],
+                         ids=["eager", "captured_async", "captured_fold_every"])
+def test_on_cuda_the_updates_are_those_of_the_default_path(options):
+    """On CUDA (CUDA graphs, side-stream refreshes), float64 state so that the two paths agree to round-off."""
+    shapes = [(12, 8), (12, 8), (8,), (3, 4, 5)]
+
+    def run(in_basis: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=F64).cuda()) for s in shapes]
+        optimizer = precond.kl_shampoo(params, lr=1e-2, every=3, state_dtype=F64, momentum_in_basis=in_basis,
+                                       **options)
+        for _ in range(11):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=F64).cuda()
+            optimizer.step()
+        return [p.detach().cpu() for p in params]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
