@@ -33,7 +33,11 @@ class Estimator:
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         return {}
 
-    def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
+    def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int,
+                rotated: Optional[torch.Tensor] = None) -> None:
+        """Statistics the step's direction must already see (none here). ``rotated``: ``G ×_k Q_k`` when the step
+        has formed it already (``Preconditioner(momentum_in_basis=True)``, which passes it to an estimator with a
+        ``rotations`` hook), for an estimator that would rotate the gradient itself (``DenseSpectrum``'s ``V``)."""
         return None
 
     def dense_spectrum(self, ps: ParamState, step: int) -> Optional[torch.Tensor]:

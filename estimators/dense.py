@@ -65,9 +65,12 @@ class DenseSpectrum(Estimator):
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         return {**self.factors.init_state(grad, layout), "V": torch.zeros_like(grad)}
 
-    def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int) -> None:
+    def prepare(self, ps: ParamState, grad: torch.Tensor, layout: Layout, step: int,
+                rotated: Optional[torch.Tensor] = None) -> None:
+        """Fold ``R ⊙ R`` (or the factors' own moment) into ``V``; ``R = G ×_k Q_k``, or ``rotated`` where the step
+        has formed it (``estimators.base.Estimator.prepare``)."""
         self.factors.prepare(ps, grad, layout, step)
-        rotated = rotate(grad, ps.Q)
+        rotated = rotate(grad, ps.Q) if rotated is None else rotated
         custom = self.factors.rotated_moment(ps, grad, rotated, layout)
         if custom is None:
             fold(ps.estimator["V"], rotated * rotated, self.beta, gradient_weights(self.beta, grad))

@@ -83,7 +83,7 @@ class Preconditioner:
     refresh carries it into the new basis (:meth:`install_refresh`). The same updates as the default up to
     round-off; what changes is the work: the applier no longer rotates the momentum into the bases, and at a step
     that folds, ``R`` is the rotation the estimator forms anyway (KL), so one rotation of the gradient's size per
-    step goes (SOAP's ``V`` still rotates the gradient for itself); each refresh of mode ``k`` pays one
+    step goes (with SOAP's ``V``, which reads the same ``R``, one per step); each refresh of mode ``k`` pays one
     ``d_k × d_k`` change of basis of the momentum. Needs the applier ``precond.Power`` and
     ``order="apply_then_fold"``. It changes what ``state_dict`` holds under ``"momentum"`` (the rotated ``m̃``), so a
     checkpoint is refused by an optimizer with the other setting (the configuration check of ``load_state_dict``).
@@ -199,7 +199,8 @@ class Preconditioner:
         scales ``m̃`` and rotates it back. Since ``m̃ = m ×_k Q_k`` for the parameter-space momentum ``m`` of the
         default path (every rotation is linear and the bases orthogonal, and :meth:`install_refresh` carries
         ``m̃`` into each new basis), the updates are the default path's up to round-off, without the applier's
-        rotation of ``m`` into the bases: one rotation of the gradient's size fewer per step that folds."""
+        rotation of ``m`` into the bases: one rotation of the gradient's size fewer per step that folds (and per
+        step with a dense spectrum, SOAP's ``V``, whose ``prepare`` takes ``R`` instead of rotating ``G`` again)."""
         folds = self.folds_at(step) if fold is None else fold
         hook = getattr(self.estimator, "rotations", None)  # optional (estimators.base.Estimator has it)
         shared = hook(ps, grad, layout) if folds and hook is not None else None
@@ -208,7 +209,8 @@ class Preconditioner:
         if momentum is not None:
             source = momentum_direction(ps.momentum, rotated, momentum.beta, momentum.nesterov,
                                         momentum.bias_correction, step)
-        update = self.apply(ps, grad, source, layout, step, rotation_dtype, in_basis=True)
+        update = self.apply(ps, grad, source, layout, step, rotation_dtype, in_basis=True,
+                            rotated=rotated if hook is not None else None)
         if folds:
             if shared is not None and shared.partial:
                 self.estimator.update(ps, grad, layout, rotations=shared)
@@ -217,13 +219,18 @@ class Preconditioner:
         return update
 
     def apply(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
-              step: Step, rotation_dtype: Optional[torch.dtype] = None, in_basis: bool = False) -> torch.Tensor:
+              step: Step, rotation_dtype: Optional[torch.dtype] = None, in_basis: bool = False,
+              rotated: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The update for ``direction`` from the current bases and spectra: the estimator's ``prepare`` (statistics
         the direction must already see, e.g. SOAP's ``V``), then the applier. Folds nothing into ``S_k``/``λ_k``.
         ``rotation_dtype`` (bfloat16/float16) is handed to the applier for its rotations of ``direction`` (the
         estimator's statistics are computed in the state dtype whatever it is). ``in_basis``: ``direction`` is
-        already rotated into the bases (:meth:`precondition_in_basis`)."""
-        self.estimator.prepare(ps, grad, layout, step)
+        already rotated into the bases (:meth:`precondition_in_basis`), which also hands the estimator's
+        ``prepare`` the gradient's rotation ``rotated`` it formed (SOAP's ``V`` then does not rotate it again)."""
+        if rotated is not None:
+            self.estimator.prepare(ps, grad, layout, step, rotated=rotated)
+        else:
+            self.estimator.prepare(ps, grad, layout, step)
         ctx = ApplyContext(ps=ps, layout=layout, grad=grad, step=step,
                            dense=self.estimator.dense_spectrum(ps, step), rotation_dtype=rotation_dtype,
                            in_basis=in_basis)

@@ -110,28 +110,30 @@ def test_on_weights_of_any_order_the_trajectories_agree(shape, members, nesterov
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fold_every", [1, 2])
-def test_a_folding_step_does_one_rotation_of_the_gradient_fewer(fold_every):
+@pytest.mark.parametrize("preset,fold_every", [("kl_shampoo", 1), ("kl_shampoo", 2), ("soap", 1), ("soap", 2)])
+def test_one_rotation_of_the_gradient_fewer(preset, fold_every):
     """Counted exactly (``torch.utils.flop_counter``; no refresh is due in the counted steps): on an ``m × n``
-    matrix, a step that folds does ``2(m²n + mn²)`` product flops fewer per parameter — the applier's rotation
-    of the momentum into the bases, ``Q_mᵀ M Q_n`` — and a step that does not fold as many as before."""
+    matrix, ``2(m²n + mn²)`` product flops fewer per parameter — the applier's rotation of the momentum into the
+    bases, ``Q_mᵀ M Q_n`` — at each step that folds for KL (whose fold forms ``R`` anyway; a step that does not
+    fold rotates the gradient instead of the momentum), and at every step for SOAP (whose ``V`` reads ``R`` every
+    step)."""
     m, n, members = 6, 4, 2
 
-    def flops(in_basis: bool, steps: int) -> float:
+    def flops(in_basis: bool) -> float:
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(m, n, generator=gen, dtype=F64)) for _ in range(members)]
-        optimizer = precond.kl_shampoo(params, lr=1e-2, every=1000, fold_every=fold_every, state_dtype=F64,
-                                       momentum_in_basis=in_basis)
+        optimizer = getattr(precond, preset)(params, lr=1e-2, every=1000, fold_every=fold_every, state_dtype=F64,
+                                             momentum_in_basis=in_basis)
         for _ in range(fold_every):  # the fill, then up to the first step that folds (step fold_every)
             for p in params:
                 p.grad = torch.randn(m, n, generator=gen, dtype=F64)
             optimizer.step()
-        grads = [[torch.randn(m, n, generator=gen, dtype=F64) for _ in params] for _ in range(steps)]
-        return count_step_flops(optimizer, params, grads).total * steps
+        grads = [[torch.randn(m, n, generator=gen, dtype=F64) for _ in params] for _ in range(fold_every)]
+        return count_step_flops(optimizer, params, grads).total * fold_every  # one period: one step folds
 
     rotation = 2 * (m * m * n + m * n * n) * members
-    steps = fold_every  # one folding step (the last) per period
-    assert flops(False, steps) - flops(True, steps) == rotation
+    saved_steps = fold_every if preset == "soap" else 1
+    assert flops(False) - flops(True) == rotation * saved_steps
 
 
 def test_the_resume_is_exact_and_a_checkpoint_of_the_other_setting_is_refused():
