@@ -8,6 +8,7 @@ from typing import Literal, Optional, Sequence
 import attrs
 import torch
 
+from precond.appliers.power import Power
 from precond.contractions import change_basis, rotate
 from precond.ema import Step, momentum_direction
 from precond.fallbacks import FallbackCounter
@@ -113,8 +114,6 @@ class Preconditioner:
             raise ValueError("fold_every > 1 with an estimator fed by layer captures (K-FAC): the capture decides "
                              "when statistics are recorded; set its factor_every instead and leave fold_every at 1")
         if self.momentum_in_basis:
-            from precond.appliers.power import Power  # the appliers import this module's neighbours
-
             if type(self.applier) is not Power:
                 raise ValueError(
                     f"momentum_in_basis=True needs the applier precond.Power, which rotates the direction into the "
