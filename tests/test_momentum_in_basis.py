@@ -26,7 +26,7 @@ from precond.bench.op_count import count_step_flops
 from precond.contractions import change_basis
 from tests.battery_problem import make_model, parameters, train
 
-from reference import unfold
+from reference import kron_all, unfold
 
 F64 = torch.float64
 
@@ -95,7 +95,9 @@ def test_the_updates_are_those_of_the_momentum_in_the_parameters_coordinates(pre
        members=st.integers(1, 3), nesterov=st.booleans(), fold_every=st.integers(1, 2), every=st.integers(1, 3),
        seed=st.integers(0, 2**16))
 def test_on_weights_of_any_order_the_trajectories_agree(shape, members, nesterov, fold_every, every, seed):
-    def trajectory(in_basis: bool) -> list[torch.Tensor]:
+    """The same parameters, and the stored momentum is ``m ×_k Q_k`` of the default path's ``m`` and bases, formed
+    here as the dense ``(⊗_k Q_k)ᵀ vec(m)`` (identity for a mode without a basis)."""
+    def trajectory(in_basis: bool) -> tuple[list[torch.Tensor], list[dict]]:
         gen = torch.Generator().manual_seed(seed)
         params = [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=F64)) for _ in range(members)]
         optimizer = precond.kl_shampoo(params, lr=1e-2, every=every, nesterov=nesterov, fold_every=fold_every,
@@ -104,10 +106,18 @@ def test_on_weights_of_any_order_the_trajectories_agree(shape, members, nesterov
             for p in params:
                 p.grad = torch.randn(shape, generator=gen, dtype=F64)
             optimizer.step()
-        return [p.detach().clone() for p in params]
+        return [p.detach().clone() for p in params], [optimizer.state[p] for p in params]
 
-    for a, b in zip(trajectory(False), trajectory(True), strict=True):
+    (default, default_states), (in_basis, in_basis_states) = trajectory(False), trajectory(True)
+    for a, b in zip(default, in_basis, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    for plain, rotated in zip(default_states, in_basis_states, strict=True):
+        m = plain["momentum"]
+        bases = plain["basis"]["Q"]
+        rotation = kron_all([bases[str(k)] if str(k) in bases else torch.eye(d, dtype=F64)
+                             for k, d in enumerate(m.shape)])
+        expected = (rotation.T @ m.reshape(-1)).reshape(m.shape)
+        torch.testing.assert_close(rotated["momentum"], expected, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("preset,fold_every", [("kl_shampoo", 1), ("kl_shampoo", 2), ("soap", 1), ("soap", 2)])
