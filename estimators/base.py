@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
 import torch
 
 from precond.contractions import rotate
 from precond.layout import Layout
+from precond.parts import Rotations
 from precond.refresh import Refresh
 from precond.state import ParamState
-
-
-class Rotations(NamedTuple):
-    """The gradient's rotations into the bases that a step forms once and shares (``Preconditioner``'s
-    ``momentum_in_basis``): the full ``R = G ×_j Q_j`` and, by mode ``k``, any partial rotation the estimator's
-    ``update`` would form again (KL's ``G ×_{j≠k} Q_j``), handed back to it as ``update(..., rotations=...)``."""
-
-    full: torch.Tensor
-    partial: Mapping[int, torch.Tensor]
 
 
 class Estimator:

@@ -7,13 +7,13 @@ from typing import Literal, Mapping, Optional
 import attrs
 import torch
 
-from estimators.base import Estimator, Rotations
+from estimators.base import Estimator
 from estimators.shampoo import Shampoo
 from precond.contractions import outer, rotate
 from precond.ema import Step, bias_correction, fold, fold_weights, gradient_weights
 from precond.layout import Layout
 from precond.parts import Estimator as EstimatorProtocol
-from precond.parts import slot
+from precond.parts import Rotations, slot, update_with
 from precond.refresh import Refresh
 from precond.state import ParamState
 from precond.validators import number, one_of, plain_number
@@ -89,10 +89,7 @@ class DenseSpectrum(Estimator):
 
     def update(self, ps: ParamState, grad: torch.Tensor, layout: Layout, first: bool = False,
                rotations: Optional[Rotations] = None) -> None:
-        if rotations is not None and rotations.partial:
-            self.factors.update(ps, grad, layout, first, rotations=rotations)
-        else:
-            self.factors.update(ps, grad, layout, first)
+        update_with(self.factors, ps, grad, layout, rotations, first)
 
     def tracked_diagonal(self, ps: ParamState, k: int) -> Optional[torch.Tensor]:
         return self.factors.tracked_diagonal(ps, k)

@@ -27,10 +27,11 @@ import attrs
 import torch
 
 from estimators._common import FloorSpec, beta_field, floor_validator, permute_columns, spectrum_floor, sum_except
-from estimators.base import Estimator, Rotations
+from estimators.base import Estimator
 from precond.contractions import each, gram, mode_product, rotate, scale
 from precond.ema import fold, fold_all, gradient_weights
 from precond.layout import Layout
+from precond.parts import Rotations
 from precond.refresh import Refresh, rayleigh_quotients
 from precond.state import ParamState, Tensors
 from precond.validators import nonnegative, number, one_of, plain_number

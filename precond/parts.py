@@ -17,7 +17,7 @@ None`` for a basis that is never refreshed. The library's estimators inherit the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
@@ -44,6 +44,27 @@ class Structure(Protocol):
     def blocks(self, shape: Sequence[int]) -> Optional["Blocks"]: ...
 
 
+class Rotations(NamedTuple):
+    """The gradient's rotations into the bases that a step forms once and shares (``Preconditioner``'s
+    ``momentum_in_basis``), from an estimator's optional ``rotations(ps, grad, layout)`` hook
+    (``estimators.base.Estimator.rotations``): the full ``R = G ×_j Q_j`` and, by mode ``k``, any partial rotation
+    the estimator's ``update`` would form again (KL's ``G ×_{j≠k} Q_j``). An estimator that returns partial rotations
+    takes them back as ``update(..., rotations=...)`` (:func:`update_with`)."""
+
+    full: torch.Tensor
+    partial: Mapping[int, torch.Tensor]
+
+
+def update_with(estimator: Any, ps: ParamState, grad: torch.Tensor, layout: Layout,
+                rotations: Optional[Rotations], first: bool = False) -> None:
+    """``estimator.update(ps, grad, layout, first)``, handing back ``rotations`` where they hold partial rotations
+    (:class:`Rotations`; an estimator without them keeps the protocol's signature)."""
+    if rotations is not None and rotations.partial:
+        estimator.update(ps, grad, layout, first, rotations=rotations)
+    else:
+        estimator.update(ps, grad, layout, first)
+
+
 @runtime_checkable
 class Estimator(Protocol):
     """How ``S_k`` and ``λ_k`` (and the estimator's own tensors) absorb each gradient; called in this order:
@@ -65,6 +86,11 @@ class Estimator(Protocol):
       that fold it; ``None`` means ``R⊙R`` of the gradient's rotation ``rotated``;
     - ``tracked_diagonal(ps, k)`` (default ``None``): ``diag(Q_kᵀ S_k Q_k)`` kept current by the estimator
       (``KL(track_drift=True)``), which ``drift_tolerance`` then reads instead of forming ``S_k Q_k``.
+
+    One optional hook outside the protocol (looked up by name, so an estimator without it still fits):
+    ``rotations(ps, grad, layout)`` → :class:`Rotations`, the gradient's rotation into the bases that
+    ``Preconditioner(momentum_in_basis=True)`` shares with the step (``estimators.base.Estimator`` has it; an
+    estimator that has it also takes ``rotated=`` in ``prepare``).
     """
 
     needs_whole_parameters: bool

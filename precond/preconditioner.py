@@ -13,7 +13,7 @@ from precond.contractions import change_basis, rotate
 from precond.ema import Step, momentum_direction
 from precond.fallbacks import FallbackCounter
 from precond.layout import Blocks, Layout
-from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot
+from precond.parts import Applier, ApplyContext, Basis, Estimator, Structure, slot, update_with
 from precond.refresh import Refresh, is_due, refresh_index
 from precond.state import ParamState
 from precond.validators import number, one_of, plain_number
@@ -211,10 +211,7 @@ class Preconditioner:
         update = self.apply(ps, grad, source, layout, step, rotation_dtype, in_basis=True,
                             rotated=rotated if hook is not None else None)
         if folds:
-            if shared is not None and shared.partial:
-                self.estimator.update(ps, grad, layout, rotations=shared)
-            else:
-                self.estimator.update(ps, grad, layout)
+            update_with(self.estimator, ps, grad, layout, shared)
         return update
 
     def apply(self, ps: ParamState, grad: torch.Tensor, direction: torch.Tensor, layout: Layout,
