@@ -58,15 +58,12 @@ LEVERS = {
     **{f"kl_shampoo_{basis}_{rule}_{mode}": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule]}
        for basis in ("qr", "refine") for rule in ("drift", "budget") for mode in ("fast", "captured")},
-    # the momentum kept in the bases (Preconditioner(momentum_in_basis=True), issue 23, lever 4): each beside its
-    # line without it
-    **{f"kl_shampoo_qr_{rule}_{mode}_mib": {"stagger": True, "basis": "qr", "tf32": True, "async_refresh": True,
-                                            **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule],
-                                            "momentum_in_basis": True}
-       for rule in ("drift", "budget") for mode in ("fast", "captured")},
-    "kl_shampoo_qr_fast_captured_mib": {"stagger": True, "basis": "qr", "tf32": True, "async_refresh": True,
-                                        "capture": True, "momentum_in_basis": True},
 }
+# the momentum kept in the bases (Preconditioner(momentum_in_basis=True), issue 23, lever 4): each line "<name>_mib"
+# is line <name> with it, to be timed beside it
+_WITH_MOMENTUM_IN_BASIS = ("kl_shampoo_qr_fast_captured", *(f"kl_shampoo_qr_{rule}_{mode}" for rule in RACE_RULES
+                                                               for mode in ("fast", "captured")))
+LEVERS.update({f"{name}_mib": {**LEVERS[name], "momentum_in_basis": True} for name in _WITH_MOMENTUM_IN_BASIS})
 
 BASES: dict[str, Callable[[int], object]] = {
     "cholesky": lambda every: bases.CholeskyQR(every=every),
