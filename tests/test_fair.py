@@ -4,6 +4,7 @@ loss against wall-clock time."""
 import importlib.util
 import math
 
+import attrs
 import pytest
 import torch
 from hypothesis import given
@@ -358,6 +359,54 @@ def test_the_plan_extends_a_grid_until_the_best_lr_is_inside(tmp_path):
         runs.finish(plan(tight, runs.lookup).grid())
     tuning = plan(tight, runs.lookup).tunings["adamw"]
     assert tuning.state == "limit" and tuning.message.startswith("NOT BRACKETED: best lr 0.001 is at the upper edge")
+
+
+def test_tuning_seeds_tune_on_their_seeds_and_replicate_only_the_settled_best_lr(tmp_path):
+    from precond.ablate.bracket import plan
+    variants = [{"spec": "adamw", "lrs": [1e-5, 1e-4]}, {"spec": "kl_shampoo,every=50", "name": "T=50",
+                                                          "lr_from": "adamw"}]
+    config = tiny_config(tmp_path, variants, seeds=[0, 1], tuning_seeds=[0], extend_lrs=5)
+    runs = _Synthetic()
+    rounds = []
+    while True:
+        current = plan(config, runs.lookup)
+        todo = [run for run in current.grid() if runs.lookup(*run) is None]
+        if not todo:
+            break
+        rounds.append(sorted({(v.name, lr, seed) for v, lr, seed in todo}))
+        runs.finish(todo)
+    # seed 1 waits until adamw is bracketed on seed 0 (1e-5, 1e-4, then 1e-3, then 1e-2), then runs at 1e-3 only
+    assert rounds == [[("adamw", 1e-5, 0), ("adamw", 1e-4, 0)], [("adamw", 1e-3, 0)], [("adamw", 1e-2, 0)],
+                      [("T=50", 1e-3, 0), ("T=50", 1e-3, 1), ("adamw", 1e-3, 1)]]
+    alone = plan(tiny_config(tmp_path, variants, seeds=[0], extend_lrs=5), runs.lookup).tunings["adamw"]
+    assert current.tunings["adamw"] == alone  # the same tuning as seed 0 alone
+    assert [(lr, seed) for _, lr, seed in current.grid(every_lr=True)][:4] == [(1e-5, 0), (1e-4, 0), (1e-3, 0),
+                                                                               (1e-2, 0)]
+
+    with pytest.raises(ValueError, match=r"tuning_seeds must be some of the seeds \[0, 1\]; \[2\] are not"):
+        tiny_config(tmp_path, variants, seeds=[0, 1], tuning_seeds=[2])
+
+
+def test_a_replica_seed_never_chooses_the_best_lr():
+    from precond.ablate.summary import summarize
+    runs = [_run("a", 1e-3, 0, 1.00), _run("a", 2e-3, 0, 1.10),  # seed 0 (tuning): 1e-3 is best
+            _run("a", 1e-3, 1, 1.30), _run("a", 2e-3, 1, 0.90)]  # seed 1 alone would choose 2e-3
+    (tuned,) = summarize(runs, ["a"], tuning_seeds=(0,))
+    assert tuned.best_lr == 1e-3 and tuned.final_mean == pytest.approx(1.15)
+    assert sorted(r["seed"] for r in tuned.best_runs) == [0, 1]
+    (pooled,) = summarize(runs, ["a"])
+    assert pooled.best_lr == 2e-3 and pooled.final_mean == pytest.approx(1.00)
+    lone = [_run("b", 1e-3, 0, 1.0), _run("b", 5e-4, 1, 0.5)]  # an lr that only a replica seed ran
+    assert summarize(lone, ["b"], tuning_seeds=(0,))[0].best_lr == 1e-3
+
+
+def test_runs_made_before_tuning_seeds_stay_in_the_report(tmp_path):
+    every = tiny_config(tmp_path, [{"spec": "adamw", "lrs": [1e-5, 3e-5]}], seeds=[0, 1])
+    assert run_ablation(every, log=quiet).executed == 4
+    later = attrs.evolve(every, tuning_seeds=(0,))
+    result = run_ablation(later, log=quiet)
+    assert (result.executed, result.remaining, len(result.records)) == (0, 0, 4)
+    assert "| adamw | 1e-05 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_an_ablation_extends_its_grid_resumes_and_reports_the_same_plan(tmp_path):

@@ -3,15 +3,23 @@
 A comparison is only as fair as its tuning: a variant whose best learning rate is the smallest or largest of its
 grid may do better outside it. The rule applied to every variant (unless it says ``bracket = false``):
 
-- its best lr is the one with the lowest mean final validation loss over the seeds (a run that diverged counts
-  as ``+inf``, so a diverged neighbour is worse and brackets the best from that side);
+- its best lr is the one with the lowest mean final validation loss over the tuning seeds (``tuning_seeds``,
+  every seed by default; a run that diverged counts as ``+inf``, so a diverged neighbour is worse and brackets
+  the best from that side);
 - the best lr is *inside* when a smaller and a larger lr were tried;
 - when it sits at an edge, the grid is extended by one lr beyond that edge, at the ratio of the grid's last step
   on that side (``lr₀² / lr₁`` below, ``lr₋₁² / lr₋₂`` above; a factor :data:`DEFAULT_RATIO` for a grid of one
   lr, which is extended on both sides); when every lr diverged, downwards;
-- an extension is decided only once every seed of every lr of the variant has finished, and each variant may
+- an extension is decided only once every tuning seed of every lr of the variant has finished, and each variant may
   add at most ``limit`` lrs (``extend_lrs`` in the configuration); past it the variant is reported **not
   bracketed**, loudly, in the summary.
+
+With ``tuning_seeds`` a subset of the seeds (tune on seed 0, say, and replicate on seed 1), the other seeds run
+only at a variant's best lr, once its tuning is settled (bracketed, or at its limit): the paired comparison at
+the best lrs gets every seed for the price of one seed's grid. The rule is fixed before the replicas run, so
+their losses never choose an lr; the best lr carries the tuning seeds' selection bias (a winner's curse that
+every variant shares). A variant that diverged at every lr gets no replicas; one with ``lr_from`` or ``expect =
+"diverge"`` runs its lrs on every seed (it is not tuned).
 
 A variant with ``expect = "diverge"`` is there to show a failure (Shampoo without grafting): its grid is kept as
 given, and the summary reports "diverged at every lr tried, as expected" rather than asking for wider lrs, or
@@ -76,24 +84,40 @@ class Tuning:
 @attrs.frozen
 class Plan:
     """The grid to run now: each runnable variant with its learning rates (the given ones plus extensions, or the
-    lr taken from another variant), and each variant's :class:`Tuning`."""
+    lr taken from another variant), each variant's :class:`Tuning`, and the seeds the lrs are tuned on
+    (``tuning_seeds``; the others run at the best lr only)."""
 
     variants: tuple[Variant, ...]
     seeds: tuple[int, ...]
     tunings: dict[str, Tuning]
+    tuning_seeds: Optional[tuple[int, ...]] = None
 
-    def grid(self) -> list[tuple[Variant, float, int]]:
+    def lrs_of(self, variant: Variant, seed: int) -> tuple[float, ...]:
+        """The lrs ``variant`` runs at with ``seed``: all of them on a tuning seed or for a variant that is not
+        tuned (``lr_from``, ``expect = "diverge"``); else the settled best lr, or none yet."""
+        lrs = tuple(variant.lrs or ())
+        if self.tuning_seeds is None or seed in self.tuning_seeds or variant.lr_from is not None \
+                or variant.expected_to_diverge:
+            return lrs
+        tuning = self.tunings[variant.name]
+        settled = tuning.state not in ("pending", "waiting") and tuning.best_lr is not None
+        return (tuning.best_lr,) if settled else ()
+
+    def grid(self, every_lr: bool = False) -> list[tuple[Variant, float, int]]:
         """The tuned variants seed by seed, then by position in the lr lists, then by variant (as
         ``AblationConfig.grid``); then, in the same order, the variants that are not tuned (``bracket = false``,
         ``lr_from`` or ``expect = "diverge"``), so a time-limited ablation finishes the comparison of tuned variants
-        first."""
+        first. ``every_lr``: every seed at every lr, the runs a report may show (with ``tuning_seeds``, a replica
+        seed's runs at other lrs, made before the rule or by hand, are shown but not asked for)."""
         runs = []
         for tuned in (True, False):
             variants = [v for v in self.variants
                         if v.lrs and (v.bracket and v.lr_from is None and not v.expected_to_diverge) == tuned]
-            depth = max((len(v.lrs) for v in variants), default=0)
-            runs += [(variant, variant.lrs[index], seed) for seed in self.seeds for index in range(depth)
-                     for variant in variants if index < len(variant.lrs)]
+            for seed in self.seeds:
+                lrs = {v.name: tuple(v.lrs) if every_lr else self.lrs_of(v, seed) for v in variants}
+                depth = max((len(lrs[v.name]) for v in variants), default=0)
+                runs += [(variant, lrs[variant.name][index], seed) for index in range(depth)
+                         for variant in variants if index < len(lrs[variant.name])]
         return runs
 
 
@@ -172,7 +196,7 @@ def tune(variant: Variant, base: Sequence[float], seeds: Sequence[int], lookup: 
 
 def plan(config: Any, lookup: Lookup) -> Plan:
     """The grid implied by ``config`` and the finished runs (``lookup``), with every variant's tuning state."""
-    seeds = tuple(config.seeds)
+    seeds = tuple(config.seeds_tuned())
     limit = config.extend_lrs
     runnable = config.runnable()
     chosen: dict[str, tuple[float, ...]] = {}
@@ -206,13 +230,13 @@ def plan(config: Any, lookup: Lookup) -> Plan:
                                            message=f"runs at the best lr of {variant.lr_from}, which {why}")
             continue
         lr = source.best_lr
-        done = mean_losses(variant, [lr], seeds, lookup) is not None
+        done = mean_losses(variant, [lr], config.seeds, lookup) is not None
         tunings[variant.name] = Tuning(
             variant.name, (lr,), (), "fixed" if done else "pending", lr if done else None,
             f"runs at the best lr of {variant.lr_from} ({lr:g}); not tuned itself")
         chosen[variant.name], resolved[variant.name] = (lr,), variant
     variants = tuple(attrs.evolve(resolved[v.name], lrs=chosen[v.name]) for v in runnable if v.name in chosen)
-    return Plan(variants, seeds, {v.name: tunings[v.name] for v in runnable})
+    return Plan(variants, tuple(config.seeds), {v.name: tunings[v.name] for v in runnable}, config.tuning_seeds)
 
 
 def _tuned_source(tunings: dict[str, Tuning], name: str) -> tuple[Optional[Tuning], Optional[str]]:

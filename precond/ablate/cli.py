@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE", help="char_lm: train on this text file instead of the standard library")
     p.add_argument("--lrs", type=_csv(float), metavar="LR,LR", help="learning rates for every variant")
     p.add_argument("--seeds", type=_csv(int), metavar="S,S", help="seeds, e.g. 0,1")
+    p.add_argument("--tuning-seeds", type=_csv(int), metavar="S,S",
+                   help="tune the learning rates on these seeds only (some of --seeds); the other seeds then run at "
+                        "each variant's best lr only (default: every seed runs every lr)")
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int, metavar="N")
     p.add_argument("--eval-batches", type=int, metavar="N")
@@ -111,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.data:
         options["data"] = args.data
     data["task_options"] = options
-    direct = {"variants": args.variant, "task": args.task, "lrs": args.lrs, "seeds": args.seeds, "steps": args.steps,
+    direct = {"variants": args.variant, "task": args.task, "lrs": args.lrs, "seeds": args.seeds,
+              "tuning_seeds": args.tuning_seeds, "steps": args.steps,
               "eval_every": args.eval_every, "eval_batches": args.eval_batches, "schedule": args.schedule,
               "warmup": args.warmup, "weight_decay": args.weight_decay, "clip": args.clip,
               "target_loss": args.target_loss, "device": args.device, "out": args.out, "max_minutes": args.max_minutes,

@@ -7,6 +7,7 @@ one is refused with the list of known keys. Example (``ablations/demo.toml``)::
     steps = 400
     lrs = [1e-3, 3e-3]          # the grid of every variant that does not give its own
     seeds = [0]
+    # tuning_seeds = [0]        # with seeds = [0, 1]: tune on seed 0, run seed 1 at each best lr only
 
     [task_options]
     layers = 2
@@ -46,8 +47,9 @@ DEFAULT_SEEDS = (0,)
 DEFAULT_VARIANTS = ("kl_shampoo", "shampoo", "shampoo,graft=none,name=shampoo (no graft)", "soap", "adamw")
 
 _TRAINING_KEYS = tuple(field.name for field in attrs.fields(Training))
-_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "target_loss", "device", "out", "max_minutes",
-             "progress", "workers", "threads", "extend_lrs", "baselines", "library", "timing_steps", "tensorboard")
+_OWN_KEYS = ("task", "task_options", "variants", "lrs", "seeds", "tuning_seeds", "target_loss", "device", "out",
+             "max_minutes", "progress", "workers", "threads", "extend_lrs", "baselines", "library", "timing_steps",
+             "tensorboard")
 ALLOWED_KEYS = _OWN_KEYS + _TRAINING_KEYS
 
 
@@ -56,6 +58,18 @@ def _seeds(value: Any) -> tuple[int, ...]:
     if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
         raise ValueError(f"seeds must be a list of integers ≥ 0, got {value!r}")
     return tuple(items)
+
+
+def _tuning_seeds(value: Any, seeds: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+    """``tuning_seeds``: ``None`` (every seed tunes) or a non-empty subset of ``seeds``."""
+    if value is None:
+        return None
+    items = _seeds(value)
+    strangers = [seed for seed in items if seed not in seeds]
+    if strangers:
+        raise ValueError(f"tuning_seeds must be some of the seeds {list(seeds)}; {strangers} are not (add them to "
+                         f"seeds, or leave tuning_seeds out to tune on every seed)")
+    return tuple(dict.fromkeys(items))
 
 
 @attrs.frozen
@@ -68,6 +82,9 @@ class AblationConfig:
     variants: tuple[Variant, ...]
     lrs: tuple[float, ...] = DEFAULT_LRS
     seeds: tuple[int, ...] = DEFAULT_SEEDS
+    tuning_seeds: Optional[tuple[int, ...]] = None
+    """The seeds the learning rates are tuned on (:mod:`precond.ablate.bracket`); the other seeds run only at each
+    variant's best lr once it is settled. ``None``: every seed runs at every lr and tunes."""
     training: Training = Training()
     target_loss: Union[float, str, None] = None
     device: str = "auto"
@@ -137,6 +154,10 @@ class AblationConfig:
             return self.baselines
         return tuple(variant.name for variant in self.variants if variant.preset in BASELINES)
 
+    def seeds_tuned(self) -> tuple[int, ...]:
+        """The seeds the learning rates are tuned on: :attr:`tuning_seeds`, or every seed."""
+        return self.seeds if self.tuning_seeds is None else self.tuning_seeds
+
     def threads_on(self, device: torch.device) -> Optional[int]:
         """The thread count a run on ``device`` uses (``None``: torch's, left as it is)."""
         return threads_for(self.threads, device)
@@ -176,9 +197,10 @@ class AblationConfig:
         if duplicates:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)} (add name=...)")
         target = data.get("target_loss", "auto")
+        seeds = _seeds(data.get("seeds", DEFAULT_SEEDS))
         return cls(
             task=task, variants=variants, lrs=learning_rates(data.get("lrs", DEFAULT_LRS)),
-            seeds=_seeds(data.get("seeds", DEFAULT_SEEDS)), training=training,
+            seeds=seeds, tuning_seeds=_tuning_seeds(data.get("tuning_seeds"), seeds), training=training,
             target_loss=_target(target),
             device=str(data.get("device", "auto")), out=Path(data.get("out", "results")),
             max_minutes=None if data.get("max_minutes") is None else _float("max_minutes", data["max_minutes"]),

@@ -273,7 +273,7 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
     out.mkdir(parents=True, exist_ok=True)
     files = {"runs": out / "runs.jsonl", "csv": out / "runs.csv", "markdown": out / "summary.md"}
     write_csv(records, files["csv"])
-    summaries = summarize(records, [variant.name for variant in config.variants])
+    summaries = summarize(records, [variant.name for variant in config.variants], config.tuning_seeds)
     baselines = config.baseline_names()
     reference = reference_of(summaries, baselines)
     target = target_of(config.target_loss, summaries, reference)

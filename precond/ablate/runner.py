@@ -101,8 +101,10 @@ def run_ablation(
         if tuning.state in ("limit", "unexpected"):
             log(f"ablation: {tuning.name}: {tuning.message}")
     grid = [run_key(config, variant, lr, seed, device) for variant, lr, seed in plan.grid()]
-    records = tuple(store.get(key) for key in grid if key in store)
-    remaining = len(grid) - len(records)
+    remaining = sum(key not in store for key in grid)
+    records = tuple(store.get(key) for key in
+                    (run_key(config, variant, lr, seed, device) for variant, lr, seed in plan.grid(every_lr=True))
+                    if key in store)
     timings = _timing_pass(config, records, plan, remaining, device, deadline, log)
     if digest.total():
         log(f"warnings: {digest.total()} during the runs trained now, of {len(digest.kinds)} kind(s), each shown once "
@@ -135,7 +137,7 @@ def _timing_pass(config: AblationConfig, records: tuple[dict[str, Any], ...], pl
     if remaining:
         log("timing pass: not yet, the grid is not complete (the per-second table is timed from the grid's runs)")
         return {}
-    summaries = summarize(records, [variant.name for variant in config.variants])
+    summaries = summarize(records, [variant.name for variant in config.variants], config.tuning_seeds)
     return timing.run_pass(config, summaries, plan.variants, Path(config.out), device, deadline, log)
 
 
@@ -194,9 +196,10 @@ def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
             latest[(record.get("spec"), record.get("lr"), record.get("seed"))] = record
     plan = bracket.plan(config, lambda variant, lr, seed: latest.get((variant.spec(), lr, seed)))
     grid = [(v.spec(), lr, seed) for v, lr, seed in plan.grid()]
-    records = tuple(latest[item] for item in grid if item in latest)
+    records = tuple(latest[item] for item in ((v.spec(), lr, seed) for v, lr, seed in plan.grid(every_lr=True))
+                    if item in latest)
     timings = timing.find(RunStore(Path(config.out) / timing.TIMING_FILE),
-                          summarize(records, [variant.name for variant in config.variants]),
+                          summarize(records, [variant.name for variant in config.variants], config.tuning_seeds),
                           min(config.timing_steps, config.training.steps))
     library = library_fingerprint()
     if any(r.get("task_settings", {}).get("text") != settings.get("text") for r in records):
@@ -205,7 +208,7 @@ def _report_only(config: AblationConfig, device: torch.device, store: RunStore,
     if any(r.get("library") != library for r in records):
         log("note: some runs were made with a different version of the library's source; reported as made")
     files, table = write_reports(records, config, device, Path(config.out), plan.tunings, timings)
-    remaining = len(grid) - len(records)
+    remaining = sum(item not in latest for item in grid)
     log(f"ablation: reported {len(records)} finished run(s), {remaining} of the grid not found in "
         f"{Path(config.out) / RUNS_FILE}; reports in {config.out}/")
     return AblationResult(0, len(records), remaining, records, files, table)

@@ -79,8 +79,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(records: Iterable[Record], names: Sequence[str]) -> list[VariantSummary]:
-    """One summary per variant name in ``names`` that has finished runs, in that order."""
+def summarize(records: Iterable[Record], names: Sequence[str],
+              tuning_seeds: Optional[Sequence[int]] = None) -> list[VariantSummary]:
+    """One summary per variant name in ``names`` that has finished runs, in that order. The best lr is the one
+    with the lowest mean final loss over the runs of ``tuning_seeds`` (every seed when ``None``), as the
+    workbench's tuning chose it (:mod:`precond.ablate.bracket`); its row then holds every seed run there."""
     by_name: dict[str, dict[float, list[Record]]] = {}
     for record in records:
         by_name.setdefault(record["variant"], {}).setdefault(record["lr"], []).append(record)
@@ -93,7 +96,8 @@ def summarize(records: Iterable[Record], names: Sequence[str]) -> list[VariantSu
         for lr in sorted(by_lr):
             mean, std = _mean_std([final_loss(r) for r in by_lr[lr]])
             lr_curve.append((lr, mean, std, sum(diverged(r) for r in by_lr[lr])))
-        best_lr, best_mean, best_std, _ = min(lr_curve, key=lambda row: row[1])
+        best_lr, best_mean, best_std, _ = min(lr_curve, key=lambda row: (_tuning_mean(by_lr[row[0]], tuning_seeds),
+                                                                          row[1]))
         finite = math.isfinite(best_mean)
         all_runs = [r for runs in by_lr.values() for r in runs]
         summaries.append(VariantSummary(
@@ -101,6 +105,13 @@ def summarize(records: Iterable[Record], names: Sequence[str]) -> list[VariantSu
             best_runs=tuple(by_lr[best_lr]) if finite else (), all_runs=tuple(all_runs),
             diverged=sum(diverged(r) for r in all_runs), lr_curve=tuple(lr_curve)))
     return summaries
+
+
+def _tuning_mean(runs: Sequence[Record], tuning_seeds: Optional[Sequence[int]]) -> float:
+    """The mean final loss of the runs of ``tuning_seeds`` (all runs when ``None``); ``inf`` where a run diverged,
+    and where no tuning seed ran at this lr, so that an lr run on a replica seed alone is never chosen."""
+    chosen = [r for r in runs if tuning_seeds is None or r["seed"] in tuning_seeds]
+    return _mean_std([final_loss(r) for r in chosen])[0] if chosen else math.inf
 
 
 def reference_of(summaries: Sequence[VariantSummary], baselines: Sequence[str]) -> Optional[VariantSummary]:
