@@ -14,7 +14,10 @@ from precond.fallbacks import FallbackCounter
 from precond.precision import full_precision, in_dtype, tf32_matmuls
 from precond.reductions import max_abs
 from precond.refresh import Refresh
-from precond.validators import number, plain_number, positive
+from precond.validators import number, one_of, plain_number, positive
+
+PRECISIONS: tuple[str, ...] = ("float32", "float64")
+"""``CholeskyQR.precision``: the dtype of the refresh's work."""
 
 GRAM_SHIFT = 4.0
 """``c`` of the shifted passes' ``s = c·u·‖YᵀY‖_F``: the float32 Gram matrix of unit columns was measured off by at
@@ -22,9 +25,10 @@ most ``1.1·u·‖YᵀY‖_F`` (in 2-norm) on CPU and ``0.22·u·‖YᵀY‖_F``
 larger ``c`` leaves ``Y`` more ill-conditioned for Cholesky-QR2 (``κ`` after a pass grows as ``√c``)."""
 
 
-def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Q`` of ``Y = Q R`` (``diag(R) > 0``) by shifted Cholesky-QR: two shifted passes, then Cholesky-QR2, on
-    column-normalised ``Y``.
+def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False,
+                            shifted_passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q`` of ``Y = Q R`` (``diag(R) > 0``) by shifted Cholesky-QR: ``shifted_passes`` shifted passes (two by
+    default), then Cholesky-QR2, on column-normalised ``Y``, in ``Y``'s dtype.
 
     Each pass is ``Y ← Y L⁻ᵀ`` with ``L Lᵀ`` the Cholesky factorisation of ``YᵀY`` (plus ``sI`` in a shifted pass),
     so the result is always ``Y`` times an upper triangular matrix with positive diagonal, and once orthogonal it is
@@ -59,22 +63,26 @@ def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False) -> tuple[
     rounding ``2⁻¹¹‖Y‖``, above ``√s``: with one shifted pass, TF32 in its Gram matrix or the next kept the old basis
     in 42 % / 74 % more refreshes of GPT-2-small factors (H100). The first Cholesky-QR2 pass's input can still have
     ``κ`` near 10³, where TF32's error ``2⁻¹⁰κ²`` is O(1).
+
+    In float64 (``u = 2⁻⁵³``) one shifted pass brings ``κ`` from up to about 1e15 to ``√(4u)·κ ≲ 1e8``, within
+    Cholesky-QR2's reach there (``κ ≲ u^{-1/2} ≈ 1e8``), so :class:`CholeskyQR` with ``precision="float64"`` uses
+    ``shifted_passes=1``: three passes.
     """
     y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)  # unit columns; a zero column gives NaN: not ok
     z = y.mT  # Z = Yᵀ: each pass is Z ← L⁻¹Z with a lower Cholesky factor (faster than the upper one on CUDA)
     eye = torch.eye(z.shape[-2], dtype=z.dtype, device=z.device)
     unit = torch.finfo(z.dtype).eps / 2
     ok: Optional[torch.Tensor] = None
-    for index in range(4):
+    for index in range(shifted_passes + 2):
         with tf32_matmuls(False):
             gram = z @ (y if index == 0 else z.mT)  # YᵀY
-        if index < 2:  # + sI, s = c·u·‖YᵀY‖_F
+        if index < shifted_passes:  # + sI, s = c·u·‖YᵀY‖_F
             gram = torch.addcmul(gram, torch.linalg.vector_norm(gram, dim=(-2, -1), keepdim=True), eye,
                                  value=GRAM_SHIFT * unit)
         chol, info = torch.linalg.cholesky_ex(gram)  # YᵀY (+ sI) = L Lᵀ
         factored = info == 0
         ok = factored if ok is None else ok & factored
-        if index >= 2:  # a failed plain factorisation: L = I keeps this entry finite (it is not used)
+        if index >= shifted_passes:  # a failed plain factorisation: L = I keeps this entry finite (it is not used)
             chol = torch.where(factored.view(-1, 1, 1), chol, eye)
         z = torch.linalg.solve_triangular(chol, z, upper=False)  # (Y L⁻ᵀ)ᵀ
     with tf32_matmuls(fast_grams):
@@ -107,6 +115,12 @@ class CholeskyQR:
       ``optimizer.stats()['cholesky_qr_kept_old_basis']`` (read without synchronising the step).
     - With the optimizer's ``tf32=True`` on CUDA only the last Gram matrix, which checks orthogonality, uses TF32;
       ``S_k Q_k`` and every Gram matrix that is factored stay float32 (:func:`cholesky_orthonormalize` says why).
+    - ``precision="float64"`` forms ``(S_k + δI) Q_k`` and runs the passes in float64 (one shifted pass, then
+      Cholesky-QR2: three passes), and rounds the new basis to the basis dtype: every ``κ(Y)`` up to about 1e15 is
+      in reach, so no refresh keeps the old basis for conditioning, and ``Q`` is Householder QR's of the exact
+      product to ``d·u₆₄·κ`` plus the final rounding. Its products, Cholesky factorisations and triangular solves
+      are what a GPU with float64 tensor cores (H100, H200, A100) runs at full rate; on cards whose float64 runs
+      at 1/32–1/64 of float32 it is slow. Workbench name: ``basis=cholesky_qr64``.
     """
 
     every: int = every_field
@@ -115,6 +129,8 @@ class CholeskyQR:
         validator=number(low=0, integer=True, meaning="exact QR steps before the Cholesky-QR refreshes")
     )
     shift: float = attrs.field(default=1e-5, converter=plain_number, validator=positive)
+    precision: str = attrs.field(default="float32", validator=one_of(
+        PRECISIONS, meaning="the dtype of the refresh's products and factorisations"))
     needs_factors = True
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
@@ -124,13 +140,15 @@ class CholeskyQR:
                 index: int = 0) -> Refresh:
         if index < self.warmup:
             return Refresh(basis=power_step(factor, basis))
-        work_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+        wide = factor.dtype == torch.float64 or self.precision == "float64"
+        work_dtype = torch.float64 if wide else torch.float32
         s, q = in_dtype(factor, work_dtype), in_dtype(basis, work_dtype)
         trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
         fast_grams = torch.backends.cuda.matmul.allow_tf32  # the optimizer's tf32 setting, outside the refresh
         with full_precision():
             product = torch.addcmul(s @ q, trace, q, value=self.shift / s.shape[-1])  # (S + δI) Q
-            new, ok = cholesky_orthonormalize(product, fast_grams=fast_grams and product.is_cuda)
+            new, ok = cholesky_orthonormalize(product, fast_grams=fast_grams and product.is_cuda,
+                                              shifted_passes=1 if self.precision == "float64" else 2)
         if counter is not None:
             counter.count_on_device("cholesky_qr_kept_old_basis", ~ok)
         use = ok.view(-1, 1, 1) & nonzero_factor(factor)

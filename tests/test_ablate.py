@@ -71,8 +71,8 @@ def test_every_part_name_of_the_table_is_reachable_and_trains():
     part the library names it after, and takes a finite optimizer step."""
     expected = {"structure": {"nmode": "NMode", "kronecker": "Kronecker", "one_sided": "OneSided",
                               "diagonal": "Diagonal"},
-                "basis": {"eigh": "Eigh", "qr": "QRPowerStep", "cholesky_qr": "CholeskyQR", "refine": "Refine",
-                          "identity": "Identity"}}
+                "basis": {"eigh": "Eigh", "qr": "QRPowerStep", "cholesky_qr": "CholeskyQR",
+                          "cholesky_qr64": "CholeskyQR", "refine": "Refine", "identity": "Identity"}}
     for slot, names in catalog.PARTS.items():
         for name in names:
             variant = parse_variant(f"{slot}={name},every=1")
@@ -143,7 +143,7 @@ def test_named_variants_build_presets_and_adamw():
 
 @pytest.mark.parametrize("text, expected", [
     ("estimator=kll", ["estimator", "kl, shampoo, frobenius, frobenius_factored, kl_soap"]),
-    ("basis=svd", ["basis", "eigh, qr, cholesky_qr, refine, identity"]),
+    ("basis=svd", ["basis", "eigh, qr, cholesky_qr, cholesky_qr64, refine, identity"]),
     ("large=huge", ["large", "none, diagonal"]),
     ("normalize=-1", ["normalize", "RMS", "none"]),
     ("structure=blocks", ["structure", "nmode, kronecker, one_sided, diagonal"]),

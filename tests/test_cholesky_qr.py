@@ -192,3 +192,87 @@ def test_the_ill_conditioned_refresh_with_tf32_grams_on_cuda():
         new = new.cpu()
         assert (_orthogonality(new) <= _tol(d)).all()
         assert ((new.double() - want).abs().amax(dim=-2) <= _tol(d) * leading).all()
+
+
+# --- precision="float64" ----------------------------------------------------------------------------------------
+U64 = torch.finfo(torch.float64).eps / 2
+
+
+def _refresh64(s: torch.Tensor, q: torch.Tensor, shift: float = SHIFT) -> tuple[torch.Tensor, int]:
+    counter = FallbackCounter()
+    new = bases.CholeskyQR(warmup=0, precision="float64", shift=shift).refresh(s, q, counter, index=5).basis
+    return new, counter.as_dict().get("cholesky_qr_kept_old_basis", 0)
+
+
+def _exact_reference(s: torch.Tensor, q: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 Householder Q (``diag(R) > 0``) of the column-normalised ``Y = (S + δI) Q`` formed in float64 from the
+    float32 ``S`` and ``Q`` (``δ = shift·tr(S)/d``), and ``κ(Y[:, :j])`` for ``j = 1 … d``."""
+    s, q = s.double(), q.double()
+    y = s @ q + (shift * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) / s.shape[-1]) * q
+    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    want, r = torch.linalg.qr(y)
+    want = want * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    leading = torch.stack([torch.linalg.cond(y[..., : j + 1]) for j in range(y.shape[-1])], dim=-1)
+    return want, leading
+
+
+def _bound64(d: int, leading: torch.Tensor) -> torch.Tensor:
+    """Per column: ``C·d·u₆₄·κ(Y[:, :j])`` (a backward-stable float64 QR of the float64 ``Y``), plus ``2u₃₂`` for
+    the rounding of the result (entries of magnitude ≤ 1) to float32."""
+    return 4 * d * U64 * leading + 2 * U32
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(2, 48), seed=seeds, shift=st.sampled_from([SHIFT, 1e-12]),
+       specs=st.lists(st.tuples(st.floats(-16, 0), st.integers(0, 47), st.sampled_from([0.0, 1e-5, 1e-3, 1e-2, 1e-1])),
+                      min_size=1, max_size=3))
+def test_the_float64_refresh_is_householder_qrs_basis_of_the_exact_product(d, seed, shift, specs):
+    """``precision="float64"``: every entry is refreshed (none keeps its old basis, whatever ``κ(Y)`` up to 1e15),
+    orthogonal to float32 round-off, and each column is the float64 Householder Q factor's of the exactly formed
+    ``Y`` within ``C·d·u₆₄·κ(Y[:, :j]) + 2u₃₂``: also the trailing columns, those of the small eigenvalues, that
+    no float32 QR determines once ``d·u₃₂·κ ≳ 1``."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = [(lowest, min(zeros, d - 1), noise) for lowest, zeros, noise in specs]
+    s, q = _stack(d, gen, specs)
+    new, kept = _refresh64(s, q, shift)
+    assert kept == 0 and new.dtype == torch.float32
+    assert (_orthogonality(new) <= _tol(d)).all()
+    want, leading = _exact_reference(s, q, shift)
+    assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()
+
+
+def test_the_float64_refresh_determines_the_columns_float32_cannot():
+    """λ from 1 down to 1e-14 with a tiny shift: ``κ(Y) ≈ 4e10``. The float64 refresh gives every column of the
+    exact product's Q factor within the bound; the float32 refresh (the default) is off by O(1) in the trailing
+    columns there, as its docstring says any float32 QR is."""
+    d, shift = 128, 1e-13
+    gen = torch.Generator().manual_seed(0)
+    s, q = _stack(d, gen, [(-14.0, 0, 1e-2)] * 2)
+    want, leading = _exact_reference(s, q, shift)
+    assert leading.amax() > 1e10
+    new, kept = _refresh64(s, q, shift)
+    assert kept == 0
+    assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()
+    single = bases.CholeskyQR(warmup=0, shift=shift).refresh(s, q, FallbackCounter(), index=5).basis
+    assert (single.double() - want).abs().amax() > 0.1
+
+
+def test_the_precision_is_checked():
+    with pytest.raises(ValueError, match="precision .* must be one of 'float32', 'float64', got 'bfloat16'"):
+        bases.CholeskyQR(precision="bfloat16")
+
+
+@pytest.mark.gpu
+def test_the_float64_refresh_on_cuda():
+    """The same bound on CUDA (float64 products, Cholesky factorisations and triangular solves on the device), with
+    TF32 allowed around it as inside ``precond.Optimizer(tf32=True)``."""
+    d, shift = 256, 1e-13
+    gen = torch.Generator().manual_seed(4)
+    s, q = _stack(d, gen, [(-14.0, 0, 1e-2), (-8.0, 8, 1e-3)])
+    want, leading = _exact_reference(s, q, shift)
+    with tf32_matmuls(True):
+        new, kept = _refresh64(s.cuda(), q.cuda(), shift)
+    assert kept == 0
+    new = new.cpu()
+    assert (_orthogonality(new) <= _tol(d)).all()
+    assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()

@@ -89,6 +89,7 @@ PARTS: dict[str, dict[str, Builder]] = {
         "eigh": _basis(bases.Eigh),
         "qr": lambda o: bases.QRPowerStep(every=o["every"], power=o.get("basis_power", 1)),
         "cholesky_qr": _basis(bases.CholeskyQR),
+        "cholesky_qr64": lambda o: attrs.evolve(_basis(bases.CholeskyQR)(o), precision="float64"),
         "refine": lambda o: attrs.evolve(_basis(bases.Refine)(o), sweeps=o.get("sweeps", 2)),
         "identity": lambda o: bases.Identity(),
     },

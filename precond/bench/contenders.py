@@ -47,17 +47,17 @@ LEVERS = {
                                       "capture": True, "rotation_dtype": torch.bfloat16},
     # the basis refresh A/B (issue 23, lever 1): the fast configurations with each refresher in place of Cholesky-QR
     **{f"kl_shampoo_{basis}_fast_sync": {"stagger": True, "basis": basis, "tf32": True}
-       for basis in ("qr", "refine", "refine1", "refine_bf16")},
+       for basis in ("qr", "refine", "refine1", "refine_bf16", "cholesky64")},
     **{f"kl_shampoo_{basis}_fast": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True}
-       for basis in ("qr", "refine", "refine1", "refine_bf16")},
+       for basis in ("qr", "refine", "refine1", "refine_bf16", "cholesky64")},
     **{f"kl_shampoo_{basis}_fast_captured": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              "capture": True}
-       for basis in ("qr", "refine", "refine1", "refine_bf16")},
+       for basis in ("qr", "refine", "refine1", "refine_bf16", "cholesky64")},
     # the race's configurations (issue 23, docs/results/race): the tracked drift rule, then the budgeted levers,
     # with the preset's QR refresh or with Refine's
     **{f"kl_shampoo_{basis}_{rule}_{mode}": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule]}
-       for basis in ("qr", "refine") for rule in ("drift", "budget") for mode in ("fast", "captured")},
+       for basis in ("qr", "refine", "cholesky64") for rule in ("drift", "budget") for mode in ("fast", "captured")},
 }
 # the momentum kept in the bases (Preconditioner(momentum_in_basis=True), issue 23, lever 4): each line "<name>_mib"
 # is line <name> with it, to be timed beside it
@@ -67,6 +67,7 @@ LEVERS.update({f"{name}_mib": {**LEVERS[name], "momentum_in_basis": True} for na
 
 BASES: dict[str, Callable[[int], object]] = {
     "cholesky": lambda every: bases.CholeskyQR(every=every),
+    "cholesky64": lambda every: bases.CholeskyQR(every=every, precision="float64"),
     "qr": lambda every: bases.QRPowerStep(every=every),
     "refine": lambda every: bases.Refine(every=every),  # two sweeps, TF32 products
     "refine1": lambda every: bases.Refine(every=every, sweeps=1),
