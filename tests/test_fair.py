@@ -331,21 +331,28 @@ class _Synthetic:
             self.done[(variant.spec(), lr, seed)] = _run(variant.name, lr, seed, loss)
 
 
+def _plan_to_the_end(config, runs):
+    """Plan, finish every run still to do, and plan again until none is left: the last plan and each round's
+    runs."""
+    from precond.ablate.bracket import plan
+    rounds = []
+    while True:
+        current = plan(config, runs.lookup)
+        todo = [run for run in current.grid() if runs.lookup(*run) is None]
+        if not todo:
+            return current, rounds
+        rounds.append(todo)
+        runs.finish(todo)
+
+
 def test_the_plan_extends_a_grid_until_the_best_lr_is_inside(tmp_path):
     from precond.ablate.bracket import plan
     config = tiny_config(tmp_path, [{"spec": "adamw", "lrs": [1e-5, 1e-4]},
                                     {"spec": "kl_shampoo", "lrs": [1e-3, 1e-2], "bracket": False},
                                     {"spec": "kl_shampoo,every=50", "name": "T=50", "lr_from": "adamw"}],
                          seeds=[0, 1, 2], extend_lrs=5)
-    runs = _Synthetic()
-    rounds = []
-    while True:
-        current = plan(config, runs.lookup)
-        todo = [run for run in current.grid() if runs.lookup(*run) is None]
-        if not todo:
-            break
-        rounds.append(sorted({(v.name, lr) for v, lr, _ in todo}))
-        runs.finish(todo)
+    current, rounds = _plan_to_the_end(config, _Synthetic())
+    rounds = [sorted({(v.name, lr) for v, lr, _ in todo}) for todo in rounds]
     tunings = current.tunings
     assert tunings["adamw"].state == "inside" and tunings["adamw"].added == (0.001, 0.01)
     assert tunings["adamw"].best_lr == 1e-3 and "inside the grid 1e-05, 0.0001, 0.001, 0.01" in tunings["adamw"].message
@@ -367,14 +374,8 @@ def test_tuning_seeds_tune_on_their_seeds_and_replicate_only_the_settled_best_lr
                                                           "lr_from": "adamw"}]
     config = tiny_config(tmp_path, variants, seeds=[0, 1], tuning_seeds=[0], extend_lrs=5)
     runs = _Synthetic()
-    rounds = []
-    while True:
-        current = plan(config, runs.lookup)
-        todo = [run for run in current.grid() if runs.lookup(*run) is None]
-        if not todo:
-            break
-        rounds.append(sorted({(v.name, lr, seed) for v, lr, seed in todo}))
-        runs.finish(todo)
+    current, rounds = _plan_to_the_end(config, runs)
+    rounds = [sorted({(v.name, lr, seed) for v, lr, seed in todo}) for todo in rounds]
     # seed 1 waits until adamw is bracketed on seed 0 (1e-5, 1e-4, then 1e-3, then 1e-2), then runs at 1e-3 only
     assert rounds == [[("adamw", 1e-5, 0), ("adamw", 1e-4, 0)], [("adamw", 1e-3, 0)], [("adamw", 1e-2, 0)],
                       [("T=50", 1e-3, 0), ("T=50", 1e-3, 1), ("adamw", 1e-3, 1)]]
