@@ -1,0 +1,1 @@
+OMP_NUM_THREADS=1 python -m precond.bench.refine_quality --device cpu --optimizer kl_shampoo_qr_fast --refreshers eigh,qr,cholesky_qr,cholesky_qr64 --refreshes 20 --json docs/results/cholesky64_cpu/quality/quality.json > docs/results/cholesky64_cpu/quality/quality.log
