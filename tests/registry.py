@@ -94,7 +94,7 @@ PART_RECIPES: dict[str, Recipe] = {
                                  {"applier": lambda: precond.Graft(_power(), onto="adam")}),
     "estimators.Stateless": Recipe(lambda m: estimators.Stateless(),
                                    {**_MUON_VIEW, "applier": lambda: precond.NewtonSchulz()}, "matrices"),
-    "bases.CholeskyQR": Recipe(lambda m: bases.CholeskyQR(every=EVERY)),
+    "bases.CholeskyQR": Recipe(lambda m: bases.CholeskyQR(every=EVERY, warmup=1, precision="float64")),
     "bases.Eigh": Recipe(lambda m: bases.Eigh(every=EVERY)),
     "bases.Identity": Recipe(lambda m: bases.Identity()),
     "bases.QRPowerStep": Recipe(lambda m: bases.QRPowerStep(every=EVERY, sort=True, power=2)),
