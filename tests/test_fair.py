@@ -407,7 +407,8 @@ def test_runs_made_before_tuning_seeds_stay_in_the_report(tmp_path):
     later = attrs.evolve(every, tuning_seeds=(0,))
     result = run_ablation(later, log=quiet)
     assert (result.executed, result.remaining, len(result.records)) == (0, 0, 4)
-    assert "| adamw | 1e-05 |" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| adamw | 1e-05 |" in summary and "learning rates tuned on seed(s) 0 alone (`tuning_seeds`)" in summary
 
 
 def test_an_ablation_extends_its_grid_resumes_and_reports_the_same_plan(tmp_path):

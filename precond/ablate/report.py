@@ -211,6 +211,9 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
         f"warmup {training.warmup:g} · "
         f"validation on {training.eval_batches} batches every {training.eval_every} steps · "
         f"seeds {', '.join(map(str, config.seeds))}",
+        *([f"- learning rates tuned on seed(s) {', '.join(map(str, config.tuning_seeds))} alone (`tuning_seeds`): "
+           f"the best lr is theirs, and the other seeds run at each variant's best lr only"]
+          if config.tuning_seeds is not None else []),
         f"- final val loss: mean (± std) over seeds at the best learning rate of the variant's grid; "
         f"target val loss {target_text}; times are training time without evaluation; a run diverged when a "
         f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
