@@ -19,14 +19,20 @@ from precond.validators import number, one_of, plain_number, positive
 PRECISIONS: tuple[str, ...] = ("float32", "float64")
 """``CholeskyQR.precision``: the dtype of the refresh's work."""
 
+FLOAT64_TOLERANCE = torch.finfo(torch.float32).eps / 2
+"""The largest ``max |QᵀQ − I|`` a float64 refresh accepts (float32's unit round-off): a successful float64
+refresh is orthogonal to about 1e-11 or better, so an entry beyond it keeps its basis rather than install one less
+orthogonal than its float32 rounding."""
+
 GRAM_SHIFT = 4.0
 """``c`` of the shifted passes' ``s = c·u·‖YᵀY‖_F``: the float32 Gram matrix of unit columns was measured off by at
 most ``1.1·u·‖YᵀY‖_F`` (in 2-norm) on CPU and ``0.22·u·‖YᵀY‖_F`` on an H100, so ``4`` covers it with room; a
 larger ``c`` leaves ``Y`` more ill-conditioned for Cholesky-QR2 (``κ`` after a pass grows as ``√c``)."""
 
 
-def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False,
-                            shifted_passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False, shifted_passes: int = 2,
+                            plain_passes: int = 2, tolerance: Optional[float] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q`` of ``Y = Q R`` (``diag(R) > 0``) by shifted Cholesky-QR: ``shifted_passes`` shifted passes (two by
     default), then Cholesky-QR2, on column-normalised ``Y``, in ``Y``'s dtype.
 
@@ -66,14 +72,17 @@ def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False,
 
     In float64 (``u = 2⁻⁵³``) one shifted pass brings ``κ`` from up to about 1e15 to ``√(4u)·κ ≲ 1e8``, within
     Cholesky-QR2's reach there (``κ ≲ u^{-1/2} ≈ 1e8``), so :class:`CholeskyQR` with ``precision="float64"`` uses
-    ``shifted_passes=1``: three passes.
+    ``shifted_passes=1``: three passes. A single plain pass (``plain_passes=1``) leaves ``‖QᵀQ − I‖ ≈ κ_in² u``,
+    where ``κ_in ≈ √(4u)·κ(Y)`` is what the shifted pass left: measured 7e-12 at ``κ(Y) = 2.4e10`` (``d = 1024``),
+    far below float32's rounding of the result, so two passes serve a float32 basis up to about ``κ(Y) ≈ 1e12``.
+    ``tolerance`` is the largest ``max |QᵀQ − I|`` accepted (default ``1e-3``, ``1e-2`` with ``fast_grams``).
     """
     y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)  # unit columns; a zero column gives NaN: not ok
     z = y.mT  # Z = Yᵀ: each pass is Z ← L⁻¹Z with a lower Cholesky factor (faster than the upper one on CUDA)
     eye = torch.eye(z.shape[-2], dtype=z.dtype, device=z.device)
     unit = torch.finfo(z.dtype).eps / 2
     ok: Optional[torch.Tensor] = None
-    for index in range(shifted_passes + 2):
+    for index in range(shifted_passes + plain_passes):
         with tf32_matmuls(False):
             gram = z @ (y if index == 0 else z.mT)  # YᵀY
         if index < shifted_passes:  # + sI, s = c·u·‖YᵀY‖_F
@@ -88,7 +97,7 @@ def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False,
     with tf32_matmuls(fast_grams):
         gram = z @ z.mT
     # max |QᵀQ − I|; NaN and ∞ compare False, so this also requires a finite result
-    ok &= max_abs(gram - eye, (-2, -1)) < (1e-2 if fast_grams else 1e-3)
+    ok &= max_abs(gram - eye, (-2, -1)) < (tolerance if tolerance is not None else 1e-2 if fast_grams else 1e-3)
     return z.mT, ok
 
 
@@ -120,7 +129,9 @@ class CholeskyQR:
       in reach, so no refresh keeps the old basis for conditioning, and ``Q`` is Householder QR's of the exact
       product to ``d·u₆₄·κ`` plus the final rounding. Its products, Cholesky factorisations and triangular solves
       are what a GPU with float64 tensor cores (H100, H200, A100) runs at full rate; on cards whose float64 runs
-      at 1/32–1/64 of float32 it is slow. Workbench name: ``basis=cholesky_qr64``.
+      at 1/32–1/64 of float32 it is slow. Workbench name: ``basis=cholesky_qr64``. ``plain_passes=1`` (float64
+      only) drops the second plain pass, which a float32 basis does not need below ``κ(Y) ≈ 1e12``
+      (:func:`cholesky_orthonormalize`): two passes instead of three, not timed yet.
     """
 
     every: int = every_field
@@ -131,7 +142,14 @@ class CholeskyQR:
     shift: float = attrs.field(default=1e-5, converter=plain_number, validator=positive)
     precision: str = attrs.field(default="float32", validator=one_of(
         PRECISIONS, meaning="the dtype of the refresh's products and factorisations"))
+    plain_passes: int = attrs.field(default=2, validator=one_of(
+        (1, 2), meaning="plain Cholesky-QR passes after the shifted ones"))
     needs_factors = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.plain_passes == 1 and self.precision != "float64":
+            raise ValueError("plain_passes=1 needs precision='float64': one plain pass leaves ‖QᵀQ − I‖ ≈ κ²u, "
+                             "which float32's u does not make small; use precision='float64' or plain_passes=2")
 
     def initialize(self, factor: torch.Tensor, counter: Optional[FallbackCounter] = None) -> Refresh:
         return descending_eigh(factor, counter)
@@ -147,8 +165,10 @@ class CholeskyQR:
         fast_grams = torch.backends.cuda.matmul.allow_tf32  # the optimizer's tf32 setting, outside the refresh
         with full_precision():
             product = torch.addcmul(s @ q, trace, q, value=self.shift / s.shape[-1])  # (S + δI) Q
+            wide_work = self.precision == "float64"
             new, ok = cholesky_orthonormalize(product, fast_grams=fast_grams and product.is_cuda,
-                                              shifted_passes=1 if self.precision == "float64" else 2)
+                                              shifted_passes=1 if wide_work else 2, plain_passes=self.plain_passes,
+                                              tolerance=FLOAT64_TOLERANCE if wide_work else None)
         if counter is not None:
             counter.count_on_device("cholesky_qr_kept_old_basis", ~ok)
         use = ok.view(-1, 1, 1) & nonzero_factor(factor)

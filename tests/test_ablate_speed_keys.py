@@ -93,6 +93,8 @@ def test_init_lambda_from_data_is_the_spectrum_of_the_first_factor() -> None:
     ("estimator=kl,basis=qr,sweeps=1", "sweeps is the number of refinement sweeps .* belongs to basis refine"),
     ("kl_shampoo,sweeps=3", "cannot be changed on the named variant"),
     ("basis=refine,sweeps=0", "sweeps"),
+    ("basis=cholesky_qr,plain_passes=1", "plain_passes is the number of plain Cholesky-QR passes .* belongs to basis "
+                                         "cholesky_qr64"),
 ])
 def test_misplaced_keys_are_refused_with_the_reason(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
@@ -185,3 +187,18 @@ def test_sweeps_reach_refine_and_stay_out_of_variants_without_them() -> None:
     assert isinstance(basis, bases.Refine) and basis.sweeps == 1
     default = parse_variant("basis=refine").build([weight], lr=1e-3).param_groups[0]["preconditioner"].basis
     assert default.sweeps == bases.Refine().sweeps and "sweeps" not in parse_variant("basis=refine").spec()
+
+
+def test_plain_passes_reach_the_float64_refresh_and_stay_out_of_variants_without_them() -> None:
+    weight = torch.nn.Linear(5, 3).weight
+
+    def basis_of(text: str):
+        return parse_variant(text).build([weight], lr=1e-3).param_groups[0]["preconditioner"].basis
+
+    lean = basis_of("basis=cholesky_qr64,plain_passes=1")
+    assert isinstance(lean, bases.CholeskyQR) and (lean.precision, lean.plain_passes) == ("float64", 1)
+    default = basis_of("basis=cholesky_qr64")
+    assert default.plain_passes == bases.CholeskyQR().plain_passes == 2
+    assert "plain_passes" not in parse_variant("basis=cholesky_qr64").spec()
+    with pytest.raises(ValueError, match="plain_passes .* must be one of 1, 2, got 3"):
+        basis_of("basis=cholesky_qr64,plain_passes=3")

@@ -198,10 +198,22 @@ def test_the_ill_conditioned_refresh_with_tf32_grams_on_cuda():
 U64 = torch.finfo(torch.float64).eps / 2
 
 
-def _refresh64(s: torch.Tensor, q: torch.Tensor, shift: float = SHIFT) -> tuple[torch.Tensor, int]:
-    counter = FallbackCounter()
-    new = bases.CholeskyQR(warmup=0, precision="float64", shift=shift).refresh(s, q, counter, index=5).basis
-    return new, counter.as_dict().get("cholesky_qr_kept_old_basis", 0)
+def _refresh64(s: torch.Tensor, q: torch.Tensor, shift: float = SHIFT, plain_passes: int = 2
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 refresh of each batch entry alone, and which entries kept their old basis (each its own count);
+    the batched refresh gives the same bases where none is kept."""
+    refresher = bases.CholeskyQR(warmup=0, precision="float64", shift=shift, plain_passes=plain_passes)
+    bases_, kept = [], []
+    for i in range(s.shape[0]):
+        counter = FallbackCounter()
+        bases_.append(refresher.refresh(s[i:i + 1], q[i:i + 1], counter, index=5).basis)
+        kept.append(counter.as_dict().get("cholesky_qr_kept_old_basis", 0) == 1)
+    new, kept_ = torch.cat(bases_), torch.tensor(kept, device=s.device)
+    if not kept_.any():
+        counter = FallbackCounter()
+        torch.testing.assert_close(refresher.refresh(s, q, counter, index=5).basis, new, rtol=0, atol=4 * U32)
+        assert counter.as_dict().get("cholesky_qr_kept_old_basis", 0) == 0
+    return new, kept_
 
 
 def _exact_reference(s: torch.Tensor, q: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,23 +234,29 @@ def _bound64(d: int, leading: torch.Tensor) -> torch.Tensor:
     return 4 * d * U64 * leading + 2 * U32
 
 
-@settings(max_examples=30, deadline=None)
-@given(d=st.integers(2, 48), seed=seeds, shift=st.sampled_from([SHIFT, 1e-12]),
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(2, 48), seed=seeds, shift=st.sampled_from([SHIFT, 1e-12]), plain_passes=st.sampled_from([1, 2]),
        specs=st.lists(st.tuples(st.floats(-16, 0), st.integers(0, 47), st.sampled_from([0.0, 1e-5, 1e-3, 1e-2, 1e-1])),
                       min_size=1, max_size=3))
-def test_the_float64_refresh_is_householder_qrs_basis_of_the_exact_product(d, seed, shift, specs):
-    """``precision="float64"``: every entry is refreshed (none keeps its old basis, whatever ``κ(Y)`` up to 1e15),
-    orthogonal to float32 round-off, and each column is the float64 Householder Q factor's of the exactly formed
-    ``Y`` within ``C·d·u₆₄·κ(Y[:, :j]) + 2u₃₂``: also the trailing columns, those of the small eigenvalues, that
-    no float32 QR determines once ``d·u₃₂·κ ≳ 1``."""
+def test_the_float64_refresh_is_householder_qrs_basis_of_the_exact_product(d, seed, shift, plain_passes, specs):
+    """``precision="float64"``: each entry refreshed is orthogonal to float32 round-off, and each of its columns is
+    the float64 Householder Q factor's of the exactly formed ``Y`` within ``C·d·u₆₄·κ(Y[:, :j]) + 2u₃₂``: also the
+    trailing columns, those of the small eigenvalues, that no float32 QR determines once ``d·u₃₂·κ ≳ 1``. With the
+    two plain passes every entry is refreshed (``κ(Y)`` up to about 1e15); with one, every entry up to ``κ(Y) =
+    1e10`` (the docstring's reach is about 1e12), and one beyond keeps its old basis rather than install a worse."""
     gen = torch.Generator().manual_seed(seed)
     specs = [(lowest, min(zeros, d - 1), noise) for lowest, zeros, noise in specs]
     s, q = _stack(d, gen, specs)
-    new, kept = _refresh64(s, q, shift)
-    assert kept == 0 and new.dtype == torch.float32
-    assert (_orthogonality(new) <= _tol(d)).all()
+    new, kept = _refresh64(s, q, shift, plain_passes)
     want, leading = _exact_reference(s, q, shift)
-    assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()
+    assert new.dtype == torch.float32
+    if plain_passes == 2:
+        assert not kept.any()
+    else:
+        assert not kept[leading[:, -1] <= 1e10].any()
+    assert (_orthogonality(new) <= _tol(d)).all()
+    refreshed = ~kept
+    assert ((new.double() - want).abs().amax(dim=-2)[refreshed] <= _bound64(d, leading[refreshed])).all()
 
 
 def test_the_float64_refresh_determines_the_columns_float32_cannot():
@@ -250,16 +268,50 @@ def test_the_float64_refresh_determines_the_columns_float32_cannot():
     s, q = _stack(d, gen, [(-14.0, 0, 1e-2)] * 2)
     want, leading = _exact_reference(s, q, shift)
     assert leading.amax() > 1e10
-    new, kept = _refresh64(s, q, shift)
-    assert kept == 0
-    assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()
+    for plain_passes in (2, 1):
+        new, kept = _refresh64(s, q, shift, plain_passes)
+        assert not kept.any()
+        assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()
     single = bases.CholeskyQR(warmup=0, shift=shift).refresh(s, q, FallbackCounter(), index=5).basis
     assert (single.double() - want).abs().amax() > 0.1
 
 
-def test_the_precision_is_checked():
+def test_one_plain_pass_beyond_its_reach_keeps_the_old_basis():
+    """A float64 factor with λ from 1 to 1e-15 and a negligible shift: ``κ(Y) ≈ 2e14``, beyond what one plain pass
+    after the shifted one makes orthogonal (``κ_in ≈ √(4u₆₄)·κ ≈ 3e6``, ``κ_in² u₆₄ ≈ 1e-3``). With
+    ``plain_passes=1`` the entry keeps its old basis (counted) rather than install a basis less orthogonal than
+    float32's rounding; with two it is refreshed to float64 Householder QR's basis."""
+    d = 64
+    gen = torch.Generator().manual_seed(0)
+    u, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
+    u = u * torch.sign(torch.diagonal(r))
+    s = (u @ torch.diag(torch.logspace(0, -15, d, dtype=F64)) @ u.T).unsqueeze(0)
+    a = 1e-2 * torch.randn(d, d, generator=gen, dtype=F64)
+    q = (u @ torch.linalg.matrix_exp(a - a.T)).unsqueeze(0)
+    y = s @ q
+    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    assert torch.linalg.cond(y).item() > 1e14
+    want, r = torch.linalg.qr(y)
+    want = want * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    for plain_passes, kept in ((1, 1), (2, 0)):
+        counter = FallbackCounter()
+        refresher = bases.CholeskyQR(warmup=0, precision="float64", shift=1e-20, plain_passes=plain_passes)
+        new = refresher.refresh(s, q, counter, index=5).basis
+        assert counter.as_dict().get("cholesky_qr_kept_old_basis", 0) == kept
+        assert (_orthogonality(new) <= 64 * U64).all()
+        if kept:
+            assert torch.equal(new, q)
+        else:  # the leading columns, where κ(Y[:, :j]) is small, to float64 round-off
+            assert (new - want).abs()[..., : d // 4].amax() < 1e-10
+
+
+def test_the_precision_and_the_passes_are_checked():
     with pytest.raises(ValueError, match="precision .* must be one of 'float32', 'float64', got 'bfloat16'"):
         bases.CholeskyQR(precision="bfloat16")
+    with pytest.raises(ValueError, match="plain_passes .* must be one of 1, 2, got 3"):
+        bases.CholeskyQR(precision="float64", plain_passes=3)
+    with pytest.raises(ValueError, match="plain_passes=1 needs precision='float64'"):
+        bases.CholeskyQR(plain_passes=1)
 
 
 @pytest.mark.gpu
@@ -270,9 +322,10 @@ def test_the_float64_refresh_on_cuda():
     gen = torch.Generator().manual_seed(4)
     s, q = _stack(d, gen, [(-14.0, 0, 1e-2), (-8.0, 8, 1e-3)])
     want, leading = _exact_reference(s, q, shift)
-    with tf32_matmuls(True):
-        new, kept = _refresh64(s.cuda(), q.cuda(), shift)
-    assert kept == 0
-    new = new.cpu()
-    assert (_orthogonality(new) <= _tol(d)).all()
-    assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()
+    for plain_passes in (2, 1):
+        with tf32_matmuls(True):
+            new, kept = _refresh64(s.cuda(), q.cuda(), shift, plain_passes)
+        assert not kept.any()
+        new = new.cpu()  # noqa: PLW2901
+        assert (_orthogonality(new) <= _tol(d)).all()
+        assert ((new.double() - want).abs().amax(dim=-2) <= _bound64(d, leading)).all()

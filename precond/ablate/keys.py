@@ -225,6 +225,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "every": positive_int,
     "basis_power": positive_int,
     "sweeps": positive_int,
+    "plain_passes": positive_int,
     "fold_every": positive_int,
     "momentum_in_basis": boolean,
     "applier": applier,
@@ -278,6 +279,8 @@ MEANINGS: dict[str, str] = {
                    "preset whose basis is the QR power step: kl_shampoo, kl_soap, soap; bases.QRPowerStep's power; "
                    "default 1)",
     "sweeps": "refinement sweeps per refresh of basis refine (bases.Refine's sweeps; default 2)",
+    "plain_passes": "plain Cholesky-QR passes after the shifted one of basis cholesky_qr64 (bases.CholeskyQR's "
+                    "plain_passes: 1 or 2, default 2; one serves a float32 basis up to κ(SQ) ≈ 1e12)",
     "fold_every": "the estimator folds a gradient every this many steps (precond.Preconditioner's fold_every; "
                   "default 1: every step)",
     "momentum_in_basis": "the momentum is kept rotated into the eigenbases (precond.Preconditioner's "

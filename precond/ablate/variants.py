@@ -45,6 +45,8 @@ key                    values                                                   
 ``basis_power``        the ``qr`` refresh is ``qr(S^p Q)`` (p orthogonal-iteration  1
                        steps, one QR; basis ``qr`` or a QR preset)
 ``sweeps``             refinement sweeps per refresh (basis ``refine`` only)       2
+``plain_passes``       plain Cholesky-QR passes after the shifted one (basis       2
+                       ``cholesky_qr64`` only): 1 or 2
 ``fold_every``         the estimator folds a gradient every k steps                1
 ``momentum_in_basis``  the momentum kept rotated into the bases (applier           false
                        ``power``): the same updates up to round-off, one
@@ -259,12 +261,14 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
 
 
 BASIS_KEYS = {"basis_power": ("qr", "the number of products of S in the qr refresh (bases.QRPowerStep)"),
-              "sweeps": ("refine", "the number of refinement sweeps of bases.Refine")}
+              "sweeps": ("refine", "the number of refinement sweeps of bases.Refine"),
+              "plain_passes": ("cholesky_qr64", "the number of plain Cholesky-QR passes of the float64 refresh")}
 """Keys that belong to one basis: the basis, and what the key is."""
 
 
 def _check_basis_keys(values: Mapping[str, Any], basis: str, where: str) -> None:
-    """``basis_power`` belongs to basis ``qr``, ``sweeps`` to basis ``refine``."""
+    """``basis_power`` belongs to basis ``qr``, ``sweeps`` to basis ``refine``, ``plain_passes`` to basis
+    ``cholesky_qr64``."""
     for key, (owner, meaning) in BASIS_KEYS.items():
         if key in values and basis != owner:
             raise ValueError(f"{where}: {key} is {meaning} and belongs to basis {owner}, not to basis {basis}")

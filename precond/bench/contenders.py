@@ -57,7 +57,8 @@ LEVERS = {
     # with the preset's QR refresh or with Refine's
     **{f"kl_shampoo_{basis}_{rule}_{mode}": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              **({"capture": True} if mode == "captured" else {}), **RACE_RULES[rule]}
-       for basis in ("qr", "refine", "cholesky64") for rule in ("drift", "budget") for mode in ("fast", "captured")},
+       for basis in ("qr", "refine", "cholesky64", "cholesky64_2pass") for rule in ("drift", "budget")
+       for mode in ("fast", "captured")},
 }
 # the momentum kept in the bases (Preconditioner(momentum_in_basis=True), issue 23, lever 4): each line "<name>_mib"
 # is line <name> with it, to be timed beside it
@@ -68,6 +69,7 @@ LEVERS.update({f"{name}_mib": {**LEVERS[name], "momentum_in_basis": True} for na
 BASES: dict[str, Callable[[int], object]] = {
     "cholesky": lambda every: bases.CholeskyQR(every=every),
     "cholesky64": lambda every: bases.CholeskyQR(every=every, precision="float64"),
+    "cholesky64_2pass": lambda every: bases.CholeskyQR(every=every, precision="float64", plain_passes=1),
     "qr": lambda every: bases.QRPowerStep(every=every),
     "refine": lambda every: bases.Refine(every=every),  # two sweeps, TF32 products
     "refine1": lambda every: bases.Refine(every=every, sweeps=1),

@@ -43,6 +43,7 @@ REFRESHERS: dict[str, Callable[[], Any]] = {
     "qr_power3": lambda: bases.QRPowerStep(every=1, power=3),
     "cholesky_qr": lambda: bases.CholeskyQR(every=1, warmup=0),
     "cholesky_qr64": lambda: bases.CholeskyQR(every=1, warmup=0, precision="float64"),
+    "cholesky_qr64_2pass": lambda: bases.CholeskyQR(every=1, warmup=0, precision="float64", plain_passes=1),
     "refine": lambda: bases.Refine(every=1),
     "refine1": lambda: bases.Refine(every=1, sweeps=1),
     "refine_bf16": lambda: bases.Refine(every=1, precision="bfloat16"),

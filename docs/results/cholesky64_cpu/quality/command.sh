@@ -1,1 +1,2 @@
 OMP_NUM_THREADS=1 python -m precond.bench.refine_quality --device cpu --optimizer kl_shampoo_qr_fast --refreshers eigh,qr,cholesky_qr,cholesky_qr64 --refreshes 20 --json docs/results/cholesky64_cpu/quality/quality.json > docs/results/cholesky64_cpu/quality/quality.log
+OMP_NUM_THREADS=1 python -m precond.bench.refine_quality --device cpu --optimizer kl_shampoo_qr_fast --refreshers qr,cholesky_qr64,cholesky_qr64_2pass --refreshes 20 --json docs/results/cholesky64_cpu/quality/quality_2pass.json > docs/results/cholesky64_cpu/quality/quality_2pass.log
