@@ -33,8 +33,9 @@ larger ``c`` leaves ``Y`` more ill-conditioned for Cholesky-QR2 (``κ`` after a 
 def cholesky_orthonormalize(y: torch.Tensor, fast_grams: bool = False, shifted_passes: int = 2,
                             plain_passes: int = 2, tolerance: Optional[float] = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Q`` of ``Y = Q R`` (``diag(R) > 0``) by shifted Cholesky-QR: ``shifted_passes`` shifted passes (two by
-    default), then Cholesky-QR2, on column-normalised ``Y``, in ``Y``'s dtype.
+    """``Q`` of ``Y = Q R`` (``diag(R) > 0``) by shifted Cholesky-QR: ``shifted_passes`` shifted passes, then
+    ``plain_passes`` plain ones (two and two by default: the shifted passes, then Cholesky-QR2), on column-normalised
+    ``Y``, in ``Y``'s dtype.
 
     Each pass is ``Y ← Y L⁻ᵀ`` with ``L Lᵀ`` the Cholesky factorisation of ``YᵀY`` (plus ``sI`` in a shifted pass),
     so the result is always ``Y`` times an upper triangular matrix with positive diagonal, and once orthogonal it is
