@@ -40,16 +40,18 @@ def _tol(d: int) -> float:
     return 4 * d * U32
 
 
-def _factor_and_start(d: int, gen: torch.Generator, lowest: float, zeros: int, noise: float):
+def _factor_and_start(d: int, gen: torch.Generator, lowest: float, zeros: int, noise: float,
+                      dtype: torch.dtype = torch.float32):
     """``S = U diag(λ) Uᵀ`` (λ log-spaced from 1 to ``10**lowest``, the last ``zeros`` of them exactly 0) and a start
-    ``U exp(A − Aᵀ)`` near its eigenbasis (``A`` with N(0, noise²) entries), both float32."""
+    ``U exp(A − Aᵀ)`` near its eigenbasis (``A`` with N(0, noise²) entries), both made in float64 and returned in
+    ``dtype``."""
     u, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
     u = u * torch.sign(torch.diagonal(r))
     values = torch.logspace(0, lowest, d, dtype=F64)
     if zeros:
         values[d - zeros:] = 0
     a = noise * torch.randn(d, d, generator=gen, dtype=F64)
-    return (u @ torch.diag(values) @ u.T).float(), (u @ torch.linalg.matrix_exp(a - a.T)).float()
+    return (u @ torch.diag(values) @ u.T).to(dtype), (u @ torch.linalg.matrix_exp(a - a.T)).to(dtype)
 
 
 def _stack(d: int, gen: torch.Generator, specs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,15 +66,19 @@ def _product(s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return s @ q + (SHIFT * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) / s.shape[-1]) * q
 
 
-def _householder_reference(s: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 Householder Q (``diag(R) > 0``) of the column-normalised float32 ``Y = (S + δI) Q``, and
-    ``κ(Y[:, :j])`` for ``j = 1 … d`` (``(B, d)``)."""
-    y = _product(s, q).double()
+def _q_factor(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 Householder Q (``diag(R) > 0``) of the column-normalised ``y`` (float64), and ``κ(Y[:, :j])`` for
+    ``j = 1 … d`` (``(B, d)``)."""
     y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
     want, r = torch.linalg.qr(y)
     want = want * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     leading = torch.stack([torch.linalg.cond(y[..., : j + 1]) for j in range(y.shape[-1])], dim=-1)
     return want, leading
+
+
+def _householder_reference(s: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_q_factor` of the float32 ``Y = (S + δI) Q``."""
+    return _q_factor(_product(s, q).double())
 
 
 def _orthogonality(q: torch.Tensor) -> torch.Tensor:
@@ -217,15 +223,10 @@ def _refresh64(s: torch.Tensor, q: torch.Tensor, shift: float = SHIFT, plain_pas
 
 
 def _exact_reference(s: torch.Tensor, q: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 Householder Q (``diag(R) > 0``) of the column-normalised ``Y = (S + δI) Q`` formed in float64 from the
-    float32 ``S`` and ``Q`` (``δ = shift·tr(S)/d``), and ``κ(Y[:, :j])`` for ``j = 1 … d``."""
+    """:func:`_q_factor` of ``Y = (S + δI) Q`` formed in float64 from the float32 ``S`` and ``Q``
+    (``δ = shift·tr(S)/d``)."""
     s, q = s.double(), q.double()
-    y = s @ q + (shift * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) / s.shape[-1]) * q
-    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
-    want, r = torch.linalg.qr(y)
-    want = want * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    leading = torch.stack([torch.linalg.cond(y[..., : j + 1]) for j in range(y.shape[-1])], dim=-1)
-    return want, leading
+    return _q_factor(s @ q + (shift * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1) / s.shape[-1]) * q)
 
 
 def _bound64(d: int, leading: torch.Tensor) -> torch.Tensor:
@@ -282,17 +283,9 @@ def test_one_plain_pass_beyond_its_reach_keeps_the_old_basis():
     ``plain_passes=1`` the entry keeps its old basis (counted) rather than install a basis less orthogonal than
     float32's rounding; with two it is refreshed to float64 Householder QR's basis."""
     d = 64
-    gen = torch.Generator().manual_seed(0)
-    u, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-    u = u * torch.sign(torch.diagonal(r))
-    s = (u @ torch.diag(torch.logspace(0, -15, d, dtype=F64)) @ u.T).unsqueeze(0)
-    a = 1e-2 * torch.randn(d, d, generator=gen, dtype=F64)
-    q = (u @ torch.linalg.matrix_exp(a - a.T)).unsqueeze(0)
-    y = s @ q
-    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
-    assert torch.linalg.cond(y).item() > 1e14
-    want, r = torch.linalg.qr(y)
-    want = want * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    s, q = _stack(d, torch.Generator().manual_seed(0), [(-15.0, 0, 1e-2, F64)])
+    want, leading = _q_factor(s @ q)
+    assert leading[:, -1].item() > 1e14
     for plain_passes, kept in ((1, 1), (2, 0)):
         counter = FallbackCounter()
         refresher = bases.CholeskyQR(warmup=0, precision="float64", shift=1e-20, plain_passes=plain_passes)
