@@ -159,17 +159,17 @@ class CholeskyQR:
                 index: int = 0) -> Refresh:
         if index < self.warmup:
             return Refresh(basis=power_step(factor, basis))
-        wide = factor.dtype == torch.float64 or self.precision == "float64"
-        work_dtype = torch.float64 if wide else torch.float32
+        float64_refresh = self.precision == "float64"
+        work_dtype = torch.float64 if float64_refresh or factor.dtype == torch.float64 else torch.float32
         s, q = in_dtype(factor, work_dtype), in_dtype(basis, work_dtype)
         trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1, keepdim=True).unsqueeze(-1)
         fast_grams = torch.backends.cuda.matmul.allow_tf32  # the optimizer's tf32 setting, outside the refresh
         with full_precision():
             product = torch.addcmul(s @ q, trace, q, value=self.shift / s.shape[-1])  # (S + δI) Q
-            wide_work = self.precision == "float64"
             new, ok = cholesky_orthonormalize(product, fast_grams=fast_grams and product.is_cuda,
-                                              shifted_passes=1 if wide_work else 2, plain_passes=self.plain_passes,
-                                              tolerance=FLOAT64_TOLERANCE if wide_work else None)
+                                              shifted_passes=1 if float64_refresh else 2,
+                                              plain_passes=self.plain_passes,
+                                              tolerance=FLOAT64_TOLERANCE if float64_refresh else None)
         if counter is not None:
             counter.count_on_device("cholesky_qr_kept_old_basis", ~ok)
         use = ok.view(-1, 1, 1) & nonzero_factor(factor)

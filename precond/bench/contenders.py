@@ -26,6 +26,9 @@ RACE_RULES: dict[str, dict] = {
 """The refresh rules of ``ablations/race.toml``'s two fastest variants that kept their loss (the embeddings'
 AdamW of the race's budgeted variant is a training-task choice the step benchmark does not make)."""
 
+REFRESH_AB = ("qr", "refine", "refine1", "refine_bf16", "cholesky64")
+"""The refreshers of the basis refresh A/B lines (issue 23, lever 1), each in place of Cholesky-QR."""
+
 LEVERS = {
     # each adds one lever to the previous line, so the table shows what each is worth
     "kl_shampoo_unstacked": {"stack": False},
@@ -47,12 +50,12 @@ LEVERS = {
                                       "capture": True, "rotation_dtype": torch.bfloat16},
     # the basis refresh A/B (issue 23, lever 1): the fast configurations with each refresher in place of Cholesky-QR
     **{f"kl_shampoo_{basis}_fast_sync": {"stagger": True, "basis": basis, "tf32": True}
-       for basis in ("qr", "refine", "refine1", "refine_bf16", "cholesky64")},
+       for basis in REFRESH_AB},
     **{f"kl_shampoo_{basis}_fast": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True}
-       for basis in ("qr", "refine", "refine1", "refine_bf16", "cholesky64")},
+       for basis in REFRESH_AB},
     **{f"kl_shampoo_{basis}_fast_captured": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
                                              "capture": True}
-       for basis in ("qr", "refine", "refine1", "refine_bf16", "cholesky64")},
+       for basis in REFRESH_AB},
     # the race's configurations (issue 23, docs/results/race): the tracked drift rule, then the budgeted levers,
     # with the preset's QR refresh or with Refine's
     **{f"kl_shampoo_{basis}_{rule}_{mode}": {"stagger": True, "basis": basis, "tf32": True, "async_refresh": True,
