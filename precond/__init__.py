@@ -40,6 +40,7 @@ _PUBLIC = {
     "NewtonSchulz": "precond.appliers",
     "Normalize": "precond.appliers",
     "Optimizer": "precond.optimizer",
+    "Polar": "precond.appliers",
     "Power": "precond.appliers",
     "Preconditioner": "precond.preconditioner",
     **{name: "precond.presets" for name in (*PRESETS, *MODEL_PRESETS, *PRESET_CLASSES.values())},

@@ -102,6 +102,7 @@ PART_RECIPES: dict[str, Recipe] = {
     "precond.appliers.Graft": Recipe(lambda m: precond.Graft(_power(), onto="adam")),
     "precond.appliers.NewtonSchulz": Recipe(lambda m: precond.NewtonSchulz(), _MUON_VIEW, "matrices"),
     "precond.appliers.Normalize": Recipe(lambda m: precond.Normalize(_power(), rms=0.2)),
+    "precond.appliers.Polar": Recipe(lambda m: precond.Polar(_power(), precond.NewtonSchulz(dtype=torch.float64))),
     "precond.appliers.Power": Recipe(lambda m: precond.Power(p=0.25, eps=1e-6, eps_placement="outside")),
 }
 """Every exported part class: how to construct it (``NOT_PARTS`` lists the exports that are no part)."""

@@ -10,8 +10,9 @@ Slots:
 - ``structure``: which modes get a dense factor (``max_dim`` and the policy ``large`` for a mode above it);
 - ``estimator``: how the factors and the spectrum absorb a gradient (β₂ is the estimator's EMA weight);
 - ``basis``: how the eigenbasis is refreshed every ``every`` = T steps;
-- ``graft``: the applier, ``Power(p, ε)`` (rescaled to RMS ``normalize`` by ``Normalize`` when that is set, as
-  ASGO), given the step size of the named diagonal method (``Graft``) or, with ``none``, left as it is.
+- ``graft``: the applier, ``Power(p, ε)`` (orthogonalised by ``Polar`` when ``polar`` names a scale, rescaled to RMS
+  ``normalize`` by ``Normalize`` when that is set, as ASGO), given the step size of the named diagonal method
+  (``Graft``) or, with ``none``, left as it is.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def _basis(cls: type) -> Builder:
 
 
 def inner_applier(o: Options) -> Any:
-    """``Power(p, ε)`` in the eigenbasis, wrapped in ``Normalize(·, rms)`` when ``normalize`` is an RMS."""
+    """``Power(p, ε)`` in the eigenbasis, orthogonalised by ``Polar`` (Muon's Newton–Schulz with the scale
+    ``polar`` names) unless ``polar`` is ``none``, then wrapped in ``Normalize(·, rms)`` when ``normalize`` is an
+    RMS."""
     applier: Any = precond.Power(p=o["applier"], eps=o["eps"], eps_placement=o["eps_placement"])
+    if o.get("polar", "none") != "none":
+        applier = precond.Polar(applier, precond.NewtonSchulz(scale=o["polar"]))
     if o["normalize"] is not None:
         applier = precond.Normalize(applier, rms=o["normalize"])
     return applier

@@ -210,9 +210,14 @@ def name(value: Any) -> str:
 EMBEDDINGS = ("adam", "one_sided")
 """What ``embeddings`` may give the embeddings and the output head (left out: the variant's own preconditioning)."""
 
+POLAR_SCALES = ("none", "original", "match_rms_adamw")
+"""What ``polar`` may be: ``none`` (no orthogonalisation, the default) or the scale of the polar factor
+(``precond.NewtonSchulz.scale``: Jordan's ``√max(1, A/B)``, or Moonlight's ``0.2·√max(A, B)``, AdamW's RMS)."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "structure": STRUCTURES, "large": LARGE_MODES, "estimator": ESTIMATORS, "basis": BASES, "graft": GRAFTS,
     "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS, "embeddings": EMBEDDINGS,
+    "polar": POLAR_SCALES,
 }
 """The keys whose value is one of a few names, and those names."""
 
@@ -230,6 +235,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "momentum_in_basis": boolean,
     "applier": applier,
     "normalize": rms_or_none,
+    "polar": choice(CHOICES["polar"]),
     "graft": choice(CHOICES["graft"]),
     "beta1": unit_interval,
     "beta2": unit_interval,
@@ -287,6 +293,10 @@ MEANINGS: dict[str, str] = {
                          "momentum_in_basis: the same updates up to round-off, one rotation fewer per folding step; "
                          "appliers power only; true/false, default false)",
     "normalize": "rescale the update to this RMS (Normalize; ASGO uses 0.2), or none",
+    "polar": "replace the applier's direction on matrices by its polar factor scaled as named (precond.Polar: "
+             "Muon's five bfloat16 Newton–Schulz steps after the preconditioner; original √max(1, A/B) as Jordan's "
+             "Muon, match_rms_adamw 0.2·√max(A, B), AdamW's RMS, so one lr suits the vectors' inner step too; "
+             "default none)",
     "beta1": "momentum β₁ in [0, 1)",
     "beta2": "the estimator's EMA weight β₂ in [0, 1)",
     "eps": "the applier's ε ≥ 0",

@@ -1,0 +1,51 @@
+"""``Polar``: another applier's direction replaced by its approximate polar factor (Muon's step after any
+preconditioner)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from precond.appliers.newton_schulz import NewtonSchulz
+from precond.layout import Layout
+from precond.parts import Applier, ApplyContext, slot
+
+
+@attrs.frozen
+class Polar:
+    """``U ← s(A, B) · polar(P(M))`` for a matrix view ``A × B``: the inner applier's direction ``P(M)`` (e.g. KL's
+    ``Q_L diag(λ_L+ε)^{-½} Q_Lᵀ M Q_R diag(λ_R+ε)^{-½} Q_Rᵀ`` from :class:`precond.Power`) orthogonalised by
+    ``newton_schulz`` (:class:`precond.NewtonSchulz`: ``polar(X) = U Vᵀ`` for ``X = U Σ Vᵀ``, by its quintic
+    iteration, Eq. (1)–(2) there, and its ``scale``).
+
+    Muon is ``Polar`` of the identity: ``polar(M)``, the steepest descent direction under the spectral norm
+    (Bernstein & Newhouse 2024). Here the momentum is first whitened by the inner applier's factors, so the step is
+    the spectral-norm steepest direction in the geometry the factors define, ``polar(L^{-¼} M R^{-¼})`` for Shampoo's
+    ``L``, ``R`` at ``p = ½`` per side; the polar factor keeps only the singular vectors of the whitened direction
+    and sets every singular value to 1 (then ``scale``). No library ships this composition.
+
+    - Only matrix views (layout order 2: linear layers, embeddings and heads) are orthogonalised; vectors (biases,
+      norm scales) and views of order 3 and more keep the inner direction, as under :class:`precond.Normalize`'s
+      ``where="dense"``. Orthogonalising them would need a matrix view (:class:`structures.Matrix`, as ``precond.muon``
+      does); a bias's inner direction keeps its own scale, so give vectors AdamW's step in a group of their own
+      where the two scales differ much.
+    - The inner direction's overall size is lost (``polar`` is invariant to a positive factor), so bias
+      corrections and ``ε`` matter only through the directions they shape.
+    - ``exponent`` is the inner applier's (the spectrum's power ``p`` of :class:`precond.Power`).
+    """
+
+    inner: Applier = attrs.field(validator=slot(Applier))
+    newton_schulz: NewtonSchulz = attrs.field(factory=lambda: NewtonSchulz(scale="original"),
+                                              validator=attrs.validators.instance_of(NewtonSchulz))
+
+    def exponent(self, layout: Layout) -> float:
+        return self.inner.exponent(layout)
+
+    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+        return self.inner.init_state(grad, layout)
+
+    def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
+        inner = self.inner.apply(direction, ctx)
+        if ctx.layout.order != 2:
+            return inner
+        return self.newton_schulz.apply(inner, ctx)
