@@ -8,6 +8,7 @@ import attrs
 import torch
 
 from precond.appliers._norms import batch_norm
+from precond.appliers._wrapper import InnerApplier
 from precond.ema import bias_correction, fold, gradient_weights
 from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
@@ -15,7 +16,7 @@ from precond.validators import number, one_of, plain_number, positive
 
 
 @attrs.frozen
-class Graft:
+class Graft(InnerApplier):
     """Layer-wise grafting: the inner applier's direction ``U`` with the norm of a diagonal method's,
     ``U ← U · ‖U_graft‖ / (‖U‖ + 1e-16)``, per parameter (per stacked block).
 
@@ -41,9 +42,6 @@ class Graft:
     eps: float = attrs.field(default=1e-10, converter=plain_number, validator=positive)
     start_preconditioning_step: int = attrs.field(default=1, converter=plain_number, validator=number(
         low=1, integer=True, meaning="first step t that uses the inner applier; before it, the graft direction alone"))
-
-    def exponent(self, layout: Layout) -> float:
-        return self.inner.exponent(layout)
 
     def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
         state = dict(self.inner.init_state(grad, layout))

@@ -9,8 +9,8 @@ import attrs
 import torch
 
 from precond.appliers._norms import batch_norm
+from precond.appliers._wrapper import InnerApplier
 from precond.ema import bias_correction
-from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
 from precond.validators import number, one_of, plain_number, positive
 
@@ -27,7 +27,7 @@ def _betas(instance, attribute, value) -> None:
 
 
 @attrs.frozen
-class Normalize:
+class Normalize(InnerApplier):
     """``U ← U · rms / (RMS(U) + 1e-16)`` per parameter (ASGO's update normalisation, RMS 0.2).
 
     - ``where``: ``"dense"`` (default) normalises only where the layout has a dense factor (a parameter without one
@@ -46,12 +46,6 @@ class Normalize:
     keep_bias_correction: Optional[tuple[float, float]] = attrs.field(
         default=None, converter=lambda v: tuple(map(plain_number, v)) if isinstance(v, (list, tuple)) else v,
         validator=_betas)
-
-    def exponent(self, layout: Layout) -> float:
-        return self.inner.exponent(layout)
-
-    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-        return self.inner.init_state(grad, layout)
 
     def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
         inner = self.inner.apply(direction, ctx)

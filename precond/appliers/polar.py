@@ -6,13 +6,13 @@ from __future__ import annotations
 import attrs
 import torch
 
+from precond.appliers._wrapper import InnerApplier
 from precond.appliers.newton_schulz import NewtonSchulz
-from precond.layout import Layout
 from precond.parts import Applier, ApplyContext, slot
 
 
 @attrs.frozen
-class Polar:
+class Polar(InnerApplier):
     """``U ← s(A, B) · polar(P(M))`` for a matrix view ``A × B``: the inner applier's direction ``P(M)`` (e.g. KL's
     ``Q_L diag(λ_L+ε)^{-½} Q_Lᵀ M Q_R diag(λ_R+ε)^{-½} Q_Rᵀ`` from :class:`precond.Power`) orthogonalised by
     ``newton_schulz`` (:class:`precond.NewtonSchulz`: ``polar(X) = U Vᵀ`` for ``X = U Σ Vᵀ``, by its quintic
@@ -37,12 +37,6 @@ class Polar:
     inner: Applier = attrs.field(validator=slot(Applier))
     newton_schulz: NewtonSchulz = attrs.field(factory=lambda: NewtonSchulz(scale="original"),
                                               validator=attrs.validators.instance_of(NewtonSchulz))
-
-    def exponent(self, layout: Layout) -> float:
-        return self.inner.exponent(layout)
-
-    def init_state(self, grad: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-        return self.inner.init_state(grad, layout)
 
     def apply(self, direction: torch.Tensor, ctx: ApplyContext) -> torch.Tensor:
         inner = self.inner.apply(direction, ctx)
