@@ -153,6 +153,9 @@ def test_workbench_polar_key_builds_polar_inside_normalize_and_graft():
     grafted = applier("estimator=kl,polar=original,graft=adam")
     assert isinstance(grafted, precond.Graft) and isinstance(grafted.inner, precond.Polar)
     assert isinstance(applier("estimator=kl,polar=none"), precond.Power)
+    assert applier("estimator=kl,polar=original,polar_dtype=float32").newton_schulz.dtype == torch.float32
+    with pytest.raises(ValueError, match="polar_dtype"):
+        applier("estimator=kl,polar_dtype=float32")
     assert "polar" not in dict(variants.parse_variant("estimator=kl").settings)  # old variants keep their keys
 
 

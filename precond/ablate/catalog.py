@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import torch
 
 import bases
 import estimators
@@ -54,7 +55,11 @@ def inner_applier(o: Options) -> Any:
     RMS."""
     applier: Any = precond.Power(p=o["applier"], eps=o["eps"], eps_placement=o["eps_placement"])
     if o.get("polar", "none") != "none":
-        applier = precond.Polar(applier, precond.NewtonSchulz(scale=o["polar"]))
+        dtype = getattr(torch, o.get("polar_dtype", "bfloat16"))
+        applier = precond.Polar(applier, precond.NewtonSchulz(scale=o["polar"], dtype=dtype))
+    elif "polar_dtype" in o:
+        raise ValueError("polar_dtype is the dtype of polar's Newton–Schulz iteration, and this variant has none: "
+                         "add polar=original or polar=match_rms_adamw, or leave polar_dtype out")
     if o["normalize"] is not None:
         applier = precond.Normalize(applier, rms=o["normalize"])
     return applier

@@ -210,6 +210,9 @@ def name(value: Any) -> str:
 EMBEDDINGS = ("adam", "one_sided")
 """What ``embeddings`` may give the embeddings and the output head (left out: the variant's own preconditioning)."""
 
+POLAR_DTYPES = ("bfloat16", "float32")
+"""What ``polar_dtype`` may be: the dtype of ``polar``'s Newton–Schulz iteration (bfloat16, Muon's, by default)."""
+
 POLAR_SCALES = ("none", "original", "match_rms_adamw")
 """What ``polar`` may be: ``none`` (no orthogonalisation, the default) or the scale of the polar factor
 (``precond.NewtonSchulz.scale``: Jordan's ``√max(1, A/B)``, or Moonlight's ``0.2·√max(A, B)``, AdamW's RMS)."""
@@ -217,7 +220,7 @@ POLAR_SCALES = ("none", "original", "match_rms_adamw")
 CHOICES: dict[str, tuple[str, ...]] = {
     "structure": STRUCTURES, "large": LARGE_MODES, "estimator": ESTIMATORS, "basis": BASES, "graft": GRAFTS,
     "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS, "embeddings": EMBEDDINGS,
-    "polar": POLAR_SCALES,
+    "polar": POLAR_SCALES, "polar_dtype": POLAR_DTYPES,
 }
 """The keys whose value is one of a few names, and those names."""
 
@@ -236,6 +239,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "applier": applier,
     "normalize": rms_or_none,
     "polar": choice(CHOICES["polar"]),
+    "polar_dtype": choice(CHOICES["polar_dtype"]),
     "graft": choice(CHOICES["graft"]),
     "beta1": unit_interval,
     "beta2": unit_interval,
@@ -297,6 +301,8 @@ MEANINGS: dict[str, str] = {
              "Muon's five bfloat16 Newton–Schulz steps after the preconditioner; original √max(1, A/B) as Jordan's "
              "Muon, match_rms_adamw 0.2·√max(A, B), AdamW's RMS, so one lr suits the vectors' inner step too; "
              "default none)",
+    "polar_dtype": "the dtype of polar's Newton–Schulz iteration: bfloat16 (default, Muon's) or float32 (CPUs "
+                   "without bfloat16 matrix units run it many times faster)",
     "beta1": "momentum β₁ in [0, 1)",
     "beta2": "the estimator's EMA weight β₂ in [0, 1)",
     "eps": "the applier's ε ≥ 0",

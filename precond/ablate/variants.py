@@ -51,10 +51,11 @@ key                    values                                                   
 ``momentum_in_basis``  the momentum kept rotated into the bases (applier           false
                        ``power``): the same updates up to round-off, one
                        rotation fewer per folding step
-``polar``              the applier's direction on matrices replaced by its polar    ``none``
+``polar``              the applier's direction on matrices replaced by its polar   ``none``
                        factor (``precond.Polar``: Muon's Newton–Schulz after the
                        preconditioner), scaled ``original`` (Jordan's) or
                        ``match_rms_adamw`` (RMS 0.2); compositions only
+``polar_dtype``        ``polar``'s iteration in ``bfloat16`` or ``float32``        ``bfloat16``
 ``track_drift``        KL keeps ``diag(QᵀSQ)`` current (estimator ``kl``,           false
                        ``kl_soap``, or a KL preset), so ``drift_tolerance``
                        checks a basis without a ``d³`` product
