@@ -19,14 +19,15 @@ class Polar(InnerApplier):
     iteration, Eq. (1)–(2) there, and its ``scale``).
 
     Muon is ``Polar`` of the identity: ``polar(M)``, the steepest descent direction under the spectral norm
-    (Bernstein & Newhouse 2024). Here the momentum is first whitened by the inner applier's factors, so the step is
-    the spectral-norm steepest direction in the geometry the factors define, ``polar(L^{-¼} M R^{-¼})`` for Shampoo's
-    ``L``, ``R`` at ``p = ½`` per side; the polar factor keeps only the singular vectors of the whitened direction
-    and sets every singular value to 1 (then ``scale``). No library ships this composition.
+    (Bernstein & Newhouse 2024). Here the momentum is first whitened by the inner applier's factors: with
+    :class:`precond.Power` in the eigenbases, ``polar(⊗_k Q_k diag(λ_k + ε)^{-p} Q_kᵀ M)``, the spectral-norm
+    steepest direction in the geometry the factors define (Shampoo's grams with ``p = ¼`` give
+    ``polar(L^{-¼} M R^{-¼})``). The polar factor keeps the singular vectors of the whitened direction and sets every
+    singular value to 1 (then ``scale``). KL-Shampoo's factors with this step are one of the compositions of the
+    composition search (``docs/results.md``, issue 26, part 4); public experiments have orthogonalised SOAP's update.
 
     - Only matrix views (layout order 2: linear layers, embeddings and heads) are orthogonalised; vectors (biases,
-      norm scales) and views of order 3 and more keep the inner direction, as under :class:`precond.Normalize`'s
-      ``where="dense"``. Orthogonalising them would need a matrix view (:class:`structures.Matrix`, as ``precond.muon``
+      norm scales) and views of order 3 and more keep the inner direction. Orthogonalising them would need a matrix view (:class:`structures.Matrix`, as ``precond.muon``
       does); a bias's inner direction keeps its own scale, so give vectors AdamW's step in a group of their own
       where the two scales differ much.
     - The inner direction's overall size is lost (``polar`` is invariant to a positive factor), so bias
