@@ -27,9 +27,9 @@ class Polar(InnerApplier):
     composition search (``docs/results.md``, issue 26, part 4); public experiments have orthogonalised SOAP's update.
 
     - Only matrix views (layout order 2: linear layers, embeddings and heads) are orthogonalised; vectors (biases,
-      norm scales) and views of order 3 and more keep the inner direction. Orthogonalising them would need a matrix view (:class:`structures.Matrix`, as ``precond.muon``
-      does); a bias's inner direction keeps its own scale, so give vectors AdamW's step in a group of their own
-      where the two scales differ much.
+      norm scales) and views of order 3 and more keep the inner direction. Orthogonalising them would need a matrix
+      view (:class:`structures.Matrix`, as ``precond.muon`` does); a bias's inner direction keeps its own scale, so
+      give vectors AdamW's step in a group of their own where the two scales differ much.
     - The inner direction's overall size is lost (``polar`` is invariant to a positive factor), so bias
       corrections and ``ε`` matter only through the directions they shape.
     - ``exponent`` is the inner applier's (the spectrum's power ``p`` of :class:`precond.Power`).
