@@ -57,9 +57,6 @@ def inner_applier(o: Options) -> Any:
     if o.get("polar", "none") != "none":
         dtype = getattr(torch, o.get("polar_dtype", "bfloat16"))
         applier = precond.Polar(applier, precond.NewtonSchulz(scale=o["polar"], dtype=dtype))
-    elif "polar_dtype" in o:
-        raise ValueError("polar_dtype is the dtype of polar's Newton–Schulz iteration, and this variant has none: "
-                         "add polar=original or polar=match_rms_adamw, or leave polar_dtype out")
     if o["normalize"] is not None:
         applier = precond.Normalize(applier, rms=o["normalize"])
     return applier

@@ -261,6 +261,7 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
     _check_basis_keys(values, resolved["basis"], where)
+    _check_polar_keys(values, where)
     settings = tuple((key, resolved[key]) for key in keys.READERS if key in resolved)
     return Variant(label or _composition_label(resolved, values), None, settings, lrs, **extra)
 
@@ -277,6 +278,13 @@ def _check_basis_keys(values: Mapping[str, Any], basis: str, where: str) -> None
     for key, (owner, meaning) in BASIS_KEYS.items():
         if key in values and basis != owner:
             raise ValueError(f"{where}: {key} is {meaning} and belongs to basis {owner}, not to basis {basis}")
+
+
+def _check_polar_keys(values: Mapping[str, Any], where: str) -> None:
+    """``polar_dtype`` belongs to a variant whose ``polar`` names a scale."""
+    if "polar_dtype" in values and values.get("polar", "none") == "none":
+        raise ValueError(f"{where}: polar_dtype is the dtype of polar's Newton–Schulz iteration, and this variant has "
+                         "none: add polar=original or polar=match_rms_adamw, or leave polar_dtype out")
 
 
 def _check_kl_keys(values: Mapping[str, Any], estimator: str, where: str) -> None:
