@@ -6,6 +6,7 @@ Nothing here imports the library; every function is written from the math in doc
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -53,3 +54,12 @@ def second_moment(samples: torch.Tensor) -> torch.Tensor:
     """``E[g gᵀ]`` over the leading sample axis, with ``g = vec(G)``."""
     flat = samples.reshape(samples.shape[0], -1).to(F64)
     return flat.T @ flat / samples.shape[0]
+
+
+def reference_scale(rule: str, rows: int, cols: int) -> float:
+    """torch.optim.Muon's ``_adjust_lr`` ratios (its docstring): Keller Jordan's and Moonshot's."""
+    return {
+        "none": 1.0,
+        "original": math.sqrt(max(1.0, rows / cols)),
+        "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols)),
+    }[rule]

@@ -23,19 +23,10 @@ from precond.appliers.newton_schulz import _POLAR_EXPRESS_RAW, JORDAN, POLAR_EXP
 from precond.parts import ApplyContext
 from precond.state import ParamState
 
-from reference import F64
+from reference import F64, reference_scale
 from strategies import seeds
 
 # --- references written from the papers -------------------------------------------------------------------------
-
-def reference_scale(rule: str, rows: int, cols: int) -> float:
-    """torch.optim.Muon's ``_adjust_lr`` ratios (its docstring): Keller Jordan's and Moonshot's."""
-    return {
-        "none": 1.0,
-        "original": math.sqrt(max(1.0, rows / cols)),
-        "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols)),
-    }[rule]
-
 
 def composed_polynomial_of_svd(m: torch.Tensor, table, steps: int, margin: float, eps: float) -> torch.Tensor:
     """``U p(σ / max(margin‖M‖_F, eps)) Vᵀ`` with ``p = p_T ∘ … ∘ p_1`` applied to the singular values alone."""
