@@ -31,17 +31,23 @@ def _model() -> _LM:
     return _LM().to(F64)
 
 
-@pytest.mark.parametrize("text", ["kl_shampoo", "soap", "estimator=kl,basis=eigh"])
-def test_embeddings_adam_gives_the_routed_matrices_torch_adamw(text: str) -> None:
+def _schedule(step: int) -> float:
+    """A warm-up then decay, so that a group whose lr the schedule failed to scale would drift from the reference."""
+    return min(1.0, (step + 1) / 3) * 0.8 ** step
+
+
+def _train_beside_adamw(text: str, adam_lr: float) -> dict[str, torch.Tensor]:
+    """Six steps of the variant under :func:`_schedule`, the routed matrices checked after each against
+    ``torch.optim.AdamW`` at ``adam_lr`` under the same schedule; returns the final weights."""
     model = _model()
     routed = adam_routed(model)
     assert routed == {"tokens.weight", "head.weight"}
-    optimizer = parse_variant(f"{text},embeddings=adam").build(param_groups(model), LR, WEIGHT_DECAY,
-                                                               adam_params=routed)
+    optimizer = parse_variant(text).build(param_groups(model), LR, WEIGHT_DECAY, adam_params=routed)
     named = dict(model.named_parameters())
     copies = {name: named[name].detach().clone().requires_grad_() for name in sorted(routed)}
-    reference = torch.optim.AdamW(list(copies.values()), lr=LR, betas=(0.9, 0.95), eps=1e-8,
+    reference = torch.optim.AdamW(list(copies.values()), lr=adam_lr, betas=(0.9, 0.95), eps=1e-8,
                                   weight_decay=WEIGHT_DECAY)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, _schedule) for opt in (optimizer, reference)]
     hidden_before = named["hidden.weight"].detach().clone()
     generator = torch.Generator().manual_seed(1)
     for _ in range(6):
@@ -51,9 +57,28 @@ def test_embeddings_adam_gives_the_routed_matrices_torch_adamw(text: str) -> Non
                 copies[name].grad = p.grad.clone()
         optimizer.step()
         reference.step()
+        for schedule in schedules:
+            schedule.step()
         for name, copy in copies.items():
             torch.testing.assert_close(named[name].detach(), copy.detach(), rtol=1e-5, atol=1e-7)
     assert not torch.equal(named["hidden.weight"].detach(), hidden_before)
+    return {name: p.detach().clone() for name, p in named.items()}
+
+
+@pytest.mark.parametrize("text", ["kl_shampoo", "soap", "estimator=kl,basis=eigh"])
+def test_embeddings_adam_gives_the_routed_matrices_torch_adamw(text: str) -> None:
+    _train_beside_adamw(f"{text},embeddings=adam", LR)
+
+
+@pytest.mark.parametrize("text", ["kl_shampoo", "estimator=kl,basis=eigh,polar=match_rms_adamw"])
+def test_adam_lr_sets_the_routed_adamw_lr_and_nothing_else(text: str) -> None:
+    """``adam_lr`` runs the routed AdamW at its own lr (Muon's split: AdamW's tuned lr there, the variant's lr for
+    the rest); the other parameters follow the same trajectory as without it."""
+    own = _train_beside_adamw(f"{text},embeddings=adam,adam_lr=4e-3", 4e-3)
+    shared = _train_beside_adamw(f"{text},embeddings=adam", LR)
+    for name in ("hidden.weight", "hidden.bias"):
+        torch.testing.assert_close(own[name], shared[name], rtol=0, atol=0)
+    assert not torch.equal(own["head.weight"], shared["head.weight"])
 
 
 def test_embeddings_one_sided_keeps_one_factor_on_the_smaller_side() -> None:
@@ -71,6 +96,9 @@ def test_the_key_is_part_of_the_identity_only_when_given() -> None:
     assert parse_variant("kl_shampoo,embeddings=adam").spec() == "kl_shampoo,embeddings=adam"
     assert "embeddings" not in parse_variant("estimator=kl,basis=qr").spec()
     assert "embeddings=one_sided" in parse_variant("estimator=kl,embeddings=one_sided").spec()
+    with_lr = parse_variant("kl_shampoo,embeddings=adam,adam_lr=5e-4")
+    assert with_lr.spec() == "kl_shampoo,adam_lr=0.0005,embeddings=adam" and parse_variant(with_lr.spec()) == with_lr
+    assert "adam_lr" not in parse_variant("estimator=kl,embeddings=adam").spec()
 
 
 def test_bad_uses_are_refused_with_the_reason() -> None:

@@ -143,8 +143,9 @@ def test_peer_keys_are_checked():
         "every": 5, "max_dim": 64, "beta2": 0.99}
     assert parse_variant("muon,adam_lr=1e-3,beta1=0.9").options == {"beta1": 0.9, "adam_lr": 1e-3}
     for text, fragment in [("muon,every=5", "cannot be changed on the named variant 'muon'"),
-                           ("kl_shampoo,adam_lr=1e-3", "cannot be changed"),
-                           ("estimator=kl,adam_lr=1e-3", "adam_lr belongs to muon and torch_muon"),
+                           ("kl_shampoo,adam_lr=1e-3", "has neither: add embeddings=adam"),
+                           ("estimator=kl,adam_lr=1e-3", "has neither: add embeddings=adam"),
+                           ("estimator=kl,embeddings=one_sided,adam_lr=1e-3", "add embeddings=adam"),
                            ("muon,adam_lr=0", "expected a number > 0"),
                            ("adamw,lr=1e-3,lr_from=kl_shampoo", "not both")]:
         with pytest.raises(ValueError, match=fragment):
@@ -430,8 +431,30 @@ def test_lr_sources_are_checked(tmp_path):
     with pytest.raises(ValueError, match="takes a learning rate from another variant"):
         tiny_config(tmp_path, ["kl_shampoo", {"spec": "adamw", "lr_from": "kl_shampoo"},
                                {"spec": "soap", "lr_from": "adamw"}])
-    with pytest.raises(ValueError, match="adam_lr_from sets the adam_lr of muon"):
+    with pytest.raises(ValueError, match="adam_lr_from sets the lr of an Adam part.*add embeddings=adam"):
         tiny_config(tmp_path, ["adamw", {"spec": "kl_shampoo", "adam_lr_from": "adamw"}])
+    with pytest.raises(ValueError, match="adam_lr_from sets the lr of an Adam part, and adamw has none"):
+        parse_variant("adamw,adam_lr_from=kl_shampoo")
+    with pytest.raises(ValueError, match="give it or adam_lr, not both"):
+        parse_variant("kl_shampoo,embeddings=adam,adam_lr=1e-3,adam_lr_from=adamw")
+
+
+def test_adam_lr_from_gives_embeddings_adam_the_tuned_adamw_lr(tmp_path):
+    """A variant with ``embeddings=adam`` and ``adam_lr_from = "adamw"`` waits until AdamW is bracketed, then runs
+    with ``adam_lr`` = AdamW's best lr (part of its identity) and tunes its own grid."""
+    from precond.ablate.bracket import plan
+    variants = [{"spec": "adamw", "lrs": [1e-5, 1e-4]},
+                {"spec": "kl_shampoo,embeddings=adam", "name": "KL, Adam ends", "lrs": [1e-3, 1e-2],
+                 "bracket": False, "adam_lr_from": "adamw"}]
+    config = tiny_config(tmp_path, variants, seeds=[0], extend_lrs=5)
+    runs = _Synthetic()
+    first = plan(config, runs.lookup)
+    assert "waiting" == first.tunings["KL, Adam ends"].state
+    current, _ = _plan_to_the_end(config, runs)
+    tuning = current.tunings["KL, Adam ends"]
+    assert tuning.lrs == (1e-3, 1e-2) and "adam_lr 0.001, the best lr of adamw" in tuning.message
+    ran = {variant.spec() for variant, _, _ in current.grid(every_lr=True) if variant.name == "KL, Adam ends"}
+    assert ran == {"kl_shampoo,adam_lr=0.001,embeddings=adam"}
     with pytest.raises(ValueError, match="baselines names 'sgd'"):
         tiny_config(tmp_path, ["adamw"], baselines=["sgd"])
 

@@ -62,13 +62,15 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
 ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
 """The AdamW that ``embeddings=adam`` gives the embeddings and the head: the workbench's AdamW baseline
-(``adamw,beta2=0.95``; torch's ε), bias-corrected, decay before the update, as ``torch.optim.AdamW``."""
+(``adamw,beta2=0.95``; torch's ε), bias-corrected, decay before the update, as ``torch.optim.AdamW``, at the
+variant's lr or at ``adam_lr`` where the variant gives one (the schedule scales both alike)."""
 
 
 def _embedding_settings(options: Mapping[str, Any]) -> dict[str, Any]:
     """The group keys that ``embeddings`` gives the routed matrices (``precond.Optimizer``'s per-group parts)."""
     if options["embeddings"] == "adam":
-        return adam_group(ADAMW_BETAS, ADAMW_EPS)
+        own_lr = {"lr": options["adam_lr"]} if "adam_lr" in options else {}
+        return {**adam_group(ADAMW_BETAS, ADAMW_EPS), **own_lr}
     return {"structure": structures.OneSided(max_dim=options.get("max_dim", 4096))}
 
 

@@ -131,9 +131,10 @@ def describe_choices() -> str:
     lines = ["named variants: " + ", ".join(keys.NAMED), "composition keys:"]
     lines += [f"  {key}: {keys.describe(key)}" for key in keys.READERS]
     lines.append("  name, lr (label and learning rates, e.g. lr=1e-3/3e-3), lr_from (run at another variant's "
-                 "best lr), adam_lr_from (a Muon's adam_lr = another variant's best lr), bracket (true/false: "
-                 "extend the grid until the best lr is inside), why (alias reason: why the variant is there, "
-                 "printed in the summary), expect (diverge: shown to fail, its grid is not extended)")
+                 "best lr), adam_lr_from (adam_lr = another variant's best lr: a Muon's, or embeddings=adam's), "
+                 "bracket (true/false: extend the grid until the best lr is inside), why (alias reason: why the "
+                 "variant is there, printed in the summary), expect (diverge: shown to fail, its grid is not "
+                 "extended)")
     for name in sorted(TASKS):
         lines.append(f"task {name} options: " + ", ".join(f"{k}={v!r}" for k, v in task_options(name).items()))
     lines.append("configuration keys: " + ", ".join(ALLOWED_KEYS))

@@ -332,7 +332,8 @@ MEANINGS: dict[str, str] = {
     "refresh_budget": "with drift_tolerance: each step refreshes at most the work Σd³/B of a fixed schedule of "
                       "period B (a positive integer), the most drifted bases first (precond.Optimizer's "
                       "refresh_budget; default: no cap)",
-    "adam_lr": "the Adam part's learning rate of muon and torch_muon (embeddings, head, vectors; default 3e-4)",
+    "adam_lr": "the Adam part's learning rate: of muon and torch_muon (embeddings, head, vectors; default 3e-4), "
+               "or of the AdamW that embeddings=adam gives the embeddings and the head (default: the variant's lr)",
 }
 """What a key means, for ``--list``."""
 

@@ -32,7 +32,9 @@ key                    values                                                   
                        (alias ``reason``)
 ``expect``             ``diverge``: shown to fail (no lr extension, no advice to    unset
                        widen its lrs; the summary says when it did not diverge)
-``adam_lr``            the Adam part's lr of ``muon`` and ``torch_muon`` only      3e-4
+``adam_lr``            the Adam part's lr: of ``muon`` and ``torch_muon``, or of    3e-4 (Muons); the
+                       the AdamW that ``embeddings=adam`` gives the embeddings      variant's lr
+                       and the head (Muon's split with its own lr)
 ``rotation_dtype``     ``bfloat16`` or ``float16`` operands for the rotations      the state dtype
                        into and out of the eigenbasis (``rotation_dtype`` of
                        ``precond.Optimizer``)
@@ -104,7 +106,7 @@ bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
                "decay_order", "rotation_dtype", "embeddings", "track_drift", "floor", "fold_every", "momentum_in_basis",
-               "basis_power", *keys.SPEED_KEYS)
+               "basis_power", "adam_lr", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
@@ -240,10 +242,14 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     adam_lr_from = values.pop("adam_lr_from", None)
     if lr_from is not None and lrs is not None:
         raise ValueError(f"{where}: give lr (its own grid) or lr_from (the best lr of another variant), not both")
-    takes_adam_lr = preset in peers.PEERS and "adam_lr" in peers.PEERS[preset].keys
-    if adam_lr_from is not None and ("adam_lr" in values or not takes_adam_lr or lr_from is not None):
-        raise ValueError(f"{where}: adam_lr_from sets the adam_lr of muon or torch_muon (which then tune their own "
-                         f"lr); give it or adam_lr, not both, and not with lr_from")
+    if adam_lr_from is not None and ("adam_lr" in values or lr_from is not None):
+        raise ValueError(f"{where}: adam_lr_from sets the variant's adam_lr (which then tunes its own lr); give it or "
+                         f"adam_lr, not both, and not with lr_from")
+    if preset not in peers.PEERS:
+        _check_adam_lr_keys(values, adam_lr_from, where)
+    elif adam_lr_from is not None and "adam_lr" not in peers.PEERS[preset].keys:
+        raise ValueError(f"{where}: adam_lr_from sets the lr of an Adam part, and {preset} has none (muon and "
+                         "torch_muon have one, and so does a variant with embeddings=adam)")
     extra = {"lr_from": lr_from, "bracket": bracket, "adam_lr_from": adam_lr_from, "why": values.pop("why", None),
              "expect": values.pop("expect", None)}
     if preset is not None:
@@ -255,9 +261,6 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
                              "to change its parts")
         settings = tuple((key, values[key]) for key in keys.READERS if key in values)
         return Variant(label or _preset_label(preset, settings), preset, settings, lrs, **extra)
-    refused = [key for key in values if key in peers.PEER_ONLY_KEYS]
-    if refused:
-        raise ValueError(f"{where}: {', '.join(refused)} belongs to muon and torch_muon only, not to a composition")
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
     _check_basis_keys(values, resolved["basis"], where)
@@ -278,6 +281,16 @@ def _check_basis_keys(values: Mapping[str, Any], basis: str, where: str) -> None
     for key, (owner, meaning) in BASIS_KEYS.items():
         if key in values and basis != owner:
             raise ValueError(f"{where}: {key} is {meaning} and belongs to basis {owner}, not to basis {basis}")
+
+
+def _check_adam_lr_keys(values: Mapping[str, Any], adam_lr_from: Optional[str], where: str) -> None:
+    """``adam_lr`` (or ``adam_lr_from``) of a preset or a composition is the lr of the AdamW that ``embeddings=adam``
+    gives the embeddings and the head, so it needs that key (Muon's split, with its Adam part at its own lr)."""
+    if ("adam_lr" in values or adam_lr_from is not None) and values.get("embeddings") != "adam":
+        given = "adam_lr" if "adam_lr" in values else "adam_lr_from"
+        raise ValueError(f"{where}: {given} sets the lr of an Adam part: muon's, or the AdamW that embeddings=adam "
+                         "gives the embeddings and the output head, and this variant has neither: add "
+                         "embeddings=adam, or leave it out")
 
 
 def _check_polar_keys(values: Mapping[str, Any], where: str) -> None:
