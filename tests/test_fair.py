@@ -129,6 +129,39 @@ def test_our_muon_and_torch_muon_take_the_same_steps_in_the_workbench():
             torch.testing.assert_close(ours[name], delta, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _muon_first_steps(build):
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=11, context=4, layers=1, width=8, heads=2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build(model)
+    for step in range(2):
+        _fixed_gradients(model, step)
+        optimizer.step()
+    return {n: p.detach() - start[n] for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+
+
+def test_muon_ns_dtype_runs_the_newton_schulz_iteration_in_that_dtype():
+    """``muon,ns_dtype=float32`` agrees with the iteration in float64 (whose polynomial test_muon checks against the
+    SVD) to float32 round-off; Muon's default bfloat16 iteration does not, so the key reaches the optimizer."""
+    import precond
+
+    def workbench(text):
+        return lambda model: parse_variant(text).build(param_groups(model), 0.02, 0.1, adam_params=adam_routed(model))
+
+    def float64_iteration(model):
+        named = [(n, p) for n, p in model.named_parameters()]
+        return precond.muon(named, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, adam_lr=3e-4,
+                            adam_betas=(0.9, 0.95), adam_eps=1e-10, adam_params=sorted(adam_routed(model)),
+                            ns_dtype=torch.float64)
+
+    reference = _muon_first_steps(float64_iteration)
+    single = _muon_first_steps(workbench("muon,ns_dtype=float32"))
+    half = _muon_first_steps(workbench("muon"))
+    for name, delta in reference.items():
+        assert (single[name] - delta).norm() <= 1e-5 * delta.norm(), name
+    assert max((half[name] - delta).norm() / delta.norm() for name, delta in reference.items()) > 1e-4
+
+
 def test_torch_muon_refuses_a_conv_kernel_with_the_alternative():
     from precond.tasks import make_task
     if peer_table.missing("torch_muon") is not None:
@@ -142,11 +175,16 @@ def test_peer_keys_are_checked():
     assert parse_variant("hb_kl_shampoo,every=5,max_dim=64,beta2=0.99").options == {
         "every": 5, "max_dim": 64, "beta2": 0.99}
     assert parse_variant("muon,adam_lr=1e-3,beta1=0.9").options == {"beta1": 0.9, "adam_lr": 1e-3}
+    assert parse_variant("muon,ns_dtype=float32").spec() == "muon,ns_dtype=float32"
     for text, fragment in [("muon,every=5", "cannot be changed on the named variant 'muon'"),
                            ("kl_shampoo,adam_lr=1e-3", "has neither: add embeddings=adam"),
                            ("estimator=kl,adam_lr=1e-3", "has neither: add embeddings=adam"),
                            ("estimator=kl,embeddings=one_sided,adam_lr=1e-3", "add embeddings=adam"),
                            ("muon,adam_lr=0", "expected a number > 0"),
+                           ("muon,ns_dtype=float16", "bfloat16, float32"),
+                           ("torch_muon,ns_dtype=float32", "cannot be changed on the named variant 'torch_muon'"),
+                           ("kl_shampoo,ns_dtype=float32", "cannot be changed on the named variant 'kl_shampoo'"),
+                           ("estimator=kl,ns_dtype=float32", "belongs to muon only.*polar_dtype"),
                            ("adamw,lr=1e-3,lr_from=kl_shampoo", "not both")]:
         with pytest.raises(ValueError, match=fragment):
             parse_variant(text)

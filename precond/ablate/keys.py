@@ -220,7 +220,7 @@ POLAR_SCALES = ("none", "original", "match_rms_adamw")
 CHOICES: dict[str, tuple[str, ...]] = {
     "structure": STRUCTURES, "large": LARGE_MODES, "estimator": ESTIMATORS, "basis": BASES, "graft": GRAFTS,
     "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS, "embeddings": EMBEDDINGS,
-    "polar": POLAR_SCALES, "polar_dtype": POLAR_DTYPES,
+    "polar": POLAR_SCALES, "polar_dtype": POLAR_DTYPES, "ns_dtype": POLAR_DTYPES,
 }
 """The keys whose value is one of a few names, and those names."""
 
@@ -249,6 +249,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "bias_correction": boolean,
     "decay_order": choice(CHOICES["decay_order"]),
     "adam_lr": positive,
+    "ns_dtype": choice(CHOICES["ns_dtype"]),
     "rotation_dtype": rotation_dtype,
     "init_lambda": init_lambda,
     "floor": floor,
@@ -332,6 +333,8 @@ MEANINGS: dict[str, str] = {
     "refresh_budget": "with drift_tolerance: each step refreshes at most the work Σd³/B of a fixed schedule of "
                       "period B (a positive integer), the most drifted bases first (precond.Optimizer's "
                       "refresh_budget; default: no cap)",
+    "ns_dtype": "the dtype of muon's Newton–Schulz iteration: bfloat16 (default, Jordan's) or float32 (CPUs "
+                "without fast bfloat16 products; precond.muon's ns_dtype); muon only",
     "adam_lr": "the Adam part's learning rate: of muon and torch_muon (embeddings, head, vectors; default 3e-4), "
                "or of the AdamW that embeddings=adam gives the embeddings and the head (default: the variant's lr)",
 }

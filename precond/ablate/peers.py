@@ -16,6 +16,7 @@ name                optimizer                                                   
 ``po_soap``         pytorch-optimizer ``SOAP`` (``pytorch_optimizer``)                      β₁ β₂ ε wd T max_dim
 ``torch_muon``      ``torch.optim.Muon`` on hidden matrices + ``torch.optim.AdamW``         β₁ (= μ) wd adam_lr
 ``muon``            ``precond.muon`` (Newton–Schulz and Adam parts in one optimizer)        β₁ (= μ) wd adam_lr
+                                                                                            ns_dtype
 ==================  =====================================================================  ====================
 
 The Shampoo-family peers get the settings of our presets unless the variant says otherwise (as
@@ -46,6 +47,8 @@ import torch
 
 SHAMPOO_PEER_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim")
 MUON_KEYS = ("beta1", "weight_decay", "adam_lr")
+PEER_ONLY_KEYS = ("ns_dtype",)
+"""Keys that only some named variants take (a composition or a Kronecker preset refuses them)."""
 
 DEFAULT_EVERY, DEFAULT_MAX_DIM, DEFAULT_BETAS, DEFAULT_EPS = 10, 4096, (0.9, 0.95), 1e-8
 MUON_ADAM = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-10}
@@ -209,9 +212,11 @@ def build_muon(params: list[Any], lr: float, options: Mapping[str, Any], context
 
     named = {item[0] for group in _groups(params) for item in group["params"] if isinstance(item, tuple)}
     fast = {"on_nonfinite": "ignore"} if context.sync_free else {}
+    ns_dtype = {"ns_dtype": getattr(torch, options["ns_dtype"])} if "ns_dtype" in options else {}
     return precond.muon(params, lr=lr, momentum=options.get("beta1", 0.95), nesterov=True, **_decay(options),
                         adam_lr=options.get("adam_lr", MUON_ADAM["lr"]), adam_betas=MUON_ADAM["betas"],
-                        adam_eps=MUON_ADAM["eps"], adam_params=sorted(context.adam_params & named), **fast)
+                        adam_eps=MUON_ADAM["eps"], adam_params=sorted(context.adam_params & named), **ns_dtype,
+                        **fast)
 
 
 PEERS: dict[str, Peer] = {
@@ -221,7 +226,7 @@ PEERS: dict[str, Peer] = {
     "hb_soap": Peer(SHAMPOO_PEER_KEYS, _heavyball_builder("SOAP"), "heavyball", "pip install heavyball==3.2.1"),
     "po_soap": Peer(SHAMPOO_PEER_KEYS, build_po_soap, "pytorch_optimizer", "pip install pytorch-optimizer==4.1.0"),
     "torch_muon": Peer(MUON_KEYS, build_torch_muon, "torch.optim.Muon"),
-    "muon": Peer(MUON_KEYS, build_muon),
+    "muon": Peer((*MUON_KEYS, "ns_dtype"), build_muon),
 }
 """Every optimizer built by name here rather than through a Kronecker preset's signature."""
 

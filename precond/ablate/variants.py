@@ -32,6 +32,7 @@ key                    values                                                   
                        (alias ``reason``)
 ``expect``             ``diverge``: shown to fail (no lr extension, no advice to    unset
                        widen its lrs; the summary says when it did not diverge)
+``ns_dtype``           ``muon``'s Newton–Schulz in ``bfloat16`` or ``float32``       ``bfloat16``
 ``adam_lr``            the Adam part's lr: of ``muon`` and ``torch_muon``, or of    3e-4 (Muons); the
                        the AdamW that ``embeddings=adam`` gives the embeddings      variant's lr
                        and the head (Muon's split with its own lr)
@@ -240,16 +241,7 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
     label, lrs, preset = values.pop("name", None), values.pop("lr", None), values.pop("preset", None)
     lr_from, bracket = values.pop("lr_from", None), values.pop("bracket", True)
     adam_lr_from = values.pop("adam_lr_from", None)
-    if lr_from is not None and lrs is not None:
-        raise ValueError(f"{where}: give lr (its own grid) or lr_from (the best lr of another variant), not both")
-    if adam_lr_from is not None and ("adam_lr" in values or lr_from is not None):
-        raise ValueError(f"{where}: adam_lr_from sets the variant's adam_lr (which then tunes its own lr); give it or "
-                         f"adam_lr, not both, and not with lr_from")
-    if preset not in peers.PEERS:
-        _check_adam_lr_keys(values, adam_lr_from, where)
-    elif adam_lr_from is not None and "adam_lr" not in peers.PEERS[preset].keys:
-        raise ValueError(f"{where}: adam_lr_from sets the lr of an Adam part, and {preset} has none (muon and "
-                         "torch_muon have one, and so does a variant with embeddings=adam)")
+    _check_lr_sources(values, preset, lrs is not None, lr_from, adam_lr_from, where)
     extra = {"lr_from": lr_from, "bracket": bracket, "adam_lr_from": adam_lr_from, "why": values.pop("why", None),
              "expect": values.pop("expect", None)}
     if preset is not None:
@@ -261,6 +253,7 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
                              "to change its parts")
         settings = tuple((key, values[key]) for key in keys.READERS if key in values)
         return Variant(label or _preset_label(preset, settings), preset, settings, lrs, **extra)
+    _check_peer_only_keys(values, where)
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
     _check_basis_keys(values, resolved["basis"], where)
@@ -281,6 +274,30 @@ def _check_basis_keys(values: Mapping[str, Any], basis: str, where: str) -> None
     for key, (owner, meaning) in BASIS_KEYS.items():
         if key in values and basis != owner:
             raise ValueError(f"{where}: {key} is {meaning} and belongs to basis {owner}, not to basis {basis}")
+
+
+def _check_lr_sources(values: Mapping[str, Any], preset: Optional[str], own_lrs: bool, lr_from: Optional[str],
+                      adam_lr_from: Optional[str], where: str) -> None:
+    """A variant's lr comes from its own grid or from ``lr_from``; its Adam part's from ``adam_lr`` or from
+    ``adam_lr_from``, and only where it has an Adam part."""
+    if lr_from is not None and own_lrs:
+        raise ValueError(f"{where}: give lr (its own grid) or lr_from (the best lr of another variant), not both")
+    if adam_lr_from is not None and ("adam_lr" in values or lr_from is not None):
+        raise ValueError(f"{where}: adam_lr_from sets the variant's adam_lr (which then tunes its own lr); give it or "
+                         f"adam_lr, not both, and not with lr_from")
+    if preset not in peers.PEERS:
+        _check_adam_lr_keys(values, adam_lr_from, where)
+    elif adam_lr_from is not None and "adam_lr" not in peers.PEERS[preset].keys:
+        raise ValueError(f"{where}: adam_lr_from sets the lr of an Adam part, and {preset} has none (muon and "
+                         "torch_muon have one, and so does a variant with embeddings=adam)")
+
+
+def _check_peer_only_keys(values: Mapping[str, Any], where: str) -> None:
+    """``ns_dtype`` (``peers.PEER_ONLY_KEYS``) belongs to ``muon``; a composition's Newton–Schulz is ``polar``'s."""
+    refused = [key for key in values if key in peers.PEER_ONLY_KEYS]
+    if refused:
+        raise ValueError(f"{where}: {', '.join(refused)} belongs to muon only, not to a composition (a composition's "
+                         "Newton–Schulz is polar's: polar_dtype)")
 
 
 def _check_adam_lr_keys(values: Mapping[str, Any], adam_lr_from: Optional[str], where: str) -> None:
