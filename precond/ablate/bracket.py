@@ -26,8 +26,9 @@ given, and the summary reports "diverged at every lr tried, as expected" rather 
 says loudly that it did not diverge.
 
 A variant with ``lr_from = "other"`` runs at the best lr of ``other`` once that one is settled (tuned, or at its
-limit) and is not extended itself (e.g. T = 100 at T = 10's best lr). A Muon with ``adam_lr_from = "adamw"``
-gets ``adam_lr`` = AdamW's best lr once AdamW is settled, then tunes its own grid as any variant.
+limit) and is not extended itself (e.g. T = 100 at T = 10's best lr). A Muon (or a variant with
+``embeddings=adam``) with ``adam_lr_from = "adamw"`` gets ``adam_lr`` = AdamW's best lr once AdamW is settled, then
+tunes its own grid as any variant.
 
 :func:`plan` replays these decisions from the finished runs alone, so an interrupted ablation, a resumed one and
 ``--report-only`` reach the same grid.

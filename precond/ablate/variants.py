@@ -138,8 +138,9 @@ class Variant:
     identifies it; ``name`` labels it in reports and ``lrs`` (when given) replaces the run's learning-rate grid.
     ``lr_from`` names another variant whose best learning rate this one runs at (once that one is tuned);
     ``bracket`` ``False`` keeps the grid as given (no extension when the best lr is at its edge);
-    ``adam_lr_from`` names the variant whose best learning rate becomes this Muon's ``adam_lr`` (its Adam part at
-    the lr tuned for AdamW), once that one is tuned.
+    ``adam_lr_from`` names the variant whose best learning rate becomes this variant's ``adam_lr`` (a Muon's Adam
+    part, or the AdamW that ``embeddings=adam`` gives the embeddings and head, at the lr tuned for AdamW), once that
+    one is tuned.
     """
 
     name: str
