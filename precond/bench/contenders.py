@@ -26,7 +26,7 @@ RACE_RULES: dict[str, dict] = {
 """The refresh rules of ``ablations/race.toml``'s two fastest variants that kept their loss (the embeddings'
 AdamW of the race's budgeted variant is a training-task choice the step benchmark does not make)."""
 
-REFRESH_AB = ("qr", "refine", "refine1", "refine_bf16", "cholesky64")
+REFRESH_AB = ("qr", "refine", "refine1", "refine_bf16", "cholesky64", "cholesky64_2pass")
 """The refreshers of the basis refresh A/B lines (issue 23, lever 1), each in place of Cholesky-QR."""
 
 LEVERS = {
