@@ -1,6 +1,6 @@
 """Small regression problems the schedule tests train on, the training loop, the resume check and the CUDA
 comparison they share (``tests/test_drift.py``, ``test_drift_tracked.py``, ``test_refresh_budget.py``,
-``test_fold_every.py``, ``test_basis_power.py``)."""
+``test_fold_every.py``, ``test_basis_power.py``, ``test_preset_refresh.py``)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def _preset(preset: str, params: Iterable[Any], lr: float, options: Mapping[str,
     kwargs: dict[str, Any] = {key: options[key] for key in
                               ("eps", "weight_decay", "every", "max_dim", "large", "bias_correction", "decay_order",
                                "graft", "track_drift", "floor", "fold_every", "momentum_in_basis", "basis_power",
-                               *keys.SPEED_KEYS)
+                               "refresh", *keys.SPEED_KEYS)
                               if key in options}
     if "graft" in kwargs and kwargs["graft"] == "none":
         kwargs["graft"] = None

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 import precond
 from precond import precision
 from precond.ablate import catalog, peers
+from precond.presets import REFRESHES
 
 STRUCTURES = catalog.names("structure")
 ESTIMATORS = catalog.names("estimator")
@@ -220,7 +221,7 @@ POLAR_SCALES = ("none", "original", "match_rms_adamw")
 CHOICES: dict[str, tuple[str, ...]] = {
     "structure": STRUCTURES, "large": LARGE_MODES, "estimator": ESTIMATORS, "basis": BASES, "graft": GRAFTS,
     "eps_placement": EPS_PLACEMENTS, "decay_order": DECAY_ORDERS, "embeddings": EMBEDDINGS,
-    "polar": POLAR_SCALES, "polar_dtype": POLAR_DTYPES, "ns_dtype": POLAR_DTYPES,
+    "polar": POLAR_SCALES, "polar_dtype": POLAR_DTYPES, "ns_dtype": POLAR_DTYPES, "refresh": REFRESHES,
 }
 """The keys whose value is one of a few names, and those names."""
 
@@ -234,6 +235,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "basis_power": positive_int,
     "sweeps": positive_int,
     "plain_passes": positive_int,
+    "refresh": choice(CHOICES["refresh"]),
     "fold_every": positive_int,
     "momentum_in_basis": boolean,
     "applier": applier,
@@ -292,6 +294,10 @@ MEANINGS: dict[str, str] = {
     "sweeps": "refinement sweeps per refresh of basis refine (bases.Refine's sweeps; default 2)",
     "plain_passes": "plain Cholesky-QR passes after the shifted one of basis cholesky_qr64 (bases.CholeskyQR's "
                     "plain_passes: 1 or 2, default 2; one serves a float32 basis up to κ(SQ) ≈ 1e12)",
+    "refresh": "how a preset's unsorted QR power step refreshes its basis (kl_shampoo, kl_soap; precond.kl_shampoo's "
+               "refresh; presets only, a composition writes basis=cholesky_qr64,plain_passes=1): qr (default, "
+               "Householder QR) or cholesky_qr64 (the same basis from the two-pass float64 Cholesky-QR, "
+               "bases.CholeskyQR(precision='float64', plain_passes=1); slow on GPUs without fast float64)",
     "fold_every": "the estimator folds a gradient every this many steps (precond.Preconditioner's fold_every; "
                   "default 1: every step)",
     "momentum_in_basis": "the momentum is kept rotated into the eigenbases (precond.Preconditioner's "

@@ -50,6 +50,10 @@ key                    values                                                   
 ``sweeps``             refinement sweeps per refresh (basis ``refine`` only)       2
 ``plain_passes``       plain Cholesky-QR passes after the shifted one (basis       2
                        ``cholesky_qr64`` only): 1 or 2
+``refresh``            a preset's QR refresh (``kl_shampoo``, ``kl_soap``):        ``qr``
+                       ``qr`` or ``cholesky_qr64``, the two-pass float64
+                       Cholesky-QR (presets only; a composition writes
+                       ``basis=cholesky_qr64,plain_passes=1``)
 ``fold_every``         the estimator folds a gradient every k steps                1
 ``momentum_in_basis``  the momentum kept rotated into the bases (applier           false
                        ``power``): the same updates up to round-off, one
@@ -77,7 +81,8 @@ The part names come from one table, :data:`precond.ablate.catalog.PARTS`.
 A preset accepts only hyperparameter keys (``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``every``,
 ``max_dim``, ``large``, ``bias_correction``, ``decay_order``, ``rotation_dtype``, ``embeddings``, ``fold_every``,
 ``momentum_in_basis``,
-``track_drift`` and ``floor`` (KL presets), ``basis_power`` (QR presets), the speed keys
+``track_drift`` and ``floor`` (KL presets), ``basis_power`` (QR presets), ``refresh`` (``kl_shampoo``,
+``kl_soap``), the speed keys
 ``stagger``, ``async_refresh``, ``capture``, ``tf32``, ``drift_tolerance``, ``refresh_budget``, and
 ``graft``/``applier`` where
 the preset has them, as ``shampoo``); ``adamw``, the peers (``hb_kl_shampoo``, ``hb_soap``, ``po_soap``,
@@ -107,7 +112,7 @@ bias-corrected, so is its momentum) and false otherwise, ``weight_decay`` to the
 
 PRESET_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim", "large", "bias_correction",
                "decay_order", "rotation_dtype", "embeddings", "track_drift", "floor", "fold_every", "momentum_in_basis",
-               "basis_power", "adam_lr", *keys.SPEED_KEYS)
+               "basis_power", "refresh", "adam_lr", *keys.SPEED_KEYS)
 
 
 def preset_keys(preset: str) -> tuple[str, ...]:
@@ -255,6 +260,7 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
         settings = tuple((key, values[key]) for key in keys.READERS if key in values)
         return Variant(label or _preset_label(preset, settings), preset, settings, lrs, **extra)
     _check_peer_only_keys(values, where)
+    _check_preset_only_keys(values, where)
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
     _check_basis_keys(values, resolved["basis"], where)
@@ -299,6 +305,15 @@ def _check_peer_only_keys(values: Mapping[str, Any], where: str) -> None:
     if refused:
         raise ValueError(f"{where}: {', '.join(refused)} belongs to muon only, not to a composition (a composition's "
                          "Newton–Schulz is polar's: polar_dtype)")
+
+
+def _check_preset_only_keys(values: Mapping[str, Any], where: str) -> None:
+    """``refresh`` chooses a preset's basis refresh; a composition names its basis itself (``basis=cholesky_qr64``
+    with ``plain_passes=1`` is what ``kl_shampoo,refresh=cholesky_qr64`` gets), so two names cannot disagree."""
+    if "refresh" in values:
+        raise ValueError(f"{where}: refresh chooses the basis refresh of a preset (kl_shampoo,refresh=cholesky_qr64); "
+                         "a composition names its basis: write basis=cholesky_qr64,plain_passes=1 (the presets' "
+                         "two-pass float64 refresh) or basis=qr, and leave refresh out")
 
 
 def _check_adam_lr_keys(values: Mapping[str, Any], adam_lr_from: Optional[str], where: str) -> None:
