@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Union
 import precond
 from precond import precision
 from precond.ablate import catalog, peers
-from precond.presets import REFRESHES
+from precond.preset_options import REFRESHES
 
 STRUCTURES = catalog.names("structure")
 ESTIMATORS = catalog.names("estimator")
