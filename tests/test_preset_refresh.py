@@ -23,7 +23,7 @@ from precond.ablate import parse_variant
 from precond.ablate.build import build_optimizer
 
 from reference import F64
-from small_training import assert_resume_is_exact, batches, flat_parameters, mlp, train
+from small_training import assert_resume_is_exact, batches, flat_parameters, mlp, train, train_on_cuda
 from strategies import seeds
 
 ACCEPTING = ["kl_shampoo", "kl_soap"]
@@ -218,3 +218,18 @@ def test_the_workbench_refuses_refresh_where_it_means_nothing(text, match):
 def test_the_workbench_passes_the_presets_refusals_on(text, match):
     with pytest.raises(ValueError, match=match):
         build_optimizer(parse_variant(text), [torch.nn.Parameter(torch.randn(6, 4))], 1e-3)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_float64_refresh_trains_captured_and_overlapped_as_eager():
+    """On CUDA the preset keyword's refresh runs its float64 products, factorisations and solves on the device; the
+    captured, asynchronous, staggered step (the GPT-2 A/B's configuration without TF32) matches the eager float32
+    step with the same refresh to float32 round-off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    (eager, _), (fast, _) = train_on_cuda(
+        lambda: mlp([5, 7, 3]),
+        lambda model, **options: precond.kl_shampoo(model.parameters(), lr=1e-2, every=3, stagger=True,
+                                                    refresh="cholesky_qr64", on_nonfinite="ignore", **options),
+        batches(30, 5, 3), [{}, {"capture": True, "async_refresh": True}])
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
