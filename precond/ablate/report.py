@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from precond.ablate import divergence, machine, plots, progress, timing, wallclock, warnlog
+from precond.ablate import divergence, machine, plots, progress, spikes, timing, wallclock, warnlog
 from precond.ablate.config import REFERENCE_TARGET
 from precond.ablate.divergence import diverged
 from precond.ablate.stats import paired_interval
@@ -216,7 +216,8 @@ def _preamble(config: Any, device: torch.device, records: Sequence[Record], targ
           if config.tuning_seeds is not None else []),
         f"- final val loss: mean (± std) over seeds at the best learning rate of the variant's grid; "
         f"target val loss {target_text}; times are training time without evaluation; a run diverged when a "
-        f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one",
+        f"validation loss was not finite or above {divergence.FACTOR:g}× the initial one; a run spiked (listed, still "
+        f"counted) when a validation loss rose more than {spikes.RISE:.0%} above the lowest before it",
         f"- memory: {memory}",
         *([f"- machine: {'; '.join(machines)}"] if machines else []),
         *([f"- **machine instances: {len(boots)}** (boot ids {', '.join(boots)}): runs of different instances "
@@ -292,6 +293,8 @@ def write_reports(records: Sequence[Record], config: Any, device: torch.device, 
     if tunings:
         sections.append(_tuning_section(tunings, config.extend_lrs))
     sections.append("## Per step\n\n" + table)
+    if spiked := spikes.section(records, [variant.name for variant in config.variants]):
+        sections.append(spiked)
     clock = ("each variant's timing run (see \"How the times were taken\")" if timings else
              "each run's own step times")
     sections.append("## Per second\n\n"
