@@ -10,7 +10,7 @@ the group's ``rotation_dtype`` None and ``torch.bfloat16`` (on the CPU: each pro
 float32 accumulation, as on a GPU), and the relative difference of the two updates ``‖ΔW_bf16 − ΔW_f32‖/‖ΔW_f32‖``
 is printed per weight matrix, with the spread ``λ_max/λ_min`` of each of its factors.
 
-    OMP_NUM_THREADS=1 python docs/results/bf16_update_error/probe.py > docs/results/bf16_update_error/probe.log
+    OMP_NUM_THREADS=2 python docs/results/bf16_update_error/probe.py > docs/results/bf16_update_error/probe.log
 """
 
 import math
