@@ -173,3 +173,23 @@ def test_refine_quality_reports_the_root_error_beside_the_off_diagonal_energy():
     assert all(len(values) == 3 for values in rows["qr"])
     assert max(values[2] for values in rows["eigh"]) < 1e-3
     assert rows["stale"][-1][2] > 0.05
+
+
+def test_the_gpt2_bytes_shapes_are_the_gpt2_small_configs_model():
+    """``gpt2-bytes`` is the model of ``ablations/gpt2_small.toml``: 86,198,784 parameters, counted here from the
+    layout (embeddings 256 × 768 and 1024 × 768; per block two layer norms, a 2304 × 768 attention product without
+    bias, a 768 × 768 projection without bias, the 3072 × 768 and 768 × 3072 MLP products with biases; a final norm;
+    an untied 256 × 768 head)."""
+    import math
+
+    from precond.bench.shapes import PRESETS
+    width, hidden, vocab, context = 768, 3072, 256, 1024
+    attention = 2 * width + 3 * width * width + width * width  # ln1, qkv, proj
+    mlp = 2 * width + (hidden * width + hidden) + (width * hidden + width)  # ln2, fc, out
+    block = attention + mlp
+    count = vocab * width + context * width + 12 * block + 2 * width + vocab * width
+    assert count == 86_198_784
+    shapes = PRESETS["gpt2-bytes"]
+    assert sum(math.prod(shape) for shape in shapes) == count
+    assert shapes.count((hidden, width)) == shapes.count((width, hidden)) == 12
+    assert shapes[0] == (vocab, width) and shapes[-1] == (vocab, width)
