@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Literal, Optional
 
-import attrs
 import torch
 
 import bases
@@ -295,8 +294,8 @@ class Muon(Optimizer):
                                  dtype=torch.bfloat16 if ns_dtype is None else ns_dtype),
             first_step="update",
         )
-        if "refresh" in options:  # refused with the reason: Muon's basis is the identity, there is no QR refresh
-            muon_part = attrs.evolve(muon_part, basis=with_refresh(muon_part.basis, options.pop("refresh")))
+        if "refresh" in options:  # always refused, with the reason: Muon's basis is the identity, no QR refresh
+            with_refresh(muon_part.basis, options.pop("refresh"))
         self._adam_settings = {**adam_group(adam_betas, adam_eps), "lr": adam_lr,
                                "weight_decay": weight_decay if adam_weight_decay is None else adam_weight_decay}
         self._adam_params = [adam_params] if isinstance(adam_params, torch.Tensor) else list(adam_params)
@@ -352,8 +351,8 @@ def _kfac_optimizer(model: Any, estimator_of: Any, lr: float, damping: float, ev
     from precond.kfac_capture import KFACCapture
 
     structure, basis = structures.LayerMatrix(max_dim=max_dim), bases.Eigh(every=every)  # refused before any hook
-    if "refresh" in options:  # refused with the reason: K-FAC's basis is Eigh, there is no QR refresh to choose
-        basis = with_refresh(basis, options.pop("refresh"))
+    if "refresh" in options:  # always refused, with the reason: K-FAC's basis is Eigh, no QR refresh to choose
+        with_refresh(basis, options.pop("refresh"))
     applier = Power(p=1.0, eps=damping, eps_placement="outside")
     adam = adam_part(adam_betas[1], adam_eps)
     capture = KFACCapture(model, reduction=reduction, loss_terms=loss_terms, factor_every=factor_every)

@@ -47,8 +47,6 @@ import torch
 
 SHAMPOO_PEER_KEYS = ("beta1", "beta2", "eps", "weight_decay", "every", "max_dim")
 MUON_KEYS = ("beta1", "weight_decay", "adam_lr")
-PEER_ONLY_KEYS = ("ns_dtype",)
-"""Keys that only some named variants take (a composition or a Kronecker preset refuses them)."""
 
 DEFAULT_EVERY, DEFAULT_MAX_DIM, DEFAULT_BETAS, DEFAULT_EPS = 10, 4096, (0.9, 0.95), 1e-8
 MUON_ADAM = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-10}

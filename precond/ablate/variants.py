@@ -259,8 +259,7 @@ def variant_from_mapping(raw: Mapping[str, Any], source: Optional[str] = None) -
                              "to change its parts")
         settings = tuple((key, values[key]) for key in keys.READERS if key in values)
         return Variant(label or _preset_label(preset, settings), preset, settings, lrs, **extra)
-    _check_peer_only_keys(values, where)
-    _check_preset_only_keys(values, where)
+    _check_named_only_keys(values, where)
     resolved = {**COMPOSITION_DEFAULTS, "bias_correction": values.get("estimator", "kl") == "frobenius", **values}
     _check_kl_keys(values, resolved["estimator"], where)
     _check_basis_keys(values, resolved["basis"], where)
@@ -299,21 +298,23 @@ def _check_lr_sources(values: Mapping[str, Any], preset: Optional[str], own_lrs:
                          "torch_muon have one, and so does a variant with embeddings=adam)")
 
 
-def _check_peer_only_keys(values: Mapping[str, Any], where: str) -> None:
-    """``ns_dtype`` (``peers.PEER_ONLY_KEYS``) belongs to ``muon``; a composition's Newton–Schulz is ``polar``'s."""
-    refused = [key for key in values if key in peers.PEER_ONLY_KEYS]
-    if refused:
-        raise ValueError(f"{where}: {', '.join(refused)} belongs to muon only, not to a composition (a composition's "
-                         "Newton–Schulz is polar's: polar_dtype)")
+COMPOSITION_REFUSES: dict[str, str] = {
+    "ns_dtype": "belongs to muon only, not to a composition (a composition's Newton–Schulz is polar's: polar_dtype)",
+    "refresh": "chooses the basis refresh of a preset (kl_shampoo,refresh=cholesky_qr64); a composition names its "
+               "basis: write basis=cholesky_qr64,plain_passes=1 (the presets' two-pass float64 refresh) or basis=qr, "
+               "and leave refresh out",
+}
+"""Keys that only named variants take, and why a composition refuses each: ``ns_dtype`` is ``muon``'s (a
+composition's Newton–Schulz is ``polar``'s); ``refresh`` chooses a preset's basis refresh, and a composition names
+its basis itself (``basis=cholesky_qr64`` with ``plain_passes=1`` is what ``kl_shampoo,refresh=cholesky_qr64`` gets),
+so two names cannot disagree."""
 
 
-def _check_preset_only_keys(values: Mapping[str, Any], where: str) -> None:
-    """``refresh`` chooses a preset's basis refresh; a composition names its basis itself (``basis=cholesky_qr64``
-    with ``plain_passes=1`` is what ``kl_shampoo,refresh=cholesky_qr64`` gets), so two names cannot disagree."""
-    if "refresh" in values:
-        raise ValueError(f"{where}: refresh chooses the basis refresh of a preset (kl_shampoo,refresh=cholesky_qr64); "
-                         "a composition names its basis: write basis=cholesky_qr64,plain_passes=1 (the presets' "
-                         "two-pass float64 refresh) or basis=qr, and leave refresh out")
+def _check_named_only_keys(values: Mapping[str, Any], where: str) -> None:
+    """A composition refuses the keys of :data:`COMPOSITION_REFUSES`, with the reason."""
+    for key in values:
+        if key in COMPOSITION_REFUSES:
+            raise ValueError(f"{where}: {key} {COMPOSITION_REFUSES[key]}")
 
 
 def _check_adam_lr_keys(values: Mapping[str, Any], adam_lr_from: Optional[str], where: str) -> None:
